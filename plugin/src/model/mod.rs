@@ -1,0 +1,19 @@
+//! Model directories: reading checkpoints ([`checkpoint`]), loading host weights ([`load`]),
+//! writing safetensors ([`writer`]), converting the training layout ([`convert`]) and making
+//! random-weight models of preset shapes ([`presets`]). The format is `plugin/docs/model-format.md`.
+
+pub mod checkpoint;
+pub mod load;
+pub mod names;
+pub mod presets;
+pub mod random;
+pub mod weights;
+pub mod writer;
+
+pub use checkpoint::{Checkpoint, FloatDtype, TensorRef};
+pub use load::{detect_layout, ModelDir};
+pub use presets::{ModelSpec, ParamCounts, Preset};
+pub use random::make_model;
+pub use weights::{
+    ExpertLayout, ExpertWeights, LayerWeights, Linear, Matrix, ModelWeights, RouterWeights,
+};

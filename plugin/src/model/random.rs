@@ -1,0 +1,334 @@
+//! Random-weight models of a [`ModelSpec`]: what `pregate make-model` writes.
+//!
+//! Weights are uniform with standard deviation `1/sqrt(fan_in)` (embeddings: 1), norms near 1, small
+//! biases, so hidden states and logits stay O(1) and the router spreads tokens over the experts.
+//! Every tensor's values depend only on the seed, the tensor's name and the element index (chunks
+//! seeded by `(seed, name, chunk)` on ChaCha8), so the output is the same on any number of threads
+//! and tensors are generated in parallel, streaming to disk tensor by tensor.
+
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use super::checkpoint::FloatDtype;
+use super::names;
+use super::presets::ModelSpec;
+use super::weights::ExpertLayout;
+use super::writer::{byte_progress, write_file, write_model, TensorSpec};
+use crate::error::{Error, Result};
+use crate::tokenizer::{write_synthetic_tokenizer, TOKENIZER_FILE};
+
+/// The masks file of the masked (training) layout.
+pub const MASKS_FILE: &str = "masks.safetensors";
+
+/// Models larger than this show a progress bar while written.
+const PROGRESS_BYTES: usize = 256 << 20;
+
+/// Elements generated from one RNG stream.
+const CHUNK: usize = 1 << 16;
+
+/// How a tensor's values are drawn: `center + uniform(-bound, bound)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Init {
+    center: f32,
+    bound: f32,
+}
+
+impl Init {
+    /// Uniform with standard deviation `std` around zero.
+    fn std(std: f32) -> Self {
+        Init {
+            center: 0.0,
+            bound: std * 3f32.sqrt(),
+        }
+    }
+    fn fan_in(n: usize) -> Self {
+        Self::std(1.0 / (n as f32).sqrt())
+    }
+    const NORM: Init = Init {
+        center: 1.0,
+        bound: 0.1,
+    };
+    const BIAS: Init = Init {
+        center: 0.0,
+        bound: 0.02,
+    };
+}
+
+/// FNV-1a, a stable hash of tensor names (std's hasher may change between releases).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn tensor_seed(seed: u64, name: &str) -> u64 {
+    // splitmix64 finaliser over the combination.
+    let mut z = seed ^ fnv1a(name).rotate_left(17);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Fills `spec` with `init` values in `dtype`, deterministically from `seed`.
+fn random_bytes(spec: &TensorSpec, dtype: FloatDtype, init: Init, seed: u64) -> Vec<u8> {
+    let size = dtype.size();
+    let mut out = vec![0u8; spec.byte_len()];
+    let base = tensor_seed(seed, &spec.name);
+    let scale = 2.0 * init.bound / (1u32 << 24) as f32;
+    out.par_chunks_mut(CHUNK * size)
+        .enumerate()
+        .for_each(|(chunk, bytes)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(base);
+            rng.set_stream(chunk as u64);
+            let value = |u: u32| init.center - init.bound + (u >> 8) as f32 * scale;
+            let mut pairs = bytes.chunks_exact_mut(2 * size);
+            for pair in &mut pairs {
+                let r = rng.next_u64();
+                let (a, b) = pair.split_at_mut(size);
+                encode(value(r as u32), dtype, a);
+                encode(value((r >> 32) as u32), dtype, b);
+            }
+            let rest = pairs.into_remainder();
+            if !rest.is_empty() {
+                encode(value(rng.next_u32()), dtype, rest);
+            }
+        });
+    out
+}
+
+fn encode(v: f32, dtype: FloatDtype, out: &mut [u8]) {
+    match dtype {
+        FloatDtype::F32 => out.copy_from_slice(&v.to_le_bytes()),
+        FloatDtype::BF16 => out.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+        FloatDtype::F16 => out.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+    }
+}
+
+/// The weight tensors of a spec in a layout, with their initialisations.
+fn plan(spec: &ModelSpec, layout: ExpertLayout) -> Vec<(TensorSpec, Init)> {
+    let c = &spec.config;
+    let dt = spec.dtype.safetensors();
+    let (v, h, d, f, n) = (
+        c.vocab_size,
+        c.hidden_size,
+        c.embedding_dim,
+        c.inter_dim,
+        c.n_cluster,
+    );
+    let qd = c.num_attention_heads * c.head_dim();
+    let kvd = c.num_kv_heads() * c.head_dim();
+    let mut out = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, init: Init| {
+        out.push((TensorSpec::new(name, dt, shape), init));
+    };
+    push(names::EMBED.into(), vec![v, h], Init::std(1.0));
+    for l in 0..c.num_hidden_layers {
+        let [inorm, q, k, vv, o, pnorm] = names::attention_tensor_names(l);
+        push(inorm, vec![h], Init::NORM);
+        push(q, vec![qd, h], Init::fan_in(h));
+        push(k, vec![kvd, h], Init::fan_in(h));
+        push(vv, vec![kvd, h], Init::fan_in(h));
+        push(o, vec![h, qd], Init::fan_in(qd));
+        push(pnorm, vec![h], Init::NORM);
+        let mut ffn = |[g, u, dn]: [String; 3], width: usize| {
+            push(g, vec![width, h], Init::fan_in(h));
+            push(u, vec![width, h], Init::fan_in(h));
+            push(dn, vec![h, width], Init::fan_in(width));
+        };
+        match layout {
+            ExpertLayout::Fused => {
+                for e in 0..n {
+                    ffn(names::expert_tensor_names(l, e), spec.expert_inter);
+                }
+            }
+            ExpertLayout::Residual => {
+                ffn(names::shared_tensor_names(l), spec.shared_inter);
+                for e in 0..n {
+                    ffn(
+                        names::expert_tensor_names(l, e),
+                        spec.expert_inter - spec.shared_inter,
+                    );
+                }
+            }
+            ExpertLayout::Masked => ffn(names::dense_mlp_tensor_names(l), c.intermediate_size),
+        }
+    }
+    push(names::FINAL_NORM.into(), vec![h], Init::NORM);
+    if !c.tie_word_embeddings {
+        push(names::LM_HEAD.into(), vec![v, h], Init::fan_in(h));
+    }
+    let r = names::router;
+    push(r("embed.weight"), vec![v, d], Init::std(1.0));
+    push(r("input_layernorm_0.weight"), vec![d], Init::NORM);
+    for p in ["q_proj_0", "k_proj_0", "v_proj_0", "o_proj_0"] {
+        push(r(&format!("{p}.weight")), vec![d, d], Init::fan_in(d));
+        push(r(&format!("{p}.bias")), vec![d], Init::BIAS);
+    }
+    push(r("post_attention_layernorm_0.weight"), vec![d], Init::NORM);
+    push(r("proj_1_0.weight"), vec![f, d], Init::fan_in(d));
+    push(r("proj_1_0.bias"), vec![f], Init::BIAS);
+    push(r("proj_2_0.weight"), vec![d, f], Init::fan_in(f));
+    push(r("proj_2_0.bias"), vec![d], Init::BIAS);
+    push(r("out_layernorm.weight"), vec![d], Init::NORM);
+    push(r("proj_out.weight"), vec![n, d], Init::fan_in(d));
+    push(r("proj_out.bias"), vec![n], Init::BIAS);
+    out
+}
+
+/// The masks of the masked layout, per layer: `(residual [I], expert [N, I])` as 0/1 bytes.
+/// `shared_inter` random channels are shared; each expert owns `expert_inter - shared_inter`
+/// further random channels (experts may overlap each other).
+fn random_masks(spec: &ModelSpec, seed: u64, layer: usize) -> Result<(Vec<u8>, Vec<u8>)> {
+    let i = spec.config.intermediate_size;
+    let own = spec.expert_inter - spec.shared_inter;
+    if spec.shared_inter + own > i || spec.expert_inter == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "masked layout: experts of {} channels do not fit intermediate_size {i}",
+            spec.expert_inter
+        )));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(tensor_seed(seed, &names::residual_mask_name(layer)));
+    let mut channels: Vec<usize> = (0..i).collect();
+    channels.shuffle(&mut rng);
+    let mut residual = vec![0u8; i];
+    for &c in &channels[..spec.shared_inter] {
+        residual[c] = 1;
+    }
+    let mut rest = channels[spec.shared_inter..].to_vec();
+    let mut experts = vec![0u8; spec.config.n_cluster * i];
+    for e in 0..spec.config.n_cluster {
+        rest.shuffle(&mut rng);
+        for &c in &rest[..own] {
+            experts[e * i + c] = 1;
+        }
+    }
+    Ok((residual, experts))
+}
+
+/// What [`make_model`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MadeModel {
+    /// The weight files (and `masks.safetensors` for the masked layout).
+    pub files: Vec<PathBuf>,
+    /// Bytes of tensor data written.
+    pub bytes: usize,
+    /// Parameters written.
+    pub params: usize,
+}
+
+/// Writes a random-weight model of `spec` in `layout` to `out`: `config.json`, `tokenizer.json`,
+/// the weights (sharded when larger than `spec.max_shard_bytes`) and, for the masked layout,
+/// `masks.safetensors`.
+pub fn make_model(
+    spec: &ModelSpec,
+    layout: ExpertLayout,
+    seed: u64,
+    out: &Path,
+) -> Result<MadeModel> {
+    let config_file = out.join("config.json");
+    spec.config.validate(&config_file)?;
+    if layout == ExpertLayout::Residual && spec.shared_inter >= spec.expert_inter {
+        return Err(Error::InvalidArgument(format!(
+            "residual layout: shared part of {} channels leaves no routed channels of {}",
+            spec.shared_inter, spec.expert_inter
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let tensors = plan(spec, layout);
+    let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
+    let inits: std::collections::HashMap<&str, Init> =
+        tensors.iter().map(|(s, i)| (s.name.as_str(), *i)).collect();
+    let bytes: usize = specs.iter().map(TensorSpec::byte_len).sum();
+    let params: usize = specs.iter().map(TensorSpec::numel).sum();
+    let progress = (bytes > PROGRESS_BYTES).then(|| byte_progress(bytes, "writing"));
+    let produce = |s: &TensorSpec| -> Result<Vec<u8>> {
+        let init = inits
+            .get(s.name.as_str())
+            .copied()
+            .ok_or_else(|| Error::Internal(format!("no init for `{}`", s.name)))?;
+        Ok(random_bytes(s, spec.dtype, init, seed))
+    };
+    write_synthetic_tokenizer(&out.join(TOKENIZER_FILE), spec.config.vocab_size)?;
+    let mut files = write_model(
+        out,
+        &specs,
+        spec.max_shard_bytes,
+        &produce,
+        progress.as_ref(),
+    )?;
+    if let Some(pb) = &progress {
+        pb.finish_and_clear();
+    }
+    if layout == ExpertLayout::Masked {
+        let path = out.join(MASKS_FILE);
+        let (i, n) = (spec.config.intermediate_size, spec.config.n_cluster);
+        let mut mask_specs = Vec::new();
+        for l in 0..spec.config.num_hidden_layers {
+            mask_specs.push(TensorSpec::new(
+                names::expert_mask_name(l),
+                Dtype::U8,
+                vec![n, i],
+            ));
+            mask_specs.push(TensorSpec::new(
+                names::residual_mask_name(l),
+                Dtype::U8,
+                vec![i],
+            ));
+        }
+        let masks = |s: &TensorSpec| -> Result<Vec<u8>> {
+            let l = names::layer_index(&s.name)
+                .ok_or_else(|| Error::Internal(format!("mask `{}`", s.name)))?;
+            let (res, exp) = random_masks(spec, seed, l)?;
+            Ok(if s.name.ends_with("residual_mask") {
+                res
+            } else {
+                exp
+            })
+        };
+        write_file(&path, &mask_specs, &masks, None)?;
+        files.push(path);
+    }
+    // config.json last: a half-written model never looks complete.
+    let mut config = spec.config.clone();
+    config.torch_dtype = Some(spec.dtype.torch_name().into());
+    config.write(&config_file)?;
+    Ok(MadeModel {
+        files,
+        bytes,
+        params,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_follow_the_init_and_do_not_depend_on_threads() {
+        let s = TensorSpec::new("x", Dtype::F32, vec![3 * CHUNK + 5]);
+        let init = Init::std(0.5);
+        let a = random_bytes(&s, FloatDtype::F32, init, 7);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let b = pool.install(|| random_bytes(&s, FloatDtype::F32, init, 7));
+        assert_eq!(a, b);
+        assert_ne!(a, random_bytes(&s, FloatDtype::F32, init, 8));
+        let vals = crate::model::checkpoint::convert_to_f32(&a, FloatDtype::F32);
+        let mean = vals.iter().sum::<f32>() / vals.len() as f32;
+        let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / vals.len() as f32;
+        assert!(mean.abs() < 0.01, "{mean}");
+        assert!((var.sqrt() - 0.5).abs() < 0.01, "{var}");
+        assert!(vals.iter().all(|v| v.abs() <= init.bound));
+        // bf16 is the f32 values rounded.
+        let bf = random_bytes(&s, FloatDtype::BF16, init, 7);
+        let bf = crate::model::checkpoint::convert_to_f32(&bf, FloatDtype::BF16);
+        assert_eq!(bf[10], half::bf16::from_f32(vals[10]).to_f32());
+    }
+}
