@@ -1,0 +1,160 @@
+//! `pregate generate`: run one prompt through the engine.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use crate::engine::{open_engine, Device, GenerationRequest};
+use crate::error::{Error, Result};
+use crate::model::ModelDir;
+use crate::sampling::SamplingParams;
+
+/// Flags of `pregate generate`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids"])))]
+pub struct GenerateArgs {
+    /// The model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A text prompt (tokenized with the model's tokenizer, BOS added).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Prompt token ids, comma-separated, used exactly as given (no BOS added).
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; greedy when absent or 0.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Seed of the sampler.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep generating past EOS.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// Write every step's logits to this safetensors file (tensor `logits`, f32 `[steps, vocab]`).
+    #[arg(long)]
+    pub dump_logits: Option<PathBuf>,
+    /// Device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// Runs `pregate generate`.
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let device: Device = args.device.parse()?;
+    let model = ModelDir::open(&args.model)?;
+    let prompt = match (&args.prompt_ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => model
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{} has no tokenizer.json: pass --prompt-ids",
+                    args.model.display()
+                ))
+            })?
+            .encode(text, true)?,
+        (None, None) => return Err(Error::InvalidArgument("give --prompt or --prompt-ids".into())),
+    };
+    let sampling = SamplingParams {
+        temperature: args.temperature.unwrap_or(0.0),
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let mut engine = open_engine(&model, device)?;
+    let request = GenerationRequest {
+        prompt: prompt.clone(),
+        sampling,
+        max_new_tokens: args.max_new_tokens,
+        stop_token_ids: Vec::new(),
+        ignore_eos: args.ignore_eos,
+        keep_logits: args.dump_logits.is_some(),
+    };
+    let seq = engine.add_request(request)?;
+    let mut experts: Vec<Vec<u16>> = engine
+        .routes(seq)
+        .map(|plan| (0..plan.len()).map(|t| plan.route(t, 0).experts().to_vec()).collect())
+        .unwrap_or_default();
+    let mut output = Vec::new();
+    let mut logits = Vec::new();
+    let tokenizer = model.tokenizer.as_ref();
+    let mut printed = String::new();
+    let stdout = std::io::stdout();
+    loop {
+        let schedule = engine.schedule_all();
+        if schedule.is_empty() {
+            break;
+        }
+        for ev in engine.step(&schedule)? {
+            output.push(ev.token);
+            experts.push(ev.route.experts().to_vec());
+            if let Some(l) = ev.logits {
+                logits.extend(l);
+            }
+            if !args.json {
+                if let Some(tok) = tokenizer {
+                    let text = tok.decode(&output)?;
+                    if let Some(delta) = text.strip_prefix(printed.as_str()) {
+                        let mut out = stdout.lock();
+                        let _ = out.write_all(delta.as_bytes());
+                        let _ = out.flush();
+                    }
+                    printed = text;
+                }
+            }
+        }
+    }
+    if let Some(path) = &args.dump_logits {
+        write_logits(path, &logits, engine.config().vocab_size)?;
+    }
+    let text = tokenizer.map(|t| t.decode(&output)).transpose()?;
+    if args.json {
+        let mut obj = json!({
+            "prompt_ids": prompt,
+            "output_ids": output,
+            "experts": experts,
+            "device": engine.device_name(),
+        });
+        if let Some(t) = text {
+            obj["text"] = json!(t);
+        }
+        println!("{obj}");
+    } else if tokenizer.is_none() {
+        println!(
+            "{}",
+            output
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+fn write_logits(path: &std::path::Path, logits: &[f32], vocab: usize) -> Result<()> {
+    let steps = logits.len() / vocab;
+    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![steps, vocab], &bytes)
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let data = safetensors::serialize([("logits", view)], None)
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    std::fs::write(path, data).map_err(|e| Error::io(path, e))
+}

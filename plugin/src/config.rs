@@ -1,0 +1,356 @@
+//! `config.json`: a Hugging Face LlamaConfig plus the Read-ME router fields.
+//!
+//! The format is documented in `plugin/docs/model-format.md`. Parsing is lenient about fields pregate
+//! does not use and strict about the ones it does: every inconsistency is reported with the file's path.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// `eos_token_id` may be one id or a list of ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// A single id.
+    One(u32),
+    /// Several ids, any of which ends a sequence.
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// The ids as a vector.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+fn default_rope_theta() -> f32 {
+    10_000.0
+}
+fn default_rms_eps() -> f32 {
+    1e-6
+}
+fn default_one() -> usize {
+    1
+}
+fn default_normalizer() -> f32 {
+    1.0
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_router_positions() -> usize {
+    4096
+}
+fn default_true() -> bool {
+    true
+}
+
+/// The model configuration, as read from `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Architecture names; pregate serves `ReadMEForCausalLM`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// Hugging Face model type (`llama` for Read-ME checkpoints).
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// Vocabulary size of the backbone (and of the router's embedding).
+    pub vocab_size: usize,
+    /// Backbone width.
+    pub hidden_size: usize,
+    /// Dense MLP width of the training layout; informational for split layouts.
+    #[serde(default)]
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA); defaults to `num_attention_heads`.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head size; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon of the backbone.
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f32,
+    /// RoPE base; the router uses it too.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f32,
+    /// Context length of the backbone.
+    pub max_position_embeddings: usize,
+    /// Whether `lm_head` shares `embed_tokens`.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Beginning-of-sequence id, added before text prompts.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence id(s).
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    /// Storage dtype hint (`bfloat16`, `float16`, `float32`).
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+
+    /// Read-ME: the model carries a pre-gating router (`cluster_predictor`).
+    #[serde(default = "default_true")]
+    pub add_cluster_predictor: bool,
+    /// Read-ME: experts per layer.
+    #[serde(rename = "N_cluster")]
+    pub n_cluster: usize,
+    /// Read-ME: router width.
+    pub embedding_dim: usize,
+    /// Read-ME: router MLP width.
+    pub inter_dim: usize,
+    /// Read-ME: router blocks (1 in every released checkpoint).
+    #[serde(default = "default_one")]
+    pub n_layer: usize,
+    /// Read-ME: router attention heads.
+    pub n_head: usize,
+    /// Read-ME: router attention logits are divided by this (not by sqrt(head size)).
+    #[serde(default = "default_normalizer")]
+    pub normalizer: f32,
+    /// Read-ME: router MLP activation; only `silu` exists.
+    #[serde(default = "default_act")]
+    pub hidden_act_predictor: String,
+    /// Read-ME: router context length.
+    #[serde(default = "default_router_positions")]
+    pub max_position_embeddings_predictor: usize,
+    /// Read-ME: non-autoregressive router variant; pregate supports the causal one only.
+    #[serde(default)]
+    pub nonautoregressive: bool,
+    /// pregate: experts per token (1 = Read-ME's argmax routing).
+    #[serde(default = "default_one")]
+    pub router_top_k: usize,
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json` at `path`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses and validates a config from JSON text; `path` is used in error messages only.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let cfg: ModelConfig =
+            serde_json::from_str(text).map_err(|e| Error::config(path, e.to_string()))?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks the values against each other; `path` names the file in errors.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| Err(Error::config(path, msg));
+        if let Some(arch) = self.architectures.first() {
+            if arch != "ReadMEForCausalLM" && arch != "LlamaForCausalLM" {
+                return bad(format!(
+                    "architectures[0] is `{arch}`; pregate serves `ReadMEForCausalLM`"
+                ));
+            }
+        }
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("N_cluster", self.n_cluster),
+            ("embedding_dim", self.embedding_dim),
+            ("inter_dim", self.inter_dim),
+            ("n_head", self.n_head),
+            ("router_top_k", self.router_top_k),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return bad(format!("`{name}` must be positive"));
+            }
+        }
+        if self.vocab_size > u32::MAX as usize {
+            return bad(format!("vocab_size {} is too large", self.vocab_size));
+        }
+        if !self.add_cluster_predictor {
+            return bad("add_cluster_predictor is false: pregate needs the pre-gating router".into());
+        }
+        if self.n_cluster > crate::route::MAX_EXPERTS {
+            return bad(format!(
+                "N_cluster {} exceeds the supported {} experts per layer",
+                self.n_cluster,
+                crate::route::MAX_EXPERTS
+            ));
+        }
+        if self.router_top_k > self.n_cluster {
+            return bad(format!(
+                "router_top_k {} exceeds N_cluster {}",
+                self.router_top_k, self.n_cluster
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!("head size {} must be even for RoPE", self.head_dim()));
+        }
+        let kv = self.num_kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return bad(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
+                self.num_attention_heads
+            ));
+        }
+        if self.embedding_dim % self.n_head != 0 || (self.embedding_dim / self.n_head) % 2 != 0 {
+            return bad(format!(
+                "router embedding_dim {} must split into {} heads of even size",
+                self.embedding_dim, self.n_head
+            ));
+        }
+        if self.n_layer != 1 {
+            return bad(format!(
+                "router n_layer {} is unsupported: Read-ME routers have one block",
+                self.n_layer
+            ));
+        }
+        if self.hidden_act_predictor != "silu" {
+            return bad(format!(
+                "hidden_act_predictor `{}` is unsupported (only `silu`)",
+                self.hidden_act_predictor
+            ));
+        }
+        if self.nonautoregressive {
+            return bad("nonautoregressive routers are unsupported: routes must be causal".into());
+        }
+        if !(self.normalizer.is_finite() && self.normalizer > 0.0) {
+            return bad(format!("normalizer {} must be positive", self.normalizer));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return bad(format!("rms_norm_eps {} must be positive", self.rms_norm_eps));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return bad(format!("rope_theta {} must be > 1", self.rope_theta));
+        }
+        for id in self.eos_token_ids().into_iter().chain(self.bos_token_id) {
+            if id as usize >= self.vocab_size {
+                return bad(format!(
+                    "special token id {id} is outside the vocabulary ({})",
+                    self.vocab_size
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-head size of the backbone.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Key/value heads of the backbone.
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head size of the router.
+    pub fn router_head_dim(&self) -> usize {
+        self.embedding_dim / self.n_head
+    }
+
+    /// End-of-sequence ids (possibly none).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// The longest sequence both the backbone and the router can hold.
+    pub fn max_context(&self) -> usize {
+        self.max_position_embeddings
+            .min(self.max_position_embeddings_predictor)
+    }
+
+    /// Writes the config as pretty JSON.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
+        std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+    }
+}
+
+/// The path of `config.json` inside a model directory.
+pub fn config_path(dir: &Path) -> PathBuf {
+    dir.join("config.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["ReadMEForCausalLM"],
+            "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+            "N_cluster": 4, "embedding_dim": 32, "inter_dim": 48, "n_head": 2,
+            "eos_token_id": 2, "bos_token_id": 1
+        })
+    }
+
+    fn parse(v: &serde_json::Value) -> Result<ModelConfig> {
+        ModelConfig::from_json(&v.to_string(), Path::new("config.json"))
+    }
+
+    #[test]
+    fn defaults_are_the_read_me_ones() {
+        let c = parse(&base()).unwrap();
+        assert_eq!(c.router_top_k, 1);
+        assert_eq!(c.normalizer, 1.0);
+        assert_eq!(c.n_layer, 1);
+        assert_eq!(c.head_dim(), 16);
+        assert_eq!(c.num_kv_heads(), 2);
+        assert_eq!(c.router_head_dim(), 16);
+        assert_eq!(c.eos_token_ids(), vec![2]);
+    }
+
+    #[test]
+    fn eos_may_be_a_list() {
+        let mut v = base();
+        v["eos_token_id"] = serde_json::json!([2, 5]);
+        assert_eq!(parse(&v).unwrap().eos_token_ids(), vec![2, 5]);
+    }
+
+    #[test]
+    fn inconsistent_values_are_named() {
+        for (field, value, needle) in [
+            ("num_key_value_heads", serde_json::json!(3), "num_key_value_heads"),
+            ("router_top_k", serde_json::json!(5), "router_top_k"),
+            ("n_head", serde_json::json!(3), "embedding_dim"),
+            ("eos_token_id", serde_json::json!(100), "outside the vocabulary"),
+            ("vocab_size", serde_json::json!(0), "vocab_size"),
+            ("architectures", serde_json::json!(["GPT2"]), "GPT2"),
+            ("hidden_act_predictor", serde_json::json!("gelu"), "gelu"),
+        ] {
+            let mut v = base();
+            v[field] = value;
+            let err = parse(&v).unwrap_err().to_string();
+            assert!(err.contains(needle), "{field}: {err}");
+            assert!(err.contains("config.json"), "{err}");
+        }
+    }
+
+    #[test]
+    fn missing_field_is_reported() {
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("N_cluster");
+        let err = parse(&v).unwrap_err().to_string();
+        assert!(err.contains("N_cluster"), "{err}");
+    }
+}

@@ -1,0 +1,62 @@
+//! The backend interface: what a device (CPU, CUDA) implements to run the backbone.
+//!
+//! A backend owns the weights and the KV cache of every sequence on its device. It knows nothing of
+//! requests, sampling or scheduling: the [`Engine`](super::Engine) drives it one step at a time with
+//! chunks of tokens whose routes are already known.
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::route::RoutePlan;
+
+/// An engine-wide sequence id.
+pub type SeqId = u64;
+
+/// A contiguous run of one sequence's tokens to compute in a step.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardChunk<'a> {
+    /// The sequence.
+    pub seq: SeqId,
+    /// The tokens, in order.
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]` in the sequence; the backend's KV cache holds exactly this many tokens.
+    pub start_pos: usize,
+    /// The sequence's route plan; `tokens[i]` has the route `routes.route(route_offset + i, layer)`.
+    pub routes: &'a RoutePlan,
+    /// Index in `routes` of `tokens[0]`.
+    pub route_offset: usize,
+    /// Whether the logits after the last token are wanted (it completes the known tokens).
+    pub want_logits: bool,
+}
+
+/// Upcoming work, as far as the scheduler knows it: the hint a backend with an expert cache uses to
+/// evict by next use and to prefetch. Each entry is the routes of one future step, nearest first.
+#[derive(Debug, Clone, Default)]
+pub struct Lookahead {
+    /// Route plans of the next steps, nearest first.
+    pub steps: Vec<RoutePlan>,
+}
+
+/// A compute device running the backbone (embedding, attention, routed experts, lm_head).
+pub trait Backend: Send {
+    /// A short name for logs and metrics (`cpu`, `cuda:0`).
+    fn device_name(&self) -> String;
+
+    /// The model configuration the backend was built from.
+    fn config(&self) -> &ModelConfig;
+
+    /// Reserves KV space for a sequence of up to `max_len` tokens.
+    fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> Result<()>;
+
+    /// Frees a sequence's KV space; unknown ids are ignored.
+    fn remove_sequence(&mut self, seq: SeqId);
+
+    /// Runs the backbone over `chunks` (distinct sequences) and appends their keys and values to the
+    /// KV cache. Returns the logits (`vocab_size` floats) of every chunk with `want_logits`, in order.
+    fn forward(&mut self, chunks: &[ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>>;
+
+    /// Tells the backend what comes after the step about to run (no-op for a backend without an
+    /// expert cache).
+    fn prepare(&mut self, _lookahead: &Lookahead) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,232 @@
+//! The CPU backend: the whole backbone on the host, in f32. It is the reference every other backend
+//! is checked against, and a usable backend for small models.
+
+use std::collections::HashMap;
+
+use rayon::prelude::*;
+
+use super::backend::{Backend, ForwardChunk, SeqId};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::weights::{LayerWeights, Matrix};
+use crate::ops::{attention, matmul_t, moe_layer, rms_norm, AttentionShape, RopeTable};
+use crate::route::TokenRoute;
+
+/// One sequence's keys and values, per layer `[len, n_kv_heads * head_dim]`.
+struct SeqKv {
+    max_len: usize,
+    width: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl SeqKv {
+    fn len(&self) -> usize {
+        self.k.first().map_or(0, |k| k.len() / self.width)
+    }
+}
+
+/// The backbone's weights without the router (which runs outside the backend).
+pub struct BackboneWeights {
+    /// `[V, H]`.
+    pub embed: Matrix,
+    /// Decoder layers.
+    pub layers: Vec<LayerWeights>,
+    /// Final norm `[H]`.
+    pub norm: Vec<f32>,
+    /// `[V, H]`, `None` when tied to `embed`.
+    pub lm_head: Option<Matrix>,
+}
+
+/// The CPU backend.
+pub struct CpuBackend {
+    cfg: ModelConfig,
+    w: BackboneWeights,
+    rope: RopeTable,
+    shape: AttentionShape,
+    kv: HashMap<SeqId, SeqKv>,
+}
+
+impl CpuBackend {
+    /// A backend over `weights` for `cfg`.
+    pub fn new(cfg: ModelConfig, weights: BackboneWeights) -> Self {
+        let d = cfg.head_dim();
+        let shape = AttentionShape {
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: cfg.num_kv_heads(),
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let rope = RopeTable::new(d, cfg.rope_theta, cfg.max_position_embeddings);
+        CpuBackend {
+            cfg,
+            w: weights,
+            rope,
+            shape,
+            kv: HashMap::new(),
+        }
+    }
+
+    /// Bytes of KV cache one token takes.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_hidden_layers * self.shape.n_kv_heads * self.shape.head_dim * 4
+    }
+}
+
+impl Backend for CpuBackend {
+    fn device_name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
+        if max_len > self.cfg.max_position_embeddings {
+            return Err(Error::InvalidRequest(format!(
+                "sequence of {max_len} tokens exceeds max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let layers = self.cfg.num_hidden_layers;
+        self.kv.insert(
+            seq,
+            SeqKv {
+                max_len,
+                width: self.shape.n_kv_heads * self.shape.head_dim,
+                k: vec![Vec::new(); layers],
+                v: vec![Vec::new(); layers],
+            },
+        );
+        Ok(())
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.kv.remove(&seq);
+    }
+
+    fn forward(&mut self, chunks: &[ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let (hdim, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let kv_width = self.shape.n_kv_heads * self.shape.head_dim;
+        let q_width = self.shape.n_heads * self.shape.head_dim;
+        // Validate everything before touching any KV cache, so a bad chunk changes nothing.
+        for c in chunks {
+            let kv = self.kv.get(&c.seq).ok_or(Error::UnknownSequence(c.seq))?;
+            if kv.len() != c.start_pos {
+                return Err(Error::Internal(format!(
+                    "sequence {}: chunk starts at {} but {} tokens are cached",
+                    c.seq,
+                    c.start_pos,
+                    kv.len()
+                )));
+            }
+            if c.start_pos + c.tokens.len() > kv.max_len {
+                return Err(Error::Capacity(format!(
+                    "sequence {} would exceed its {} reserved tokens",
+                    c.seq, kv.max_len
+                )));
+            }
+            if c.routes.len() < c.route_offset + c.tokens.len() {
+                return Err(Error::Internal(format!("sequence {}: routes missing", c.seq)));
+            }
+            if let Some(bad) = c.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Error::InvalidRequest(format!(
+                    "token id {bad} is outside the vocabulary (0..{vocab})"
+                )));
+            }
+        }
+        let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        let mut x = Vec::with_capacity(total * hdim);
+        for c in chunks {
+            for &t in c.tokens {
+                x.extend_from_slice(self.w.embed.row(t as usize));
+            }
+        }
+        let mut h = vec![0.0f32; total * hdim];
+        let mut q = vec![0.0f32; total * q_width];
+        let mut k = vec![0.0f32; total * kv_width];
+        let mut v = vec![0.0f32; total * kv_width];
+        let mut att = vec![0.0f32; total * q_width];
+        let mut o = vec![0.0f32; total * hdim];
+        let mut routes: Vec<TokenRoute> = Vec::with_capacity(total);
+        for (l, layer) in self.w.layers.iter().enumerate() {
+            rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps, &mut h);
+            matmul_t(&h, total, &layer.q, &mut q);
+            matmul_t(&h, total, &layer.k, &mut k);
+            matmul_t(&h, total, &layer.v, &mut v);
+            let mut row = 0;
+            for c in chunks {
+                for i in 0..c.tokens.len() {
+                    let pos = c.start_pos + i;
+                    let r = row + i;
+                    self.rope.apply(&mut q[r * q_width..(r + 1) * q_width], pos);
+                    self.rope.apply(&mut k[r * kv_width..(r + 1) * kv_width], pos);
+                }
+                let n = c.tokens.len();
+                let cache = self.kv.get_mut(&c.seq).expect("validated");
+                cache.k[l].extend_from_slice(&k[row * kv_width..(row + n) * kv_width]);
+                cache.v[l].extend_from_slice(&v[row * kv_width..(row + n) * kv_width]);
+                row += n;
+            }
+            // Attention per sequence, sequences in parallel (each call also splits its heads).
+            let (kv, shape, q_all) = (&self.kv, &self.shape, &q);
+            let mut jobs = Vec::with_capacity(chunks.len());
+            let (mut rest, mut r0) = (att.as_mut_slice(), 0);
+            for c in chunks {
+                let n = c.tokens.len();
+                let (mine, tail) = rest.split_at_mut(n * q_width);
+                jobs.push((c, r0, mine));
+                rest = tail;
+                r0 += n;
+            }
+            jobs.into_par_iter().for_each(|(c, r0, out)| {
+                let cache = &kv[&c.seq];
+                let rows = r0 * q_width..(r0 + c.tokens.len()) * q_width;
+                attention(&q_all[rows], &cache.k[l], &cache.v[l], c.start_pos, shape, out);
+            });
+            matmul_t(&att, total, &layer.o, &mut o);
+            crate::ops::add_assign(&mut x, &o);
+            rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps, &mut h);
+            routes.clear();
+            for c in chunks {
+                for i in 0..c.tokens.len() {
+                    routes.push(*c.routes.route(c.route_offset + i, l));
+                }
+            }
+            if let Some(bad) = routes
+                .iter()
+                .flat_map(|r| r.experts())
+                .find(|&&e| e as usize >= layer.experts.len())
+            {
+                return Err(Error::Internal(format!("route names expert {bad} of {}", layer.experts.len())));
+            }
+            moe_layer(
+                &h,
+                hdim,
+                &routes,
+                |e| &layer.experts[e as usize],
+                layer.shared.as_ref(),
+                &mut o,
+            );
+            crate::ops::add_assign(&mut x, &o);
+        }
+        // Final norm and lm_head only for the last token of chunks that want logits.
+        let mut last = Vec::new();
+        let mut row = 0;
+        for c in chunks {
+            row += c.tokens.len();
+            if c.want_logits {
+                last.extend_from_slice(&x[(row - 1) * hdim..row * hdim]);
+            }
+        }
+        let m = last.len() / hdim;
+        let mut normed = vec![0.0f32; last.len()];
+        rms_norm(&last, &self.w.norm, cfg.rms_norm_eps, &mut normed);
+        let head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
+        let mut logits = vec![0.0f32; m * vocab];
+        matmul_t(&normed, m, head, &mut logits);
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+}

@@ -1,0 +1,346 @@
+//! The engine: requests, routing, sampling and stepping a [`Backend`].
+//!
+//! The engine is device-agnostic. It owns every live sequence: its tokens, its router state (the
+//! per-request router KV cache), its route history and its sampler. A scheduler (the lookahead
+//! batcher, or [`Engine::schedule_all`] for simple use) decides which tokens run in each step; the
+//! engine hands them to the backend, samples from the logits of every sequence whose known tokens are
+//! all computed, routes the new token at once (so its experts are known a whole step ahead), and
+//! retires finished sequences.
+
+mod backend;
+pub mod cpu;
+mod device;
+
+use std::collections::BTreeMap;
+
+pub use backend::{Backend, ForwardChunk, Lookahead, SeqId};
+pub use device::{open_engine, Device};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::route::{RoutePlan, TokenRoute};
+use crate::router::{ReadMeRouter, RouterState};
+use crate::sampling::{Sampler, SamplingParams};
+
+/// One generation request, in token ids.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// Prompt token ids, used exactly as given.
+    pub prompt: Vec<u32>,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Tokens to generate at most (>= 1).
+    pub max_new_tokens: usize,
+    /// Extra ids that end generation (the stop token is emitted).
+    pub stop_token_ids: Vec<u32>,
+    /// Do not stop at the model's EOS ids.
+    pub ignore_eos: bool,
+    /// Return every step's logits in the events (for `--dump-logits` and tests).
+    pub keep_logits: bool,
+}
+
+impl GenerationRequest {
+    /// A greedy request for `max_new_tokens` tokens after `prompt`.
+    pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
+        GenerationRequest {
+            prompt,
+            sampling: SamplingParams::greedy(),
+            max_new_tokens,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            keep_logits: false,
+        }
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It produced an EOS id.
+    Eos,
+    /// It produced one of the request's stop ids.
+    Stop,
+    /// It reached `max_new_tokens`.
+    Length,
+}
+
+impl FinishReason {
+    /// The name clients see (`stop` for EOS and stop ids, `length`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Eos | FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// A token produced by a step.
+#[derive(Debug, Clone)]
+pub struct StepEvent {
+    /// The sequence.
+    pub seq: SeqId,
+    /// The new token.
+    pub token: u32,
+    /// Its route (already computed by the router, for the next step).
+    pub route: TokenRoute,
+    /// Set when the sequence finished with this token; it is then gone from the engine.
+    pub finished: Option<FinishReason>,
+    /// The logits the token was sampled from, when the request asked to keep them.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// A sequence's tokens not yet computed, as a scheduler sees them.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingWork<'a> {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Uncomputed tokens, in order (the rest of the prompt, or the last sampled token).
+    pub tokens: &'a [u32],
+    /// The route plan holding their routes, starting at `route_offset`.
+    pub routes: &'a RoutePlan,
+    /// Index in `routes` of `tokens[0]`.
+    pub route_offset: usize,
+    /// Whether the sequence is still in its prompt (prefill) phase.
+    pub prefill: bool,
+    /// Tokens generated so far.
+    pub generated: usize,
+}
+
+struct Sequence {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    computed: usize,
+    routes: RoutePlan,
+    router: RouterState,
+    sampler: Sampler,
+    request: GenerationRequest,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+/// Drives a backend: the step interface a continuous-batching scheduler uses.
+pub struct Engine {
+    backend: Box<dyn Backend>,
+    router: ReadMeRouter,
+    eos: Vec<u32>,
+    seqs: BTreeMap<SeqId, Sequence>,
+    next_id: SeqId,
+}
+
+impl Engine {
+    /// An engine over `backend`, routing with `router`.
+    pub fn new(backend: Box<dyn Backend>, router: ReadMeRouter) -> Self {
+        let eos = backend.config().eos_token_ids();
+        Engine {
+            backend,
+            router,
+            eos,
+            seqs: BTreeMap::new(),
+            next_id: 1,
+        }
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &ModelConfig {
+        self.backend.config()
+    }
+
+    /// The backend's device name.
+    pub fn device_name(&self) -> String {
+        self.backend.device_name()
+    }
+
+    /// The pre-gating router.
+    pub fn router(&self) -> &ReadMeRouter {
+        &self.router
+    }
+
+    /// Checks a request against the model without admitting it.
+    pub fn validate(&self, req: &GenerationRequest) -> Result<()> {
+        let cfg = self.backend.config();
+        if req.prompt.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(bad) = req
+            .prompt
+            .iter()
+            .chain(&req.stop_token_ids)
+            .find(|&&t| t as usize >= cfg.vocab_size)
+        {
+            return Err(Error::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (0..{})",
+                cfg.vocab_size
+            )));
+        }
+        if req.max_new_tokens == 0 {
+            return Err(Error::InvalidRequest("max_new_tokens must be at least 1".into()));
+        }
+        let ctx = cfg.max_context();
+        if req.prompt.len() + req.max_new_tokens > ctx {
+            return Err(Error::InvalidRequest(format!(
+                "prompt of {} tokens plus max_new_tokens {} exceeds the context of {ctx} tokens",
+                req.prompt.len(),
+                req.max_new_tokens
+            )));
+        }
+        req.sampling.validate()
+    }
+
+    /// Admits a request: routes its whole prompt and reserves its KV space.
+    pub fn add_request(&mut self, req: GenerationRequest) -> Result<SeqId> {
+        self.validate(&req)?;
+        let id = self.next_id;
+        let max_len = req.prompt.len() + req.max_new_tokens;
+        let mut router = self.router.new_state(max_len);
+        let mut routes = self.router.new_plan();
+        for r in self.router.route(&mut router, &req.prompt)? {
+            routes.push(&[r])?;
+        }
+        self.backend.add_sequence(id, max_len)?;
+        self.next_id += 1;
+        let sampler = Sampler::new(req.sampling.clone(), id);
+        self.seqs.insert(
+            id,
+            Sequence {
+                tokens: req.prompt.clone(),
+                prompt_len: req.prompt.len(),
+                computed: 0,
+                routes,
+                router,
+                sampler,
+                request: req,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Drops a sequence (cancellation); its KV space is freed. Returns whether it existed.
+    pub fn remove(&mut self, seq: SeqId) -> bool {
+        let existed = self.seqs.remove(&seq).is_some();
+        if existed {
+            self.backend.remove_sequence(seq);
+        }
+        existed
+    }
+
+    /// Live sequences.
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Whether no sequence is live.
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// The routes of every token a live sequence has seen so far (prompt and generated).
+    pub fn routes(&self, seq: SeqId) -> Option<&RoutePlan> {
+        self.seqs.get(&seq).map(|s| &s.routes)
+    }
+
+    /// The uncomputed tokens of every live sequence, in admission order.
+    pub fn pending(&self) -> impl Iterator<Item = PendingWork<'_>> {
+        self.seqs.iter().map(|(&seq, s)| PendingWork {
+            seq,
+            tokens: &s.tokens[s.computed..],
+            routes: &s.routes,
+            route_offset: s.computed,
+            prefill: s.computed < s.prompt_len,
+            generated: s.generated(),
+        })
+    }
+
+    /// Every live sequence with all its pending tokens: a schedule without a batcher.
+    pub fn schedule_all(&self) -> Vec<(SeqId, usize)> {
+        self.pending().map(|p| (p.seq, p.tokens.len())).collect()
+    }
+
+    /// Passes the scheduler's view of upcoming steps to the backend.
+    pub fn prepare(&mut self, lookahead: &Lookahead) -> Result<()> {
+        self.backend.prepare(lookahead)
+    }
+
+    /// Runs one step: for each `(seq, n)` computes the next `n` pending tokens of `seq`; samples a
+    /// token for every sequence whose pending tokens are then all computed. Sequences may appear at
+    /// most once. On error no sequence has advanced past its KV cache.
+    pub fn step(&mut self, schedule: &[(SeqId, usize)]) -> Result<Vec<StepEvent>> {
+        for (i, &(seq, n)) in schedule.iter().enumerate() {
+            let s = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq))?;
+            let pending = s.tokens.len() - s.computed;
+            if n == 0 || n > pending {
+                return Err(Error::InvalidArgument(format!(
+                    "sequence {seq}: scheduled {n} tokens of {pending} pending"
+                )));
+            }
+            if schedule[..i].iter().any(|&(other, _)| other == seq) {
+                return Err(Error::InvalidArgument(format!(
+                    "sequence {seq} is scheduled twice in one step"
+                )));
+            }
+        }
+        if schedule.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logits = {
+            let chunks: Vec<ForwardChunk<'_>> = schedule
+                .iter()
+                .map(|&(seq, n)| {
+                    let s = &self.seqs[&seq];
+                    let end = s.computed + n;
+                    ForwardChunk {
+                        seq,
+                        tokens: &s.tokens[s.computed..end],
+                        start_pos: s.computed,
+                        routes: &s.routes,
+                        route_offset: s.computed,
+                        want_logits: end == s.tokens.len(),
+                    }
+                })
+                .collect();
+            self.backend.forward(&chunks)?
+        };
+        let mut logits = logits.into_iter();
+        let mut events = Vec::new();
+        for &(seq, n) in schedule {
+            let s = self.seqs.get_mut(&seq).expect("validated above");
+            s.computed += n;
+            if s.computed < s.tokens.len() {
+                continue;
+            }
+            let row = logits
+                .next()
+                .ok_or_else(|| Error::Internal("backend returned too few logits".into()))?;
+            let token = s.sampler.sample(&row)?;
+            let route = self.router.route(&mut s.router, &[token])?[0];
+            s.routes.push(&[route])?;
+            s.tokens.push(token);
+            let finished = if !s.request.ignore_eos && self.eos.contains(&token) {
+                Some(FinishReason::Eos)
+            } else if s.request.stop_token_ids.contains(&token) {
+                Some(FinishReason::Stop)
+            } else if s.generated() >= s.request.max_new_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let keep = s.request.keep_logits;
+            events.push(StepEvent {
+                seq,
+                token,
+                route,
+                finished,
+                logits: keep.then_some(row),
+            });
+        }
+        for e in &events {
+            if e.finished.is_some() {
+                self.remove(e.seq);
+            }
+        }
+        Ok(events)
+    }
+}

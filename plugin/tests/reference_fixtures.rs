@@ -1,0 +1,176 @@
+//! The engine against the independent NumPy reference (tests/reference): logits, greedy tokens and
+//! the router's experts of every token, for every expert layout, alone and batched.
+
+use std::path::{Path, PathBuf};
+
+use pregate::engine::{open_engine, Device, Engine, GenerationRequest};
+use pregate::model::ModelDir;
+use safetensors::SafeTensors;
+
+struct Case {
+    prompt: Vec<u32>,
+    output: Vec<u32>,
+    logits: Vec<f32>,
+    experts: Vec<i64>,
+    weights: Vec<f32>,
+    k: usize,
+}
+
+fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn read_cases(name: &str) -> Vec<Case> {
+    let bytes = std::fs::read(fixture_dir(name).join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let i64s = |n: &str| -> Vec<i64> {
+        st.tensor(n)
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let f32s = |n: &str| -> Vec<f32> {
+        st.tensor(n)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    (0..3)
+        .map(|c| {
+            let experts = i64s(&format!("case{c}.experts"));
+            let k = st.tensor(&format!("case{c}.experts")).unwrap().shape()[1];
+            Case {
+                prompt: i64s(&format!("case{c}.prompt_ids"))
+                    .into_iter()
+                    .map(|v| v as u32)
+                    .collect(),
+                output: i64s(&format!("case{c}.output_ids"))
+                    .into_iter()
+                    .map(|v| v as u32)
+                    .collect(),
+                logits: f32s(&format!("case{c}.logits")),
+                experts,
+                weights: f32s(&format!("case{c}.expert_weights")),
+                k,
+            }
+        })
+        .collect()
+}
+
+fn request(case: &Case) -> GenerationRequest {
+    let mut r = GenerationRequest::greedy(case.prompt.clone(), case.output.len());
+    r.ignore_eos = true;
+    r.keep_logits = true;
+    r
+}
+
+struct Run {
+    output: Vec<u32>,
+    logits: Vec<f32>,
+    experts: Vec<(Vec<u16>, Vec<f32>)>,
+}
+
+/// Runs `cases` together in one engine; `chunk` caps the prompt tokens scheduled per step.
+fn run_batched(engine: &mut Engine, cases: &[Case], chunk: usize) -> Vec<Run> {
+    let ids: Vec<u64> = cases
+        .iter()
+        .map(|c| engine.add_request(request(c)).unwrap())
+        .collect();
+    let mut runs: Vec<Run> = ids
+        .iter()
+        .map(|&id| {
+            let plan = engine.routes(id).unwrap();
+            Run {
+                output: vec![],
+                logits: vec![],
+                experts: (0..plan.len())
+                    .map(|t| {
+                        let r = plan.route(t, 0);
+                        (r.experts().to_vec(), r.weights().to_vec())
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    while !engine.is_empty() {
+        let schedule: Vec<(u64, usize)> = engine
+            .pending()
+            .map(|p| (p.seq, p.tokens.len().min(chunk)))
+            .collect();
+        for ev in engine.step(&schedule).unwrap() {
+            let run = &mut runs[ids.iter().position(|&i| i == ev.seq).unwrap()];
+            run.output.push(ev.token);
+            run.logits.extend(ev.logits.unwrap());
+            run.experts
+                .push((ev.route.experts().to_vec(), ev.route.weights().to_vec()));
+        }
+    }
+    runs
+}
+
+fn check(name: &str, case: &Case, run: &Run) {
+    assert_eq!(run.output, case.output, "{name}: greedy tokens");
+    let scale = case.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let max_diff = run
+        .logits
+        .iter()
+        .zip(&case.logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert_eq!(run.logits.len(), case.logits.len());
+    assert!(
+        max_diff <= 1e-4 * scale,
+        "{name}: max |logit diff| {max_diff} vs scale {scale}"
+    );
+    assert_eq!(run.experts.len() * case.k, case.experts.len(), "{name}");
+    for (t, (experts, weights)) in run.experts.iter().enumerate() {
+        let want: Vec<u16> = case.experts[t * case.k..(t + 1) * case.k]
+            .iter()
+            .map(|&e| e as u16)
+            .collect();
+        assert_eq!(experts, &want, "{name}: experts of token {t}");
+        for (w, r) in weights.iter().zip(&case.weights[t * case.k..(t + 1) * case.k]) {
+            assert!((w - r).abs() < 1e-5, "{name}: weight of token {t}: {w} vs {r}");
+        }
+    }
+}
+
+fn engine_for(dir: &Path) -> Engine {
+    let model = ModelDir::open(dir).unwrap();
+    open_engine(&model, Device::Cpu).unwrap()
+}
+
+fn check_fixture(name: &str, model_dir: &Path) {
+    let cases = read_cases(name);
+    // One request at a time, whole prompt in one step.
+    for case in &cases {
+        let mut engine = engine_for(model_dir);
+        let run = run_batched(&mut engine, std::slice::from_ref(case), usize::MAX);
+        check(name, case, &run[0]);
+    }
+    // All cases batched together, prompts chunked into steps of 5 tokens.
+    let mut engine = engine_for(model_dir);
+    let runs = run_batched(&mut engine, &cases, 5);
+    for (case, run) in cases.iter().zip(&runs) {
+        check(name, case, run);
+    }
+}
+
+#[test]
+fn fused_f32_matches_the_reference() {
+    check_fixture("fused_f32", &fixture_dir("fused_f32").join("model"));
+}
+
+#[test]
+fn residual_bf16_sharded_matches_the_reference() {
+    check_fixture(
+        "residual_bf16_sharded",
+        &fixture_dir("residual_bf16_sharded").join("model"),
+    );
+}
