@@ -234,7 +234,9 @@ impl ExpertCache {
             )));
         }
         if slots == 0 {
-            return Err(Error::Capacity("an expert cache needs at least one slot".into()));
+            return Err(Error::Capacity(
+                "an expert cache needs at least one slot".into(),
+            ));
         }
         let units = layers * experts;
         let slots = slots.min(units);
@@ -455,7 +457,10 @@ impl ExpertCache {
             .layer_quota
             .is_some_and(|q| self.layer_resident[layer] as usize >= q);
         let (slot, evicted) = if !quota_full && !self.free_slots.is_empty() {
-            (self.free_slots.pop().expect("checked non-empty") as usize, None)
+            (
+                self.free_slots.pop().expect("checked non-empty") as usize,
+                None,
+            )
         } else {
             let victim = self.victim(if quota_full { Some(layer) } else { None })?;
             let slot = self.unit_slot[victim] as usize;
@@ -485,8 +490,9 @@ impl ExpertCache {
         let best = match self.policy {
             EvictionPolicy::Lru => candidates.min_by_key(|&i| self.last_use[i]),
             EvictionPolicy::Lfu => candidates.min_by_key(|&i| (self.uses[i], self.last_use[i])),
-            EvictionPolicy::Belady => candidates
-                .min_by_key(|&i| (std::cmp::Reverse(self.next_use[i]), self.last_use[i])),
+            EvictionPolicy::Belady => {
+                candidates.min_by_key(|&i| (std::cmp::Reverse(self.next_use[i]), self.last_use[i]))
+            }
             EvictionPolicy::Random => {
                 let n = candidates.count();
                 if n == 0 {

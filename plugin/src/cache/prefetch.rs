@@ -91,7 +91,11 @@ impl PrefetchPlanner {
     /// flight evicts a unit before its use; [`ExpertCache::unpin_all`] at the end of the step
     /// releases them. Belady's next uses are set from the lookahead (positions `step * layers +
     /// layer`).
-    pub fn plan_into(&self, cache: &mut ExpertCache, lookahead: &[StepExperts]) -> Vec<PlannedLoad> {
+    pub fn plan_into(
+        &self,
+        cache: &mut ExpertCache,
+        lookahead: &[StepExperts],
+    ) -> Vec<PlannedLoad> {
         set_next_uses(cache, lookahead, 0);
         let layers = cache.layers();
         let mut out: Vec<PlannedLoad> = Vec::new();

@@ -104,7 +104,10 @@ fn random_is_reproducible_for_a_seed() {
 fn capacities_resolve_to_slots() {
     assert_eq!(CacheCapacity::Slots(3).slots(10, 0).unwrap(), 3);
     assert_eq!(CacheCapacity::Bytes(35).slots(10, 0).unwrap(), 3);
-    assert_eq!(CacheCapacity::FractionOfFree(0.5).slots(10, 100).unwrap(), 5);
+    assert_eq!(
+        CacheCapacity::FractionOfFree(0.5).slots(10, 100).unwrap(),
+        5
+    );
     assert!(CacheCapacity::Bytes(5).slots(10, 0).is_err());
     assert!(CacheCapacity::FractionOfFree(1.5).slots(10, 100).is_err());
     assert!(CacheCapacity::Slots(1).slots(0, 0).is_err());
@@ -112,7 +115,10 @@ fn capacities_resolve_to_slots() {
 
 #[test]
 fn unknown_policy_names_are_rejected() {
-    assert_eq!("belady".parse::<EvictionPolicy>().unwrap(), EvictionPolicy::Belady);
+    assert_eq!(
+        "belady".parse::<EvictionPolicy>().unwrap(),
+        EvictionPolicy::Belady
+    );
     let err = "fifo".parse::<EvictionPolicy>().unwrap_err().to_string();
     assert!(err.contains("fifo") && err.contains("lru"), "{err}");
 }
@@ -169,7 +175,10 @@ fn planner_orders_loads_by_deadline_and_respects_pins() {
     s1.insert(3);
     let look = [StepExperts::AllLayers(s0), StepExperts::AllLayers(s1)];
     let plan = PrefetchPlanner::default().plan(&c, &look);
-    let order: Vec<_> = plan.iter().map(|p| (p.step, p.layer, p.unit.expert)).collect();
+    let order: Vec<_> = plan
+        .iter()
+        .map(|p| (p.step, p.layer, p.unit.expert))
+        .collect();
     // Step 0 loads expert 1 at both layers (free slots); step 1 needs 2 and 3 at layer 0, but
     // both slots of layer 0 are then held by units due no later (0 is unneeded: evicted for 2;
     // 3 would have to evict 1 or 2, both due earlier) so the plan stops there.
