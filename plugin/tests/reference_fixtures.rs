@@ -174,3 +174,21 @@ fn residual_bf16_sharded_matches_the_reference() {
         &fixture_dir("residual_bf16_sharded").join("model"),
     );
 }
+
+#[test]
+fn masked_f16_converted_to_both_split_layouts_matches_the_reference() {
+    use pregate::model::weights::ExpertLayout;
+    let src = fixture_dir("masked_f16").join("model");
+    // The training layout itself is refused with a pointer to `pregate convert`.
+    let err = ModelDir::open(&src)
+        .and_then(|m| m.load_weights().map(|_| ()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("convert"), "{err}");
+    for layout in [ExpertLayout::Fused, ExpertLayout::Residual] {
+        let out = tempfile::tempdir().unwrap();
+        pregate::model::convert::convert(&src, out.path(), layout, None, None).unwrap();
+        assert_eq!(ModelDir::open(out.path()).unwrap().layout, layout);
+        check_fixture("masked_f16", out.path());
+    }
+}
