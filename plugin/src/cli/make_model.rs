@@ -1,10 +1,76 @@
-//! `pregate make-model` (in progress).
+//! `pregate make-model`: a random-weight model of a preset shape, with a working tokenizer.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::model::{make_model, ExpertLayout, FloatDtype, Preset};
 
 /// Flags of `pregate make-model`.
 #[derive(Debug, clap::Args)]
-pub struct MakeModelArgs {}
+pub struct MakeModelArgs {
+    /// Model shape: tiny (tests, a few MB), small (demo, ~142 M params), readme-7b (Read-ME's
+    /// real shape, ~17.6 B params, 35 GB).
+    #[arg(long)]
+    pub preset: String,
+    /// Output directory (created if needed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Expert layout: fused, residual, or masked (training layout + masks.safetensors).
+    #[arg(long, default_value = "fused")]
+    pub layout: String,
+    /// Storage dtype instead of the preset's: f32, f16 or bf16.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Shard the weights into files of at most this many MiB (default 4096).
+    #[arg(long)]
+    pub max_shard_mib: Option<usize>,
+}
+
+fn parse_dtype(s: &str) -> Result<FloatDtype> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(FloatDtype::F32),
+        "f16" | "float16" => Ok(FloatDtype::F16),
+        "bf16" | "bfloat16" => Ok(FloatDtype::BF16),
+        _ => Err(Error::InvalidArgument(format!(
+            "unknown dtype `{s}`: expected f32, f16 or bf16"
+        ))),
+    }
+}
 
 /// Runs `pregate make-model`.
-pub fn run(_args: MakeModelArgs) -> crate::Result<()> {
-    Err(crate::Error::InvalidArgument("not built yet".into()))
+pub fn run(args: MakeModelArgs) -> Result<()> {
+    let preset = Preset::parse(&args.preset)?;
+    let layout = ExpertLayout::parse(&args.layout)?;
+    let mut spec = preset.spec();
+    if let Some(d) = &args.dtype {
+        spec.dtype = parse_dtype(d)?;
+    }
+    if let Some(mib) = args.max_shard_mib {
+        if mib == 0 {
+            return Err(Error::InvalidArgument(
+                "--max-shard-mib must be positive".into(),
+            ));
+        }
+        spec.max_shard_bytes = mib << 20;
+    }
+    let start = Instant::now();
+    let made = make_model(&spec, layout, args.seed, &args.out)?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "wrote {} ({} layout, {}) to {}: {:.1} M parameters, {:.1} MiB in {} file(s), {:.1} s ({:.0} MiB/s)",
+        preset.name(),
+        layout.as_str(),
+        spec.dtype.torch_name(),
+        args.out.display(),
+        made.params as f64 / 1e6,
+        made.bytes as f64 / (1 << 20) as f64,
+        made.files.len(),
+        secs,
+        made.bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
+    );
+    Ok(())
 }

@@ -3,6 +3,8 @@
 //! random-weight models of preset shapes ([`presets`]). The format is `plugin/docs/model-format.md`.
 
 pub mod checkpoint;
+pub mod convert;
+pub mod inspect;
 pub mod load;
 pub mod names;
 pub mod presets;

@@ -132,6 +132,22 @@ impl ExpertLayout {
             ExpertLayout::Masked => "masked",
         }
     }
+
+    /// Parses a layout name (`fused`, `residual`, `masked`).
+    pub fn parse(name: &str) -> crate::Result<Self> {
+        [
+            ExpertLayout::Fused,
+            ExpertLayout::Residual,
+            ExpertLayout::Masked,
+        ]
+        .into_iter()
+        .find(|l| l.as_str() == name)
+        .ok_or_else(|| {
+            crate::Error::InvalidArgument(format!(
+                "unknown layout `{name}`: expected fused, residual or masked"
+            ))
+        })
+    }
 }
 
 /// All weights of a model.

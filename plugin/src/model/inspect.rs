@@ -1,0 +1,273 @@
+//! `pregate inspect`: what a model directory holds, without converting any weight.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::checkpoint::Checkpoint;
+use super::convert::mask_bits;
+use super::load::{storage_dtypes, ModelDir};
+use super::names;
+use super::random::MASKS_FILE;
+use super::weights::ExpertLayout;
+use crate::config::ModelConfig;
+use crate::error::Result;
+
+/// Parameter counts of a model directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParamReport {
+    /// Every parameter in the weight files (router included).
+    pub total: usize,
+    /// Parameters one token reads: everything but the experts it is not routed to. For the masked
+    /// layout, counted as after `convert --layout fused`; `None` if its masks are missing.
+    pub active_per_token: Option<usize>,
+    /// The pre-gating router's parameters.
+    pub router: usize,
+    /// All routed and shared expert parameters (the dense MLPs for the masked layout).
+    pub experts: usize,
+}
+
+/// The expert geometry of one layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerExperts {
+    /// Channels of each routed expert (fused layout: shared channels included).
+    pub expert_inter: usize,
+    /// Channels of the shared part (residual layout; 0 otherwise).
+    pub shared_inter: usize,
+    /// Bytes of one routed expert in this layer (gate + up + down) in the storage dtype.
+    pub bytes_per_expert: usize,
+}
+
+/// Everything `inspect` reports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelReport {
+    /// The directory.
+    pub dir: String,
+    /// `fused`, `residual` or `masked`.
+    pub layout: String,
+    /// Storage dtypes found (`BF16`, `F16`, `F32`, ...).
+    pub dtypes: Vec<String>,
+    /// The weight files.
+    pub files: Vec<String>,
+    /// Bytes of tensor data.
+    pub weight_bytes: usize,
+    /// Whether `tokenizer.json` exists.
+    pub tokenizer: bool,
+    /// Its vocabulary size.
+    pub tokenizer_vocab: Option<usize>,
+    /// Parameter counts.
+    pub params: ParamReport,
+    /// Per layer expert geometry (for the masked layout, from its masks, as `convert` would fuse).
+    pub layers: Vec<LayerExperts>,
+    /// `config.json`.
+    pub config: ModelConfig,
+}
+
+fn numel(ck: &Checkpoint, name: &str) -> usize {
+    ck.tensor(name).map(|t| t.numel()).unwrap_or(0)
+}
+
+fn bytes(ck: &Checkpoint, names: &[String]) -> usize {
+    names
+        .iter()
+        .filter_map(|n| ck.tensor(n).ok())
+        .map(|t| t.data.len())
+        .sum()
+}
+
+/// Inspects the model directory `dir`.
+pub fn inspect(dir: &Path) -> Result<ModelReport> {
+    let model = ModelDir::open(dir)?;
+    let ck = &model.checkpoint;
+    let cfg = &model.config;
+    let all = ck.names();
+    let total: usize = all.iter().map(|n| numel(ck, n)).sum();
+    let router: usize = all
+        .iter()
+        .filter(|n| n.starts_with(names::ROUTER_PREFIX))
+        .map(|n| numel(ck, n))
+        .sum();
+    let is_ffn = |n: &str| n.contains(".moe.") || n.contains(".mlp.");
+    let experts: usize = all.iter().filter(|n| is_ffn(n)).map(|n| numel(ck, n)).sum();
+    let h = cfg.hidden_size;
+    let k = cfg.router_top_k;
+    let mut layers = Vec::new();
+    let mut active = Some(total - experts);
+    for l in 0..cfg.num_hidden_layers {
+        let (expert_inter, shared_inter, bytes_per_expert) = match model.layout {
+            ExpertLayout::Fused | ExpertLayout::Residual => {
+                let e0 = names::expert_tensor_names(l, 0);
+                let width = ck.tensor(&e0[0]).map(|t| t.shape[0]).unwrap_or(0);
+                let shared = ck
+                    .tensor(&names::shared_tensor_names(l)[0])
+                    .map(|t| t.shape[0])
+                    .unwrap_or(0);
+                (width, shared, bytes(ck, &e0))
+            }
+            ExpertLayout::Masked => {
+                let width = masked_width(dir, l, cfg.n_cluster).ok();
+                let dense = names::dense_mlp_tensor_names(l);
+                let elem = ck
+                    .tensor(&dense[0])
+                    .map(|t| t.dtype.bitsize() / 8)
+                    .unwrap_or(2);
+                match width {
+                    Some(w) => (w, 0, 3 * h * w * elem),
+                    None => (0, 0, 0),
+                }
+            }
+        };
+        active = active.and_then(|a| {
+            (expert_inter > 0).then(|| a + 3 * h * (k * expert_inter + shared_inter))
+        });
+        layers.push(LayerExperts {
+            expert_inter,
+            shared_inter,
+            bytes_per_expert,
+        });
+    }
+    Ok(ModelReport {
+        dir: dir.display().to_string(),
+        layout: model.layout.as_str().into(),
+        dtypes: storage_dtypes(ck),
+        files: ck.files().iter().map(|p| p.display().to_string()).collect(),
+        weight_bytes: ck.data_bytes(),
+        tokenizer: model.tokenizer.is_some(),
+        tokenizer_vocab: model.tokenizer.as_ref().map(|t| t.vocab_size()),
+        params: ParamReport {
+            total,
+            active_per_token: active,
+            router,
+            experts,
+        },
+        layers,
+        config: cfg.clone(),
+    })
+}
+
+/// The fused expert width of layer `l` of a masked model: the most channels any expert owns.
+fn masked_width(dir: &Path, l: usize, n: usize) -> Result<usize> {
+    let masks = Checkpoint::open_file(&dir.join(MASKS_FILE))?;
+    let res = mask_bits(&masks.tensor(&names::residual_mask_name(l))?)?;
+    let exp = mask_bits(&masks.tensor(&names::expert_mask_name(l))?)?;
+    let i = res.len();
+    Ok((0..n)
+        .map(|e| {
+            (0..i)
+                .filter(|&c| res[c] || exp.get(e * i + c).copied().unwrap_or(false))
+                .count()
+        })
+        .max()
+        .unwrap_or(0))
+}
+
+fn human(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2} M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1} K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+fn human_bytes(n: usize) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+impl ModelReport {
+    /// The human-readable report.
+    pub fn to_text(&self) -> String {
+        let c = &self.config;
+        let mut s = String::new();
+        let mut line = |t: String| {
+            s.push_str(&t);
+            s.push('\n');
+        };
+        line(format!("model        {}", self.dir));
+        line(format!(
+            "layout       {} ({} weight file{}, {}, {})",
+            self.layout,
+            self.files.len(),
+            if self.files.len() == 1 { "" } else { "s" },
+            self.dtypes.join("+"),
+            human_bytes(self.weight_bytes)
+        ));
+        line(format!(
+            "tokenizer    {}",
+            match self.tokenizer_vocab {
+                Some(v) => format!("tokenizer.json ({v} tokens)"),
+                None => "none (prompts must be token ids)".into(),
+            }
+        ));
+        line(format!(
+            "backbone     {} layers, hidden {}, {} heads ({} kv, head {}), vocab {}, context {}, rope_theta {}, tied embeddings {}",
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_kv_heads(),
+            c.head_dim(),
+            c.vocab_size,
+            c.max_position_embeddings,
+            c.rope_theta,
+            c.tie_word_embeddings
+        ));
+        line(format!(
+            "router       width {}, {} heads, mlp {}, {} experts, top-{} , normalizer {}",
+            c.embedding_dim, c.n_head, c.inter_dim, c.n_cluster, c.router_top_k, c.normalizer
+        ));
+        line(format!(
+            "parameters   total {}, active per token {}, router {}, experts {}",
+            human(self.params.total),
+            self.params
+                .active_per_token
+                .map_or("unknown (masks missing)".into(), human),
+            human(self.params.router),
+            human(self.params.experts)
+        ));
+        let widths: Vec<usize> = self.layers.iter().map(|l| l.expert_inter).collect();
+        let same = widths.windows(2).all(|w| w[0] == w[1]);
+        if let Some(first) = self.layers.first() {
+            if same {
+                line(format!(
+                    "experts      {} per layer x {} layers, {} channels{} each; one expert-layer = {}",
+                    c.n_cluster,
+                    self.layers.len(),
+                    first.expert_inter,
+                    if first.shared_inter > 0 {
+                        format!(" + shared part of {}", first.shared_inter)
+                    } else {
+                        String::new()
+                    },
+                    human_bytes(first.bytes_per_expert)
+                ));
+            } else {
+                for (l, e) in self.layers.iter().enumerate() {
+                    line(format!(
+                        "layer {l:<6} {} channels per expert (shared {}), {} per expert",
+                        e.expert_inter,
+                        e.shared_inter,
+                        human_bytes(e.bytes_per_expert)
+                    ));
+                }
+            }
+            let all: usize = self
+                .layers
+                .iter()
+                .map(|l| l.bytes_per_expert)
+                .sum::<usize>()
+                * c.n_cluster;
+            line(format!("all experts  {}", human_bytes(all)));
+        }
+        if self.layout == "masked" {
+            line(
+                "note         masked training layout: run `pregate convert` before serving".into(),
+            );
+        }
+        s
+    }
+}
