@@ -27,7 +27,7 @@ impl KernelSet {
         check_len(K, "w", w.len(), cols)?;
         check_len(K, "out", out.len(), n)?;
         let (r, c) = (to_i32(K, "rows", rows)?, to_i32(K, "cols", cols)?);
-        if !(eps >= 0.0) {
+        if eps.is_nan() || eps < 0.0 {
             return Err(shape_err(K, format!("eps {eps} must be >= 0")));
         }
         if n == 0 {
@@ -68,7 +68,7 @@ impl KernelSet {
                 format!("head_dim {head_dim} must be even, 2..=1024"),
             ));
         }
-        if !(theta > 0.0) {
+        if theta.is_nan() || theta <= 0.0 {
             return Err(shape_err(K, format!("theta {theta} must be > 0")));
         }
         let width = mul(K, n_heads, head_dim)?;
