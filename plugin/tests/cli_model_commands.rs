@@ -1,0 +1,184 @@
+//! `pregate make-model`, `inspect` and `convert` through the built binary: outputs, exit codes and
+//! error messages.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use pregate::model::Preset;
+
+fn pregate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pregate"))
+        .args(args)
+        .output()
+        .expect("run pregate")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = pregate(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = pregate(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn make_model_then_inspect() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("tiny");
+    let out = ok(&[
+        "make-model",
+        "--preset",
+        "tiny",
+        "--out",
+        s(&m),
+        "--seed",
+        "3",
+    ]);
+    assert!(out.contains("tiny") && out.contains("fused"), "{out}");
+    let text = ok(&["inspect", "--model", s(&m)]);
+    for needle in [
+        "fused",
+        "F32",
+        "tokenizer.json (512 tokens)",
+        "4 per layer",
+        "one expert-layer",
+    ] {
+        assert!(text.contains(needle), "`{needle}` not in\n{text}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", "--model", s(&m), "--json"])).unwrap();
+    let counts = Preset::Tiny.spec().param_counts();
+    assert_eq!(json["layout"], "fused");
+    assert_eq!(json["params"]["total"], counts.total);
+    assert_eq!(json["params"]["active_per_token"], counts.active);
+    assert_eq!(json["params"]["router"], counts.router);
+    assert_eq!(
+        json["layers"][0]["bytes_per_expert"],
+        counts.per_expert_layer * 4
+    );
+    assert_eq!(json["tokenizer"], true);
+    assert_eq!(json["config"]["N_cluster"], 4);
+}
+
+#[test]
+fn masked_model_converts_to_both_layouts() {
+    let d = tempfile::tempdir().unwrap();
+    let masked = d.path().join("masked");
+    ok(&[
+        "make-model",
+        "--preset",
+        "tiny",
+        "--out",
+        s(&masked),
+        "--layout",
+        "masked",
+        "--dtype",
+        "bf16",
+    ]);
+    let text = ok(&["inspect", "--model", s(&masked)]);
+    assert!(
+        text.contains("masked") && text.contains("pregate convert"),
+        "{text}"
+    );
+    for layout in ["fused", "residual"] {
+        let out = d.path().join(layout);
+        let msg = ok(&[
+            "convert",
+            "--model",
+            s(&masked),
+            "--out",
+            s(&out),
+            "--layout",
+            layout,
+        ]);
+        assert!(msg.contains(layout), "{msg}");
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(&["inspect", "--model", s(&out), "--json"])).unwrap();
+        assert_eq!(json["layout"], layout);
+        assert_eq!(json["dtypes"][0], "BF16");
+        let spec = Preset::Tiny.spec();
+        let width = if layout == "fused" {
+            spec.expert_inter
+        } else {
+            spec.expert_inter - spec.shared_inter
+        };
+        assert_eq!(json["layers"][1]["expert_inter"], width);
+    }
+    // Converting a split model again is refused.
+    let err = fails(&[
+        "convert",
+        "--model",
+        s(&d.path().join("fused")),
+        "--out",
+        s(&d.path().join("again")),
+    ]);
+    assert!(err.contains("already in the fused layout"), "{err}");
+}
+
+#[test]
+fn bad_inputs_exit_non_zero_with_a_message() {
+    let d = tempfile::tempdir().unwrap();
+    let err = fails(&["make-model", "--preset", "huge", "--out", s(d.path())]);
+    assert!(err.contains("unknown preset `huge`"), "{err}");
+    let err = fails(&[
+        "make-model",
+        "--preset",
+        "tiny",
+        "--out",
+        s(d.path()),
+        "--layout",
+        "dense",
+    ]);
+    assert!(err.contains("unknown layout `dense`"), "{err}");
+    let err = fails(&[
+        "make-model",
+        "--preset",
+        "tiny",
+        "--out",
+        s(d.path()),
+        "--dtype",
+        "f8",
+    ]);
+    assert!(err.contains("unknown dtype `f8`"), "{err}");
+
+    let missing = d.path().join("missing");
+    let err = fails(&["inspect", "--model", s(&missing)]);
+    assert!(
+        err.contains("missing") && err.contains("config.json"),
+        "{err}"
+    );
+
+    let m = d.path().join("m");
+    ok(&["make-model", "--preset", "tiny", "--out", s(&m)]);
+    let weights = m.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&["inspect", "--model", s(&m)]);
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+
+    let err = fails(&[
+        "convert",
+        "--model",
+        s(&missing),
+        "--out",
+        s(&d.path().join("o")),
+    ]);
+    assert!(err.contains("missing"), "{err}");
+}
