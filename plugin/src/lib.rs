@@ -19,6 +19,7 @@ pub mod replay;
 pub mod route;
 pub mod router;
 pub mod sampling;
+pub mod serve;
 pub mod tokenizer;
 
 pub use config::ModelConfig;

@@ -1,0 +1,643 @@
+//! A host-agnostic serving loop: one engine thread per model instance.
+//!
+//! [`Server::start`] moves an [`Engine`] onto its own thread. Hosts (the Triton backend, later the
+//! vLLM plugin and the CLI) call [`Server::submit`] with a [`ServeRequest`] and a [`ResponseSink`]
+//! and return at once; the engine thread admits the request, asks the [`LookaheadBatcher`] for
+//! each step's schedule, runs the step and streams every new token, with its text delta, to the
+//! request's sink. Guarantees, whatever happens:
+//! - every submitted request gets exactly one [`ResponseSink::finish`] call (finished, cancelled or
+//!   failed), and no token after it;
+//! - a cancelled request (its [`RequestHandle`] or [`ResponseSink::is_cancelled`]) stops at the
+//!   next step boundary and its KV space and batch slot are freed;
+//! - a failing or panicking step fails only the requests it scheduled (error events) and the loop
+//!   goes on; a panicking sink is treated as a client that went away.
+//!
+//! Counters and gauges are kept in [`ServeStats`]; [`ServeConfig::on_step`] is called with a
+//! snapshot after every step so a host can mirror them into its own metrics system.
+
+mod stats;
+mod stop;
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use stats::ServeStats;
+
+use crate::batcher::{BatcherConfig, LookaheadBatcher, PendingView, RequestDesc};
+use crate::engine::{Engine, FinishReason, GenerationRequest, SeqId, StepEvent};
+use crate::error::{Error, Result};
+use crate::route::ExpertSet;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+
+/// A prompt, as text (tokenized with the model's tokenizer) or token ids (used as given).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Text; BOS is prepended when `add_bos` and the model has one (as `pregate generate` does).
+    Text {
+        /// The prompt text.
+        text: String,
+        /// Prepend the model's BOS id.
+        add_bos: bool,
+    },
+    /// Token ids, used exactly as given.
+    Ids(Vec<u32>),
+}
+
+/// One generation request as a host submits it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeRequest {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Strings that end generation; the text is cut before the first one found.
+    pub stop: Vec<String>,
+    /// Token ids that end generation (the id is emitted).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past EOS.
+    pub ignore_eos: bool,
+}
+
+impl ServeRequest {
+    /// A greedy request for `max_new_tokens` tokens after `prompt`.
+    pub fn greedy(prompt: Prompt, max_new_tokens: usize) -> Self {
+        ServeRequest {
+            prompt,
+            max_new_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// One generated token as streamed to a sink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenDelta {
+    /// The token id.
+    pub token: u32,
+    /// The text it adds (empty while a UTF-8 character is incomplete, or without a tokenizer).
+    pub text: String,
+    /// Its index among the generated tokens (0-based).
+    pub index: usize,
+    /// Set on the last token: the sequence finished with it.
+    pub finish: Option<FinishReason>,
+}
+
+/// How a request ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// It finished normally; the last [`TokenDelta`] carried the same reason.
+    Finished(FinishReason),
+    /// It was cancelled (by the client or the host) or the client went away.
+    Cancelled,
+    /// It failed; no more tokens follow.
+    Failed(Error),
+}
+
+/// The final event of a request.
+#[derive(Debug)]
+pub struct Completion {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Prompt tokens (0 when it failed before tokenization).
+    pub prompt_tokens: usize,
+    /// Tokens delivered.
+    pub generated: usize,
+}
+
+/// Where a request's events go. Called on the engine thread only.
+pub trait ResponseSink: Send {
+    /// A new token. Return `false` when the client is gone: the request is then cancelled.
+    fn token(&mut self, delta: &TokenDelta) -> bool;
+    /// The final event; called exactly once, last.
+    fn finish(&mut self, done: Completion);
+    /// Polled before every step: whether the client cancelled the request.
+    fn is_cancelled(&mut self) -> bool {
+        false
+    }
+}
+
+/// A callback with a metrics snapshot, called on the engine thread after every step.
+pub type StepObserver = Arc<dyn Fn(&ServeStats) + Send + Sync>;
+
+/// How the serving loop runs.
+#[derive(Clone)]
+pub struct ServeConfig {
+    /// The batcher's policy and guards.
+    pub batcher: BatcherConfig,
+    /// How often an idle loop with live but unschedulable requests polls for cancellation.
+    pub idle_poll: Duration,
+    /// Called with a stats snapshot after every step (and after admissions and finishes).
+    pub on_step: Option<StepObserver>,
+    /// The thread's name.
+    pub thread_name: String,
+}
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("batcher", &self.batcher)
+            .field("idle_poll", &self.idle_poll)
+            .field("on_step", &self.on_step.is_some())
+            .field("thread_name", &self.thread_name)
+            .finish()
+    }
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            batcher: BatcherConfig::default(),
+            idle_poll: Duration::from_millis(2),
+            on_step: None,
+            thread_name: "pregate-engine".into(),
+        }
+    }
+}
+
+/// A submitted request: its id and a way to cancel it.
+#[derive(Debug, Clone)]
+pub struct RequestHandle {
+    id: u64,
+    cancel: Arc<AtomicBool>,
+}
+
+impl RequestHandle {
+    /// The server-wide request id (not the engine's sequence id).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Asks the loop to stop the request at the next step boundary.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Release);
+    }
+}
+
+enum Msg {
+    Submit(Box<Submitted>),
+    Shutdown,
+}
+
+struct Submitted {
+    prompt: Vec<u32>,
+    req: ServeRequest,
+    sink: Box<dyn ResponseSink>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// The serving loop's handle. Dropping it (or [`Server::shutdown`]) stops the thread; requests
+/// still live then get a failed completion.
+pub struct Server {
+    tx: Sender<Msg>,
+    thread: Option<JoinHandle<()>>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    stats: Arc<Mutex<ServeStats>>,
+    next_id: AtomicU64,
+    max_context: usize,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("running", &self.thread.is_some())
+            .finish()
+    }
+}
+
+impl Server {
+    /// Starts the engine thread.
+    pub fn start(engine: Engine, tokenizer: Option<Tokenizer>, cfg: ServeConfig) -> Result<Self> {
+        let batcher = LookaheadBatcher::new(cfg.batcher.clone())?;
+        let tokenizer = tokenizer.map(Arc::new);
+        let max_context = engine.config().max_context();
+        let stats = Arc::new(Mutex::new(ServeStats::default()));
+        let (tx, rx) = mpsc::channel();
+        let mut state = LoopState {
+            engine,
+            batcher,
+            tokenizer: tokenizer.clone(),
+            live: HashMap::new(),
+            rx,
+            stats: stats.clone(),
+            epoch: Instant::now(),
+            cfg: cfg.clone(),
+            closed: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name(cfg.thread_name.clone())
+            .spawn(move || state.run())
+            .map_err(|e| Error::Internal(format!("cannot start the engine thread: {e}")))?;
+        Ok(Server {
+            tx,
+            thread: Some(thread),
+            tokenizer,
+            stats,
+            next_id: AtomicU64::new(1),
+            max_context,
+        })
+    }
+
+    /// The model's tokenizer, when it has one.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_deref()
+    }
+
+    /// The model's context length (prompt plus generated tokens).
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    /// Submits a request. Never fails: an invalid request gets a failed [`Completion`] through
+    /// its sink (possibly before this returns).
+    pub fn submit(&self, req: ServeRequest, mut sink: Box<dyn ResponseSink>) -> RequestHandle {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let handle = RequestHandle {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            cancel: cancel.clone(),
+        };
+        let prompt = match self.tokenize(&req.prompt) {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.lock().map(|mut s| s.failed += 1).ok();
+                finish_sink(&mut sink, Outcome::Failed(e), 0, 0);
+                return handle;
+            }
+        };
+        let msg = Msg::Submit(Box::new(Submitted {
+            prompt,
+            req,
+            sink,
+            cancel,
+        }));
+        if let Err(mpsc::SendError(Msg::Submit(mut s))) = self.tx.send(msg) {
+            let e = Error::Internal("the engine thread has stopped".into());
+            finish_sink(&mut s.sink, Outcome::Failed(e), s.prompt.len(), 0);
+        }
+        handle
+    }
+
+    /// A snapshot of the counters and gauges.
+    pub fn stats(&self) -> ServeStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Stops the engine thread after failing the requests still live; waits for it.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Ids(ids) => Ok(ids.clone()),
+            Prompt::Text { text, add_bos } => {
+                let tok = self.tokenizer.as_ref().ok_or_else(|| {
+                    Error::InvalidRequest(
+                        "the model has no tokenizer.json: send token ids (input_ids)".into(),
+                    )
+                })?;
+                tok.encode(text, *add_bos)
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn finish_sink(sink: &mut Box<dyn ResponseSink>, outcome: Outcome, prompt: usize, gen: usize) {
+    let done = Completion {
+        outcome,
+        prompt_tokens: prompt,
+        generated: gen,
+    };
+    // A panicking sink must not take the loop down; there is nobody left to tell.
+    let _ = catch_unwind(AssertUnwindSafe(|| sink.finish(done)));
+}
+
+struct Live {
+    sink: Box<dyn ResponseSink>,
+    cancel: Arc<AtomicBool>,
+    decoder: IncrementalDecoder,
+    stop: stop::StopMatcher,
+    prompt_len: usize,
+    generated: usize,
+}
+
+struct LoopState {
+    engine: Engine,
+    batcher: LookaheadBatcher,
+    tokenizer: Option<Arc<Tokenizer>>,
+    live: HashMap<SeqId, Live>,
+    rx: Receiver<Msg>,
+    stats: Arc<Mutex<ServeStats>>,
+    epoch: Instant,
+    cfg: ServeConfig,
+    closed: bool,
+}
+
+impl LoopState {
+    fn run(&mut self) {
+        while !(self.closed && self.live.is_empty()) {
+            let r = catch_unwind(AssertUnwindSafe(|| self.iterate()));
+            if r.is_err() {
+                // A bug in the loop itself: fail everything live and go on with a clean slate.
+                let ids: Vec<SeqId> = self.live.keys().copied().collect();
+                for id in ids {
+                    let e = Error::Internal("the serving loop panicked".into());
+                    self.end(id, Outcome::Failed(e));
+                }
+            }
+        }
+        self.publish(0);
+    }
+
+    fn now(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
+    }
+
+    fn iterate(&mut self) {
+        self.receive();
+        if self.closed {
+            let ids: Vec<SeqId> = self.live.keys().copied().collect();
+            for id in ids {
+                let e = Error::Internal("the model is being unloaded".into());
+                self.end(id, Outcome::Failed(e));
+            }
+            return;
+        }
+        self.reap_cancelled();
+        if self.live.is_empty() {
+            return;
+        }
+        let now = self.now();
+        let resident = ExpertSet::default();
+        let plan = {
+            let pending = self.engine.pending().map(PendingView::from);
+            match self.batcher.schedule(now, pending, &resident) {
+                Ok(p) => p.clone(),
+                Err(e) => {
+                    self.fail_all(&e.to_string());
+                    return;
+                }
+            }
+        };
+        if plan.is_empty() {
+            self.wait_for_message(self.cfg.idle_poll);
+            return;
+        }
+        let entries = plan.entries();
+        let start = self.now();
+        let result = catch_unwind(AssertUnwindSafe(|| self.engine.step(&entries)));
+        let end = self.now();
+        self.batcher.step_done(start, end);
+        {
+            let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            s.record_step(&plan, end - start);
+        }
+        match result {
+            Ok(Ok(events)) => self.deliver(events),
+            Ok(Err(e)) => {
+                let msg = format!("step failed: {e}");
+                for (seq, _) in &entries {
+                    self.end(*seq, Outcome::Failed(Error::Internal(msg.clone())));
+                }
+            }
+            Err(p) => {
+                let msg = format!("step panicked: {}", panic_message(&p));
+                for (seq, _) in &entries {
+                    self.end(*seq, Outcome::Failed(Error::Internal(msg.clone())));
+                }
+            }
+        }
+        self.publish(plan.chunks.len());
+    }
+
+    /// Takes every queued message; blocks while nothing is live.
+    fn receive(&mut self) {
+        if self.live.is_empty() && !self.closed {
+            match self.rx.recv() {
+                Ok(m) => self.handle(m),
+                Err(_) => self.closed = true,
+            }
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(m) => self.handle(m),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.closed = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn wait_for_message(&mut self, d: Duration) {
+        match self.rx.recv_timeout(d) {
+            Ok(m) => self.handle(m),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => self.closed = true,
+        }
+    }
+
+    fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Shutdown => self.closed = true,
+            Msg::Submit(s) => self.admit(*s),
+        }
+    }
+
+    fn admit(&mut self, s: Submitted) {
+        let Submitted {
+            prompt,
+            req,
+            mut sink,
+            cancel,
+        } = s;
+        let prompt_len = prompt.len();
+        if self.closed {
+            let e = Error::Internal("the model is being unloaded".into());
+            self.count_failed();
+            finish_sink(&mut sink, Outcome::Failed(e), prompt_len, 0);
+            return;
+        }
+        let decoder = IncrementalDecoder::new(&prompt);
+        let greq = GenerationRequest {
+            prompt,
+            sampling: req.sampling,
+            max_new_tokens: req.max_new_tokens,
+            stop_token_ids: req.stop_token_ids,
+            ignore_eos: req.ignore_eos,
+            keep_logits: false,
+        };
+        let added = catch_unwind(AssertUnwindSafe(|| self.engine.add_request(greq)))
+            .unwrap_or_else(|p| Err(Error::Internal(format!("panic: {}", panic_message(&p)))));
+        let seq = match added {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.count_failed();
+                finish_sink(&mut sink, Outcome::Failed(e), prompt_len, 0);
+                return;
+            }
+        };
+        let desc = RequestDesc {
+            id: seq,
+            arrival: self.now(),
+            prompt_len,
+            output_len: None,
+            deadline: None,
+            kv_bytes: 0,
+        };
+        if let Err(e) = self.batcher.submit(desc) {
+            self.engine.remove(seq);
+            self.count_failed();
+            finish_sink(&mut sink, Outcome::Failed(e), prompt_len, 0);
+            return;
+        }
+        if let Ok(mut st) = self.stats.lock() {
+            st.prompt_tokens += prompt_len as u64;
+            st.live = self.live.len() as u64 + 1;
+        }
+        self.live.insert(
+            seq,
+            Live {
+                sink,
+                cancel,
+                decoder,
+                stop: stop::StopMatcher::new(req.stop),
+                prompt_len,
+                generated: 0,
+            },
+        );
+    }
+
+    fn count_failed(&self) {
+        if let Ok(mut s) = self.stats.lock() {
+            s.failed += 1;
+        }
+    }
+
+    fn reap_cancelled(&mut self) {
+        let mut gone = Vec::new();
+        for (&seq, l) in self.live.iter_mut() {
+            let flagged = l.cancel.load(Ordering::Acquire)
+                || catch_unwind(AssertUnwindSafe(|| l.sink.is_cancelled())).unwrap_or(true);
+            if flagged {
+                gone.push(seq);
+            }
+        }
+        for seq in gone {
+            self.end(seq, Outcome::Cancelled);
+        }
+    }
+
+    fn deliver(&mut self, events: Vec<StepEvent>) {
+        for ev in events {
+            let Some(l) = self.live.get_mut(&ev.seq) else {
+                continue;
+            };
+            let mut text = String::new();
+            let mut finish = ev.finished;
+            if let Some(tok) = &self.tokenizer {
+                text = l.decoder.push(tok, ev.token).unwrap_or_default();
+                if finish.is_some() {
+                    text.push_str(&l.decoder.finish(tok).unwrap_or_default());
+                }
+                if let Some(cut) = l.stop.push(&text) {
+                    text.truncate(cut);
+                    finish = Some(FinishReason::Stop);
+                }
+            }
+            let delta = TokenDelta {
+                token: ev.token,
+                text,
+                index: l.generated,
+                finish,
+            };
+            l.generated += 1;
+            if let Ok(mut s) = self.stats.lock() {
+                s.generated_tokens += 1;
+            }
+            let keep = catch_unwind(AssertUnwindSafe(|| l.sink.token(&delta))).unwrap_or(false);
+            match (finish, keep) {
+                (Some(r), _) => self.end(ev.seq, Outcome::Finished(r)),
+                (None, false) => self.end(ev.seq, Outcome::Cancelled),
+                (None, true) => {}
+            }
+        }
+    }
+
+    /// Ends a live request: frees it in the engine and the batcher, sends its completion.
+    fn end(&mut self, seq: SeqId, outcome: Outcome) {
+        self.engine.remove(seq);
+        self.batcher.finish(seq);
+        let Some(mut l) = self.live.remove(&seq) else {
+            return;
+        };
+        if let Ok(mut s) = self.stats.lock() {
+            s.live = self.live.len() as u64;
+            match &outcome {
+                Outcome::Finished(_) => s.finished += 1,
+                Outcome::Cancelled => s.cancelled += 1,
+                Outcome::Failed(_) => s.failed += 1,
+            }
+        }
+        finish_sink(&mut l.sink, outcome, l.prompt_len, l.generated);
+    }
+
+    fn fail_all(&mut self, msg: &str) {
+        let ids: Vec<SeqId> = self.live.keys().copied().collect();
+        for id in ids {
+            self.end(id, Outcome::Failed(Error::Internal(msg.to_string())));
+        }
+    }
+
+    fn publish(&mut self, scheduled: usize) {
+        let snapshot = {
+            let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            s.active = self.batcher.running() as u64;
+            s.waiting = self.batcher.waiting() as u64;
+            s.scheduled = scheduled as u64;
+            s.live = self.live.len() as u64;
+            s.clone()
+        };
+        if let Some(f) = &self.cfg.on_step {
+            let _ = catch_unwind(AssertUnwindSafe(|| f(&snapshot)));
+        }
+    }
+}
+
+/// The message of a caught panic.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}
+
+#[cfg(test)]
+mod tests;
