@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# GPU check of pregate-kernels, in two steps:
+#
+#   kernels/gpu-check.sh stage [BIN_DIR]   on a build machine (needs cargo): builds the test
+#                                          binaries in release mode and copies them to BIN_DIR
+#                                          (default .device/bin), named after their test target.
+#   kernels/gpu-check.sh [run] [BIN_DIR]   on the GPU host (no Rust, no network): runs every test
+#                                          of every staged binary one at a time, writes a log and
+#                                          prints a results table.
+#
+# Run-time environment: CUDA headers from PREGATE_CUDA_INCLUDE (default /usr/local/cuda/include),
+# NVRTC and cuBLAS from /usr/local/cuda/lib64 (prepended to LD_LIBRARY_PATH), the log under
+# PREGATE_GPU_LOG_DIR, else $OUT (the device runner's output folder), else .device/out.
+# Exit status: 0 when no test failed.
+set -uo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$here")"
+mode="run"
+case "${1:-}" in
+    stage|run) mode="$1"; shift ;;
+esac
+bin_dir="${1:-$root/.device/bin}"
+
+if [ "$mode" = stage ]; then
+    set -e
+    mkdir -p "$bin_dir"
+    cd "$root"
+    # Each test executable, with the name of its target (gpu_kernels, nvrtc_compile, the lib's units).
+    cargo test -p pregate-kernels --release --no-run --message-format=json 2>/dev/null |
+        python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m.get("profile", {}).get("test"):
+        t = m["target"]
+        name = "unit_" + t["name"].replace("-", "_") if t["kind"] == ["lib"] else t["name"]
+        print(name, m["executable"])
+' | while read -r name exe; do
+        cp "$exe" "$bin_dir/$name"
+        # Debug info is most of the size; the device runner carries at most 64 MiB.
+        if command -v strip >/dev/null; then strip --strip-debug "$bin_dir/$name"; fi
+        echo "staged $bin_dir/$name  <- $exe"
+    done
+    exit 0
+fi
+
+log_dir="${PREGATE_GPU_LOG_DIR:-${OUT:-$root/.device/out}}"
+mkdir -p "$log_dir"
+log="$log_dir/gpu-check.log"
+table="$log_dir/gpu-check-results.txt"
+: >"$log"
+
+cuda_root="${CUDA_HOME:-/usr/local/cuda}"
+export PREGATE_CUDA_INCLUDE="${PREGATE_CUDA_INCLUDE:-$cuda_root/include}"
+for d in "$cuda_root/lib64" "$cuda_root/targets/x86_64-linux/lib"; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+export PREGATE_KERNEL_CACHE="${PREGATE_KERNEL_CACHE:-$log_dir/kernel-cache}"
+export PREGATE_REQUIRE_NVRTC=1
+export RUST_BACKTRACE=1
+
+{
+    echo "# pregate-kernels GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+    else
+        echo "nvidia-smi unavailable"
+    fi
+    echo "PREGATE_CUDA_INCLUDE=$PREGATE_CUDA_INCLUDE"
+    echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+    echo "binaries: $bin_dir"
+} >>"$log"
+
+pass=0 fail=0 skip=0
+rows=()
+shopt -s nullglob
+bins=("$bin_dir"/*)
+if [ ${#bins[@]} -eq 0 ]; then
+    echo "gpu-check: no binaries in $bin_dir (run '$0 stage' on a build machine first)" | tee -a "$log"
+    exit 2
+fi
+for bin in "${bins[@]}"; do
+    [ -x "$bin" ] || chmod +x "$bin" 2>/dev/null || true
+    suite="$(basename "$bin")"
+    mapfile -t tests < <("$bin" --list 2>/dev/null | sed -n 's/: test$//p')
+    for t in "${tests[@]}"; do
+        start=$(date +%s.%N)
+        out="$("$bin" --exact "$t" --nocapture --test-threads=1 2>&1)"
+        rc=$?
+        secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}')
+        {
+            echo
+            echo "=== $suite::$t (exit $rc, ${secs}s)"
+            echo "$out"
+        } >>"$log"
+        if [ $rc -ne 0 ]; then
+            result=FAIL; fail=$((fail + 1))
+            note="$(echo "$out" | grep -m1 -E "panicked at|error" -A1 | tail -1 | cut -c1-90)"
+        elif echo "$out" | grep -q "SKIP:"; then
+            result=SKIP; skip=$((skip + 1))
+            note="$(echo "$out" | grep -m1 "SKIP:" | sed 's/.*SKIP: //' | cut -c1-90)"
+        else
+            result=PASS; pass=$((pass + 1))
+            # The largest relative error the test printed, if any.
+            note="$(echo "$out" | grep -oE "relative error [0-9.e+-]+" | awk '{print $3}' | sort -g | tail -1)"
+            [ -n "$note" ] && note="max rel err $note"
+        fi
+        rows+=("$(printf "%-6s %-20s %-60s %7ss  %s" "$result" "$suite" "$t" "$secs" "$note")")
+    done
+done
+
+{
+    echo "pregate-kernels GPU check ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
+    head -3 "$log" | tail -2
+    printf "%-6s %-20s %-60s %8s  %s\n" RESULT SUITE TEST TIME NOTE
+    printf "%s\n" "${rows[@]}"
+    echo
+    echo "$pass passed, $fail failed, $skip skipped"
+} | tee "$table"
+cat "$table" >>"$log"
+echo "log: $log"
+[ $fail -eq 0 ]
