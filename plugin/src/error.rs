@@ -88,6 +88,16 @@ pub enum Error {
     /// A sequence id is unknown to the engine.
     #[error("unknown sequence {0}")]
     UnknownSequence(u64),
+    /// A request trace has a malformed line (named by its 1-based number).
+    #[error("{path}:{line}: {msg}")]
+    Trace {
+        /// The trace file.
+        path: PathBuf,
+        /// The 1-based line number.
+        line: usize,
+        /// What is wrong.
+        msg: String,
+    },
     /// An internal invariant broke; reported rather than panicking across FFI.
     #[error("internal error: {0}")]
     Internal(String),

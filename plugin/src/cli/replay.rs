@@ -1,0 +1,349 @@
+//! `pregate replay`: a trace or a synthetic workload through the batcher and the expert cache.
+//!
+//! ```text
+//! pregate replay --model DIR [--trace FILE | --synthetic REQUESTS [--rate RPS] [--seed S]]
+//!     --cache-capacity N --policy lru|lfu|random|belady
+//!     --batching fcfs|decode-first|prefill-first|expert-aware [--max-batch-tokens N]
+//!     [--max-wait-ms W] [--mode simulated|executed] [--json]
+//! ```
+//!
+//! In simulated mode `--model` only supplies the shape (layers, experts, bytes per expert-layer,
+//! KV bytes per token); without it the Read-ME defaults apply (32 layers, 7 experts, 135 MB), each
+//! overridable by `--layers`, `--experts`, `--expert-bytes`, `--kv-bytes-per-token`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::batcher::{BatchPolicy, BatcherConfig};
+use crate::cache::EvictionPolicy;
+use crate::error::{Error, Result};
+use crate::metrics::{model_metrics, MetricsServer};
+use crate::replay::{self, workload, CostModel, ExpertModel, ModelShape, SimConfig};
+
+/// Flags of `pregate replay`.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// Model directory: its shape in simulated mode (optional there), the model run in executed mode.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Trace to replay: an Azure CSV (`.csv`) or JSON lines (see BENCHMARKS.md for the format).
+    #[arg(long, conflicts_with = "synthetic")]
+    pub trace: Option<PathBuf>,
+    /// Replay this many synthetic requests (Poisson arrivals, Chatbot-Arena-like lengths).
+    #[arg(long)]
+    pub synthetic: Option<usize>,
+    /// Synthetic arrival rate in requests/s (default 1); with --trace, rescales the trace to this
+    /// mean rate.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Multiplies trace arrival times (< 1: a higher load).
+    #[arg(long)]
+    pub time_scale: Option<f64>,
+    /// Replay only the first N requests of the workload.
+    #[arg(long)]
+    pub max_requests: Option<usize>,
+    /// Seed of the synthetic workload, the synthetic routes and the random policy.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Cache capacity in experts per layer.
+    #[arg(long)]
+    pub cache_capacity: usize,
+    /// Eviction policy: lru, lfu, random or belady.
+    #[arg(long, default_value = "lru")]
+    pub policy: String,
+    /// Batching policy: fcfs, decode-first, prefill-first or expert-aware.
+    #[arg(long, default_value = "decode-first")]
+    pub batching: String,
+    /// Most tokens per step.
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Most prompt tokens of one request per step (default: --max-batch-tokens).
+    #[arg(long)]
+    pub max_prefill_chunk: Option<usize>,
+    /// Most requests admitted at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_running: usize,
+    /// Longest a request may wait between its steps, in milliseconds.
+    #[arg(long)]
+    pub max_wait_ms: Option<f64>,
+    /// KV memory for admitted requests, GB (default 40 in simulated mode: an 80 GB H100 less the
+    /// dense weights and an expert cache).
+    #[arg(long)]
+    pub kv_capacity_gb: Option<f64>,
+    /// Most non-resident experts one step may use.
+    #[arg(long)]
+    pub max_expert_loads: Option<usize>,
+    /// `simulated` (cost model) or `executed` (the CPU engine with the model's own router).
+    #[arg(long, default_value = "simulated")]
+    pub mode: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Issue a layer's loads only when compute reaches it (on-demand) instead of at step start.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Backbone layers (simulated mode without --model; default 32).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Experts per layer (simulated mode without --model; default 7).
+    #[arg(long)]
+    pub experts: Option<usize>,
+    /// Bytes of one expert-layer (default 135 MB, or from --model).
+    #[arg(long)]
+    pub expert_bytes: Option<u64>,
+    /// KV bytes per token (default 512 KiB, or from --model).
+    #[arg(long)]
+    pub kv_bytes_per_token: Option<u64>,
+    /// Expert-load bandwidth, GB/s.
+    #[arg(long, default_value_t = 55.0)]
+    pub link_gbps: f64,
+    /// Fixed cost of one load, microseconds.
+    #[arg(long, default_value_t = 15.0)]
+    pub load_fixed_us: f64,
+    /// Compute per token for the whole model, microseconds (default 11.9).
+    #[arg(long)]
+    pub token_us: Option<f64>,
+    /// Compute per distinct expert per layer, microseconds (default 45).
+    #[arg(long)]
+    pub expert_layer_us: Option<f64>,
+    /// Dense compute per layer, microseconds (default 45).
+    #[arg(long)]
+    pub dense_layer_us: Option<f64>,
+    /// Share of tokens keeping the previous token's expert in the synthetic expert model.
+    #[arg(long, default_value_t = workload::READ_ME_KEEP)]
+    pub keep_prob: f64,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9400) during the replay.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Keep serving metrics this many seconds after the replay ends.
+    #[arg(long, default_value_t = 0.0)]
+    pub metrics_linger_s: f64,
+}
+
+fn positive(name: &str, v: f64) -> Result<f64> {
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "--{name} {v} must be positive"
+        )))
+    }
+}
+
+/// The workload the flags describe.
+fn workload(args: &ReplayArgs) -> Result<Vec<workload::TraceRequest>> {
+    let mut reqs = match (&args.trace, args.synthetic) {
+        (Some(path), None) => {
+            let mut r = workload::read_trace(path)?;
+            if let Some(n) = args.max_requests {
+                r.truncate(n);
+            }
+            if let Some(s) = args.time_scale {
+                workload::scale_time(&mut r, s)?;
+            }
+            if let Some(rate) = args.rate {
+                let span = r.last().map_or(0.0, |l| l.arrival);
+                if span > 0.0 && r.len() > 1 {
+                    let now = (r.len() - 1) as f64 / span;
+                    workload::scale_time(&mut r, now / positive("rate", rate)?)?;
+                }
+            }
+            r
+        }
+        (None, Some(n)) => {
+            let rate = positive("rate", args.rate.unwrap_or(1.0))?;
+            let mut r = workload::synthetic(n, rate, args.seed)?;
+            if let Some(s) = args.time_scale {
+                workload::scale_time(&mut r, s)?;
+            }
+            r
+        }
+        _ => {
+            return Err(Error::InvalidArgument(
+                "give exactly one of --trace FILE or --synthetic REQUESTS".into(),
+            ))
+        }
+    };
+    if let Some(n) = args.max_requests {
+        reqs.truncate(n);
+    }
+    if reqs.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the workload has no requests".into(),
+        ));
+    }
+    Ok(reqs)
+}
+
+/// The batcher configuration the flags describe.
+pub(crate) fn batcher_config(
+    args: &ReplayArgs,
+    kv_default_gb: Option<f64>,
+) -> Result<BatcherConfig> {
+    let kv_gb = args.kv_capacity_gb.or(kv_default_gb);
+    let cfg = BatcherConfig {
+        policy: args.batching.parse::<BatchPolicy>()?,
+        max_batch_tokens: args.max_batch_tokens,
+        max_prefill_chunk: args.max_prefill_chunk.unwrap_or(args.max_batch_tokens),
+        max_running: args.max_running,
+        max_wait: args
+            .max_wait_ms
+            .map(|w| positive("max-wait-ms", w).map(|w| w / 1e3))
+            .transpose()?,
+        kv_capacity_bytes: kv_gb
+            .map(|g| positive("kv-capacity-gb", g).map(|g| (g * 1e9) as u64))
+            .transpose()?,
+        max_expert_loads: args.max_expert_loads,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The simulated model shape: `--model`'s, else Read-ME's, then the explicit overrides.
+fn shape(args: &ReplayArgs) -> Result<ModelShape> {
+    let mut s = match &args.model {
+        Some(dir) => replay::model_shape(dir)?,
+        None => ModelShape::read_me(),
+    };
+    if let Some(l) = args.layers {
+        s.layers = l;
+    }
+    if let Some(e) = args.experts {
+        s.experts = e;
+    }
+    if let Some(b) = args.expert_bytes {
+        s.expert_bytes = b;
+    }
+    if let Some(k) = args.kv_bytes_per_token {
+        s.kv_bytes_per_token = k;
+    }
+    if s.layers == 0 || s.experts == 0 || s.expert_bytes == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "model shape {} layers x {} experts of {} bytes",
+            s.layers, s.experts, s.expert_bytes
+        )));
+    }
+    Ok(s)
+}
+
+fn cost(args: &ReplayArgs) -> Result<CostModel> {
+    let d = CostModel::default();
+    let us = |name: &str, v: Option<f64>, default: f64| -> Result<f64> {
+        match v {
+            Some(v) if v.is_finite() && v >= 0.0 => Ok(v * 1e-6),
+            Some(v) => Err(Error::InvalidArgument(format!("--{name} {v} must be >= 0"))),
+            None => Ok(default),
+        }
+    };
+    Ok(CostModel {
+        link_bytes_per_s: positive("link-gbps", args.link_gbps)? * 1e9,
+        load_fixed_s: us("load-fixed-us", Some(args.load_fixed_us), d.load_fixed_s)?,
+        token_s: us("token-us", args.token_us, d.token_s)?,
+        expert_layer_s: us("expert-layer-us", args.expert_layer_us, d.expert_layer_s)?,
+        dense_layer_s: us("dense-layer-us", args.dense_layer_us, d.dense_layer_s)?,
+    })
+}
+
+fn metrics_label(args: &ReplayArgs) -> String {
+    let name = args
+        .model
+        .as_ref()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "read-me-sim".into());
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if clean.is_empty() {
+        "model".into()
+    } else {
+        clean
+    }
+}
+
+/// Runs `pregate replay`.
+pub fn run(args: ReplayArgs) -> Result<()> {
+    let policy: EvictionPolicy = args.policy.parse()?;
+    let executed = match args.mode.as_str() {
+        "simulated" => false,
+        "executed" => true,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown mode `{other}` (expected simulated or executed)"
+            )))
+        }
+    };
+    let reqs = workload(&args)?;
+    let server = args.metrics_addr.map(MetricsServer::start).transpose()?;
+    if let Some(s) = &server {
+        eprintln!("serving metrics on http://{}/metrics", s.local_addr());
+    }
+    let metrics = if server.is_some() {
+        Some(model_metrics(&metrics_label(&args))?)
+    } else {
+        None
+    };
+    let report = if executed {
+        let dir = args
+            .model
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("--mode executed needs --model DIR".into()))?;
+        let cfg = replay::executed::ExecConfig {
+            batcher: batcher_config(&args, None)?,
+            per_layer: args.cache_capacity,
+            policy,
+            cost: cost(&args)?,
+            seed: args.seed,
+            expert_bytes: args.expert_bytes,
+        };
+        replay::executed::run(dir, &reqs, &cfg, metrics.as_ref())?
+    } else {
+        let shape = shape(&args)?;
+        let mut experts = ExpertModel::read_me(shape.experts, args.seed);
+        experts.keep = args.keep_prob;
+        let cfg = SimConfig {
+            shape,
+            cost: cost(&args)?,
+            batcher: batcher_config(&args, Some(40.0))?,
+            per_layer: args.cache_capacity,
+            policy,
+            prefetch: !args.no_prefetch,
+            experts,
+            seed: args.seed,
+        };
+        replay::simulate(&reqs, &cfg, metrics.as_ref())?
+    };
+    if args.json {
+        let mut v = serde_json::to_value(&report).map_err(|e| Error::Internal(e.to_string()))?;
+        if let serde_json::Value::Object(m) = &mut v {
+            m.insert("mode".into(), args.mode.clone().into());
+            m.insert("policy".into(), policy.as_str().into());
+            m.insert("batching".into(), args.batching.clone().into());
+            m.insert("cache_capacity".into(), args.cache_capacity.into());
+            m.insert("max_batch_tokens".into(), args.max_batch_tokens.into());
+            m.insert("seed".into(), args.seed.into());
+        }
+        println!("{v}");
+    } else {
+        println!(
+            "replay ({} mode): {} requests, cache {} experts/layer, policy {policy}, batching {}",
+            args.mode,
+            reqs.len(),
+            args.cache_capacity,
+            args.batching
+        );
+        print!("{}", report.table());
+    }
+    if server.is_some() && args.metrics_linger_s > 0.0 {
+        std::thread::sleep(std::time::Duration::from_secs_f64(args.metrics_linger_s));
+    }
+    Ok(())
+}

@@ -1,0 +1,419 @@
+//! The simulated replay: the real batcher and the real expert cache, driven by a cost model
+//! instead of a device.
+//!
+//! # Cost model (defaults: readme-system.md §6, Read-ME on one H100 over PCIe Gen5)
+//! - An expert-layer load costs `expert_bytes / link_bytes_per_s + load_fixed_s` (135 MB at
+//!   55 GB/s plus 15 us: about 2.47 ms) on one in-order copy stream.
+//! - A step computes layer after layer. Layer `l` costs `dense_layer_s` (attention and the other
+//!   dense weights: 135 MB read at 3 TB/s, 45 us) plus `expert_layer_s` per distinct expert used (its
+//!   weights read once: 45 us) plus `token_s / layers` per token (`token_s` = 2 x 4.7 G active
+//!   parameters / 790 TFLOP/s = 11.9 us for the whole model).
+//! - Layer `l` starts when layer `l-1` is done and its experts are resident; the wait is stall.
+//!   With `prefetch`, every load of the step is issued when the step is decided (the routes of every
+//!   layer are known then), in (layer, expert) order, so loads for later layers overlap with
+//!   earlier layers' compute; without it, a layer's loads are issued when compute reaches it.
+//!   A load never starts before the compute that last used its victim's slot has finished.
+//! - The cache holds `per_layer` experts of every layer. If a step uses more experts at a layer,
+//!   the layer runs in rounds of at most `per_layer` experts (resident ones first), and pins are
+//!   released between rounds.
+//!
+//! # Lookahead for `belady`
+//! At each step the cache learns every unit's next use: units of the step itself come first
+//! (exact); the others are ranked by queued demand: each running decode request's current expert
+//! (the next token keeps it with probability ~0.71) and the first 64 pending prompt tokens of each
+//! request the batcher can see. Experts with no queued demand have no known next use (ties by LRU).
+//! Future decode tokens are not read: the router has not seen them yet.
+
+use std::collections::VecDeque;
+
+use super::report::{Report, Summary};
+use super::workload::{ExpertModel, ExpertStream, TraceRequest};
+use crate::batcher::{BatcherConfig, LookaheadBatcher, PendingView, RequestDesc};
+use crate::cache::{EvictionPolicy, ExpertCache, Lookup, Unit, NEVER};
+use crate::error::{Error, Result};
+use crate::metrics::ModelMetrics;
+use crate::route::{ExpertId, RoutePlan, TokenRoute};
+
+/// Costs of the simulated device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CostModel {
+    /// Host-to-device bandwidth for expert loads, bytes/s.
+    pub link_bytes_per_s: f64,
+    /// Fixed cost of one load, seconds.
+    pub load_fixed_s: f64,
+    /// Compute per token for the whole model, seconds.
+    pub token_s: f64,
+    /// Compute per distinct expert per layer, seconds.
+    pub expert_layer_s: f64,
+    /// Dense compute per layer, seconds.
+    pub dense_layer_s: f64,
+}
+
+impl Default for CostModel {
+    fn default() -> Self {
+        CostModel {
+            link_bytes_per_s: 55e9,
+            load_fixed_s: 15e-6,
+            token_s: 2.0 * 4.7e9 / 790e12,
+            expert_layer_s: 135e6 / 3.0e12,
+            dense_layer_s: 135e6 / 3.0e12,
+        }
+    }
+}
+
+/// The model's shape as the cache sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    /// Backbone layers.
+    pub layers: usize,
+    /// Experts per layer.
+    pub experts: usize,
+    /// Bytes of one expert-layer.
+    pub expert_bytes: u64,
+    /// KV bytes per token (admission accounting).
+    pub kv_bytes_per_token: u64,
+}
+
+impl ModelShape {
+    /// Read-ME on Llama-2-7B: 32 layers, 7 experts of 135 MB per layer, 512 KiB of KV per token.
+    pub fn read_me() -> Self {
+        ModelShape {
+            layers: 32,
+            experts: 7,
+            expert_bytes: 3 * 4096 * 5504 * 2,
+            kv_bytes_per_token: 2 * 32 * 4096 * 2,
+        }
+    }
+}
+
+/// Everything a simulated replay needs.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// The model.
+    pub shape: ModelShape,
+    /// The device.
+    pub cost: CostModel,
+    /// The batcher.
+    pub batcher: BatcherConfig,
+    /// Cache capacity, experts per layer.
+    pub per_layer: usize,
+    /// Eviction policy.
+    pub policy: EvictionPolicy,
+    /// Issue a step's loads when it is decided (true) or when compute reaches each layer.
+    pub prefetch: bool,
+    /// Routes of the simulated requests.
+    pub experts: ExpertModel,
+    /// Seed of the routes and of the random policy.
+    pub seed: u64,
+}
+
+struct SimReq {
+    arrival: f64,
+    prompt_len: usize,
+    output_len: usize,
+    routes: Option<RoutePlan>,
+    stream: Option<ExpertStream>,
+    computed: usize,
+    generated: usize,
+    current: ExpertId,
+    first_token: f64,
+    finish: f64,
+}
+
+impl SimReq {
+    fn known(&self) -> usize {
+        self.prompt_len + self.generated
+    }
+}
+
+/// Checks a cache capacity against the model: it must hold one step's experts at a layer (the
+/// router's top-k, 1 for Read-ME) and cannot exceed the experts that exist.
+pub fn check_capacity(per_layer: usize, experts: usize, top_k: usize) -> Result<()> {
+    if per_layer < top_k.max(1) {
+        return Err(Error::Capacity(format!(
+            "cache capacity {per_layer} expert(s) per layer is smaller than one step's experts \
+             (a token uses {} expert(s) at every layer)",
+            top_k.max(1)
+        )));
+    }
+    if per_layer > experts {
+        return Err(Error::Capacity(format!(
+            "cache capacity {per_layer} experts per layer exceeds the model's {experts} experts"
+        )));
+    }
+    Ok(())
+}
+
+/// Replays `reqs` through the batcher and the cache on the cost model.
+pub fn simulate(
+    reqs: &[TraceRequest],
+    cfg: &SimConfig,
+    metrics: Option<&ModelMetrics>,
+) -> Result<Report> {
+    let started = std::time::Instant::now();
+    let shape = cfg.shape;
+    check_capacity(cfg.per_layer, shape.experts, 1)?;
+    cfg.experts.validate()?;
+    if cfg.experts.experts != shape.experts {
+        return Err(Error::InvalidArgument(format!(
+            "the expert model has {} experts, the model {}",
+            cfg.experts.experts, shape.experts
+        )));
+    }
+    let mut batcher = LookaheadBatcher::new(cfg.batcher.clone())?;
+    let mut cache = ExpertCache::with_layer_quota(
+        shape.layers,
+        shape.experts,
+        cfg.per_layer,
+        shape.expert_bytes,
+        cfg.policy,
+        cfg.seed,
+    )?;
+    let popularity = cfg.experts.popularity();
+    let load_s = shape.expert_bytes as f64 / cfg.cost.link_bytes_per_s + cfg.cost.load_fixed_s;
+
+    let mut sims: Vec<SimReq> = reqs
+        .iter()
+        .map(|r| SimReq {
+            arrival: r.arrival,
+            prompt_len: r.prompt.len(),
+            output_len: r.output_len,
+            routes: None,
+            stream: None,
+            computed: 0,
+            generated: 0,
+            current: 0,
+            first_token: f64::NAN,
+            finish: f64::NAN,
+        })
+        .collect();
+    let mut next_arrival = 0usize;
+    let mut waiting: VecDeque<usize> = VecDeque::new();
+    let mut running: Vec<usize> = Vec::new();
+    let mut summary = Summary::new(shape.experts);
+    let mut slot_free = vec![0.0f64; cache.capacity()];
+    let mut copy_free = 0.0f64;
+    let mut now = 0.0f64;
+    let mut demand = vec![0u64; shape.experts];
+    let mut order: Vec<ExpertId> = Vec::with_capacity(shape.experts);
+
+    loop {
+        while next_arrival < sims.len() && sims[next_arrival].arrival <= now {
+            let r = &sims[next_arrival];
+            let deadline = reqs[next_arrival].deadline_s.map(|d| r.arrival + d);
+            batcher.submit(RequestDesc {
+                id: next_arrival as u64 + 1,
+                arrival: r.arrival,
+                prompt_len: r.prompt_len,
+                output_len: Some(r.output_len),
+                deadline,
+                kv_bytes: (r.prompt_len + r.output_len) as u64 * shape.kv_bytes_per_token,
+            })?;
+            waiting.push_back(next_arrival);
+            next_arrival += 1;
+        }
+        if running.is_empty() && waiting.is_empty() {
+            match sims.get(next_arrival) {
+                Some(r) => {
+                    now = now.max(r.arrival);
+                    continue;
+                }
+                None => break,
+            }
+        }
+        // Routes exist from arrival on in a real server; materialising them only for the requests
+        // the batcher can reach keeps a long overload queue cheap.
+        let window = cfg.batcher.max_running.saturating_sub(running.len()) + 1;
+        for &i in waiting.iter().take(window) {
+            let r = &mut sims[i];
+            if r.routes.is_none() {
+                let mut stream = cfg.experts.stream(&popularity, cfg.seed ^ (i as u64 + 1));
+                let mut plan = RoutePlan::new(shape.experts, crate::route::RouteScope::AllLayers);
+                for _ in 0..r.prompt_len {
+                    plan.push(&[TokenRoute::single(stream.next_expert())])?;
+                }
+                r.routes = Some(plan);
+                r.stream = Some(stream);
+            }
+        }
+        let resident = cache.resident_experts(0);
+        let views = running
+            .iter()
+            .chain(waiting.iter().take(window))
+            .filter_map(|&i| {
+                let r = &sims[i];
+                r.routes.as_ref().map(|routes| PendingView {
+                    seq: i as u64 + 1,
+                    tokens: r.known() - r.computed,
+                    routes,
+                    route_offset: 0,
+                    prefill: r.computed < r.prompt_len,
+                    generated: r.generated,
+                })
+            });
+        let plan = batcher.schedule(now, views, &resident)?;
+        if plan.is_empty() {
+            // Nothing could be admitted (KV full with nothing running cannot happen: submit
+            // rejects requests larger than the KV capacity), so only a future arrival helps.
+            match sims.get(next_arrival) {
+                Some(r) if r.arrival > now => {
+                    now = r.arrival;
+                    continue;
+                }
+                _ => {
+                    return Err(Error::Internal(
+                        "the batcher scheduled nothing with work pending".into(),
+                    ))
+                }
+            }
+        }
+        let used = plan.experts;
+        let tokens = plan.tokens;
+        if !plan.admitted.is_empty() {
+            let admitted = plan.admitted.clone();
+            waiting.retain(|&i| !admitted.contains(&(i as u64 + 1)));
+            running.extend(admitted.iter().map(|&s| s as usize - 1));
+        }
+        for c in &plan.chunks {
+            summary.queue_wait(c.waited);
+            if let Some(m) = metrics {
+                m.observe_queue_wait(c.waited);
+            }
+        }
+        let chunks = plan.chunks.clone();
+
+        // Belady's lookahead: the step itself, then queued demand (see the module docs).
+        if cfg.policy == EvictionPolicy::Belady {
+            demand.iter_mut().for_each(|d| *d = 0);
+            for &i in running.iter().chain(waiting.iter().take(window)) {
+                let r = &sims[i];
+                if r.computed < r.prompt_len {
+                    if let Some(routes) = &r.routes {
+                        for t in 0..routes.len().min(64) {
+                            demand[routes.route(t, 0).primary() as usize] += 1;
+                        }
+                    }
+                } else {
+                    demand[r.current as usize] += 1;
+                }
+            }
+            for l in 0..shape.layers {
+                cache.set_layer_next_use(l, |e| {
+                    if used.contains(e) {
+                        0
+                    } else if demand[e as usize] > 0 {
+                        // More queued demand: sooner use.
+                        1 + (u32::MAX as u64 - demand[e as usize].min(u32::MAX as u64 - 1))
+                    } else {
+                        NEVER
+                    }
+                });
+            }
+        }
+
+        // The step's timeline.
+        let start = now;
+        let mut t = now;
+        let mut stall = 0.0;
+        let u = used.len().max(1);
+        let token_layer_s = cfg.cost.token_s * tokens as f64 / shape.layers as f64;
+        for l in 0..shape.layers {
+            order.clear();
+            order.extend(
+                used.iter()
+                    .filter(|&e| cache.slot_of(Unit::new(l, e)).is_some()),
+            );
+            order.extend(
+                used.iter()
+                    .filter(|&e| cache.slot_of(Unit::new(l, e)).is_none()),
+            );
+            for (ri, round) in order.chunks(cfg.per_layer).enumerate() {
+                if ri > 0 {
+                    cache.unpin_all();
+                }
+                let mut ready = t;
+                for &e in round {
+                    if let Lookup::Miss { slot, .. } = cache.access(Unit::new(l, e))? {
+                        let issue = if cfg.prefetch { start } else { t };
+                        let begin = copy_free.max(issue).max(slot_free[slot]);
+                        copy_free = begin + load_s;
+                        ready = ready.max(copy_free);
+                        if let Some(m) = metrics {
+                            m.observe_load(load_s);
+                        }
+                    }
+                }
+                stall += ready - t;
+                t = ready;
+                let dense = if ri == 0 { cfg.cost.dense_layer_s } else { 0.0 };
+                t += dense
+                    + round.len() as f64 * cfg.cost.expert_layer_s
+                    + token_layer_s * round.len() as f64 / u as f64;
+                for &e in round {
+                    if let Some(s) = cache.slot_of(Unit::new(l, e)) {
+                        slot_free[s] = t;
+                    }
+                }
+            }
+        }
+        cache.unpin_all();
+        let end = t;
+        summary.step(used.len(), tokens, stall);
+        if let Some(m) = metrics {
+            m.observe_batch(used.len(), tokens);
+            m.add_stall(stall);
+            m.record_cache(cache.stats(), cache.resident());
+        }
+
+        // Apply the step: tokens computed, tokens sampled, requests finished.
+        let mut finished = false;
+        for c in &chunks {
+            let i = c.seq as usize - 1;
+            let r = &mut sims[i];
+            r.computed += c.tokens;
+            let routes = r
+                .routes
+                .as_mut()
+                .ok_or_else(|| Error::Internal(format!("request {i} scheduled without routes")))?;
+            routes.drain_front(c.tokens);
+            if r.computed < r.prompt_len + r.generated {
+                continue;
+            }
+            r.generated += 1;
+            if r.generated == 1 {
+                r.first_token = end;
+            }
+            if r.generated >= r.output_len {
+                r.finish = end;
+                r.routes = None;
+                r.stream = None;
+                batcher.finish(c.seq);
+                summary.finish(
+                    r.arrival,
+                    r.first_token,
+                    r.finish,
+                    r.prompt_len,
+                    r.output_len,
+                );
+                finished = true;
+            } else {
+                let e =
+                    r.stream.as_mut().map(|s| s.next_expert()).ok_or_else(|| {
+                        Error::Internal(format!("request {i} has no route stream"))
+                    })?;
+                r.current = e;
+                routes.push(&[TokenRoute::single(e)])?;
+            }
+        }
+        if finished {
+            running.retain(|&i| sims[i].finish.is_nan());
+        }
+        batcher.step_done(start, end);
+        if let Some(m) = metrics {
+            m.set_requests(batcher.waiting(), batcher.running());
+        }
+        now = end;
+    }
+    let stats = cache.stats();
+    Ok(summary.report(stats, batcher.max_waited(), started.elapsed().as_secs_f64()))
+}
