@@ -96,6 +96,8 @@ impl Blas {
             to_i32(op, "n", g.n)?,
             to_i32(op, "k", g.k)?,
         );
+        // cuBLAS runs in the calling thread's current context.
+        self.stream.context().bind_to_thread()?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the callers checked that x spans n * k, w m * k and y n * m elements of their
         // types at these addresses; alpha/beta are f32 as CUBLAS_COMPUTE_32F requires; the handle

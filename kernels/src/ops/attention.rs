@@ -49,6 +49,12 @@ impl AttentionShape {
                 ),
             ));
         }
+        if self.n_heads > 65_535 {
+            return Err(shape_err(
+                k,
+                format!("n_heads {} exceeds the grid's 65535", self.n_heads),
+            ));
+        }
         if !self.scale.is_finite() {
             return Err(shape_err(k, format!("scale {} is not finite", self.scale)));
         }
