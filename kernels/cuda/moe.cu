@@ -48,7 +48,7 @@ extern "C" __global__ void topk_softmax(const float* logits, int n_tokens, int n
 // sorted_pair[offsets[e] + r] = the r-th pair of expert e; pair_pos[p] = where pair p went.
 // Pairs with an id outside 0 .. n_experts get pair_pos -1 and are left out (sorted_pair then has
 // unwritten entries past offsets[n_experts]). One block of MOE_PERMUTE_THREADS threads.
-extern "C" __global__ void moe_permute(const int* ids, int n_pairs, int n_experts, int* counts, int* offsets,
+extern "C" __global__ void __launch_bounds__(MOE_PERMUTE_THREADS) moe_permute(const int* ids, int n_pairs, int n_experts, int* counts, int* offsets,
                                        int* sorted_pair, int* pair_pos) {
     __shared__ int s_count[MOE_MAX_EXPERTS];
     __shared__ int s_base[MOE_MAX_EXPERTS];

@@ -4,7 +4,7 @@
 // p_i proportional to exp((l_i - max) / temperature):
 //   1. top_k[b] in 1 .. vocab-1 keeps the tokens whose logit is >= the k-th largest (ties at the
 //      threshold all stay); otherwise every token stays;
-//   2. top_p[b] < 1 keeps, among those, the tokens with p_i >= tau, tau the largest threshold whose
+//   2. top_p[b] < 1 keeps (top_p <= 0: greedy), among those, the tokens with p_i >= tau, tau the largest threshold whose
 //      kept mass is still >= top_p of the top-k mass (the nucleus; ties at tau all stay);
 //   3. u = uniform(seeds[b]) in [0, 1), u = (splitmix64(seed) >> 40) * 2^-24, and the token is the
 //      first kept index (ascending) where the running kept mass exceeds u * (total kept mass).
@@ -27,7 +27,8 @@ __device__ __forceinline__ unsigned ordered_key(float f) {
 
 __device__ __forceinline__ float clean(float v) { return isnan(v) ? -INFINITY : v; }
 
-extern "C" __global__ void sample_tokens(const float* logits, int rows, int vocab, const float* temperature,
+// 1024 threads per block: cap the registers so the launch always fits.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_tokens(const float* logits, int rows, int vocab, const float* temperature,
                                          const int* top_k, const float* top_p, const u64* seeds, unsigned* out) {
     __shared__ float s_val[32];
     __shared__ int s_idx[32];

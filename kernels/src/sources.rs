@@ -97,7 +97,7 @@ mod tests {
                 let found = if generated {
                     text.contains(&format!("void {stem}_##S("))
                 } else {
-                    text.contains(&format!("void {k}("))
+                    text.contains(&format!(" {k}("))
                 };
                 assert!(found, "{k} is not defined in {}.cu", src.name);
             }

@@ -24,7 +24,7 @@ impl KernelSet {
     /// temperature <= 0 is greedy argmax (lowest index on ties); otherwise softmax of
     /// `logits / temperature`, restricted to the logits >= the `top_k`-th largest (`top_k` in
     /// 1..vocab, else no restriction), then to the nucleus: probabilities >= the largest threshold
-    /// whose kept mass is >= `top_p` of the top-k mass (`top_p` >= 1: no restriction; ties at a
+    /// whose kept mass is >= `top_p` of the top-k mass (`top_p` >= 1: no restriction, <= 0: greedy; ties at a
     /// threshold stay), then inverse-CDF in index order with `u = sampling_uniform(seeds[b])`.
     /// The caller derives each step's seed (for example from the request seed and position).
     #[allow(clippy::too_many_arguments)]
