@@ -1,0 +1,298 @@
+//! The model's `config.pbtxt` (as Triton's JSON), parsed and validated once per model.
+
+use std::path::{Path, PathBuf};
+
+use pregate::batcher::{BatchPolicy, BatcherConfig};
+use pregate::cache::{CacheCapacity, EvictionPolicy};
+use pregate::engine::Device;
+use serde_json::Value;
+
+use crate::bridge::kind;
+
+/// Every `parameters` key the backend reads; any other key fails the load (a typo must not be
+/// silently ignored).
+pub const PARAMETERS: [&str; 10] = [
+    "model_dir",
+    "device",
+    "max_batch_tokens",
+    "max_prefill_chunk",
+    "max_running",
+    "batching_policy",
+    "max_wait_ms",
+    "cache_capacity",
+    "cache_policy",
+    "metrics",
+];
+
+/// The backend's settings for one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelParams {
+    /// The pregate model directory (absolute, or resolved against the model's repository folder).
+    pub model_dir: PathBuf,
+    /// The `device` parameter (for KIND_MODEL / KIND_AUTO instances).
+    pub device: Device,
+    /// The batcher's configuration.
+    pub batcher: BatcherConfig,
+    /// Expert cache size (used by device backends with an expert cache).
+    pub cache_capacity: Option<CacheCapacity>,
+    /// Expert cache eviction policy.
+    pub cache_policy: EvictionPolicy,
+    /// Whether to publish pregate's metrics on Triton's endpoint.
+    pub metrics: bool,
+}
+
+/// Reads a model configuration; `repository` is the model's folder in the model repository.
+pub fn parse_model_config(json: &str, repository: &Path) -> Result<ModelParams, String> {
+    let v: Value =
+        serde_json::from_str(json).map_err(|e| format!("model configuration is not JSON: {e}"))?;
+    let decoupled = v
+        .pointer("/model_transaction_policy/decoupled")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if !decoupled {
+        return Err(
+            "the pregate backend streams tokens: set `model_transaction_policy { \
+                    decoupled: true }` in config.pbtxt"
+                .into(),
+        );
+    }
+    let params = v.get("parameters").and_then(Value::as_object);
+    let get = |key: &str| -> Option<String> {
+        params
+            .and_then(|p| p.get(key))
+            .and_then(|p| p.get("string_value"))
+            .and_then(Value::as_str)
+            .map(|s| s.trim().to_string())
+    };
+    if let Some(p) = params {
+        if let Some(bad) = p.keys().find(|k| !PARAMETERS.contains(&k.as_str())) {
+            return Err(format!(
+                "unknown parameter `{bad}` in config.pbtxt (known: {})",
+                PARAMETERS.join(", ")
+            ));
+        }
+    }
+    let model_dir = get("model_dir").filter(|s| !s.is_empty()).ok_or_else(|| {
+        "parameter `model_dir` is required: the pregate model directory (config.json, \
+         tokenizer.json, weights)"
+            .to_string()
+    })?;
+    let model_dir = {
+        let p = PathBuf::from(&model_dir);
+        if p.is_absolute() {
+            p
+        } else {
+            repository.join(p)
+        }
+    };
+    let device = match get("device") {
+        Some(d) => d.parse().map_err(|e| format!("parameter `device`: {e}"))?,
+        None => Device::Auto,
+    };
+    let mut batcher = BatcherConfig {
+        policy: BatchPolicy::ExpertAware,
+        ..BatcherConfig::default()
+    };
+    if let Some(s) = get("batching_policy") {
+        batcher.policy = s
+            .parse()
+            .map_err(|e| format!("parameter `batching_policy`: {e}"))?;
+    }
+    let num = |key: &str| -> Result<Option<usize>, String> {
+        get(key)
+            .map(|s| {
+                s.parse::<usize>()
+                    .map_err(|_| format!("parameter `{key}`: `{s}` is not a whole number"))
+            })
+            .transpose()
+    };
+    if let Some(n) = num("max_batch_tokens")? {
+        batcher.max_batch_tokens = n;
+    }
+    if let Some(n) = num("max_prefill_chunk")? {
+        batcher.max_prefill_chunk = n;
+    } else {
+        batcher.max_prefill_chunk = batcher.max_batch_tokens;
+    }
+    if let Some(n) = num("max_running")? {
+        batcher.max_running = n;
+    }
+    if let Some(ms) = get("max_wait_ms") {
+        let ms: f64 = ms
+            .parse()
+            .map_err(|_| format!("parameter `max_wait_ms`: `{ms}` is not a number"))?;
+        batcher.max_wait = if ms == 0.0 { None } else { Some(ms / 1000.0) };
+    }
+    batcher
+        .validate()
+        .map_err(|e| format!("batcher parameters: {e}"))?;
+    let cache_capacity = get("cache_capacity")
+        .map(|s| parse_capacity(&s))
+        .transpose()?;
+    let cache_policy = match get("cache_policy") {
+        Some(s) => s
+            .parse()
+            .map_err(|e| format!("parameter `cache_policy`: {e}"))?,
+        None => EvictionPolicy::Belady,
+    };
+    let metrics = match get("metrics").as_deref() {
+        None | Some("true") | Some("on") | Some("1") => true,
+        Some("false") | Some("off") | Some("0") => false,
+        Some(other) => {
+            return Err(format!(
+                "parameter `metrics`: `{other}` is not true or false"
+            ))
+        }
+    };
+    Ok(ModelParams {
+        model_dir,
+        device,
+        batcher,
+        cache_capacity,
+        cache_policy,
+        metrics,
+    })
+}
+
+/// `cache_capacity`: a slot count (`12`), bytes with a unit (`512MiB`, `2GiB`), or a fraction of
+/// free device memory (`0.5` or `50%`).
+pub fn parse_capacity(s: &str) -> Result<CacheCapacity, String> {
+    let bad = || {
+        format!(
+            "parameter `cache_capacity`: `{s}` is not a slot count, a size (512MiB, 2GiB) or a \
+             fraction (0.5, 50%)"
+        )
+    };
+    if let Some(p) = s.strip_suffix('%') {
+        let f: f64 = p.trim().parse().map_err(|_| bad())?;
+        return fraction(f / 100.0).ok_or_else(bad);
+    }
+    for (suffix, mult) in [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ] {
+        if let Some(n) = s.strip_suffix(suffix) {
+            let n: u64 = n.trim().parse().map_err(|_| bad())?;
+            return Ok(CacheCapacity::Bytes(n * mult));
+        }
+    }
+    if let Ok(n) = s.parse::<usize>() {
+        return if n > 0 {
+            Ok(CacheCapacity::Slots(n))
+        } else {
+            Err(bad())
+        };
+    }
+    let f: f64 = s.parse().map_err(|_| bad())?;
+    fraction(f).ok_or_else(bad)
+}
+
+fn fraction(f: f64) -> Option<CacheCapacity> {
+    (f > 0.0 && f <= 1.0).then_some(CacheCapacity::FractionOfFree(f))
+}
+
+/// The device an instance runs on: KIND_CPU is the CPU, KIND_GPU the instance's CUDA device,
+/// KIND_MODEL and KIND_AUTO the `device` parameter. A `device` parameter that contradicts the
+/// instance kind is an error.
+pub fn instance_device(params: &ModelParams, kind_: u32, device_id: i32) -> Result<Device, String> {
+    match kind_ {
+        kind::CPU => match params.device {
+            Device::Cuda(_) => Err(format!(
+                "instance_group kind KIND_CPU contradicts parameter device = {}",
+                params.device
+            )),
+            _ => Ok(Device::Cpu),
+        },
+        kind::GPU => match params.device {
+            Device::Cpu => {
+                Err("instance_group kind KIND_GPU contradicts parameter device = cpu".into())
+            }
+            _ => Ok(Device::Cuda(device_id.max(0) as usize)),
+        },
+        _ => Ok(params.device),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(params: &str) -> String {
+        format!(
+            r#"{{"name":"m","backend":"pregate","model_transaction_policy":{{"decoupled":true}},
+               "parameters":{{{params}}}}}"#
+        )
+    }
+
+    fn p(k: &str, v: &str) -> String {
+        format!(r#""{k}":{{"string_value":"{v}"}}"#)
+    }
+
+    #[test]
+    fn parses_every_parameter() {
+        let json = cfg(&[
+            p("model_dir", "tiny"),
+            p("device", "cpu"),
+            p("max_batch_tokens", "64"),
+            p("batching_policy", "fcfs"),
+            p("max_wait_ms", "50"),
+            p("cache_capacity", "3"),
+            p("cache_policy", "lru"),
+            p("metrics", "false"),
+        ]
+        .join(","));
+        let m = parse_model_config(&json, Path::new("/repo/m")).unwrap();
+        assert_eq!(m.model_dir, PathBuf::from("/repo/m/tiny"));
+        assert_eq!(m.device, Device::Cpu);
+        assert_eq!(m.batcher.max_batch_tokens, 64);
+        assert_eq!(m.batcher.max_prefill_chunk, 64);
+        assert_eq!(m.batcher.policy, BatchPolicy::Fcfs);
+        assert_eq!(m.batcher.max_wait, Some(0.05));
+        assert_eq!(m.cache_capacity, Some(CacheCapacity::Slots(3)));
+        assert_eq!(m.cache_policy, EvictionPolicy::Lru);
+        assert!(!m.metrics);
+        assert_eq!(instance_device(&m, kind::CPU, 0), Ok(Device::Cpu));
+        assert!(instance_device(&m, kind::GPU, 0).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_configurations_clearly() {
+        let no_dir = cfg(&p("device", "cpu"));
+        assert!(parse_model_config(&no_dir, Path::new("/"))
+            .unwrap_err()
+            .contains("model_dir"));
+        let typo = cfg(&[p("model_dir", "/m"), p("max_batch_tokenz", "3")].join(","));
+        assert!(parse_model_config(&typo, Path::new("/"))
+            .unwrap_err()
+            .contains("max_batch_tokenz"));
+        let bad = cfg(&[p("model_dir", "/m"), p("max_batch_tokens", "many")].join(","));
+        assert!(parse_model_config(&bad, Path::new("/"))
+            .unwrap_err()
+            .contains("max_batch_tokens"));
+        let bad = cfg(&[p("model_dir", "/m"), p("batching_policy", "lifo")].join(","));
+        assert!(parse_model_config(&bad, Path::new("/"))
+            .unwrap_err()
+            .contains("lifo"));
+        let coupled = r#"{"parameters":{"model_dir":{"string_value":"/m"}}}"#;
+        assert!(parse_model_config(coupled, Path::new("/"))
+            .unwrap_err()
+            .contains("decoupled"));
+    }
+
+    #[test]
+    fn capacities() {
+        assert_eq!(parse_capacity("2GiB"), Ok(CacheCapacity::Bytes(2 << 30)));
+        assert_eq!(
+            parse_capacity("50%"),
+            Ok(CacheCapacity::FractionOfFree(0.5))
+        );
+        assert_eq!(
+            parse_capacity("0.25"),
+            Ok(CacheCapacity::FractionOfFree(0.25))
+        );
+        assert!(parse_capacity("0").is_err());
+        assert!(parse_capacity("lots").is_err());
+    }
+}
