@@ -1,0 +1,202 @@
+"""libtriton_pregate.so in a real tritonserver: streaming equal to `pregate generate`, batching,
+cancellation, bad requests, bad models, unload/reload and metrics."""
+
+import json
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import requests
+import tritonclient.grpc as grpcclient
+from conftest import reference
+
+PROMPTS = ["Once upon a time", "The capital of France is", "experts", "What is the weather like"]
+
+
+def sse(server, body, model="tiny", timeout=120):
+    """POSTs to generate_stream; returns (events, error)."""
+    r = requests.post(f"{server.url}/v2/models/{model}/generate_stream", json=body, stream=True,
+                      timeout=timeout)
+    if r.status_code != 200:
+        return [], r.json().get("error", r.text)
+    events = []
+    for line in r.iter_lines(decode_unicode=True):
+        if line and line.startswith("data: "):
+            ev = json.loads(line[len("data: "):])
+            if "error" in ev:
+                return events, ev["error"]
+            events.append(ev)
+    return events, None
+
+
+def ids_of(events):
+    out = []
+    for e in events:
+        v = e.get("output_ids", [])
+        out.extend(v if isinstance(v, list) else [v])
+    return out
+
+
+def gen_body(prompt, n, **extra):
+    sp = {"max_tokens": n, "ignore_eos": True}
+    return {"text_input": prompt, "stream": True, "sampling_parameters": json.dumps(sp), **extra}
+
+
+def test_http_generate_stream_equals_pregate_generate(server, tools, work):
+    for prompt in PROMPTS[:2]:
+        want = reference(tools, work / "tiny", prompt, 12)
+        events, err = sse(server, gen_body(prompt, 12))
+        assert err is None, err
+        assert ids_of(events) == want["output_ids"]
+        assert "".join(e["text_output"] for e in events) == want["text"]
+
+
+def grpc_generate(server, prompt, n, model="tiny", cancel_after=None):
+    """One request on the gRPC bidirectional stream; returns (ids, error, final_seen)."""
+    q = queue.Queue()
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    inputs = [
+        grpcclient.InferInput("text_input", [1], "BYTES"),
+        grpcclient.InferInput("stream", [1], "BOOL"),
+        grpcclient.InferInput("sampling_parameters", [1], "BYTES"),
+    ]
+    inputs[0].set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
+    inputs[1].set_data_from_numpy(np.array([True]))
+    sp = json.dumps({"max_tokens": n, "ignore_eos": True})
+    inputs[2].set_data_from_numpy(np.array([sp.encode()], dtype=np.object_))
+    c.async_stream_infer(model, inputs, enable_empty_final_response=True)
+    ids, err, final = [], None, False
+    while True:
+        result, error = q.get(timeout=120)
+        if error is not None:
+            err = str(error)
+            break
+        resp = result.get_response()
+        if resp.parameters["triton_final_response"].bool_param:
+            final = True
+        out = result.as_numpy("output_ids")
+        if out is not None:
+            ids.extend(int(x) for x in out)
+        if cancel_after is not None and len(ids) >= cancel_after:
+            c.stop_stream(cancel_requests=True)
+            return ids, None, False
+        if final:
+            break
+    c.stop_stream()
+    c.close()
+    return ids, err, final
+
+
+def test_grpc_stream_equals_pregate_generate(server, tools, work):
+    for prompt in PROMPTS[2:]:
+        want = reference(tools, work / "tiny", prompt, 10)
+        ids, err, final = grpc_generate(server, prompt, 10)
+        assert err is None, err
+        assert final
+        assert ids == want["output_ids"]
+
+
+def test_32_concurrent_streams_complete_and_are_batched(server, tools, work):
+    before_max = server.metric("pregate_batch_requests_max")
+    jobs = [(f"{PROMPTS[i % 4]} {i}", 8 + (i * 7) % 40) for i in range(32)]
+    with ThreadPoolExecutor(32) as ex:
+        refs = list(ex.map(lambda j: reference(tools, work / "tiny", *j), jobs))
+        barrier = threading.Barrier(32)
+
+        def run(j):
+            barrier.wait()
+            return sse(server, gen_body(*j))
+
+        got = list(ex.map(run, jobs))
+    for (events, err), want, (_, n) in zip(got, refs, jobs):
+        assert err is None, err
+        assert ids_of(events) == want["output_ids"]
+        assert len(want["output_ids"]) == n
+    steps = server.metric("pregate_steps_total")
+    batched = server.metric("pregate_step_requests_total")
+    assert server.metric("pregate_batch_requests_max") >= max(8, before_max), "not batched together"
+    assert batched > steps, "every step ran one request"
+
+
+def test_cancelled_stream_stops_and_frees_its_slot(server):
+    cancelled = server.metric("pregate_requests_total", model="small1", outcome="cancelled")
+    ids, _, _ = grpc_generate(server, "Once upon a time", 1500, model="small1", cancel_after=3)
+    assert len(ids) >= 3
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if server.metric("pregate_requests_total", model="small1", outcome="cancelled") > cancelled:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the cancellation was not seen")
+    generated = server.metric("pregate_generated_tokens_total", model="small1")
+    time.sleep(0.5)
+    assert server.metric("pregate_generated_tokens_total", model="small1") == generated
+    assert server.metric("pregate_requests_active", model="small1") == 0
+    # The only slot (max_running 1) is free: a new request runs to completion.
+    events, err = sse(server, gen_body("hello", 4), model="small1")
+    assert err is None, err
+    assert len(ids_of(events)) == 4
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(server):
+    bad = [
+        ({"stream": True}, "text_input"),
+        ({"text_input": "hi", "sampling_parameters": "{max_tokens: 3"}, "JSON"),
+        ({"text_input": "hi", "sampling_parameters": json.dumps({"max_tokens": 100000})}, "context"),
+        ({"text_input": "hi", "stream": "yes please"}, ""),
+        ({"text_input": "hi", "sampling_parameters": json.dumps({"temperature": -2})}, "temperature"),
+    ]
+    for body, want in bad:
+        events, err = sse(server, body)
+        assert err is not None, body
+        assert want in err, (body, err)
+    # Wrong dtype on the gRPC path: input_ids as FP32.
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    q = queue.Queue()
+    c.start_stream(callback=lambda r, e: q.put(e))
+    x = grpcclient.InferInput("input_ids", [2], "FP32")
+    x.set_data_from_numpy(np.array([1.0, 2.0], dtype=np.float32))
+    c.async_stream_infer("tiny", [x])
+    assert q.get(timeout=30) is not None
+    c.stop_stream()
+    events, err = sse(server, gen_body("still serving", 3))
+    assert err is None and len(ids_of(events)) == 3
+
+
+def test_bad_models_fail_their_load_clearly_and_reload_works(server):
+    r = requests.post(f"{server.url}/v2/repository/models/bad_dir/load", timeout=60)
+    assert r.status_code != 200
+    assert "cannot open model directory" in r.text, r.text
+    r = requests.post(f"{server.url}/v2/repository/models/bad_param/load", timeout=60)
+    assert r.status_code != 200
+    assert "max_batch_tokens" in r.text, r.text
+    events, err = sse(server, gen_body("others keep serving", 3))
+    assert err is None and len(ids_of(events)) == 3
+    assert requests.post(f"{server.url}/v2/repository/models/tiny/unload", timeout=60).status_code == 200
+    deadline = time.time() + 30
+    while requests.get(f"{server.url}/v2/models/tiny/ready", timeout=5).status_code == 200:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    _, err = sse(server, gen_body("gone", 3))
+    assert err is not None
+    assert requests.post(f"{server.url}/v2/repository/models/tiny/load", timeout=60).status_code == 200
+    events, err = sse(server, gen_body("back again", 3))
+    assert err is None and len(ids_of(events)) == 3
+
+
+def test_metrics_have_the_pregate_families_with_moving_values(server):
+    m = server.metrics()
+    names = {n for n, _ in m}
+    for family in ["pregate_requests_total", "pregate_generated_tokens_total", "pregate_steps_total",
+                   "pregate_step_requests_total", "pregate_batch_requests_max",
+                   "pregate_requests_active", "pregate_requests_waiting",
+                   "pregate_requests_scheduled", "pregate_prompt_tokens_total"]:
+        assert family in names, family
+    before = server.metric("pregate_generated_tokens_total")
+    sse(server, gen_body("count me", 5))
+    assert server.metric("pregate_generated_tokens_total") == before + 5
+    assert server.metric("pregate_requests_total", outcome="finished") > 0
