@@ -45,6 +45,7 @@ typedef struct TRITONBACKEND_Response TRITONBACKEND_Response;
 typedef struct TRITONBACKEND_ResponseFactory TRITONBACKEND_ResponseFactory;
 typedef struct TRITONBACKEND_Output TRITONBACKEND_Output;
 
+#ifndef PREGATE_TRITON_NO_ENUMS
 typedef enum TRITONSERVER_datatype_enum {
   TRITONSERVER_TYPE_INVALID,
   TRITONSERVER_TYPE_BOOL,
@@ -120,7 +121,9 @@ typedef enum TRITONSERVER_metrickind_enum {
 typedef enum TRITONBACKEND_artifacttype_enum {
   TRITONBACKEND_ARTIFACT_FILESYSTEM
 } TRITONBACKEND_ArtifactType;
+#endif  // PREGATE_TRITON_NO_ENUMS
 
+#ifndef PREGATE_TRITON_NO_FUNCTIONS
 // tritonserver.h
 struct TRITONSERVER_Parameter* TRITONSERVER_ParameterNew(
     const char* name, const TRITONSERVER_ParameterType type, const void* value);
@@ -225,6 +228,8 @@ TRITONSERVER_Error* TRITONBACKEND_OutputBuffer(
 TRITONSERVER_Error* TRITONBACKEND_ResponseSend(
     TRITONBACKEND_Response* response, const uint32_t send_flags,
     TRITONSERVER_Error* error);
+
+#endif  // PREGATE_TRITON_NO_FUNCTIONS
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -233,6 +233,7 @@ impl Server {
             epoch: Instant::now(),
             cfg: cfg.clone(),
             closed: false,
+            scheduled: 0,
         };
         let thread = std::thread::Builder::new()
             .name(cfg.thread_name.clone())
@@ -354,12 +355,15 @@ struct LoopState {
     epoch: Instant,
     cfg: ServeConfig,
     closed: bool,
+    scheduled: usize,
 }
 
 impl LoopState {
     fn run(&mut self) {
         while !(self.closed && self.live.is_empty()) {
             let r = catch_unwind(AssertUnwindSafe(|| self.iterate()));
+            // Mirror every change (admissions, finishes, cancellations), not only steps.
+            self.publish();
             if r.is_err() {
                 // A bug in the loop itself: fail everything live and go on with a clean slate.
                 let ids: Vec<SeqId> = self.live.keys().copied().collect();
@@ -369,7 +373,8 @@ impl LoopState {
                 }
             }
         }
-        self.publish(0);
+        self.scheduled = 0;
+        self.publish();
     }
 
     fn now(&self) -> f64 {
@@ -430,7 +435,7 @@ impl LoopState {
                 }
             }
         }
-        self.publish(plan.chunks.len());
+        self.scheduled = plan.chunks.len();
     }
 
     /// Takes every queued message; blocks while nothing is live.
@@ -613,7 +618,8 @@ impl LoopState {
         }
     }
 
-    fn publish(&mut self, scheduled: usize) {
+    fn publish(&mut self) {
+        let scheduled = std::mem::take(&mut self.scheduled);
         let snapshot = {
             let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             s.active = self.batcher.running() as u64;
