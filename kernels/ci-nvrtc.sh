@@ -36,4 +36,4 @@ export PREGATE_NVRTC_LIB="$lib"
 export PREGATE_CUDA_INCLUDE="$inc"
 export PREGATE_REQUIRE_NVRTC=1
 cd "$root"
-cargo test -p pregate-kernels --test nvrtc_compile -- --nocapture
+cargo test --release -p pregate-kernels --test nvrtc_compile -- --nocapture

@@ -1,0 +1,163 @@
+//! The engine's step interface as a continuous-batching scheduler drives it: sequences join and
+//! leave between steps, stop conditions, seeded sampling, and every misuse reported as an error.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use pregate::engine::{open_engine, Device, Engine, FinishReason, GenerationRequest};
+use pregate::model::ModelDir;
+use pregate::sampling::SamplingParams;
+use pregate::Error;
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fused_f32/model")
+}
+
+fn engine() -> Engine {
+    open_engine(&ModelDir::open(&model()).unwrap(), Device::Cpu).unwrap()
+}
+
+fn req(prompt: &[u32], n: usize) -> GenerationRequest {
+    let mut r = GenerationRequest::greedy(prompt.to_vec(), n);
+    r.ignore_eos = true;
+    r
+}
+
+/// Runs `steps` of schedule_all, collecting tokens per sequence.
+fn drain(e: &mut Engine, out: &mut HashMap<u64, Vec<u32>>) {
+    while !e.is_empty() {
+        let s = e.schedule_all();
+        for ev in e.step(&s).unwrap() {
+            out.entry(ev.seq).or_default().push(ev.token);
+        }
+    }
+}
+
+fn solo(prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut e = engine();
+    let id = e.add_request(req(prompt, n)).unwrap();
+    let mut out = HashMap::new();
+    drain(&mut e, &mut out);
+    out.remove(&id).unwrap()
+}
+
+#[test]
+fn sequences_joining_and_leaving_between_steps_do_not_disturb_each_other() {
+    let (pa, pb, pc) = (vec![5, 9, 13, 200], vec![42], vec![7, 7, 7, 300, 301, 302]);
+    let mut e = engine();
+    let a = e.add_request(req(&pa, 12)).unwrap();
+    let c = e.add_request(req(&pc, 12)).unwrap();
+    let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
+    for step in 0..6 {
+        if step == 3 {
+            // b joins mid-flight; c is cancelled.
+            let b = e.add_request(req(&pb, 10)).unwrap();
+            assert_eq!(b, 3);
+            assert!(e.remove(c));
+            assert!(!e.remove(c));
+        }
+        let s = e.schedule_all();
+        assert!(s.iter().all(|&(seq, _)| seq != c || step < 3));
+        for ev in e.step(&s).unwrap() {
+            out.entry(ev.seq).or_default().push(ev.token);
+        }
+    }
+    drain(&mut e, &mut out);
+    assert_eq!(out[&a], solo(&pa, 12));
+    assert_eq!(out[&3], solo(&pb, 10));
+    assert_eq!(out[&c].len(), 3, "the cancelled sequence stopped");
+    assert!(e.is_empty());
+}
+
+#[test]
+fn stop_ids_eos_and_length_end_sequences() {
+    let prompt = [11u32, 22, 33];
+    let greedy = solo(&prompt, 8);
+    let mut e = engine();
+    let mut r = req(&prompt, 8);
+    r.stop_token_ids = vec![greedy[2]];
+    let first = greedy.iter().position(|&t| t == greedy[2]).unwrap();
+    let id = e.add_request(r).unwrap();
+    let mut last = None;
+    let mut n = 0;
+    while !e.is_empty() {
+        let s = e.schedule_all();
+        for ev in e.step(&s).unwrap() {
+            assert_eq!(ev.seq, id);
+            n += 1;
+            last = ev.finished;
+        }
+    }
+    assert_eq!(n, first + 1);
+    assert_eq!(last, Some(FinishReason::Stop));
+    // Without ignore_eos, an EOS id (2 in the fixture) ends the sequence; a length limit otherwise.
+    let mut e = engine();
+    e.add_request(GenerationRequest::greedy(prompt.to_vec(), 5)).unwrap();
+    let mut reasons = vec![];
+    while !e.is_empty() {
+        let s = e.schedule_all();
+        reasons.extend(e.step(&s).unwrap().into_iter().filter_map(|ev| ev.finished));
+    }
+    assert_eq!(reasons.len(), 1);
+    assert!(matches!(reasons[0], FinishReason::Length | FinishReason::Eos));
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_differs_across_seeds() {
+    let run = |seed: u64| {
+        let mut e = engine();
+        let mut r = req(&[100, 101, 102], 24);
+        r.sampling = SamplingParams {
+            temperature: 1.5,
+            top_k: 50,
+            top_p: 0.95,
+            seed: Some(seed),
+        };
+        let id = e.add_request(r).unwrap();
+        let mut out = HashMap::new();
+        drain(&mut e, &mut out);
+        out.remove(&id).unwrap()
+    };
+    assert_eq!(run(7), run(7));
+    assert_ne!(run(7), run(8));
+}
+
+#[test]
+fn misuse_is_an_error_and_changes_nothing() {
+    let mut e = engine();
+    let ctx = e.config().max_context();
+    let vocab = e.config().vocab_size as u32;
+    let cases: Vec<(GenerationRequest, &str)> = vec![
+        (req(&[], 4), "empty"),
+        (req(&[1, vocab], 4), "outside the vocabulary"),
+        (req(&[1, 2], 0), "max_new_tokens"),
+        (req(&vec![5; ctx], 1), "exceeds the context"),
+        (req(&[5; 4], ctx), "exceeds the context"),
+        (
+            GenerationRequest {
+                sampling: SamplingParams {
+                    temperature: -1.0,
+                    ..SamplingParams::greedy()
+                },
+                ..req(&[5], 2)
+            },
+            "temperature",
+        ),
+    ];
+    for (r, needle) in cases {
+        let err = e.add_request(r).unwrap_err();
+        assert!(matches!(err, Error::InvalidRequest(_)), "{err}");
+        assert!(err.to_string().contains(needle), "{err} lacks {needle}");
+    }
+    assert!(e.is_empty());
+    let id = e.add_request(req(&[5, 6, 7], 3)).unwrap();
+    for bad in [vec![(id, 0)], vec![(id, 4)], vec![(id, 1), (id, 1)], vec![(99, 1)]] {
+        assert!(e.step(&bad).is_err(), "{bad:?}");
+    }
+    // Chunked prefill still works after the rejected schedules: nothing advanced.
+    assert_eq!(e.pending().next().unwrap().tokens.len(), 3);
+    assert!(e.step(&[(id, 2)]).unwrap().is_empty());
+    let evs = e.step(&[(id, 1)]).unwrap();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].token, solo(&[5, 6, 7], 3)[0]);
+}
