@@ -147,7 +147,8 @@ fn integer_dtype_is_refused_by_name() {
 
 #[test]
 fn truncated_and_corrupt_files_are_checkpoint_errors() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "truncated",
             Box::new(|b| b.truncate(b.len() - 100)),

@@ -27,7 +27,8 @@ fn round(v: f32, dtype: FloatDtype) -> f32 {
     match dtype {
         FloatDtype::F32 => v,
         FloatDtype::F16 => half::f16::from_f32(v).to_f32(),
-        FloatDtype::BF16 => half::bf16::from_f32(v).to_f32(),
+        // make-model truncates to bf16.
+        FloatDtype::BF16 => f32::from_bits(v.to_bits() & 0xffff_0000),
     }
 }
 
