@@ -102,7 +102,9 @@ fn median_step_seconds(engine: &mut Engine, steps: usize) -> f64 {
 fn bench_decode(c: &mut Criterion) {
     let dir = model_dir();
     let mut group = c.benchmark_group("decode_small_cpu");
-    group.sample_size(20).measurement_time(Duration::from_secs(8));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(8));
     for batch in BATCHES {
         let mut engine = decoding_engine(&dir, batch);
         group.bench_function(format!("batch{batch}"), |b| b.iter(|| step(&mut engine)));

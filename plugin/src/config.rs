@@ -176,7 +176,9 @@ impl ModelConfig {
             return bad(format!("vocab_size {} is too large", self.vocab_size));
         }
         if !self.add_cluster_predictor {
-            return bad("add_cluster_predictor is false: pregate needs the pre-gating router".into());
+            return bad(
+                "add_cluster_predictor is false: pregate needs the pre-gating router".into(),
+            );
         }
         if self.n_cluster > crate::route::MAX_EXPERTS {
             return bad(format!(
@@ -198,7 +200,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!("head size {} must be even for RoPE", self.head_dim()));
+            return bad(format!(
+                "head size {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         let kv = self.num_kv_heads();
         if kv == 0 || self.num_attention_heads % kv != 0 {
@@ -232,7 +237,10 @@ impl ModelConfig {
             return bad(format!("normalizer {} must be positive", self.normalizer));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return bad(format!("rms_norm_eps {} must be positive", self.rms_norm_eps));
+            return bad(format!(
+                "rms_norm_eps {} must be positive",
+                self.rms_norm_eps
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return bad(format!("rope_theta {} must be > 1", self.rope_theta));
@@ -280,7 +288,8 @@ impl ModelConfig {
 
     /// Writes the config as pretty JSON.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
     }
 }
@@ -330,10 +339,18 @@ mod tests {
     #[test]
     fn inconsistent_values_are_named() {
         for (field, value, needle) in [
-            ("num_key_value_heads", serde_json::json!(3), "num_key_value_heads"),
+            (
+                "num_key_value_heads",
+                serde_json::json!(3),
+                "num_key_value_heads",
+            ),
             ("router_top_k", serde_json::json!(5), "router_top_k"),
             ("n_head", serde_json::json!(3), "embedding_dim"),
-            ("eos_token_id", serde_json::json!(100), "outside the vocabulary"),
+            (
+                "eos_token_id",
+                serde_json::json!(100),
+                "outside the vocabulary",
+            ),
             ("vocab_size", serde_json::json!(0), "vocab_size"),
             ("architectures", serde_json::json!(["GPT2"]), "GPT2"),
             ("hidden_act_predictor", serde_json::json!("gelu"), "gelu"),

@@ -57,7 +57,11 @@ fn json_output_and_logit_dump_match_the_reference() {
         "--dump-logits",
         dump.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let got = |k: &str| -> Vec<u32> {
         v[k].as_array()
@@ -66,7 +70,11 @@ fn json_output_and_logit_dump_match_the_reference() {
             .map(|x| x.as_u64().unwrap() as u32)
             .collect()
     };
-    assert_eq!(got("prompt_ids"), prompt, "prompt ids are used exactly as given");
+    assert_eq!(
+        got("prompt_ids"),
+        prompt,
+        "prompt ids are used exactly as given"
+    );
     assert_eq!(got("output_ids"), output[..10].to_vec());
     assert_eq!(v["experts"].as_array().unwrap().len(), prompt.len() + 10);
     let bytes = std::fs::read(&dump).unwrap();
@@ -92,7 +100,13 @@ fn json_output_and_logit_dump_match_the_reference() {
 fn text_prompts_use_the_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("tiny");
-    let made = pregate(&["make-model", "--preset", "tiny", "--out", m.to_str().unwrap()]);
+    let made = pregate(&[
+        "make-model",
+        "--preset",
+        "tiny",
+        "--out",
+        m.to_str().unwrap(),
+    ]);
     assert!(made.status.success());
     let out = pregate(&[
         "generate",
@@ -104,7 +118,11 @@ fn text_prompts_use_the_tokenizer() {
         "5",
         "--json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["prompt_ids"][0], 1, "BOS is added to text prompts");
     assert!(v["text"].is_string());
@@ -119,10 +137,16 @@ fn bad_input_exits_non_zero_with_a_clear_message() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--prompt-ids", "5,384"], "token id 384"),
         (vec!["--prompt-ids", long.as_str()], "exceeds the context"),
-        (vec!["--prompt-ids", "5", "--device", "tpu"], "unknown device `tpu`"),
+        (
+            vec!["--prompt-ids", "5", "--device", "tpu"],
+            "unknown device `tpu`",
+        ),
         (vec!["--prompt-ids", "5", "--top-p", "0"], "top_p"),
         (vec!["--prompt", "hi"], "no tokenizer.json"),
-        (vec!["--prompt-ids", "5", "--max-new-tokens", "0"], "max_new_tokens"),
+        (
+            vec!["--prompt-ids", "5", "--max-new-tokens", "0"],
+            "max_new_tokens",
+        ),
     ];
     for (extra, needle) in cases {
         let mut args = vec!["generate", "--model", m];
@@ -133,7 +157,16 @@ fn bad_input_exits_non_zero_with_a_clear_message() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
-    let out = pregate(&["generate", "--model", "/nonexistent/model", "--prompt-ids", "5"]);
+    let out = pregate(&[
+        "generate",
+        "--model",
+        "/nonexistent/model",
+        "--prompt-ids",
+        "5",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("/nonexistent/model"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("/nonexistent/model"),
+        "{err}"
+    );
 }

@@ -92,14 +92,18 @@ fn stop_ids_eos_and_length_end_sequences() {
     assert_eq!(last, Some(FinishReason::Stop));
     // Without ignore_eos, an EOS id (2 in the fixture) ends the sequence; a length limit otherwise.
     let mut e = engine();
-    e.add_request(GenerationRequest::greedy(prompt.to_vec(), 5)).unwrap();
+    e.add_request(GenerationRequest::greedy(prompt.to_vec(), 5))
+        .unwrap();
     let mut reasons = vec![];
     while !e.is_empty() {
         let s = e.schedule_all();
         reasons.extend(e.step(&s).unwrap().into_iter().filter_map(|ev| ev.finished));
     }
     assert_eq!(reasons.len(), 1);
-    assert!(matches!(reasons[0], FinishReason::Length | FinishReason::Eos));
+    assert!(matches!(
+        reasons[0],
+        FinishReason::Length | FinishReason::Eos
+    ));
 }
 
 #[test]
@@ -151,7 +155,12 @@ fn misuse_is_an_error_and_changes_nothing() {
     }
     assert!(e.is_empty());
     let id = e.add_request(req(&[5, 6, 7], 3)).unwrap();
-    for bad in [vec![(id, 0)], vec![(id, 4)], vec![(id, 1), (id, 1)], vec![(99, 1)]] {
+    for bad in [
+        vec![(id, 0)],
+        vec![(id, 4)],
+        vec![(id, 1), (id, 1)],
+        vec![(99, 1)],
+    ] {
         assert!(e.step(&bad).is_err(), "{bad:?}");
     }
     // Chunked prefill still works after the rejected schedules: nothing advanced.

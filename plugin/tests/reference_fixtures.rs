@@ -135,8 +135,14 @@ fn check(name: &str, case: &Case, run: &Run) {
             .map(|&e| e as u16)
             .collect();
         assert_eq!(experts, &want, "{name}: experts of token {t}");
-        for (w, r) in weights.iter().zip(&case.weights[t * case.k..(t + 1) * case.k]) {
-            assert!((w - r).abs() < 1e-5, "{name}: weight of token {t}: {w} vs {r}");
+        for (w, r) in weights
+            .iter()
+            .zip(&case.weights[t * case.k..(t + 1) * case.k])
+        {
+            assert!(
+                (w - r).abs() < 1e-5,
+                "{name}: weight of token {t}: {w} vs {r}"
+            );
         }
     }
 }

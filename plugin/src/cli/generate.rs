@@ -68,7 +68,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 ))
             })?
             .encode(text, true)?,
-        (None, None) => return Err(Error::InvalidArgument("give --prompt or --prompt-ids".into())),
+        (None, None) => {
+            return Err(Error::InvalidArgument(
+                "give --prompt or --prompt-ids".into(),
+            ))
+        }
     };
     let sampling = SamplingParams {
         temperature: args.temperature.unwrap_or(0.0),
@@ -88,7 +92,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let seq = engine.add_request(request)?;
     let mut experts: Vec<Vec<u16>> = engine
         .routes(seq)
-        .map(|plan| (0..plan.len()).map(|t| plan.route(t, 0).experts().to_vec()).collect())
+        .map(|plan| {
+            (0..plan.len())
+                .map(|t| plan.route(t, 0).experts().to_vec())
+                .collect()
+        })
         .unwrap_or_default();
     let mut output = Vec::new();
     let mut logits = Vec::new();
@@ -152,8 +160,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 fn write_logits(path: &std::path::Path, logits: &[f32], vocab: usize) -> Result<()> {
     let steps = logits.len() / vocab;
     let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![steps, vocab], &bytes)
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![steps, vocab], &bytes)
+            .map_err(|e| Error::Internal(e.to_string()))?;
     let data = safetensors::serialize([("logits", view)], None)
         .map_err(|e| Error::Internal(e.to_string()))?;
     std::fs::write(path, data).map_err(|e| Error::io(path, e))

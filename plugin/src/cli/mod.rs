@@ -19,6 +19,8 @@ pub struct Cli {
 }
 
 /// The subcommands.
+// Parsed once per process; boxing the larger argument structs would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Write a random-weight model (with a working tokenizer) of a preset shape.

@@ -129,7 +129,10 @@ impl Backend for CpuBackend {
                 )));
             }
             if c.routes.len() < c.route_offset + c.tokens.len() {
-                return Err(Error::Internal(format!("sequence {}: routes missing", c.seq)));
+                return Err(Error::Internal(format!(
+                    "sequence {}: routes missing",
+                    c.seq
+                )));
             }
             if let Some(bad) = c.tokens.iter().find(|&&t| t as usize >= vocab) {
                 return Err(Error::InvalidRequest(format!(
@@ -162,7 +165,8 @@ impl Backend for CpuBackend {
                     let pos = c.start_pos + i;
                     let r = row + i;
                     self.rope.apply(&mut q[r * q_width..(r + 1) * q_width], pos);
-                    self.rope.apply(&mut k[r * kv_width..(r + 1) * kv_width], pos);
+                    self.rope
+                        .apply(&mut k[r * kv_width..(r + 1) * kv_width], pos);
                 }
                 let n = c.tokens.len();
                 let cache = self.kv.get_mut(&c.seq).expect("validated");
@@ -184,7 +188,14 @@ impl Backend for CpuBackend {
             jobs.into_par_iter().for_each(|(c, r0, out)| {
                 let cache = &kv[&c.seq];
                 let rows = r0 * q_width..(r0 + c.tokens.len()) * q_width;
-                attention(&q_all[rows], &cache.k[l], &cache.v[l], c.start_pos, shape, out);
+                attention(
+                    &q_all[rows],
+                    &cache.k[l],
+                    &cache.v[l],
+                    c.start_pos,
+                    shape,
+                    out,
+                );
             });
             matmul_t(&att, total, &layer.o, &mut o);
             crate::ops::add_assign(&mut x, &o);
@@ -200,7 +211,10 @@ impl Backend for CpuBackend {
                 .flat_map(|r| r.experts())
                 .find(|&&e| e as usize >= layer.experts.len())
             {
-                return Err(Error::Internal(format!("route names expert {bad} of {}", layer.experts.len())));
+                return Err(Error::Internal(format!(
+                    "route names expert {bad} of {}",
+                    layer.experts.len()
+                )));
             }
             moe_layer(
                 &h,

@@ -9,6 +9,7 @@
 
 mod backend;
 pub mod cpu;
+pub mod cuda;
 mod device;
 
 use std::collections::BTreeMap;
@@ -177,7 +178,9 @@ impl Engine {
             )));
         }
         if req.max_new_tokens == 0 {
-            return Err(Error::InvalidRequest("max_new_tokens must be at least 1".into()));
+            return Err(Error::InvalidRequest(
+                "max_new_tokens must be at least 1".into(),
+            ));
         }
         let ctx = cfg.max_context();
         if req.prompt.len() + req.max_new_tokens > ctx {

@@ -92,7 +92,8 @@ mod tests {
                     .map(|p| {
                         (0..d)
                             .map(|i| {
-                                q[t * nh * d + h * d + i] as f64 * k[p * nkv * d + kvh * d + i] as f64
+                                q[t * nh * d + h * d + i] as f64
+                                    * k[p * nkv * d + kvh * d + i] as f64
                             })
                             .sum::<f64>()
                             * s.scale as f64
@@ -126,7 +127,14 @@ mod tests {
         for (start, t) in [(3usize, 5usize), (8, 1), (0, 9)] {
             let q = rand_vec(t * 32, 3 + start as u64);
             let mut out = vec![f32::NAN; t * 32];
-            attention(&q, &k[..(start + t) * 16], &v[..(start + t) * 16], start, &shape, &mut out);
+            attention(
+                &q,
+                &k[..(start + t) * 16],
+                &v[..(start + t) * 16],
+                start,
+                &shape,
+                &mut out,
+            );
             assert_close(&out, &reference(&q, &k, &v, start, &shape), 1e-5);
         }
     }

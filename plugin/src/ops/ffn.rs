@@ -87,8 +87,12 @@ mod tests {
         let (h, i) = (e.down.rows, e.inter());
         let act: Vec<f64> = (0..i)
             .map(|c| {
-                let g: f64 = (0..h).map(|j| x[j] as f64 * e.gate.data[c * h + j] as f64).sum();
-                let u: f64 = (0..h).map(|j| x[j] as f64 * e.up.data[c * h + j] as f64).sum();
+                let g: f64 = (0..h)
+                    .map(|j| x[j] as f64 * e.gate.data[c * h + j] as f64)
+                    .sum();
+                let u: f64 = (0..h)
+                    .map(|j| x[j] as f64 * e.up.data[c * h + j] as f64)
+                    .sum();
                 g / (1.0 + (-g).exp()) * u
             })
             .collect();

@@ -147,7 +147,13 @@ mod tests {
 
     #[test]
     fn both_paths_match_the_definition() {
-        for &(m, n, k) in &[(1, 7, 5), (3, 130, 67), (4, 300, 256), (5, 33, 17), (64, 96, 80)] {
+        for &(m, n, k) in &[
+            (1, 7, 5),
+            (3, 130, 67),
+            (4, 300, 256),
+            (5, 33, 17),
+            (64, 96, 80),
+        ] {
             let x = rand_vec(m * k, m as u64);
             let w = Matrix::new(n, k, rand_vec(n * k, 99 + n as u64));
             let mut out = vec![f32::NAN; m * n];

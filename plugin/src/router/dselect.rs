@@ -58,7 +58,7 @@ pub struct DSelectGate {
 impl DSelectGate {
     /// A gate over `n` experts with `k` selectors and smooth-step width `gamma`; checks the shapes.
     pub fn new(n: usize, k: usize, gamma: f32, params: GateParams) -> Result<Self> {
-        if n < 2 || k == 0 || !(gamma > 0.0) {
+        if n < 2 || k == 0 || gamma.is_nan() || gamma <= 0.0 {
             return Err(Error::InvalidArgument(format!(
                 "DSelect-k needs n >= 2 experts, k >= 1 selectors and gamma > 0 (n={n}, k={k}, gamma={gamma})"
             )));
@@ -241,6 +241,15 @@ mod tests {
         assert_eq!(gate.route(Some(&[3.0, -3.0])).unwrap().experts(), &[2]);
         assert_eq!(gate.route(Some(&[-3.0, 3.0])).unwrap().experts(), &[1]);
         assert!(gate.route(Some(&[1.0])).is_err());
-        assert!(DSelectGate::new(4, 1, 1.0, GateParams::Static { z: vec![0.0], alpha: vec![0.0] }).is_err());
+        assert!(DSelectGate::new(
+            4,
+            1,
+            1.0,
+            GateParams::Static {
+                z: vec![0.0],
+                alpha: vec![0.0]
+            }
+        )
+        .is_err());
     }
 }
