@@ -404,6 +404,13 @@ impl ExpertCache {
         Ok(())
     }
 
+    /// Releases the pin of `u` (its compute in the step in flight is done).
+    pub fn unpin(&mut self, u: Unit) {
+        if let Ok(i) = self.check(u) {
+            self.pin_epoch[i] = 0;
+        }
+    }
+
     /// Whether `u` is pinned.
     pub fn is_pinned(&self, u: Unit) -> bool {
         self.check(u)

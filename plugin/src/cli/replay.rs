@@ -112,6 +112,14 @@ pub struct ReplayArgs {
     /// Share of tokens keeping the previous token's expert in the synthetic expert model.
     #[arg(long, default_value_t = workload::READ_ME_KEEP)]
     pub keep_prob: f64,
+    /// What `belady` knows of coming steps in simulated mode: `online` (queued prompts and each
+    /// request's route history) or `oracle` (also the true next decode tokens; an upper bound).
+    #[arg(long, default_value = "online")]
+    pub lookahead: String,
+    /// Also evaluate every eviction policy at capacities 2..=5 (1..experts-1 if fewer) on this
+    /// replay's fixed step sequence, Belady with its exact future (the paper's Table 4 setting).
+    #[arg(long)]
+    pub hit_ratio_table: bool,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9400) during the replay.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -269,6 +277,30 @@ fn metrics_label(args: &ReplayArgs) -> String {
     }
 }
 
+/// Every policy at capacities 2..=5 (clamped to 1..experts-1) on the replay's step sequence.
+fn hit_ratio_table(
+    report: &replay::Report,
+    args: &ReplayArgs,
+) -> Result<Vec<(&'static str, usize, f64)>> {
+    let experts = report
+        .step_experts
+        .iter()
+        .flat_map(|s| s.iter())
+        .max()
+        .map_or(1, |e| e as usize + 1)
+        .max(args.experts.unwrap_or(0));
+    let hi = experts.saturating_sub(1).clamp(1, 5);
+    let lo = 2.min(hi);
+    let mut out = Vec::new();
+    for p in EvictionPolicy::ALL {
+        for c in lo..=hi {
+            let h = replay::offline::hit_ratio(&report.step_experts, experts, c, p, args.seed)?;
+            out.push((p.as_str(), c, h));
+        }
+    }
+    Ok(out)
+}
+
 /// Runs `pregate replay`.
 pub fn run(args: ReplayArgs) -> Result<()> {
     let policy: EvictionPolicy = args.policy.parse()?;
@@ -318,8 +350,15 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             prefetch: !args.no_prefetch,
             experts,
             seed: args.seed,
+            lookahead: args.lookahead.parse()?,
+            record_steps: args.hit_ratio_table,
         };
         replay::simulate(&reqs, &cfg, metrics.as_ref())?
+    };
+    let table = if args.hit_ratio_table {
+        hit_ratio_table(&report, &args)?
+    } else {
+        Vec::new()
     };
     if args.json {
         let mut v = serde_json::to_value(&report).map_err(|e| Error::Internal(e.to_string()))?;
@@ -330,6 +369,15 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             m.insert("cache_capacity".into(), args.cache_capacity.into());
             m.insert("max_batch_tokens".into(), args.max_batch_tokens.into());
             m.insert("seed".into(), args.seed.into());
+            if args.hit_ratio_table {
+                let rows: Vec<serde_json::Value> = table
+                    .iter()
+                    .map(
+                        |(p, c, h)| serde_json::json!({"policy": p, "capacity": c, "hit_ratio": h}),
+                    )
+                    .collect();
+                m.insert("hit_ratio_table".into(), rows.into());
+            }
         }
         println!("{v}");
     } else {
@@ -341,6 +389,37 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             args.batching
         );
         print!("{}", report.table());
+        if !table.is_empty() {
+            println!(
+                "\noffline hit ratio on this replay's {} steps (%):",
+                report.steps
+            );
+            let caps: Vec<usize> = table
+                .iter()
+                .map(|r| r.1)
+                .take_while(|&c| c != usize::MAX)
+                .collect();
+            let mut caps = caps;
+            caps.dedup();
+            caps.sort();
+            caps.dedup();
+            print!("{:<8}", "policy");
+            for c in &caps {
+                print!("{:>8}", format!("cap {c}"));
+            }
+            println!();
+            for p in EvictionPolicy::ALL {
+                print!("{:<8}", p.as_str());
+                for c in &caps {
+                    let h = table
+                        .iter()
+                        .find(|r| r.0 == p.as_str() && r.1 == *c)
+                        .map_or(0.0, |r| r.2);
+                    print!("{:>8.2}", h * 100.0);
+                }
+                println!();
+            }
+        }
     }
     if server.is_some() && args.metrics_linger_s > 0.0 {
         std::thread::sleep(std::time::Duration::from_secs_f64(args.metrics_linger_s));

@@ -1,11 +1,34 @@
-//! Executed replay (in progress).
-use std::path::Path;
+//! Executed replay: the workload through the lookahead batcher and the real CPU engine.
+//!
+//! Routes come from the model's own router (the engine routes every prompt at admission and every
+//! sampled token at once). Each request is added to the engine when it arrives; the batcher decides
+//! every step from [`Engine::pending`](crate::engine::Engine::pending), and the engine runs exactly
+//! that schedule. Time is virtual: arrivals are on the workload's clock, and each step advances it by
+//! the step's measured wall time plus the expert-load stalls the cost model charges. The CPU engine
+//! keeps every expert in memory, so the expert cache is accounted (the same [`ExpertCache`] and
+//! timeline as the simulator, with the measured compute spread over the layers and experts), not
+//! performed.
+//!
+//! Prompts given as lengths are made of seeded random ids. A request longer than the model's
+//! context is shortened: its prompt first (to at least one token), then its output. Generation
+//! ignores EOS, so every request produces exactly its output length.
 
-use super::{CostModel, Report, TraceRequest};
-use crate::batcher::BatcherConfig;
-use crate::cache::EvictionPolicy;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::layer::Timeline;
+use super::report::Summary;
+use super::{CostModel, Prompt, Report, TraceRequest};
+use crate::batcher::{BatcherConfig, LookaheadBatcher, PendingView, RequestDesc};
+use crate::cache::{EvictionPolicy, ExpertCache, NEVER};
+use crate::engine::{open_engine, Device, GenerationRequest, SeqId};
 use crate::error::{Error, Result};
 use crate::metrics::ModelMetrics;
+use crate::model::ModelDir;
 
 /// Settings of an executed replay.
 #[derive(Debug, Clone)]
@@ -24,14 +47,162 @@ pub struct ExecConfig {
     pub expert_bytes: Option<u64>,
 }
 
-/// Replays `reqs` on the CPU engine.
+struct Live {
+    arrival: f64,
+    prompt: usize,
+    output: usize,
+    first_token: f64,
+}
+
+/// Replays `reqs` on the CPU engine with the model in `dir`.
 pub fn run(
-    _dir: &Path,
-    _reqs: &[TraceRequest],
-    _cfg: &ExecConfig,
-    _metrics: Option<&ModelMetrics>,
+    dir: &Path,
+    reqs: &[TraceRequest],
+    cfg: &ExecConfig,
+    metrics: Option<&ModelMetrics>,
 ) -> Result<Report> {
-    Err(Error::InvalidArgument(
-        "executed mode is not built yet".into(),
+    let started = Instant::now();
+    let model = ModelDir::open(dir)?;
+    let mut shape = super::model_shape(dir)?;
+    if let Some(b) = cfg.expert_bytes {
+        shape.expert_bytes = b;
+    }
+    super::check_capacity(cfg.per_layer, shape.experts, model.config.router_top_k)?;
+    let vocab = model.config.vocab_size as u32;
+    let ctx = model.config.max_context();
+    let mut engine = open_engine(&model, Device::Cpu)?;
+    let mut batcher = LookaheadBatcher::new(cfg.batcher.clone())?;
+    let mut cache = ExpertCache::with_layer_quota(
+        shape.layers,
+        shape.experts,
+        cfg.per_layer,
+        shape.expert_bytes,
+        cfg.policy,
+        cfg.seed,
+    )?;
+    let load_s = shape.expert_bytes as f64 / cfg.cost.link_bytes_per_s + cfg.cost.load_fixed_s;
+    let mut timeline = Timeline::new(&cache, load_s, true);
+    let future = vec![NEVER; shape.experts];
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut summary = Summary::new(shape.experts);
+    let mut live: HashMap<SeqId, Live> = HashMap::new();
+    let mut admitted: HashSet<SeqId> = HashSet::new();
+    let mut next = 0usize;
+    let mut now = 0.0f64;
+
+    loop {
+        while next < reqs.len() && reqs[next].arrival <= now {
+            let r = &reqs[next];
+            next += 1;
+            let output = r.output_len.min(ctx.saturating_sub(1)).max(1);
+            let prompt_len = r.prompt.len().min(ctx.saturating_sub(output)).max(1);
+            let prompt: Vec<u32> = match &r.prompt {
+                Prompt::Tokens(t) => t[..prompt_len.min(t.len())].to_vec(),
+                Prompt::Len(_) => (0..prompt_len)
+                    .map(|_| rng.random_range(0..vocab))
+                    .collect(),
+            };
+            let mut g = GenerationRequest::greedy(prompt, output);
+            g.ignore_eos = true;
+            let seq = engine.add_request(g)?;
+            batcher.submit(RequestDesc {
+                id: seq,
+                arrival: r.arrival,
+                prompt_len,
+                output_len: Some(output),
+                deadline: r.deadline_s.map(|d| r.arrival + d),
+                kv_bytes: (prompt_len + output) as u64 * shape.kv_bytes_per_token,
+            })?;
+            live.insert(
+                seq,
+                Live {
+                    arrival: r.arrival,
+                    prompt: prompt_len,
+                    output,
+                    first_token: f64::NAN,
+                },
+            );
+        }
+        if live.is_empty() {
+            match reqs.get(next) {
+                Some(r) => {
+                    now = now.max(r.arrival);
+                    continue;
+                }
+                None => break,
+            }
+        }
+        let resident = cache.resident_experts(0);
+        let pending: Vec<PendingView<'_>> = engine.pending().map(PendingView::from).collect();
+        let views = pending
+            .iter()
+            .filter(|p| admitted.contains(&p.seq))
+            .chain(pending.iter().filter(|p| !admitted.contains(&p.seq)))
+            .copied();
+        let plan = batcher.schedule(now, views, &resident)?.clone();
+        drop(pending);
+        if plan.is_empty() {
+            match reqs.get(next) {
+                Some(r) if r.arrival > now => {
+                    now = r.arrival;
+                    continue;
+                }
+                _ => {
+                    return Err(Error::Internal(
+                        "the batcher scheduled nothing with work pending".into(),
+                    ))
+                }
+            }
+        }
+        admitted.extend(plan.admitted.iter().copied());
+        for c in &plan.chunks {
+            summary.queue_wait(c.waited);
+            if let Some(m) = metrics {
+                m.observe_queue_wait(c.waited);
+            }
+        }
+        let t0 = Instant::now();
+        let events = engine.step(&plan.entries())?;
+        let compute = t0.elapsed().as_secs_f64();
+        let per_expert = compute / (shape.layers as f64 * plan.experts.len().max(1) as f64);
+        let (end, stall) = timeline.step(
+            &mut cache,
+            &plan.experts,
+            &future,
+            now,
+            0.0,
+            per_expert,
+            metrics,
+        )?;
+        summary.step(plan.experts.len(), plan.tokens, stall);
+        if let Some(m) = metrics {
+            m.observe_batch(plan.experts.len(), plan.tokens);
+            m.add_stall(stall);
+            m.record_cache(cache.stats(), cache.resident());
+        }
+        for e in events {
+            let Some(l) = live.get_mut(&e.seq) else {
+                continue;
+            };
+            if l.first_token.is_nan() {
+                l.first_token = end;
+            }
+            if e.finished.is_some() {
+                let l = live.remove(&e.seq).expect("present above");
+                summary.finish(l.arrival, l.first_token, end, l.prompt, l.output);
+                batcher.finish(e.seq);
+                admitted.remove(&e.seq);
+            }
+        }
+        batcher.step_done(now, end);
+        if let Some(m) = metrics {
+            m.set_requests(batcher.waiting(), batcher.running());
+        }
+        now = end;
+    }
+    Ok(summary.report(
+        cache.stats(),
+        batcher.max_waited(),
+        started.elapsed().as_secs_f64(),
     ))
 }

@@ -6,6 +6,8 @@
 //! replay reports in [`report`]. `pregate replay` (in [`crate::cli`]) is the command-line front.
 
 pub mod executed;
+mod layer;
+pub mod offline;
 pub mod report;
 pub mod sim;
 pub mod workload;
@@ -13,7 +15,7 @@ pub mod workload;
 use std::path::Path;
 
 pub use report::Report;
-pub use sim::{check_capacity, simulate, CostModel, ModelShape, SimConfig};
+pub use sim::{check_capacity, simulate, CostModel, Lookahead, ModelShape, SimConfig};
 pub use workload::{ExpertModel, Prompt, TraceRequest};
 
 use crate::config::{config_path, ModelConfig};

@@ -141,6 +141,7 @@ impl Summary {
             prompt_tokens: self.prompt_tokens,
             generated_tokens: self.generated_tokens,
             wall_s,
+            step_experts: Vec::new(),
         }
     }
 }
@@ -198,6 +199,9 @@ pub struct Report {
     pub generated_tokens: u64,
     /// Wall-clock time the replay itself took.
     pub wall_s: f64,
+    /// The experts each step used, in order (for [`super::offline`]; not serialized).
+    #[serde(skip)]
+    pub step_experts: Vec<crate::route::ExpertSet>,
 }
 
 impl Report {

@@ -13,23 +13,29 @@
 //!   layer are known then), in (layer, expert) order, so loads for later layers overlap with
 //!   earlier layers' compute; without it, a layer's loads are issued when compute reaches it.
 //!   A load never starts before the compute that last used its victim's slot has finished.
-//! - The cache holds `per_layer` experts of every layer. If a step uses more experts at a layer,
-//!   the layer runs in rounds of at most `per_layer` experts (resident ones first), and pins are
-//!   released between rounds.
+//! - The cache holds `per_layer` experts of every layer. A layer computes its experts one after
+//!   the other, resident ones first; pins and use order are those of [`super::layer`], so a step may
+//!   use more experts at a layer than it has slots (loads then wait for their victim's compute).
 //!
 //! # Lookahead for `belady`
-//! At each step the cache learns every unit's next use: units of the step itself come first
-//! (exact); the others are ranked by queued demand: each running decode request's current expert
-//! (the next token keeps it with probability ~0.71) and the first 64 pending prompt tokens of each
-//! request the batcher can see. Experts with no queued demand have no known next use (ties by LRU).
-//! Future decode tokens are not read: the router has not seen them yet.
+//! At each step the cache learns every unit's next use. Units the step itself uses come first
+//! (exact). The others are ranked by their expected demand in the coming steps, from what a server
+//! knows at that moment ([`Lookahead::Online`]): the first 64 pending prompt tokens of every request
+//! the batcher can see (exact routes), and for each decode request the chance that its next token
+//! uses the expert, estimated from its own route history: `k [e = current] + (1 - k) f_e`, where
+//! `k` is the share of its tokens so far that kept the previous expert and `f_e` the share routed to
+//! `e`. Higher demand means a sooner use; experts with no demand have no known next use (ties by
+//! LRU). [`Lookahead::Oracle`] instead reads the true expert of every decode request's next token
+//! (which no router has computed yet): an upper bound on what any lookahead can give, for
+//! comparison with offline Belady figures.
 
 use std::collections::VecDeque;
 
+use super::layer;
 use super::report::{Report, Summary};
 use super::workload::{ExpertModel, ExpertStream, TraceRequest};
 use crate::batcher::{BatcherConfig, LookaheadBatcher, PendingView, RequestDesc};
-use crate::cache::{EvictionPolicy, ExpertCache, Lookup, Unit, NEVER};
+use crate::cache::{EvictionPolicy, ExpertCache, NEVER};
 use crate::error::{Error, Result};
 use crate::metrics::ModelMetrics;
 use crate::route::{ExpertId, RoutePlan, TokenRoute};
@@ -86,6 +92,29 @@ impl ModelShape {
     }
 }
 
+/// What `belady` may know about future steps (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lookahead {
+    /// Queued prompt routes plus each decode request's route history.
+    #[default]
+    Online,
+    /// Also the true expert of every decode request's next token (clairvoyant; for comparison).
+    Oracle,
+}
+
+impl std::str::FromStr for Lookahead {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "online" => Ok(Lookahead::Online),
+            "oracle" => Ok(Lookahead::Oracle),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown lookahead `{other}` (expected online or oracle)"
+            ))),
+        }
+    }
+}
+
 /// Everything a simulated replay needs.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -105,6 +134,10 @@ pub struct SimConfig {
     pub experts: ExpertModel,
     /// Seed of the routes and of the random policy.
     pub seed: u64,
+    /// What `belady` knows of future steps.
+    pub lookahead: Lookahead,
+    /// Keep every step's expert set in [`Report::step_experts`].
+    pub record_steps: bool,
 }
 
 struct SimReq {
@@ -116,6 +149,10 @@ struct SimReq {
     computed: usize,
     generated: usize,
     current: ExpertId,
+    /// Tokens routed to each expert so far (prompt and generated).
+    history: Vec<u32>,
+    /// Tokens that kept the previous token's expert.
+    kept: u32,
     first_token: f64,
     finish: f64,
 }
@@ -183,6 +220,8 @@ pub fn simulate(
             computed: 0,
             generated: 0,
             current: 0,
+            history: Vec::new(),
+            kept: 0,
             first_token: f64::NAN,
             finish: f64::NAN,
         })
@@ -191,11 +230,11 @@ pub fn simulate(
     let mut waiting: VecDeque<usize> = VecDeque::new();
     let mut running: Vec<usize> = Vec::new();
     let mut summary = Summary::new(shape.experts);
-    let mut slot_free = vec![0.0f64; cache.capacity()];
-    let mut copy_free = 0.0f64;
     let mut now = 0.0f64;
-    let mut demand = vec![0u64; shape.experts];
-    let mut order: Vec<ExpertId> = Vec::with_capacity(shape.experts);
+    let mut demand = vec![0f64; shape.experts];
+    let mut timeline = layer::Timeline::new(&cache, load_s, cfg.prefetch);
+    let mut future = vec![NEVER; shape.experts];
+    let mut step_experts = Vec::new();
 
     loop {
         while next_arrival < sims.len() && sims[next_arrival].arrival <= now {
@@ -229,9 +268,16 @@ pub fn simulate(
             if r.routes.is_none() {
                 let mut stream = cfg.experts.stream(&popularity, cfg.seed ^ (i as u64 + 1));
                 let mut plan = RoutePlan::new(shape.experts, crate::route::RouteScope::AllLayers);
+                r.history = vec![0; shape.experts];
+                let mut prev = None;
                 for _ in 0..r.prompt_len {
-                    plan.push(&[TokenRoute::single(stream.next_expert())])?;
+                    let e = stream.next_expert();
+                    r.history[e as usize] += 1;
+                    r.kept += (prev == Some(e)) as u32;
+                    prev = Some(e);
+                    plan.push(&[TokenRoute::single(e)])?;
                 }
+                r.current = prev.unwrap_or(0);
                 r.routes = Some(plan);
                 r.stream = Some(stream);
             }
@@ -282,83 +328,54 @@ pub fn simulate(
         }
         let chunks = plan.chunks.clone();
 
-        // Belady's lookahead: the step itself, then queued demand (see the module docs).
+        // Belady's lookahead: queued demand for the steps after this one (see the module docs).
         if cfg.policy == EvictionPolicy::Belady {
-            demand.iter_mut().for_each(|d| *d = 0);
+            demand.iter_mut().for_each(|d| *d = 0.0);
             for &i in running.iter().chain(waiting.iter().take(window)) {
                 let r = &sims[i];
                 if r.computed < r.prompt_len {
                     if let Some(routes) = &r.routes {
                         for t in 0..routes.len().min(64) {
-                            demand[routes.route(t, 0).primary() as usize] += 1;
+                            demand[routes.route(t, 0).primary() as usize] += 1.0;
                         }
                     }
+                } else if cfg.lookahead == Lookahead::Oracle {
+                    if let Some(stream) = &r.stream {
+                        demand[stream.clone().next_expert() as usize] += 1.0;
+                    }
                 } else {
-                    demand[r.current as usize] += 1;
+                    let n = r.history.iter().sum::<u32>().max(1) as f64;
+                    let k = r.kept as f64 / n;
+                    for (e, &h) in r.history.iter().enumerate() {
+                        demand[e] += (1.0 - k) * h as f64 / n;
+                    }
+                    demand[r.current as usize] += k;
                 }
             }
-            for l in 0..shape.layers {
-                cache.set_layer_next_use(l, |e| {
-                    if used.contains(e) {
-                        0
-                    } else if demand[e as usize] > 0 {
-                        // More queued demand: sooner use.
-                        1 + (u32::MAX as u64 - demand[e as usize].min(u32::MAX as u64 - 1))
-                    } else {
-                        NEVER
-                    }
-                });
+            for (f, &d) in future.iter_mut().zip(&demand) {
+                // More expected demand: a sooner use.
+                *f = if d > 0.0 { 1 + (1e9 / d) as u64 } else { NEVER };
             }
         }
 
         // The step's timeline.
         let start = now;
-        let mut t = now;
-        let mut stall = 0.0;
-        let u = used.len().max(1);
-        let token_layer_s = cfg.cost.token_s * tokens as f64 / shape.layers as f64;
-        for l in 0..shape.layers {
-            order.clear();
-            order.extend(
-                used.iter()
-                    .filter(|&e| cache.slot_of(Unit::new(l, e)).is_some()),
-            );
-            order.extend(
-                used.iter()
-                    .filter(|&e| cache.slot_of(Unit::new(l, e)).is_none()),
-            );
-            for (ri, round) in order.chunks(cfg.per_layer).enumerate() {
-                if ri > 0 {
-                    cache.unpin_all();
-                }
-                let mut ready = t;
-                for &e in round {
-                    if let Lookup::Miss { slot, .. } = cache.access(Unit::new(l, e))? {
-                        let issue = if cfg.prefetch { start } else { t };
-                        let begin = copy_free.max(issue).max(slot_free[slot]);
-                        copy_free = begin + load_s;
-                        ready = ready.max(copy_free);
-                        if let Some(m) = metrics {
-                            m.observe_load(load_s);
-                        }
-                    }
-                }
-                stall += ready - t;
-                t = ready;
-                let dense = if ri == 0 { cfg.cost.dense_layer_s } else { 0.0 };
-                t += dense
-                    + round.len() as f64 * cfg.cost.expert_layer_s
-                    + token_layer_s * round.len() as f64 / u as f64;
-                for &e in round {
-                    if let Some(s) = cache.slot_of(Unit::new(l, e)) {
-                        slot_free[s] = t;
-                    }
-                }
-            }
-        }
-        cache.unpin_all();
+        let per_expert_s = cfg.cost.expert_layer_s
+            + cfg.cost.token_s * tokens as f64 / shape.layers as f64 / used.len().max(1) as f64;
+        let (t, stall) = timeline.step(
+            &mut cache,
+            &used,
+            &future,
+            start,
+            cfg.cost.dense_layer_s,
+            per_expert_s,
+            metrics,
+        )?;
         let end = t;
         summary.step(used.len(), tokens, stall);
+        if cfg.record_steps {
+            step_experts.push(used);
+        }
         if let Some(m) = metrics {
             m.observe_batch(used.len(), tokens);
             m.add_stall(stall);
@@ -401,7 +418,11 @@ pub fn simulate(
                     r.stream.as_mut().map(|s| s.next_expert()).ok_or_else(|| {
                         Error::Internal(format!("request {i} has no route stream"))
                     })?;
+                r.kept += (r.current == e) as u32;
                 r.current = e;
+                if let Some(h) = r.history.get_mut(e as usize) {
+                    *h += 1;
+                }
                 routes.push(&[TokenRoute::single(e)])?;
             }
         }
@@ -415,5 +436,7 @@ pub fn simulate(
         now = end;
     }
     let stats = cache.stats();
-    Ok(summary.report(stats, batcher.max_waited(), started.elapsed().as_secs_f64()))
+    let mut report = summary.report(stats, batcher.max_waited(), started.elapsed().as_secs_f64());
+    report.step_experts = step_experts;
+    Ok(report)
 }
