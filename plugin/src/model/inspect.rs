@@ -217,7 +217,7 @@ impl ModelReport {
             c.tie_word_embeddings
         ));
         line(format!(
-            "router       width {}, {} heads, mlp {}, {} experts, top-{} , normalizer {}",
+            "router       width {}, {} heads, mlp {}, {} experts, top-{}, normalizer {}",
             c.embedding_dim, c.n_head, c.inter_dim, c.n_cluster, c.router_top_k, c.normalizer
         ));
         line(format!(
