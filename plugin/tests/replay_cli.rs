@@ -1,0 +1,298 @@
+//! End-to-end tests of `pregate replay`: JSON keys, determinism, bad input, executed mode.
+
+use std::io::Write;
+use std::process::Command;
+
+fn pregate(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pregate"))
+        .args(args)
+        .output()
+        .expect("run pregate");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let (ok, out, err) = pregate(args);
+    assert!(ok, "pregate {args:?} failed: {err}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+const SYNTH: &[&str] = &[
+    "replay",
+    "--synthetic",
+    "300",
+    "--rate",
+    "2",
+    "--seed",
+    "11",
+    "--cache-capacity",
+    "3",
+    "--policy",
+    "belady",
+    "--batching",
+    "expert-aware",
+    "--max-batch-tokens",
+    "128",
+    "--max-wait-ms",
+    "2000",
+    "--json",
+];
+
+#[test]
+fn json_has_every_documented_key() {
+    let v = json(SYNTH);
+    for key in [
+        "hit_ratio",
+        "loads",
+        "bytes_loaded",
+        "stall_seconds",
+        "unique_experts_per_batch_mean",
+        "unique_experts_per_batch_hist",
+        "tokens_per_batch_mean",
+        "ttft_p50_s",
+        "ttft_p95_s",
+        "tpot_p50_s",
+        "normalized_latency_mean_s",
+        "normalized_latency_p50_s",
+        "normalized_latency_p95_s",
+        "normalized_latency_p99_s",
+        "max_queue_wait_s",
+        "throughput_tokens_per_s",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    assert_eq!(v["requests"], 300);
+    let h = v["hit_ratio"].as_f64().unwrap();
+    assert!(h > 0.0 && h < 1.0, "{h}");
+    assert!(v["unique_experts_per_batch_mean"].as_f64().unwrap() <= 7.0);
+}
+
+#[test]
+fn replay_is_deterministic_for_a_seed() {
+    let mut a = json(SYNTH);
+    let mut b = json(SYNTH);
+    a.as_object_mut().unwrap().remove("wall_s");
+    b.as_object_mut().unwrap().remove("wall_s");
+    assert_eq!(a, b);
+    let mut other: Vec<&str> = SYNTH.to_vec();
+    other[6] = "12";
+    let mut c = json(&other);
+    c.as_object_mut().unwrap().remove("wall_s");
+    assert_ne!(a, c);
+}
+
+#[test]
+fn the_table_and_the_offline_hit_ratios_print() {
+    let (ok, out, err) = pregate(&[
+        "replay",
+        "--synthetic",
+        "200",
+        "--rate",
+        "3",
+        "--cache-capacity",
+        "7",
+        "--policy",
+        "lru",
+        "--batching",
+        "decode-first",
+        "--hit-ratio-table",
+    ]);
+    assert!(ok, "{err}");
+    for needle in ["cache hit ratio", "normalized latency", "belady", "cap 5"] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+}
+
+#[test]
+fn azure_csv_and_jsonl_traces_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("t.csv");
+    std::fs::write(
+        &csv,
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n\
+         2023-11-16 18:15:50.9951690,396,109\n2023-11-16 18:15:51.0,20,3\n",
+    )
+    .unwrap();
+    let v = json(&[
+        "replay",
+        "--trace",
+        csv.to_str().unwrap(),
+        "--time-scale",
+        "0.5",
+        "--cache-capacity",
+        "4",
+        "--policy",
+        "lfu",
+        "--batching",
+        "fcfs",
+        "--json",
+    ]);
+    assert_eq!(v["requests"], 3);
+    assert_eq!(v["generated_tokens"], 156);
+    let jl = dir.path().join("t.jsonl");
+    std::fs::write(
+        &jl,
+        "{\"arrival\": 0, \"prompt_len\": 30, \"output_len\": 5}\n\
+         {\"arrival\": 0.1, \"prompt\": [5, 6, 7], \"output_len\": 2, \"deadline_s\": 1.5}\n",
+    )
+    .unwrap();
+    let v = json(&[
+        "replay",
+        "--trace",
+        jl.to_str().unwrap(),
+        "--cache-capacity",
+        "2",
+        "--policy",
+        "random",
+        "--batching",
+        "prefill-first",
+        "--json",
+    ]);
+    assert_eq!(v["requests"], 2);
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let (ok, _, err) = pregate(args);
+    assert!(!ok, "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: `{n}` not in {err}");
+    }
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    let mut f = std::fs::File::create(&bad).unwrap();
+    writeln!(
+        f,
+        "{{\"arrival\": 0, \"prompt_len\": 3, \"output_len\": 1}}"
+    )
+    .unwrap();
+    writeln!(
+        f,
+        "{{\"arrival\": 0.5, \"prompt_len\": 3, \"output_len\": 1}}"
+    )
+    .unwrap();
+    writeln!(
+        f,
+        "{{\"arrival\": 1, \"prompt_len\": 3, \"output_len\": \"many\"}}"
+    )
+    .unwrap();
+    drop(f);
+    let path = bad.to_str().unwrap();
+    let base = ["replay", "--cache-capacity", "2", "--synthetic", "10"];
+    fails_with(
+        &["replay", "--trace", path, "--cache-capacity", "2"],
+        &["bad.jsonl:3:"],
+    );
+    fails_with(
+        &[&base[..], &["--policy", "fifo"]].concat(),
+        &["fifo", "belady"],
+    );
+    fails_with(
+        &[&base[..], &["--batching", "greedy"]].concat(),
+        &["greedy", "expert-aware"],
+    );
+    fails_with(
+        &[&base[..], &["--mode", "real"]].concat(),
+        &["real", "executed"],
+    );
+    fails_with(
+        &["replay", "--synthetic", "10", "--cache-capacity", "0"],
+        &["smaller than one step's experts"],
+    );
+    fails_with(
+        &["replay", "--synthetic", "10", "--cache-capacity", "9"],
+        &["exceeds the model's 7 experts"],
+    );
+    fails_with(
+        &["replay", "--cache-capacity", "2"],
+        &["--trace FILE or --synthetic"],
+    );
+    fails_with(
+        &[&base[..], &["--mode", "executed"]].concat(),
+        &["--model DIR"],
+    );
+    fails_with(
+        &[
+            "replay",
+            "--trace",
+            "/nonexistent.csv",
+            "--cache-capacity",
+            "2",
+        ],
+        &["/nonexistent.csv"],
+    );
+}
+
+#[test]
+fn executed_mode_runs_the_cpu_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    let (ok, _, err) = pregate(&[
+        "make-model",
+        "--preset",
+        "tiny",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let m = model.to_str().unwrap();
+    let v = json(&[
+        "replay",
+        "--model",
+        m,
+        "--synthetic",
+        "12",
+        "--rate",
+        "20",
+        "--seed",
+        "3",
+        "--cache-capacity",
+        "2",
+        "--policy",
+        "belady",
+        "--batching",
+        "expert-aware",
+        "--max-batch-tokens",
+        "32",
+        "--mode",
+        "executed",
+        "--json",
+    ]);
+    assert_eq!(v["requests"], 12);
+    assert_eq!(v["mode"], "executed");
+    assert!(v["stall_seconds"].as_f64().unwrap() >= 0.0);
+    fails_with(
+        &[
+            "replay",
+            "--model",
+            m,
+            "--synthetic",
+            "2",
+            "--cache-capacity",
+            "5",
+            "--mode",
+            "executed",
+        ],
+        &["exceeds the model's 4 experts"],
+    );
+    // Simulated mode reads the shape from the model directory.
+    let v = json(&[
+        "replay",
+        "--model",
+        m,
+        "--synthetic",
+        "20",
+        "--cache-capacity",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(v["hit_ratio"].as_f64().unwrap() > 0.9, true, "{v}");
+}
