@@ -20,7 +20,10 @@ def sse(server, body, model="tiny", timeout=120):
     r = requests.post(f"{server.url}/v2/models/{model}/generate_stream", json=body, stream=True,
                       timeout=timeout)
     if r.status_code != 200:
-        return [], r.json().get("error", r.text)
+        try:
+            return [], r.json().get("error", r.text)
+        except ValueError:
+            return [], r.text or f"HTTP {r.status_code}"
     events = []
     for line in r.iter_lines(decode_unicode=True):
         if line and line.startswith("data: "):
