@@ -7,6 +7,15 @@
 #   kernels/gpu-check.sh [run] [BIN_DIR]   on the GPU host (no Rust, no network): runs every test
 #                                          of every staged binary one at a time, writes a log and
 #                                          prints a results table.
+#   kernels/gpu-check.sh all [BIN_DIR]     on the GPU host: the tests, then every benchmark (the
+#                                          `gpu` bench binary staged in BIN_DIR/../bench and the
+#                                          PyTorch baselines in kernels/bench/), with RESULT lines
+#                                          collected into gpu-bench-results.txt. PREGATE_BENCH_LAYERS
+#                                          (default 32) sets the layers of the readme-7b model the
+#                                          decode benchmarks generate under PREGATE_BENCH_MODEL_DIR
+#                                          (default /tmp/pregate-readme7b); PREGATE_BENCH_QUICK=1
+#                                          runs fewer sizes.
+#   kernels/gpu-check.sh bench [BIN_DIR]   the benchmarks only.
 #
 # Run-time environment: CUDA headers from PREGATE_CUDA_INCLUDE (default /usr/local/cuda/include),
 # NVRTC and cuBLAS from /usr/local/cuda/lib64 (prepended to LD_LIBRARY_PATH), the log under
@@ -18,7 +27,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 mode="run"
 case "${1:-}" in
-    stage|run) mode="$1"; shift ;;
+    stage|run|all|bench) mode="$1"; shift ;;
 esac
 bin_dir="${1:-$root/.device/bin}"
 
@@ -44,6 +53,25 @@ for line in sys.stdin:
         # Debug info is most of the size; the device runner carries at most 64 MiB.
         if command -v strip >/dev/null; then strip --strip-debug "$bin_dir/$name"; fi
         echo "staged $bin_dir/$name  <- $exe"
+    done
+    # The CUDA engine's GPU tests and the GPU benchmark binary (crate pregate).
+    bench_dir="$(dirname "$bin_dir")/bench"
+    mkdir -p "$bench_dir"
+    cargo build -p pregate --release --test gpu_engine --bench gpu --message-format=json 2>/dev/null |
+        python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("gpu_engine", "gpu"):
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do
+        if [ "$name" = gpu ]; then dst="$bench_dir/gpu"; else dst="$bin_dir/$name"; fi
+        cp "$exe" "$dst"
+        if command -v strip >/dev/null; then strip --strip-debug "$dst"; fi
+        echo "staged $dst  <- $exe"
     done
     exit 0
 fi
@@ -74,6 +102,42 @@ export RUST_BACKTRACE=1
     echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
     echo "binaries: $bin_dir"
 } >>"$log"
+
+run_benches() {
+    local bench_bin
+    bench_bin="$(dirname "$bin_dir")/bench/gpu"
+    local results="$log_dir/gpu-bench-results.txt"
+    local blog="$log_dir/gpu-bench.log"
+    local layers="${PREGATE_BENCH_LAYERS:-32}"
+    local mdir="${PREGATE_BENCH_MODEL_DIR:-/tmp/pregate-readme7b}"
+    local quick=""
+    [ "${PREGATE_BENCH_QUICK:-0}" = 1 ] && quick="--quick"
+    chmod +x "$bench_bin" 2>/dev/null || true
+    : >"$blog"
+    bstep() {
+        echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$blog"
+        "$@" 2>&1 | tee -a "$blog" | grep -E "^(RESULT|SKIP|error|load|torch load)" || true
+    }
+    bstep "$bench_bin" expert-layer $quick
+    bstep python3 "$here/bench/moe_torch.py" $quick
+    bstep "$bench_bin" loads
+    if [ ! -f "$mdir/config.json" ]; then
+        bstep "$bench_bin" make-model "$mdir" "$layers"
+    fi
+    bstep "$bench_bin" decode "$mdir" "${PREGATE_BENCH_BATCHES:-1,8,32}" "${PREGATE_BENCH_STEPS:-32}"
+    bstep python3 "$here/bench/decode_torch.py" "$mdir" "${PREGATE_BENCH_BATCHES:-1,8,32}" "${PREGATE_BENCH_STEPS:-32}"
+    bstep "$bench_bin" offload "$mdir" "${PREGATE_BENCH_CAPS:-2,3,4,5}" "${PREGATE_BENCH_STEPS:-32}" 1
+    {
+        echo "pregate GPU benchmarks ($(date -u +%Y-%m-%dT%H:%M:%SZ)), readme-7b layers=$layers"
+        head -3 "$log" | tail -2
+        grep -h "^RESULT" "$blog" | sed 's/^RESULT //'
+    } | tee "$results"
+}
+
+if [ "$mode" = bench ]; then
+    run_benches
+    exit 0
+fi
 
 pass=0 fail=0 skip=0
 rows=()
@@ -123,4 +187,7 @@ done
 } | tee "$table"
 cat "$table" >>"$log"
 echo "log: $log"
+if [ "$mode" = all ]; then
+    run_benches
+fi
 [ $fail -eq 0 ]

@@ -19,6 +19,7 @@
 //! layer" means in the paper's Table 4.
 
 mod backend;
+pub mod cuda;
 pub mod prefetch;
 
 pub use backend::{HostMemory, LoadTicket, MemoryBackend};

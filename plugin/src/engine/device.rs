@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::model::ModelDir;
 
 use super::cpu::{BackboneWeights, CpuBackend};
+use super::cuda::{open_cuda_engine, CudaOptions};
 use super::Engine;
 use crate::router::ReadMeRouter;
 
@@ -54,34 +55,69 @@ impl fmt::Display for Device {
 }
 
 impl Device {
-    /// The concrete device `self` stands for on this machine.
+    /// The concrete device `self` stands for on this machine: `auto` is `cuda:0` when a CUDA
+    /// driver and a device are present, else `cpu` (the choice is logged once to stderr); `cuda:N`
+    /// is an error naming the reason when that device is unavailable. Probing never panics.
     pub fn resolve(self) -> Result<Device> {
         match self {
             Device::Cpu => Ok(Device::Cpu),
-            Device::Auto => Ok(Device::Cpu),
-            Device::Cuda(n) => Err(Error::Device(format!(
-                "cuda:{n} requested, but this build has no CUDA backend"
-            ))),
+            Device::Auto => {
+                let (dev, why) = match pregate_kernels::device_count() {
+                    Ok(n) if n > 0 => (Device::Cuda(0), format!("{n} CUDA device(s) found")),
+                    Ok(_) => (Device::Cpu, "the CUDA driver reports no device".to_string()),
+                    Err(e) => (Device::Cpu, format!("no CUDA: {e}")),
+                };
+                log_once(&format!("pregate: device auto -> {dev} ({why})"));
+                Ok(dev)
+            }
+            Device::Cuda(n) => match pregate_kernels::device_count() {
+                Ok(count) if n < count => Ok(Device::Cuda(n)),
+                Ok(count) => Err(Error::Device(format!(
+                    "cuda:{n} requested, but {count} CUDA device(s) are present"
+                ))),
+                Err(e) => Err(Error::Device(format!("cuda:{n} requested, but {e}"))),
+            },
         }
     }
 }
 
-/// Loads the model in `dir` onto `device` and returns an engine ready for requests.
+/// Prints `msg` to stderr the first time only.
+fn log_once(msg: &str) {
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    LOGGED.call_once(|| eprintln!("{msg}"));
+}
+
+fn open_cpu(model: &ModelDir) -> Result<Engine> {
+    let w = model.load_weights()?;
+    let router = ReadMeRouter::new(w.router, &model.config);
+    let backbone = BackboneWeights {
+        embed: w.embed,
+        layers: w.layers,
+        norm: w.norm,
+        lm_head: w.lm_head,
+    };
+    let backend = CpuBackend::new(model.config.clone(), backbone);
+    Ok(Engine::new(Box::new(backend), router))
+}
+
+/// Loads the model in `dir` onto `device` and returns an engine ready for requests. The CUDA
+/// backend's options come from the environment ([`CudaOptions::from_env`]). With `auto`, a CUDA
+/// backend that fails to start (driver too old, a kernel NVRTC rejects, too little memory) falls
+/// back to the CPU with the reason logged; an explicit `cuda:N` reports the error instead.
 pub fn open_engine(model: &ModelDir, device: Device) -> Result<Engine> {
     match device.resolve()? {
-        Device::Cpu | Device::Auto => {
-            let w = model.load_weights()?;
-            let router = ReadMeRouter::new(w.router, &model.config);
-            let backbone = BackboneWeights {
-                embed: w.embed,
-                layers: w.layers,
-                norm: w.norm,
-                lm_head: w.lm_head,
-            };
-            let backend = CpuBackend::new(model.config.clone(), backbone);
-            Ok(Engine::new(Box::new(backend), router))
+        Device::Cpu | Device::Auto => open_cpu(model),
+        Device::Cuda(n) => {
+            let opened = CudaOptions::from_env(n).and_then(|o| open_cuda_engine(model, &o));
+            match opened {
+                Ok((engine, _stats)) => Ok(engine),
+                Err(e) if device == Device::Auto => {
+                    eprintln!("pregate: cuda:{n} failed to start ({e}); falling back to the CPU");
+                    open_cpu(model)
+                }
+                Err(e) => Err(e),
+            }
         }
-        Device::Cuda(n) => Err(Error::Device(format!("cuda:{n} is not available"))),
     }
 }
 

@@ -1,0 +1,520 @@
+//! GPU benchmarks of the CUDA backend (run by `kernels/gpu-check.sh` on a GPU host; without a
+//! device every command prints `SKIP: no CUDA device` and exits 0).
+//!
+//! ```text
+//! gpu expert-layer [--quick]             permute + expert FFN + combine vs the measured floor
+//! gpu loads                              expert loads: pinned/pageable copy bandwidth, overlap
+//! gpu make-model DIR LAYERS              readme-7b shape with LAYERS layers (timed)
+//! gpu decode DIR BATCHES STEPS           end-to-end decode tokens/s, all experts resident
+//! gpu offload DIR CAPS STEPS BATCH       offloaded decode at cache capacities CAPS (e.g. 2,3,4,5)
+//! ```
+//! Device work is timed with CUDA events (medians); engine steps end with the logits read, so
+//! their host clock is device time. Result lines start with `RESULT`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{result as cu, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
+use half::bf16;
+use pregate::cache::cuda::CudaExpertMemory;
+use pregate::cache::{EvictionPolicy, MemoryBackend};
+use pregate::engine::cuda::{
+    cuda_available, open_cuda_engine, CacheSetup, CudaDtype, CudaOptions, ExpertCapacity,
+};
+use pregate::engine::{Engine, GenerationRequest, Lookahead};
+use pregate::model::{make_model, ExpertLayout, ModelDir, Preset};
+use pregate_kernels::{Blas, ExpertPlan, ExpertWeights, FfnDims, KernelSet, MoePermutation};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if !cuda_available() {
+        println!("SKIP: no CUDA device");
+        return;
+    }
+    let r = match args.first().map(String::as_str) {
+        Some("expert-layer") => expert_layer(args.iter().any(|a| a == "--quick")),
+        Some("loads") => loads(),
+        Some("make-model") => make(&args[1], args[2].parse().unwrap_or(32)),
+        Some("decode") => decode(&args[1], &args[2], args[3].parse().unwrap_or(32)),
+        Some("offload") => offload(
+            &args[1],
+            &args[2],
+            args[3].parse().unwrap_or(32),
+            args.get(4).and_then(|b| b.parse().ok()).unwrap_or(1),
+        ),
+        _ => {
+            eprintln!("usage: gpu expert-layer|loads|make-model|decode|offload ...");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn timing_event(ctx: &Arc<CudaContext>) -> Res<CudaEvent> {
+    Ok(ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
+}
+
+/// Median milliseconds of `f` over `reps` runs after `warm` runs, timed with events on `s`.
+fn time_ms(
+    ctx: &Arc<CudaContext>,
+    s: &CudaStream,
+    warm: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Res<()>,
+) -> Res<f64> {
+    for _ in 0..warm {
+        f()?;
+    }
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let (a, b) = (timing_event(ctx)?, timing_event(ctx)?);
+        a.record(s)?;
+        f()?;
+        b.record(s)?;
+        v.push(a.elapsed_ms(&b)? as f64);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Ok(v[v.len() / 2])
+}
+
+fn random_bf16(n: usize, scale: f32, seed: u64) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; n];
+    out.par_chunks_mut(1 << 20).enumerate().for_each(|(i, c)| {
+        let mut r = ChaCha8Rng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
+        for x in c {
+            *x = bf16::from_f32(r.random_range(-scale..scale));
+        }
+    });
+    out
+}
+
+struct Setup {
+    ctx: Arc<CudaContext>,
+    s: Arc<CudaStream>,
+    k: KernelSet,
+    blas: Blas,
+}
+
+fn setup() -> Res<Setup> {
+    let ctx = pregate_kernels::open_device(0)?;
+    // SAFETY: this benchmark orders its streams itself (events and synchronisation).
+    unsafe { ctx.disable_event_tracking() };
+    let s = ctx.new_stream()?;
+    let k = KernelSet::new(&ctx)?;
+    let blas = Blas::new(&s)?;
+    Ok(Setup { ctx, s, k, blas })
+}
+
+/// Measured HBM bandwidth (bytes read + written per second) and bf16 GEMM rate (FLOP/s).
+fn ceilings(st: &Setup) -> Res<(f64, f64)> {
+    let n = 1usize << 30;
+    let a: CudaSlice<u8> = st.s.alloc_zeros(n)?;
+    let mut b: CudaSlice<u8> = st.s.alloc_zeros(n)?;
+    let ms = time_ms(&st.ctx, &st.s, 2, 10, || {
+        st.s.memcpy_dtod(&a, &mut b)?;
+        Ok(())
+    })?;
+    let bw = 2.0 * n as f64 / (ms / 1e3);
+    let m = 8192;
+    let x = st.s.clone_htod(&random_bf16(m * m, 1.0, 1))?;
+    let w = st.s.clone_htod(&random_bf16(m * m, 1.0, 2))?;
+    let mut y: CudaSlice<bf16> = st.s.alloc_zeros(m * m)?;
+    let ms = time_ms(&st.ctx, &st.s, 3, 10, || {
+        st.blas.linear::<bf16, bf16>(&x, &w, &mut y, m, m, m)?;
+        Ok(())
+    })?;
+    let rate = 2.0 * (m as f64).powi(3) / (ms / 1e3);
+    println!(
+        "RESULT ceilings hbm_copy_GBps={:.0} bf16_gemm_TFLOPs={:.0}",
+        bw / 1e9,
+        rate / 1e12
+    );
+    Ok((bw, rate))
+}
+
+/// Expert ids `[t * k]`: each token's k distinct experts, uniformly random.
+fn route(t: usize, e: usize, k: usize, seed: u64) -> (Vec<i32>, Vec<f32>) {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    let mut ids = Vec::with_capacity(t * k);
+    let mut w = Vec::with_capacity(t * k);
+    for _ in 0..t {
+        let mut chosen: Vec<i32> = Vec::new();
+        while chosen.len() < k {
+            let x = r.random_range(0..e as i32);
+            if !chosen.contains(&x) {
+                chosen.push(x);
+            }
+        }
+        let logits: Vec<f32> = (0..k).map(|_| r.random_range(-1.0..1.0f32)).collect();
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        ids.extend(chosen);
+        w.extend(
+            logits
+                .iter()
+                .map(|l| if k == 1 { 1.0 } else { l.exp() / z }),
+        );
+    }
+    (ids, w)
+}
+
+fn expert_layer(quick: bool) -> Res<()> {
+    let st = setup()?;
+    let (bw, rate) = ceilings(&st)?;
+    let shapes: [(&str, usize, usize, usize, usize); 2] =
+        [("readme", 4096, 5504, 7, 1), ("mixtral", 4096, 14336, 8, 2)];
+    let ts: &[usize] = if quick {
+        &[1, 128, 2048]
+    } else {
+        &[1, 8, 32, 128, 512, 2048, 8192]
+    };
+    println!("RESULT expert_layer shape T ms floor_ms ratio TFLOPs experts_active");
+    for (name, h, i, e, k) in shapes {
+        let gate_up: Vec<CudaSlice<bf16>> = (0..e)
+            .map(|x| {
+                st.s.clone_htod(&random_bf16(2 * i * h, 0.02, 10 + x as u64))
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        let down: Vec<CudaSlice<bf16>> = (0..e)
+            .map(|x| st.s.clone_htod(&random_bf16(h * i, 0.02, 100 + x as u64)))
+            .collect::<std::result::Result<_, _>>()?;
+        let tmax = *ts.iter().max().unwrap_or(&1);
+        let x = st.s.clone_htod(&random_bf16(tmax * h, 1.0, 7))?;
+        let pairs = tmax * k;
+        let mut perm = MoePermutation::new(&st.s, pairs, e)?;
+        let mut x_perm: CudaSlice<bf16> = st.s.alloc_zeros(pairs * h)?;
+        let mut gu: CudaSlice<bf16> = st.s.alloc_zeros(pairs * 2 * i)?;
+        let mut act: CudaSlice<bf16> = st.s.alloc_zeros(pairs * i)?;
+        let mut y_perm: CudaSlice<bf16> = st.s.alloc_zeros(pairs * h)?;
+        let mut out: CudaSlice<bf16> = st.s.alloc_zeros(tmax * h)?;
+        for &t in ts {
+            let (ids_h, w_h) = route(t, e, k, t as u64);
+            let ids = st.s.clone_htod(&ids_h)?;
+            let w = st.s.clone_htod(&w_h)?;
+            let plan = ExpertPlan::from_ids(&ids_h, e);
+            let experts: Vec<Option<ExpertWeights<'_, bf16>>> = (0..e)
+                .map(|x| {
+                    Some(ExpertWeights {
+                        gate_up: &gate_up[x],
+                        down: &down[x],
+                    })
+                })
+                .collect();
+            let reps = if t >= 2048 { 10 } else { 30 };
+            let ms = time_ms(&st.ctx, &st.s, 3, reps, || {
+                st.k.moe_permute(&st.s, &ids, t * k, &mut perm)?;
+                st.k.moe_gather::<bf16>(&st.s, &x, &perm, t, k, h, &mut x_perm)?;
+                st.blas.expert_ffn::<bf16>(
+                    &st.k,
+                    &plan,
+                    &experts,
+                    FfnDims {
+                        hidden: h,
+                        inter: i,
+                    },
+                    &x_perm,
+                    &mut gu,
+                    &mut act,
+                    &mut y_perm,
+                )?;
+                st.k.moe_combine::<bf16>(&st.s, &y_perm, &perm, &w, t, k, h, &mut out, false)?;
+                Ok(())
+            })?;
+            let active = plan.counts.iter().filter(|&&c| c > 0).count();
+            let bytes = active as f64 * 3.0 * (h * i) as f64 * 2.0 + 2.0 * (t * h) as f64 * 2.0;
+            let flops = (t * k) as f64 * 6.0 * (h * i) as f64;
+            let floor = (bytes / bw).max(flops / rate) * 1e3;
+            println!(
+                "RESULT expert_layer {name} {t} {ms:.4} {floor:.4} {:.2} {:.0} {active}",
+                ms / floor,
+                flops / (ms / 1e3) / 1e12
+            );
+        }
+    }
+    Ok(())
+}
+
+fn loads() -> Res<()> {
+    let st = setup()?;
+    let copy = st.ctx.new_stream()?;
+    let unit = 3 * 4096 * 5504 * 2; // one Read-ME expert-layer in bf16, 135 MB
+    let n_units = 16;
+    // SAFETY: filled below before any copy reads it.
+    let mut pinned = unsafe { st.ctx.alloc_pinned::<u8>(unit * n_units) }?;
+    pinned
+        .as_mut_slice()?
+        .par_chunks_mut(1 << 20)
+        .for_each(|c| c.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8));
+    let pageable = vec![1u8; unit];
+    let dst: CudaSlice<u8> = st.s.alloc_zeros(unit * 4)?;
+    // Raw pinned copy bandwidth: one large copy per rep.
+    let raw = time_ms(&st.ctx, &copy, 1, 5, || {
+        let (d, _g) = dst.device_ptr(&copy);
+        let src = pinned.as_slice()?;
+        // SAFETY: both buffers hold at least 4 units; the pinned buffer outlives the copy.
+        unsafe { cu::memcpy_htod_async(d, &src[..4 * unit], copy.cu_stream()) }?;
+        Ok(())
+    })?;
+    let raw_bw = 4.0 * unit as f64 / (raw / 1e3);
+    let pg = time_ms(&st.ctx, &copy, 1, 5, || {
+        let (d, _g) = dst.device_ptr(&copy);
+        // SAFETY: dst holds one unit; the driver stages pageable memory before returning.
+        unsafe { cu::memcpy_htod_async(d, &pageable[..], copy.cu_stream()) }?;
+        Ok(())
+    })?;
+    let pg_bw = unit as f64 / (pg / 1e3);
+    // The cache's memory backend: 16 expert loads into 4 slots.
+    let mut mem = CudaExpertMemory::new(&st.ctx, &copy)?;
+    mem.allocate(4, unit)?;
+    let src = pinned.as_slice()?;
+    let cache_ms = time_ms(&st.ctx, &copy, 1, 5, || {
+        for u in 0..n_units {
+            mem.load(u % 4, &src[u * unit..(u + 1) * unit])?;
+        }
+        Ok(())
+    })?;
+    let cache_bw = (n_units * unit) as f64 / (cache_ms / 1e3);
+    println!(
+        "RESULT loads pinned_copy_GBps={:.1} pageable_copy_GBps={:.1} cache_load_GBps={:.1} cache_vs_pinned={:.1}%",
+        raw_bw / 1e9,
+        pg_bw / 1e9,
+        cache_bw / 1e9,
+        100.0 * cache_bw / raw_bw
+    );
+    // Overlap: expert FFN (Read-ME shape, T = 128, HBM-bound) alone, then with loads on the copy
+    // stream; compute reads its own weights, never the slots being written.
+    let (h, i, e) = (4096, 5504, 7);
+    let gate_up: Vec<CudaSlice<bf16>> = (0..e)
+        .map(|x| st.s.clone_htod(&random_bf16(2 * i * h, 0.02, x as u64)))
+        .collect::<std::result::Result<_, _>>()?;
+    let down: Vec<CudaSlice<bf16>> = (0..e)
+        .map(|x| st.s.clone_htod(&random_bf16(h * i, 0.02, 50 + x as u64)))
+        .collect::<std::result::Result<_, _>>()?;
+    let t = 128;
+    let (ids_h, _) = route(t, e, 1, 3);
+    let plan = ExpertPlan::from_ids(&ids_h, e);
+    let x_perm = st.s.clone_htod(&random_bf16(t * h, 1.0, 9))?;
+    let mut gu: CudaSlice<bf16> = st.s.alloc_zeros(t * 2 * i)?;
+    let mut act: CudaSlice<bf16> = st.s.alloc_zeros(t * i)?;
+    let mut y: CudaSlice<bf16> = st.s.alloc_zeros(t * h)?;
+    let experts: Vec<Option<ExpertWeights<'_, bf16>>> = (0..e)
+        .map(|x| {
+            Some(ExpertWeights {
+                gate_up: &gate_up[x],
+                down: &down[x],
+            })
+        })
+        .collect();
+    let reps = 40;
+    let mut ffn = || -> Res<()> {
+        for _ in 0..reps {
+            st.blas.expert_ffn::<bf16>(
+                &st.k,
+                &plan,
+                &experts,
+                FfnDims {
+                    hidden: h,
+                    inter: i,
+                },
+                &x_perm,
+                &mut gu,
+                &mut act,
+                &mut y,
+            )?;
+        }
+        Ok(())
+    };
+    let alone = time_ms(&st.ctx, &st.s, 1, 3, &mut ffn)?;
+    let mut busy = Vec::new();
+    for _ in 0..3 {
+        let (a, b, c0, c1) = (
+            timing_event(&st.ctx)?,
+            timing_event(&st.ctx)?,
+            timing_event(&st.ctx)?,
+            timing_event(&st.ctx)?,
+        );
+        c0.record(&copy)?;
+        for u in 0..n_units {
+            mem.load(u % 4, &src[u * unit..(u + 1) * unit])?;
+        }
+        c1.record(&copy)?;
+        a.record(&st.s)?;
+        ffn()?;
+        b.record(&st.s)?;
+        let ms = a.elapsed_ms(&b)? as f64;
+        let cms = c0.elapsed_ms(&c1)? as f64;
+        busy.push((ms, cms));
+    }
+    busy.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let (with, copy_ms) = busy[1];
+    println!(
+        "RESULT overlap ffn_alone_ms={alone:.2} ffn_with_loads_ms={with:.2} slowdown={:.1}% loads_during_ms={copy_ms:.2} loads_GBps_during={:.1}",
+        100.0 * (with / alone - 1.0),
+        (n_units * unit) as f64 / (copy_ms / 1e3) / 1e9
+    );
+    Ok(())
+}
+
+fn make(dir: &str, layers: usize) -> Res<()> {
+    let mut spec = Preset::Readme7b.spec();
+    spec.config.num_hidden_layers = layers;
+    let start = Instant::now();
+    let made = make_model(&spec, ExpertLayout::Fused, 0, std::path::Path::new(dir))?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "RESULT make_model layers={layers} GB={:.1} seconds={secs:.1}",
+        made.bytes as f64 / 1e9
+    );
+    Ok(())
+}
+
+fn requests(
+    e: &Engine,
+    batch: usize,
+    prompt: usize,
+    new: usize,
+    seed: u64,
+) -> Vec<GenerationRequest> {
+    let v = e.config().vocab_size as u32;
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    (0..batch)
+        .map(|_| {
+            let p: Vec<u32> = (0..prompt).map(|_| r.random_range(3..v)).collect();
+            let mut q = GenerationRequest::greedy(p, new);
+            q.ignore_eos = true;
+            q
+        })
+        .collect()
+}
+
+/// Runs one engine step over every pending token, after passing them to `prepare`.
+fn step(e: &mut Engine) -> Res<usize> {
+    let sched = e.schedule_all();
+    let mut plan: Option<pregate::route::RoutePlan> = None;
+    for p in e.pending() {
+        let part = p
+            .routes
+            .slice(p.route_offset..p.route_offset + p.tokens.len());
+        match &mut plan {
+            None => plan = Some(part),
+            Some(pl) => pl.extend(&part)?,
+        }
+    }
+    e.prepare(&Lookahead {
+        steps: plan.into_iter().collect(),
+    })?;
+    Ok(e.step(&sched)?.len())
+}
+
+fn decode(dir: &str, batches: &str, steps: usize) -> Res<()> {
+    let model = ModelDir::open(std::path::Path::new(dir))?;
+    let t0 = Instant::now();
+    let opts = CudaOptions {
+        dtype: CudaDtype::Bf16,
+        kv_tokens: Some(64 * 1024),
+        ..CudaOptions::default()
+    };
+    let (mut e, _h) = open_cuda_engine(&model, &opts)?;
+    println!("load: {:.1} s", t0.elapsed().as_secs_f64());
+    println!("RESULT decode batch tokens_per_s step_ms");
+    for b in batches.split(',').filter_map(|b| b.parse::<usize>().ok()) {
+        let warm = 3;
+        for r in requests(&e, b, 32, 1 + warm + steps, b as u64) {
+            e.add_request(r)?;
+        }
+        step(&mut e)?; // prefill
+        for _ in 0..warm {
+            step(&mut e)?;
+        }
+        let start = Instant::now();
+        let mut toks = 0;
+        for _ in 0..steps {
+            toks += step(&mut e)?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "RESULT decode {b} {:.1} {:.2}",
+            toks as f64 / secs,
+            secs / steps as f64 * 1e3
+        );
+        while !e.is_empty() {
+            step(&mut e)?;
+        }
+    }
+    Ok(())
+}
+
+fn offload(dir: &str, caps: &str, steps: usize, batch: usize) -> Res<()> {
+    let model = ModelDir::open(std::path::Path::new(dir))?;
+    let ne = model.config.n_cluster;
+    let t0 = Instant::now();
+    let opts = CudaOptions {
+        dtype: CudaDtype::Bf16,
+        experts: ExpertCapacity::PerLayer(ne - 1),
+        kv_tokens: Some(16 * 1024),
+        measure_stalls: true,
+        ..CudaOptions::default()
+    };
+    let (mut e, h) = open_cuda_engine(&model, &opts)?;
+    println!(
+        "load (pinned host copy of the experts): {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    println!("RESULT offload capacity mode step_ms stall_ms hit_ratio GB_loaded_per_step");
+    let mut setups = vec![(ne, EvictionPolicy::Lru, false, "resident")];
+    for c in caps.split(',').filter_map(|c| c.parse::<usize>().ok()) {
+        setups.push((c, EvictionPolicy::Belady, true, "belady+prefetch"));
+        setups.push((c, EvictionPolicy::Lru, false, "lru-on-demand"));
+    }
+    for (cap, policy, prefetch, name) in setups {
+        if let Ok(mut r) = h.reconfigure.lock() {
+            *r = Some(CacheSetup {
+                experts: ExpertCapacity::PerLayer(cap),
+                policy,
+                prefetch,
+            });
+        }
+        let warm = 4;
+        // Same prompts for every setup: the same routes.
+        for r in requests(&e, batch, 16, 1 + warm + steps, 11) {
+            e.add_request(r)?;
+        }
+        step(&mut e)?;
+        for _ in 0..warm {
+            step(&mut e)?;
+        }
+        let before = h.snapshot();
+        for _ in 0..steps {
+            step(&mut e)?;
+        }
+        let after = h.snapshot();
+        let n = (after.steps - before.steps).max(1) as f64;
+        let hits = (after.hits - before.hits) as f64;
+        let misses = (after.misses - before.misses) as f64;
+        let pre = (after.prefetches - before.prefetches) as f64;
+        println!(
+            "RESULT offload {cap} {name} {:.2} {:.2} {:.3} {:.3}",
+            (after.step_seconds - before.step_seconds) / n * 1e3,
+            (after.stall_seconds - before.stall_seconds) / n * 1e3,
+            // Prefetched units count as hits of the step; misses are loads on demand.
+            hits / (hits + misses).max(1.0),
+            (after.bytes_loaded - before.bytes_loaded) as f64 / n / 1e9
+        );
+        let _ = pre;
+        while !e.is_empty() {
+            step(&mut e)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! Getting weights onto the device: dense tensors converted to the compute type and uploaded once,
+//! routed experts packed into cache units (`gate` rows, `up` rows, `down`: one `[2I, H]` plus one
+//! `[H, I]` matrix, contiguous), and the page-locked host copy of every unit that offloaded
+//! experts are loaded from.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
+use half::bf16;
+use pregate_kernels::KernelDtype;
+use rayon::prelude::*;
+
+use super::dev;
+use crate::cache::{ExpertSource, Unit};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::checkpoint::convert_to_f32;
+use crate::model::names;
+use crate::model::{Checkpoint, FloatDtype, Linear, Matrix, RouterWeights, TensorRef};
+
+/// A storage type of the CUDA backend, convertible from every checkpoint dtype.
+pub trait DeviceElem: KernelDtype {
+    /// Appends `t`'s values as little-endian `Self` bytes (raw when the dtypes agree).
+    fn encode(t: &TensorRef<'_>, out: &mut [u8]) -> Result<()>;
+    /// `t`'s values as `Self`.
+    fn decode(t: &TensorRef<'_>) -> Result<Vec<Self>>;
+}
+
+fn encode_via_f32(
+    t: &TensorRef<'_>,
+    out: &mut [u8],
+    size: usize,
+    put: impl Fn(f32, &mut [u8]),
+) -> Result<()> {
+    let vals = convert_to_f32(t.data, t.float_dtype()?);
+    if out.len() != vals.len() * size {
+        return Err(Error::Internal(format!(
+            "tensor `{}`: packing size mismatch",
+            t.name
+        )));
+    }
+    for (v, o) in vals.iter().zip(out.chunks_exact_mut(size)) {
+        put(*v, o);
+    }
+    Ok(())
+}
+
+impl DeviceElem for f32 {
+    fn encode(t: &TensorRef<'_>, out: &mut [u8]) -> Result<()> {
+        if t.float_dtype()? == FloatDtype::F32 && out.len() == t.data.len() {
+            out.copy_from_slice(t.data);
+            return Ok(());
+        }
+        encode_via_f32(t, out, 4, |v, o| o.copy_from_slice(&v.to_le_bytes()))
+    }
+    fn decode(t: &TensorRef<'_>) -> Result<Vec<Self>> {
+        t.to_f32()
+    }
+}
+
+impl DeviceElem for bf16 {
+    fn encode(t: &TensorRef<'_>, out: &mut [u8]) -> Result<()> {
+        if t.float_dtype()? == FloatDtype::BF16 && out.len() == t.data.len() {
+            out.copy_from_slice(t.data);
+            return Ok(());
+        }
+        encode_via_f32(t, out, 2, |v, o| {
+            o.copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes())
+        })
+    }
+    fn decode(t: &TensorRef<'_>) -> Result<Vec<Self>> {
+        if t.float_dtype()? == FloatDtype::BF16 {
+            return Ok(t
+                .data
+                .chunks_exact(2)
+                .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+                .collect());
+        }
+        Ok(t.to_f32()?.into_iter().map(bf16::from_f32).collect())
+    }
+}
+
+/// Uploads tensor `name` (checked to be `shape`) as `T`.
+pub(super) fn upload<T: DeviceElem>(
+    stream: &Arc<CudaStream>,
+    ck: &Checkpoint,
+    name: &str,
+    shape: &[usize],
+) -> Result<CudaSlice<T>> {
+    let t = ck.float_tensor(name, shape)?;
+    let host = T::decode(&t)?;
+    stream
+        .clone_htod(&host)
+        .map_err(|e| Error::Capacity(format!("uploading `{name}` ({} bytes): {e}", t.data.len())))
+}
+
+/// Uploads several `[rows_i, cols]` tensors stacked into one `[sum rows_i, cols]` matrix.
+pub(super) fn upload_stacked<T: DeviceElem>(
+    stream: &Arc<CudaStream>,
+    ck: &Checkpoint,
+    parts: &[(&str, usize)],
+    cols: usize,
+) -> Result<CudaSlice<T>> {
+    let mut host = Vec::new();
+    for &(name, rows) in parts {
+        host.extend(T::decode(&ck.float_tensor(name, &[rows, cols])?)?);
+    }
+    stream
+        .clone_htod(&host)
+        .map_err(|e| Error::Capacity(format!("uploading `{}`: {e}", parts[0].0)))
+}
+
+/// The shape of one routed expert unit.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct UnitShape {
+    pub hidden: usize,
+    pub inter: usize,
+    pub elem: usize,
+}
+
+impl UnitShape {
+    /// Elements of `gate_up` (`[2I, H]`).
+    pub fn gate_up_len(&self) -> usize {
+        2 * self.inter * self.hidden
+    }
+    /// Elements of `down` (`[H, I]`).
+    pub fn down_len(&self) -> usize {
+        self.hidden * self.inter
+    }
+    /// Bytes of one packed unit.
+    pub fn bytes(&self) -> usize {
+        (self.gate_up_len() + self.down_len()) * self.elem
+    }
+}
+
+/// Packs the expert tensors `[gate, up, down]` into `out` (`shape.bytes()` bytes).
+pub(super) fn pack_ffn<T: DeviceElem>(
+    ck: &Checkpoint,
+    names3: &[String; 3],
+    shape: UnitShape,
+    out: &mut [u8],
+) -> Result<()> {
+    let (h, i, s) = (shape.hidden, shape.inter, shape.elem);
+    let (g, rest) = out.split_at_mut(i * h * s);
+    let (u, d) = rest.split_at_mut(i * h * s);
+    T::encode(&ck.float_tensor(&names3[0], &[i, h])?, g)?;
+    T::encode(&ck.float_tensor(&names3[1], &[i, h])?, u)?;
+    T::encode(&ck.float_tensor(&names3[2], &[h, i])?, d)
+}
+
+/// Every routed expert of the model, packed, in one page-locked host buffer: the source of the
+/// expert cache's copies (pinned memory copies at the link's full speed).
+pub(super) struct PinnedExperts {
+    buf: PinnedHostSlice<u8>,
+    experts: usize,
+    unit_bytes: usize,
+}
+
+impl PinnedExperts {
+    /// Packs all `layers x experts` units from the checkpoint (in parallel).
+    pub fn new<T: DeviceElem>(
+        ctx: &Arc<CudaContext>,
+        ck: &Checkpoint,
+        cfg: &ModelConfig,
+        shape: UnitShape,
+    ) -> Result<Self> {
+        let (layers, experts) = (cfg.num_hidden_layers, cfg.n_cluster);
+        let unit_bytes = shape.bytes();
+        let total = layers * experts * unit_bytes;
+        // SAFETY: every byte is written by the packing below before any copy reads it.
+        let mut buf = unsafe { ctx.alloc_pinned::<u8>(total) }.map_err(|e| {
+            Error::Capacity(format!(
+                "cannot pin {total} bytes of host memory for the experts: {e}"
+            ))
+        })?;
+        let host = buf.as_mut_slice().map_err(dev)?;
+        host.par_chunks_mut(unit_bytes)
+            .enumerate()
+            .try_for_each(|(i, out)| {
+                let names3 = names::expert_tensor_names(i / experts, i % experts);
+                pack_ffn::<T>(ck, &names3, shape, out)
+            })?;
+        Ok(PinnedExperts {
+            buf,
+            experts,
+            unit_bytes,
+        })
+    }
+}
+
+impl ExpertSource for PinnedExperts {
+    fn unit_bytes(&self, unit: Unit) -> Result<&[u8]> {
+        let i = unit.layer as usize * self.experts + unit.expert as usize;
+        let all = self.buf.as_slice().map_err(dev)?;
+        all.get(i * self.unit_bytes..(i + 1) * self.unit_bytes)
+            .ok_or_else(|| Error::InvalidArgument(format!("expert unit {unit:?} is out of range")))
+    }
+}
+
+/// One packed unit in pageable memory (the initial fill of an all-resident cache).
+pub(super) struct OneUnit(pub Vec<u8>);
+
+impl ExpertSource for OneUnit {
+    fn unit_bytes(&self, _unit: Unit) -> Result<&[u8]> {
+        Ok(&self.0)
+    }
+}
+
+/// The router's weights in f32, read alone (the router runs on the host; see the module docs).
+pub(super) fn load_router(ck: &Checkpoint, cfg: &ModelConfig) -> Result<RouterWeights> {
+    let (d, f, n) = (cfg.embedding_dim, cfg.inter_dim, cfg.n_cluster);
+    let vector = |name: &str, len: usize| ck.float_tensor(&names::router(name), &[len])?.to_f32();
+    let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+        let data = ck
+            .float_tensor(&names::router(name), &[rows, cols])?
+            .to_f32()?;
+        Ok(Matrix::new(rows, cols, data))
+    };
+    let linear = |p: &str, out: usize, inp: usize| -> Result<Linear> {
+        Ok(Linear {
+            weight: matrix(&format!("{p}.weight"), out, inp)?,
+            bias: vector(&format!("{p}.bias"), out)?,
+        })
+    };
+    Ok(RouterWeights {
+        embed: matrix("embed.weight", cfg.vocab_size, d)?,
+        input_norm: vector("input_layernorm_0.weight", d)?,
+        q: linear("q_proj_0", d, d)?,
+        k: linear("k_proj_0", d, d)?,
+        v: linear("v_proj_0", d, d)?,
+        o: linear("o_proj_0", d, d)?,
+        post_norm: vector("post_attention_layernorm_0.weight", d)?,
+        proj_1: linear("proj_1_0", f, d)?,
+        proj_2: linear("proj_2_0", d, f)?,
+        out_norm: vector("out_layernorm.weight", d)?,
+        proj_out: linear("proj_out", n, d)?,
+    })
+}
