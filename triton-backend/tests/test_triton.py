@@ -160,7 +160,7 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server):
     # Wrong dtype on the gRPC path: input_ids as FP32.
     c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
     q = queue.Queue()
-    c.start_stream(callback=lambda r, e: q.put(e))
+    c.start_stream(callback=lambda result, error: q.put(error))
     x = grpcclient.InferInput("input_ids", [2], "FP32")
     x.set_data_from_numpy(np.array([1.0, 2.0], dtype=np.float32))
     c.async_stream_infer("tiny", [x])
