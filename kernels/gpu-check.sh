@@ -14,7 +14,8 @@
 #                                          (default 32) sets the layers of the readme-7b model the
 #                                          decode benchmarks generate under PREGATE_BENCH_MODEL_DIR
 #                                          (default /tmp/pregate-readme7b); PREGATE_BENCH_QUICK=1
-#                                          runs fewer sizes.
+#                                          runs fewer sizes; PREGATE_BENCH_SKIP="WORD ..." skips the
+#                                          steps whose command line contains a WORD.
 #   kernels/gpu-check.sh bench [BIN_DIR]   the benchmarks only.
 #
 # Run-time environment: CUDA headers from PREGATE_CUDA_INCLUDE (default /usr/local/cuda/include),
@@ -115,6 +116,10 @@ run_benches() {
     chmod +x "$bench_bin" 2>/dev/null || true
     : >"$blog"
     bstep() {
+        # PREGATE_BENCH_SKIP: space-separated words; a step whose command line has one is skipped.
+        for sk in ${PREGATE_BENCH_SKIP:-}; do
+            case "$*" in *"$sk"*) echo "=== skipped: $*" | tee -a "$blog"; return ;; esac
+        done
         echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$blog"
         "$@" 2>&1 | tee -a "$blog" | grep -E "^(RESULT|SKIP|error|load|torch load)" || true
     }

@@ -5,7 +5,7 @@
 //
 // One block of ATTN_WARPS warps per (query token, query head). Each warp walks a strided subset of
 // the keys with an online softmax (f32); lane l holds dimensions l, l + 32, ... of the head; the
-// warps' partial states are merged at the end. head_dim: a multiple of 32, at most 32 * ATTN_MAX_PER_LANE.
+// warps' partial states are merged at the end (lanes past head_dim idle). head_dim: 1 .. 32 * ATTN_MAX_PER_LANE.
 
 #define ATTN_WARPS 4
 #define ATTN_MAX_PER_LANE 8
@@ -50,11 +50,10 @@ __device__ void attend(const T* q, const Kv& kv, int n_keys, int head_dim, float
     __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
     __shared__ float s_acc[ATTN_WARPS][32 * ATTN_MAX_PER_LANE];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int per = head_dim >> 5;
     float qv[ATTN_MAX_PER_LANE], acc[ATTN_MAX_PER_LANE];
 #pragma unroll
     for (int i = 0; i < ATTN_MAX_PER_LANE; ++i) {
-        qv[i] = i < per ? to_f32(q[lane + 32 * i]) * scale : 0.0f;
+        qv[i] = lane + 32 * i < head_dim ? to_f32(q[lane + 32 * i]) * scale : 0.0f;
         acc[i] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
@@ -64,7 +63,7 @@ __device__ void attend(const T* q, const Kv& kv, int n_keys, int head_dim, float
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < ATTN_MAX_PER_LANE; ++i)
-            if (i < per) s += qv[i] * to_f32(kp[lane + 32 * i]);
+            if (lane + 32 * i < head_dim) s += qv[i] * to_f32(kp[lane + 32 * i]);
         s = warp_sum(s);
         const float m_new = fmaxf(m, s);
         const float corr = expf(m - m_new);
@@ -73,7 +72,7 @@ __device__ void attend(const T* q, const Kv& kv, int n_keys, int head_dim, float
         const T* vp = kv.value(j);
 #pragma unroll
         for (int i = 0; i < ATTN_MAX_PER_LANE; ++i)
-            if (i < per) acc[i] = acc[i] * corr + p * to_f32(vp[lane + 32 * i]);
+            if (lane + 32 * i < head_dim) acc[i] = acc[i] * corr + p * to_f32(vp[lane + 32 * i]);
         m = m_new;
     }
     if (lane == 0) {
@@ -82,7 +81,7 @@ __device__ void attend(const T* q, const Kv& kv, int n_keys, int head_dim, float
     }
 #pragma unroll
     for (int i = 0; i < ATTN_MAX_PER_LANE; ++i)
-        if (i < per) s_acc[warp][lane + 32 * i] = acc[i];
+        if (lane + 32 * i < head_dim) s_acc[warp][lane + 32 * i] = acc[i];
     __syncthreads();
     float m_all = -INFINITY;
 #pragma unroll

@@ -239,6 +239,9 @@ fn check_attention_prefill<T: KernelDtype>(g: &Gpu, name: &str) {
         (8, 2, 128, 1.0 / (128f32).sqrt()),
         (4, 4, 128, 1.0),
         (6, 3, 64, 0.125),
+        // Head sizes that are not a multiple of 32 (the test fixtures use 16).
+        (4, 2, 16, 0.25),
+        (2, 1, 48, 0.2),
     ] {
         let lens = [5usize, 1, 17];
         let n: usize = lens.iter().sum();
@@ -299,8 +302,19 @@ fn check_attention_prefill<T: KernelDtype>(g: &Gpu, name: &str) {
 
 both_dtypes!(check_attention_paged: attention_paged_f32, attention_paged_bf16);
 fn check_attention_paged<T: KernelDtype>(g: &Gpu, name: &str) {
+    for (nh, nkv, d) in [(8, 2, 128), (4, 2, 16)] {
+        check_attention_paged_shape::<T>(g, &format!("{name}-{d}"), nh, nkv, d);
+    }
+}
+
+fn check_attention_paged_shape<T: KernelDtype>(
+    g: &Gpu,
+    name: &str,
+    nh: usize,
+    nkv: usize,
+    d: usize,
+) {
     let mut rng = rng(name);
-    let (nh, nkv, d) = (8, 2, 128);
     let layout = PagedKvLayout {
         num_blocks: 12,
         block_size: 16,

@@ -20,7 +20,7 @@ pub struct AttentionShape {
     pub n_heads: usize,
     /// Key/value heads (GQA: query head `h` reads kv head `h / (n_heads / n_kv_heads)`).
     pub n_kv_heads: usize,
-    /// Head size: a multiple of 32, at most [`MAX_HEAD_DIM`].
+    /// Head size, at most [`MAX_HEAD_DIM`] (lanes past it idle when it is not a multiple of 32).
     pub head_dim: usize,
     /// Elements between two tokens' rows of `q` (at least `n_heads * head_dim`).
     pub q_stride: usize,
@@ -34,10 +34,10 @@ pub struct AttentionShape {
 impl AttentionShape {
     fn validate(&self, k: &'static str) -> Result<()> {
         let d = self.head_dim;
-        if d == 0 || d % 32 != 0 || d > MAX_HEAD_DIM {
+        if d == 0 || d > MAX_HEAD_DIM {
             return Err(shape_err(
                 k,
-                format!("head_dim {d} must be a multiple of 32 up to {MAX_HEAD_DIM}"),
+                format!("head_dim {d} must be 1..={MAX_HEAD_DIM}"),
             ));
         }
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {

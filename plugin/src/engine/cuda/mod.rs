@@ -325,7 +325,8 @@ pub struct CudaBackend<T: DeviceElem> {
     lm_head: Option<CudaSlice<T>>,
     norm: CudaSlice<T>,
     layers: Vec<LayerWeights<T>>,
-    unit: UnitShape,
+    /// Each layer's routed expert shape (the width may differ between layers).
+    units: Vec<UnitShape>,
     shared_inter: usize,
     store: ExpertStore<CudaExpertMemory>,
     source: Option<PinnedExperts>,
@@ -366,7 +367,15 @@ impl<T: DeviceElem> CudaBackend<T> {
             Some(upload::<T>(&stream, ck, names::LM_HEAD, &[v, h])?)
         };
         let norm = upload::<T>(&stream, ck, names::FINAL_NORM, &[h])?;
-        let inter = ck.tensor(&names::expert_tensor_names(0, 0)[0])?.shape[0];
+        let mut units = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let gate = ck.tensor(&names::expert_tensor_names(l, 0)[0])?;
+            units.push(UnitShape {
+                hidden: h,
+                inter: gate.shape.first().copied().unwrap_or(0),
+                elem: std::mem::size_of::<T>(),
+            });
+        }
         let mut shared_inter = 0;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
@@ -374,7 +383,7 @@ impl<T: DeviceElem> CudaBackend<T> {
             let shared = if model.layout == ExpertLayout::Residual {
                 let sn = names::shared_tensor_names(l);
                 let ir = ck.tensor(&sn[0])?.shape[0];
-                shared_inter = ir;
+                shared_inter = shared_inter.max(ir);
                 let gu = upload_stacked::<T>(&stream, ck, &[(&sn[0], ir), (&sn[1], ir)], h)?;
                 let dn = upload::<T>(&stream, ck, &sn[2], &[h, ir])?;
                 Some((gu, dn))
@@ -390,21 +399,17 @@ impl<T: DeviceElem> CudaBackend<T> {
             });
         }
         stream.synchronize().map_err(dev)?;
-        let unit = UnitShape {
-            hidden: h,
-            inter,
-            elem: std::mem::size_of::<T>(),
-        };
         let (nl, ne) = (cfg.num_hidden_layers, cfg.n_cluster);
-        let unit_bytes = unit.bytes() as u64;
+        let unit_bytes = units.iter().map(UnitShape::bytes).max().unwrap_or(1) as u64;
         let memory = CudaExpertMemory::new(&ctx, &copy)?;
         let cache = build_cache(opts.experts, nl, ne, unit_bytes, opts.policy, &memory)?;
         let all_resident = cache.capacity() >= nl * ne;
         let mut store = ExpertStore::new(cache, memory)?;
         let source = if all_resident {
             // Fill every slot once from pageable memory; nothing is ever evicted.
-            let mut one = OneUnit(vec![0u8; unit.bytes()]);
-            for l in 0..nl {
+            let mut one = OneUnit(Vec::new());
+            for (l, &unit) in units.iter().enumerate() {
+                one.0.resize(unit.bytes(), 0);
                 for e in 0..ne {
                     pack_ffn::<T>(ck, &names::expert_tensor_names(l, e), unit, &mut one.0)?;
                     let u = Unit::new(l, e as ExpertId);
@@ -418,7 +423,7 @@ impl<T: DeviceElem> CudaBackend<T> {
             }
             None
         } else {
-            Some(PinnedExperts::new::<T>(&ctx, ck, &cfg, unit)?)
+            Some(PinnedExperts::new::<T>(&ctx, ck, &cfg, &units)?)
         };
         copy.synchronize().map_err(dev)?;
         // KV cache: what the user asked for, else a quarter of what is left.
@@ -451,7 +456,7 @@ impl<T: DeviceElem> CudaBackend<T> {
             lm_head,
             norm,
             layers,
-            unit,
+            units,
             shared_inter,
             store,
             source,
@@ -491,7 +496,7 @@ impl<T: DeviceElem> CudaBackend<T> {
         let copy = self.store.memory().copy_stream().clone();
         copy.synchronize().map_err(dev)?;
         let (nl, ne) = (self.cfg.num_hidden_layers, self.cfg.n_cluster);
-        let unit_bytes = self.unit.bytes() as u64;
+        let unit_bytes = self.units.iter().map(UnitShape::bytes).max().unwrap_or(1) as u64;
         // Free the old slots before allocating the new ones.
         let empty = ExpertCache::new(nl, ne, 1, unit_bytes, setup.policy, 0)?;
         self.store = ExpertStore::new(empty, CudaExpertMemory::new(&self.ctx, &copy)?)?;
@@ -531,7 +536,13 @@ impl<T: DeviceElem> CudaBackend<T> {
         let qkv_w = (cfg.num_attention_heads + 2 * cfg.num_kv_heads()) * d;
         let qd = cfg.num_attention_heads * d;
         let pairs = tokens * k;
-        let inter = self.unit.inter.max(self.shared_inter);
+        let inter = self
+            .units
+            .iter()
+            .map(|u| u.inter)
+            .max()
+            .unwrap_or(0)
+            .max(self.shared_inter);
         let s = &self.stream;
         let alloc = |n: usize| -> Result<CudaSlice<T>> {
             s.alloc_zeros::<T>(n.max(1))
@@ -571,6 +582,7 @@ impl<T: DeviceElem> CudaBackend<T> {
             return Ok(());
         };
         let plan = self.planner.plan_into(self.store.cache_mut(), steps);
+        let mut loaded = 0u64;
         for p in &plan {
             let slot = self
                 .store
@@ -579,9 +591,11 @@ impl<T: DeviceElem> CudaBackend<T> {
                 .ok_or_else(|| Error::Internal("planned unit has no slot".into()))?;
             let bytes = crate::cache::ExpertSource::unit_bytes(src, p.unit)?;
             crate::cache::MemoryBackend::load(self.store.memory_mut(), slot, bytes)?;
+            loaded += bytes.len() as u64;
         }
         if let Ok(mut s) = self.stats.stats.lock() {
             s.prefetches += plan.len() as u64;
+            s.bytes_loaded += loaded;
         }
         Ok(())
     }
@@ -732,8 +746,8 @@ impl<T: DeviceElem> CudaBackend<T> {
             .map_err(dev)?;
 
         let kk = &self.kernels;
-        let eps = cfg.rms_norm_eps as f32;
-        let theta = cfg.rope_theta as f32;
+        let eps = cfg.rms_norm_eps;
+        let theta = cfg.rope_theta;
         let layout = self.kv.layout;
         let shape = AttentionShape {
             n_tokens: n,
@@ -746,14 +760,15 @@ impl<T: DeviceElem> CudaBackend<T> {
         };
         let (o_pos, o_rows, o_slots, o_table) = (0, n, 2 * n, 3 * n);
         let o_routes = 3 * n + table.len();
-        let dims = FfnDims {
-            hidden: h,
-            inter: self.unit.inter,
-        };
         kk.embedding::<T>(s, &ws.ids.slice(..n), &self.embed, &mut ws.x, n, h, vocab)
             .map_err(dev)?;
         for l in 0..nl {
             let lw = &self.layers[l];
+            let unit = self.units[l];
+            let dims = FfnDims {
+                hidden: h,
+                inter: unit.inter,
+            };
             kk.rmsnorm::<T>(s, &ws.x, &lw.input_norm, &mut ws.h, n, h, eps)
                 .map_err(dev)?;
             self.blas
@@ -861,17 +876,12 @@ impl<T: DeviceElem> CudaBackend<T> {
                 let mem = self.store.memory();
                 let mut views = Vec::with_capacity(wave);
                 for &slot in &slots {
-                    let gu = mem.view::<T>(slot, self.unit.gate_up_len() + self.unit.down_len())?;
+                    let gu = mem.view::<T>(slot, unit.gate_up_len() + unit.down_len())?;
                     views.push(gu);
                 }
                 let splits: Vec<_> = views
                     .iter()
-                    .map(|v| {
-                        (
-                            v.slice(..self.unit.gate_up_len()),
-                            v.slice(self.unit.gate_up_len()..),
-                        )
-                    })
+                    .map(|v| (v.slice(..unit.gate_up_len()), v.slice(unit.gate_up_len()..)))
                     .collect();
                 let mut experts: Vec<Option<ExpertWeights<'_, T>>> = vec![None; ne];
                 let mut wave_plan = ExpertPlan {

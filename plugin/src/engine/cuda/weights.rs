@@ -153,19 +153,28 @@ pub(super) fn pack_ffn<T: DeviceElem>(
 pub(super) struct PinnedExperts {
     buf: PinnedHostSlice<u8>,
     experts: usize,
-    unit_bytes: usize,
+    /// Bytes between two units (the largest layer's unit).
+    stride: usize,
+    /// Bytes of each layer's units.
+    layer_bytes: Vec<usize>,
 }
 
 impl PinnedExperts {
-    /// Packs all `layers x experts` units from the checkpoint (in parallel).
+    /// Packs all `layers x experts` units from the checkpoint (in parallel); `shapes[l]` is layer
+    /// `l`'s unit shape.
     pub fn new<T: DeviceElem>(
         ctx: &Arc<CudaContext>,
         ck: &Checkpoint,
         cfg: &ModelConfig,
-        shape: UnitShape,
+        shapes: &[UnitShape],
     ) -> Result<Self> {
         let (layers, experts) = (cfg.num_hidden_layers, cfg.n_cluster);
-        let unit_bytes = shape.bytes();
+        let unit_bytes = shapes
+            .iter()
+            .map(UnitShape::bytes)
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let total = layers * experts * unit_bytes;
         // SAFETY: every byte is written by the packing below before any copy reads it.
         let mut buf = unsafe { ctx.alloc_pinned::<u8>(total) }.map_err(|e| {
@@ -177,13 +186,15 @@ impl PinnedExperts {
         host.par_chunks_mut(unit_bytes)
             .enumerate()
             .try_for_each(|(i, out)| {
+                let shape = shapes[i / experts];
                 let names3 = names::expert_tensor_names(i / experts, i % experts);
-                pack_ffn::<T>(ck, &names3, shape, out)
+                pack_ffn::<T>(ck, &names3, shape, &mut out[..shape.bytes()])
             })?;
         Ok(PinnedExperts {
             buf,
             experts,
-            unit_bytes,
+            stride: unit_bytes,
+            layer_bytes: shapes.iter().map(UnitShape::bytes).collect(),
         })
     }
 }
@@ -191,8 +202,13 @@ impl PinnedExperts {
 impl ExpertSource for PinnedExperts {
     fn unit_bytes(&self, unit: Unit) -> Result<&[u8]> {
         let i = unit.layer as usize * self.experts + unit.expert as usize;
+        let len = self
+            .layer_bytes
+            .get(unit.layer as usize)
+            .copied()
+            .unwrap_or(0);
         let all = self.buf.as_slice().map_err(dev)?;
-        all.get(i * self.unit_bytes..(i + 1) * self.unit_bytes)
+        all.get(i * self.stride..i * self.stride + len)
             .ok_or_else(|| Error::InvalidArgument(format!("expert unit {unit:?} is out of range")))
     }
 }
