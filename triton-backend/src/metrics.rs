@@ -14,8 +14,17 @@ use crate::bridge::{ffi, metric_kind};
 /// What a family reports, read from a stats snapshot.
 type Getter = fn(&ServeStats) -> f64;
 
-/// (name, kind, help, extra labels, getter) of every pregate metric.
-const METRICS: &[(&str, u32, &str, &[(&str, &str)], Getter)] = &[
+/// One metric: (name, kind, help, extra labels, getter).
+type MetricDef = (
+    &'static str,
+    u32,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    Getter,
+);
+
+/// Every pregate metric.
+const METRICS: &[MetricDef] = &[
     (
         "pregate_requests_total",
         metric_kind::COUNTER,
