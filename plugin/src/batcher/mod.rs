@@ -14,7 +14,7 @@
 //! 1. **Token budget**: at most `max_batch_tokens` tokens per step.
 //! 2. **Chunked prefill**: at most `max_prefill_chunk` prompt tokens of one request per step.
 //! 3. **Maximum wait**: a request whose wait would pass `max_wait` by the next step (the next step
-//!    is expected `est_step` after this one: the longest of the recent steps) is *due* and is
+//!    is expected `est_step` after this one: the longest of the last 64 steps) is *due* and is
 //!    scheduled first, oldest first: one token each, then extended with what budget remains. With
 //!    `max_running <= max_batch_tokens` and steps no longer than the recent ones, no admitted
 //!    request waits past the maximum; a request not yet admitted can still wait for KV memory.
@@ -280,16 +280,30 @@ struct ReqState {
     ready_since: f64,
 }
 
-/// Recent step durations, for the "would it be late by the next step" test.
-#[derive(Debug, Clone, Default)]
+/// Steps remembered by [`StepClock`].
+const CLOCK_WINDOW: usize = 64;
+
+/// Recent step durations, for the "would it be late by the next step" test. The longest of the
+/// last 64 is the estimate: a step longer than all of them (a burst of loads) can still make a
+/// request late, by at most the difference.
+#[derive(Debug, Clone)]
 struct StepClock {
-    recent: [f64; 8],
+    recent: [f64; CLOCK_WINDOW],
     next: usize,
+}
+
+impl Default for StepClock {
+    fn default() -> Self {
+        StepClock {
+            recent: [0.0; CLOCK_WINDOW],
+            next: 0,
+        }
+    }
 }
 
 impl StepClock {
     fn push(&mut self, d: f64) {
-        self.recent[self.next % 8] = d.max(0.0);
+        self.recent[self.next % CLOCK_WINDOW] = d.max(0.0);
         self.next += 1;
     }
     fn estimate(&self) -> f64 {
@@ -400,7 +414,7 @@ impl LookaheadBatcher {
         self.max_waited
     }
 
-    /// The expected duration of the next step (the longest of the last eight).
+    /// The expected duration of the next step (the longest of the last 64).
     pub fn step_estimate(&self) -> f64 {
         self.clock.estimate()
     }

@@ -1,13 +1,14 @@
 //! One layer of one step against the cache: the order a layer's experts are used, and pins.
 //!
 //! A layer uses each of its experts once, one after the other (a grouped expert GEMM walks the
-//! experts in turn). Resident experts go first, then the misses. A unit is pinned from its access
-//! until the units after it have taken their slots: at most `per_layer - 1` units stay pinned while
-//! the next one loads, so a step may use more experts at a layer than the layer has slots, and each
-//! load still finds an unpinned victim. Under `belady` the misses are ordered farthest next use
-//! first, so the units needed soonest are loaded last and stay resident; a unit of the step that is
-//! not yet used counts as needed now, and once used its next use becomes its next use after this
-//! step.
+//! experts in turn). Resident experts go first, then the misses. Each unit is pinned only while it
+//! is being accessed: the next load may take the slot of a unit this layer has already used, and
+//! the timeline then makes that load wait until the unit's compute is done (trading copy/compute
+//! overlap for a free eviction choice; with two slots a carried pin would leave no choice at all).
+//! So a step may use more experts at a layer than the layer has slots. Under `belady` the misses
+//! are ordered farthest next use first, so the units needed soonest are loaded last and stay
+//! resident; a unit of the step that is not yet used counts as needed now, and once used its next
+//! use becomes its next use after this step.
 
 use crate::cache::{EvictionPolicy, ExpertCache, Lookup, Unit};
 use crate::error::Result;
@@ -52,20 +53,14 @@ pub(crate) fn access_layer(
         order[hits..n].sort_by_key(|&e| std::cmp::Reverse(fut(e)));
         cache.set_layer_next_use(layer, |e| if used.contains(e) { 0 } else { fut(e) });
     }
-    let keep = cache
-        .layer_quota()
-        .unwrap_or(cache.capacity())
-        .saturating_sub(1);
-    for j in 0..n {
-        let unit = Unit::new(layer, order[j]);
+    for &e in &order[..n] {
+        let unit = Unit::new(layer, e);
         let outcome = cache.access(unit)?;
-        out.push((order[j], outcome));
+        out.push((e, outcome));
         if belady {
-            cache.set_next_use(unit, fut(order[j]))?;
+            cache.set_next_use(unit, fut(e))?;
         }
-        if j >= keep {
-            cache.unpin(Unit::new(layer, order[j - keep]));
-        }
+        cache.unpin(unit);
     }
     Ok(())
 }
