@@ -4,6 +4,7 @@
 //! requests, sampling or scheduling: the [`Engine`](super::Engine) drives it one step at a time with
 //! chunks of tokens whose routes are already known.
 
+use crate::cache::ExpertCache;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::route::RoutePlan;
@@ -58,5 +59,18 @@ pub trait Backend: Send {
     /// expert cache).
     fn prepare(&mut self, _lookahead: &Lookahead) -> Result<()> {
         Ok(())
+    }
+
+    /// The backend's expert cache, when it has one: per-layer residency (what the batcher's
+    /// expert-load budget reads) and the hit / miss / eviction / load counters (what the metrics
+    /// report). `None` for a backend that keeps every expert resident without bookkeeping.
+    fn expert_cache(&self) -> Option<&ExpertCache> {
+        None
+    }
+
+    /// Seconds compute has waited for expert loads so far (cumulative). 0 for a backend that does
+    /// not measure it, or performs no loads (the CPU backend's cache is accounting only).
+    fn expert_stall_seconds(&self) -> f64 {
+        0.0
     }
 }

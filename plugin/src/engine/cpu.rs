@@ -1,16 +1,28 @@
 //! The CPU backend: the whole backbone on the host, in f32. It is the reference every other backend
 //! is checked against, and a usable backend for small models.
+//!
+//! Optionally it keeps an expert cache ([`CpuBackend::with_expert_cache`]). On the CPU every expert
+//! stays in host memory and is computed from there, so the cache is **accounting**: it makes the
+//! decisions a device cache makes (which units are resident, hits, misses, Belady evictions by the
+//! next uses `prepare` gives it, per-layer pins, a load of the unit's bytes per miss) without copying
+//! anything. The serving loop reads it like any backend's cache (residency for the batcher's
+//! expert-load budget, counters for the metrics), so a CPU deployment shows what a GPU with that
+//! cache would load.
 
 use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use super::backend::{Backend, ForwardChunk, SeqId};
+use super::backend::{Backend, ForwardChunk, Lookahead, SeqId};
+use super::cuda::ExpertCapacity;
+use crate::cache::{
+    prefetch, EvictionPolicy, ExpertCache, HostMemory, MemoryBackend, StepExperts, Unit,
+};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::weights::{LayerWeights, Matrix};
 use crate::ops::{attention, matmul_t, moe_layer, rms_norm, AttentionShape, RopeTable};
-use crate::route::TokenRoute;
+use crate::route::{ExpertSet, RouteScope, TokenRoute};
 
 /// One sequence's keys and values, per layer `[len, n_kv_heads * head_dim]`.
 struct SeqKv {
@@ -45,6 +57,7 @@ pub struct CpuBackend {
     rope: RopeTable,
     shape: AttentionShape,
     kv: HashMap<SeqId, SeqKv>,
+    cache: Option<ExpertCache>,
 }
 
 impl CpuBackend {
@@ -64,7 +77,44 @@ impl CpuBackend {
             rope,
             shape,
             kv: HashMap::new(),
+            cache: None,
         }
+    }
+
+    /// Adds an expert cache of `capacity` evicting by `policy` (see the module docs: accounting of
+    /// a device cache's decisions; the weights stay in host memory). A unit is one expert of one
+    /// layer, counted with the bytes of the largest expert. `All` keeps every expert resident
+    /// after its first use; a fraction is of the host's available memory.
+    pub fn with_expert_cache(
+        mut self,
+        capacity: ExpertCapacity,
+        policy: EvictionPolicy,
+    ) -> Result<Self> {
+        let layers = self.w.layers.len();
+        let experts = self.cfg.n_cluster;
+        let unit_bytes = self
+            .w
+            .layers
+            .iter()
+            .flat_map(|l| l.experts.iter().map(|e| e.bytes()))
+            .max()
+            .unwrap_or(1)
+            .max(1) as u64;
+        let cache = match capacity {
+            ExpertCapacity::All => {
+                ExpertCache::new(layers, experts, layers * experts, unit_bytes, policy, 0)?
+            }
+            ExpertCapacity::PerLayer(n) => {
+                ExpertCache::with_layer_quota(layers, experts, n, unit_bytes, policy, 0)?
+            }
+            ExpertCapacity::Total(c) => {
+                let free = HostMemory::new().free_bytes()?;
+                let slots = c.slots(unit_bytes, free)?;
+                ExpertCache::new(layers, experts, slots, unit_bytes, policy, 0)?
+            }
+        };
+        self.cache = Some(cache);
+        Ok(self)
     }
 
     /// Bytes of KV cache one token takes.
@@ -139,6 +189,19 @@ impl Backend for CpuBackend {
                     "token id {bad} is outside the vocabulary (0..{vocab})"
                 )));
             }
+        }
+        // The expert cache's accounting, layer by layer as the compute below uses the experts; done
+        // first so that an error leaves every KV cache untouched.
+        if let Some(cache) = self.cache.as_mut() {
+            for l in 0..self.w.layers.len() {
+                let mut used = ExpertSet::default();
+                for c in chunks {
+                    let range = c.route_offset..c.route_offset + c.tokens.len();
+                    used = used.union(&c.routes.experts_used(range, l));
+                }
+                account_layer(cache, l, &used)?;
+            }
+            cache.unpin_all();
         }
         let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let mut x = Vec::with_capacity(total * hdim);
@@ -243,4 +306,51 @@ impl Backend for CpuBackend {
         matmul_t(&normed, m, head, &mut logits);
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
+
+    fn prepare(&mut self, lookahead: &Lookahead) -> Result<()> {
+        let Some(cache) = self.cache.as_mut() else {
+            return Ok(());
+        };
+        let layers = cache.layers();
+        let steps: Vec<StepExperts> = lookahead
+            .steps
+            .iter()
+            .map(|p| {
+                if p.scope() == RouteScope::AllLayers {
+                    StepExperts::AllLayers(p.experts_used(0..p.len(), 0))
+                } else {
+                    StepExperts::PerLayer(
+                        (0..layers).map(|l| p.experts_used(0..p.len(), l)).collect(),
+                    )
+                }
+            })
+            .collect();
+        // Belady's next uses: step 0 is the step about to run. No prefetch: nothing is copied on
+        // the CPU, so every load is accounted on demand, as a miss.
+        prefetch::set_next_uses(cache, &steps, 0);
+        Ok(())
+    }
+
+    fn expert_cache(&self) -> Option<&ExpertCache> {
+        self.cache.as_ref()
+    }
+}
+
+/// Accounts one layer's expert uses on `cache`: the layer's units are pinned while it computes,
+/// earlier layers' pins are released (their compute is done). A layer that uses more experts than
+/// the cache holds for it runs in waves, as a device cache would: each wave's units are pinned,
+/// accessed, and released before the next wave.
+fn account_layer(cache: &mut ExpertCache, layer: usize, used: &ExpertSet) -> Result<()> {
+    let room = cache.layer_quota().unwrap_or(cache.capacity()).max(1);
+    let units: Vec<Unit> = used.iter().map(|e| Unit::new(layer, e)).collect();
+    for wave in units.chunks(room) {
+        cache.unpin_all();
+        for &u in wave {
+            cache.pin(u)?;
+        }
+        for &u in wave {
+            cache.access(u)?;
+        }
+    }
+    Ok(())
 }

@@ -7,8 +7,9 @@ use crate::error::{Error, Result};
 use crate::model::ModelDir;
 
 use super::cpu::{BackboneWeights, CpuBackend};
-use super::cuda::{open_cuda_engine, CudaOptions};
+use super::cuda::{open_cuda_engine, CudaOptions, ExpertCapacity};
 use super::Engine;
+use crate::cache::EvictionPolicy;
 use crate::router::ReadMeRouter;
 
 /// A device a model can run on.
@@ -87,7 +88,26 @@ fn log_once(msg: &str) {
     LOGGED.call_once(|| eprintln!("{msg}"));
 }
 
-fn open_cpu(model: &ModelDir) -> Result<Engine> {
+/// An expert cache for the engine's backend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExpertCacheOptions {
+    /// How many experts may be resident (`PerLayer(n)`: n experts of each layer).
+    pub capacity: ExpertCapacity,
+    /// Eviction policy.
+    pub policy: EvictionPolicy,
+}
+
+/// How [`open_engine_with`] builds an engine.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineOptions {
+    /// The backend's expert cache. CUDA: its device slots (overriding `PREGATE_EXPERT_CACHE` and
+    /// `PREGATE_CACHE_POLICY`). CPU: accounting of the same decisions, the weights staying in host
+    /// memory (see [`CpuBackend::with_expert_cache`]). `None`: the backend's default (CUDA: the
+    /// environment, else every expert resident; CPU: no cache).
+    pub expert_cache: Option<ExpertCacheOptions>,
+}
+
+fn open_cpu(model: &ModelDir, opts: &EngineOptions) -> Result<Engine> {
     let w = model.load_weights()?;
     let router = ReadMeRouter::new(w.router, &model.config);
     let backbone = BackboneWeights {
@@ -96,7 +116,10 @@ fn open_cpu(model: &ModelDir) -> Result<Engine> {
         norm: w.norm,
         lm_head: w.lm_head,
     };
-    let backend = CpuBackend::new(model.config.clone(), backbone);
+    let mut backend = CpuBackend::new(model.config.clone(), backbone);
+    if let Some(c) = opts.expert_cache {
+        backend = backend.with_expert_cache(c.capacity, c.policy)?;
+    }
     Ok(Engine::new(Box::new(backend), router))
 }
 
@@ -105,15 +128,26 @@ fn open_cpu(model: &ModelDir) -> Result<Engine> {
 /// backend that fails to start (driver too old, a kernel NVRTC rejects, too little memory) falls
 /// back to the CPU with the reason logged; an explicit `cuda:N` reports the error instead.
 pub fn open_engine(model: &ModelDir, device: Device) -> Result<Engine> {
+    open_engine_with(model, device, &EngineOptions::default())
+}
+
+/// [`open_engine`] with options (the expert cache).
+pub fn open_engine_with(model: &ModelDir, device: Device, opts: &EngineOptions) -> Result<Engine> {
     match device.resolve()? {
-        Device::Cpu | Device::Auto => open_cpu(model),
+        Device::Cpu | Device::Auto => open_cpu(model, opts),
         Device::Cuda(n) => {
-            let opened = CudaOptions::from_env(n).and_then(|o| open_cuda_engine(model, &o));
+            let opened = CudaOptions::from_env(n).and_then(|mut o| {
+                if let Some(c) = opts.expert_cache {
+                    o.experts = c.capacity;
+                    o.policy = c.policy;
+                }
+                open_cuda_engine(model, &o)
+            });
             match opened {
                 Ok((engine, _stats)) => Ok(engine),
                 Err(e) if device == Device::Auto => {
                     eprintln!("pregate: cuda:{n} failed to start ({e}); falling back to the CPU");
-                    open_cpu(model)
+                    open_cpu(model, opts)
                 }
                 Err(e) => Err(e),
             }

@@ -15,7 +15,8 @@ mod device;
 use std::collections::BTreeMap;
 
 pub use backend::{Backend, ForwardChunk, Lookahead, SeqId};
-pub use device::{open_engine, Device};
+pub use cuda::ExpertCapacity;
+pub use device::{open_engine, open_engine_with, Device, EngineOptions, ExpertCacheOptions};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -265,6 +266,17 @@ impl Engine {
     /// Passes the scheduler's view of upcoming steps to the backend.
     pub fn prepare(&mut self, lookahead: &Lookahead) -> Result<()> {
         self.backend.prepare(lookahead)
+    }
+
+    /// The backend's expert cache, when it has one (residency and counters; see
+    /// [`Backend::expert_cache`]).
+    pub fn expert_cache(&self) -> Option<&crate::cache::ExpertCache> {
+        self.backend.expert_cache()
+    }
+
+    /// Seconds the backend's compute has waited for expert loads so far.
+    pub fn expert_stall_seconds(&self) -> f64 {
+        self.backend.expert_stall_seconds()
     }
 
     /// Runs one step: for each `(seq, n)` computes the next `n` pending tokens of `seq`; samples a

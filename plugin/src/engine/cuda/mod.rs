@@ -1083,6 +1083,14 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             .collect();
         self.issue_prefetch(&steps)
     }
+
+    fn expert_cache(&self) -> Option<&ExpertCache> {
+        Some(self.store.cache())
+    }
+
+    fn expert_stall_seconds(&self) -> f64 {
+        self.stats.snapshot().stall_seconds
+    }
 }
 
 impl<T: DeviceElem> Drop for CudaBackend<T> {
