@@ -10,9 +10,12 @@
 //! evicted once comes back with its history), `random` (seeded) and `belady`: the resident unit whose
 //! next use is farthest, where next uses come from the scheduler's lookahead
 //! ([`ExpertCache::set_next_use`]); ties, including units with no known next use, go to the least
-//! recently used. Units used by the step in flight are pinned ([`ExpertCache::pin`]) and never
-//! evicted: asking for a slot when every candidate is pinned is a [`Error::Capacity`] error, which
-//! means the capacity is smaller than one step's experts.
+//! recently used. Units used by the step in flight are pinned ([`ExpertCache::pin`], and every
+//! [`ExpertCache::access`]) and never evicted: asking for a slot when every candidate is pinned is a
+//! [`Error::Capacity`] error, which means the capacity is smaller than one step's experts. An
+//! executor that computes a layer's experts one after the other may release a unit as soon as its
+//! compute is done ([`ExpertCache::unpin`]; the replay does, see `replay::layer`), so a step can use
+//! more experts at a layer than the layer has slots; [`ExpertCache::unpin_all`] ends the step.
 //!
 //! A capacity may be split evenly across layers ([`ExpertCache::with_layer_quota`]): with Read-ME's
 //! shared routes every layer sees the same experts, and a per-layer quota is what "N experts per
@@ -369,6 +372,18 @@ impl ExpertCache {
                 if self.unit_slot[layer * self.experts + e] != NONE {
                     set.insert(e as ExpertId);
                 }
+            }
+        }
+        set
+    }
+
+    /// The experts resident at every layer: what a step can use without any load when routes are
+    /// shared by all layers (the batcher's resident set).
+    pub fn resident_in_every_layer(&self) -> crate::route::ExpertSet {
+        let mut set = crate::route::ExpertSet::default();
+        for e in 0..self.experts {
+            if (0..self.layers).all(|l| self.unit_slot[l * self.experts + e] != NONE) {
+                set.insert(e as ExpertId);
             }
         }
         set
