@@ -354,3 +354,96 @@ fn account_layer(cache: &mut ExpertCache, layer: usize, used: &ExpertSet) -> Res
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{make_model, ExpertLayout, ModelDir, Preset};
+    use crate::route::RoutePlan;
+
+    fn tiny_backend(per_layer: usize) -> (tempfile::TempDir, CpuBackend) {
+        let dir = tempfile::tempdir().unwrap();
+        make_model(&Preset::Tiny.spec(), ExpertLayout::Fused, 0, dir.path()).unwrap();
+        let m = ModelDir::open(dir.path()).unwrap();
+        let w = m.load_weights().unwrap();
+        let backbone = BackboneWeights {
+            embed: w.embed,
+            layers: w.layers,
+            norm: w.norm,
+            lm_head: w.lm_head,
+        };
+        let b = CpuBackend::new(m.config.clone(), backbone)
+            .with_expert_cache(ExpertCapacity::PerLayer(per_layer), EvictionPolicy::Belady)
+            .unwrap();
+        (dir, b)
+    }
+
+    fn run(b: &mut CpuBackend, seq: SeqId, tokens: &[u32], routes: &RoutePlan, at: usize) {
+        let chunk = ForwardChunk {
+            seq,
+            tokens,
+            start_pos: at,
+            routes,
+            route_offset: at,
+            want_logits: true,
+        };
+        b.forward(&[chunk]).unwrap();
+    }
+
+    #[test]
+    fn the_cache_accounts_hits_misses_and_belady_evictions() {
+        let (_d, mut b) = tiny_backend(2);
+        let layers = b.config().num_hidden_layers as u64;
+        let routes = RoutePlan::from_top1(4, &[0, 1, 2, 0, 1]);
+        b.add_sequence(1, 8).unwrap();
+        // Step 1 uses experts 0, 1 and 2 at every layer with 2 slots per layer: two waves.
+        run(&mut b, 1, &[5, 6, 7], &routes, 0);
+        let c = b.expert_cache().unwrap();
+        assert_eq!(c.stats().misses, 3 * layers);
+        assert_eq!(c.stats().evictions, layers);
+        assert_eq!(c.stats().bytes_loaded, 3 * layers * c.unit_bytes());
+        assert_eq!(c.resident(), 2 * layers as usize);
+        // Resident: 1 and 2 (0 was the least recently used). The lookahead says 0 now, then 1:
+        // Belady evicts 2 (never used again), where LRU would evict 1.
+        let next = Lookahead {
+            steps: vec![routes.slice(3..4), routes.slice(4..5)],
+        };
+        b.prepare(&next).unwrap();
+        run(&mut b, 1, &[8], &routes, 3);
+        let resident = b.expert_cache().unwrap().resident_in_every_layer();
+        assert!(resident.contains(0) && resident.contains(1) && !resident.contains(2));
+        b.prepare(&Lookahead {
+            steps: vec![routes.slice(4..5)],
+        })
+        .unwrap();
+        run(&mut b, 1, &[9], &routes, 4);
+        let s = b.expert_cache().unwrap().stats();
+        assert_eq!(s.hits + s.misses, 5 * layers);
+        // Nothing is pinned after a step.
+        assert!((0..4).all(|e| !b.expert_cache().unwrap().is_pinned(Unit::new(0, e))));
+    }
+
+    #[test]
+    fn the_cache_changes_no_logits() {
+        let (_d, mut cached) = tiny_backend(1);
+        let (_e, mut plain) = tiny_backend(1);
+        plain.cache = None;
+        let routes = RoutePlan::from_top1(4, &[3, 1, 2, 0]);
+        for b in [&mut cached, &mut plain] {
+            b.add_sequence(7, 4).unwrap();
+        }
+        let chunk = ForwardChunk {
+            seq: 7,
+            tokens: &[1, 2, 3, 4],
+            start_pos: 0,
+            routes: &routes,
+            route_offset: 0,
+            want_logits: true,
+        };
+        let a = cached.forward(&[chunk]).unwrap();
+        let b = plain.forward(&[chunk]).unwrap();
+        assert_eq!(a, b);
+        assert!(plain.expert_cache().is_none());
+        assert_eq!(cached.expert_cache().unwrap().stats().misses, 4 * 2);
+    }
+}

@@ -12,8 +12,16 @@
 //! - a failing or panicking step fails only the requests it scheduled (error events) and the loop
 //!   goes on; a panicking sink is treated as a client that went away.
 //!
+//! Each step, the loop passes the backend's expert residency ([`Engine::expert_cache`]: experts
+//! resident at every layer) to the batcher, builds a [`Lookahead`] from what is queued (the step
+//! about to run, then the pending tokens it leaves, cut into steps of the token budget) and calls
+//! [`Engine::prepare`] with it (Belady's next uses, the prefetch plan) before [`Engine::step`].
+//!
 //! Counters and gauges are kept in [`ServeStats`]; [`ServeConfig::on_step`] is called with a
-//! snapshot after every step so a host can mirror them into its own metrics system.
+//! snapshot after every step so a host can mirror them into its own metrics system. With
+//! [`ServeConfig::metrics`] the loop also records the library's Prometheus families
+//! ([`crate::metrics`]): expert cache counters and resident slots, stall time, per-step unique
+//! experts and tokens, queue waits, waiting and running requests.
 
 mod stats;
 mod stop;
@@ -28,10 +36,11 @@ use std::time::{Duration, Instant};
 
 pub use stats::ServeStats;
 
-use crate::batcher::{BatcherConfig, LookaheadBatcher, PendingView, RequestDesc};
-use crate::engine::{Engine, FinishReason, GenerationRequest, SeqId, StepEvent};
+use crate::batcher::{BatcherConfig, LookaheadBatcher, PendingView, RequestDesc, StepPlan};
+use crate::engine::{Engine, FinishReason, GenerationRequest, Lookahead, SeqId, StepEvent};
 use crate::error::{Error, Result};
-use crate::route::ExpertSet;
+use crate::metrics::ModelMetrics;
+use crate::route::RoutePlan;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -141,6 +150,11 @@ pub struct ServeConfig {
     pub on_step: Option<StepObserver>,
     /// The thread's name.
     pub thread_name: String,
+    /// Steps after the one about to run that the lookahead passed to [`Engine::prepare`] covers
+    /// (pending tokens are known; tokens not yet sampled are not).
+    pub lookahead_steps: usize,
+    /// The library metrics to record into (a model's labelled handles), if any.
+    pub metrics: Option<ModelMetrics>,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -150,6 +164,8 @@ impl std::fmt::Debug for ServeConfig {
             .field("idle_poll", &self.idle_poll)
             .field("on_step", &self.on_step.is_some())
             .field("thread_name", &self.thread_name)
+            .field("lookahead_steps", &self.lookahead_steps)
+            .field("metrics", &self.metrics.is_some())
             .finish()
     }
 }
@@ -161,6 +177,8 @@ impl Default for ServeConfig {
             idle_poll: Duration::from_millis(2),
             on_step: None,
             thread_name: "pregate-engine".into(),
+            lookahead_steps: 4,
+            metrics: None,
         }
     }
 }
@@ -234,6 +252,7 @@ impl Server {
             cfg: cfg.clone(),
             closed: false,
             scheduled: 0,
+            stall_seen: 0.0,
         };
         let thread = std::thread::Builder::new()
             .name(cfg.thread_name.clone())
@@ -356,6 +375,8 @@ struct LoopState {
     cfg: ServeConfig,
     closed: bool,
     scheduled: usize,
+    /// The backend's cumulative stall seconds at the last metrics record.
+    stall_seen: f64,
 }
 
 impl LoopState {
@@ -396,7 +417,11 @@ impl LoopState {
             return;
         }
         let now = self.now();
-        let resident = ExpertSet::default();
+        let resident = self
+            .engine
+            .expert_cache()
+            .map(|c| c.resident_in_every_layer())
+            .unwrap_or_default();
         let plan = {
             let pending = self.engine.pending().map(PendingView::from);
             match self.batcher.schedule(now, pending, &resident) {
@@ -413,13 +438,18 @@ impl LoopState {
         }
         let entries = plan.entries();
         let start = self.now();
-        let result = catch_unwind(AssertUnwindSafe(|| self.engine.step(&entries)));
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let lookahead = self.lookahead(&plan);
+            self.engine.prepare(&lookahead)?;
+            self.engine.step(&entries)
+        }));
         let end = self.now();
         self.batcher.step_done(start, end);
         {
             let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             s.record_step(&plan, end - start);
         }
+        self.record_metrics(&plan);
         match result {
             Ok(Ok(events)) => self.deliver(events),
             Ok(Err(e)) => {
@@ -436,6 +466,74 @@ impl LoopState {
             }
         }
         self.scheduled = plan.chunks.len();
+    }
+
+    /// What is known of the coming steps: the step about to run (`plan`), then every pending token
+    /// it leaves, in admission order, cut into steps of the token budget (at most
+    /// `lookahead_steps` of them). Empty when the backend has no expert cache to prepare.
+    fn lookahead(&self, plan: &StepPlan) -> Lookahead {
+        if self.engine.expert_cache().is_none() {
+            return Lookahead::default();
+        }
+        let budget = self.cfg.batcher.max_batch_tokens.max(1);
+        let now: HashMap<SeqId, usize> = plan.chunks.iter().map(|c| (c.seq, c.tokens)).collect();
+        let mut first: Option<RoutePlan> = None;
+        let mut later: Vec<RoutePlan> = Vec::new();
+        let mut fill = budget;
+        let add = |to: &mut Option<RoutePlan>, from: &RoutePlan, a: usize, b: usize| {
+            let part = from.slice(a..b);
+            match to {
+                Some(p) => {
+                    // Plans of one router share a scope; a mismatch only shortens the hint.
+                    let _ = p.extend(&part);
+                }
+                None => *to = Some(part),
+            }
+        };
+        for p in self.engine.pending() {
+            let (start, end) = (p.route_offset, p.route_offset + p.tokens.len());
+            let n = now.get(&p.seq).copied().unwrap_or(0).min(end - start);
+            if n > 0 {
+                add(&mut first, p.routes, start, start + n);
+            }
+            let mut off = start + n;
+            while off < end {
+                if fill == budget {
+                    if later.len() >= self.cfg.lookahead_steps {
+                        break;
+                    }
+                    later.push(RoutePlan::new(p.routes.num_experts(), p.routes.scope()));
+                    fill = 0;
+                }
+                let take = (end - off).min(budget - fill);
+                if let Some(last) = later.last_mut() {
+                    let _ = last.extend(&p.routes.slice(off..off + take));
+                }
+                off += take;
+                fill += take;
+            }
+        }
+        Lookahead {
+            steps: first.into_iter().chain(later).collect(),
+        }
+    }
+
+    /// Records a step into the library metrics: its unique experts and tokens, the queue waits of
+    /// its requests, the backend's expert cache counters, resident slots and stall time.
+    fn record_metrics(&mut self, plan: &StepPlan) {
+        let Some(m) = &self.cfg.metrics else {
+            return;
+        };
+        m.observe_batch(plan.experts.len(), plan.tokens);
+        for c in &plan.chunks {
+            m.observe_queue_wait(c.waited);
+        }
+        if let Some(cache) = self.engine.expert_cache() {
+            m.record_cache(cache.stats(), cache.resident());
+        }
+        let stall = self.engine.expert_stall_seconds();
+        m.add_stall(stall - self.stall_seen);
+        self.stall_seen = stall;
     }
 
     /// Takes every queued message; blocks while nothing is live.
@@ -628,6 +726,9 @@ impl LoopState {
             s.live = self.live.len() as u64;
             s.clone()
         };
+        if let Some(m) = &self.cfg.metrics {
+            m.set_requests(self.batcher.waiting(), self.batcher.running());
+        }
         if let Some(f) = &self.cfg.on_step {
             let _ = catch_unwind(AssertUnwindSafe(|| f(&snapshot)));
         }

@@ -173,3 +173,171 @@ fn dropping_the_server_fails_live_requests() {
         Outcome::Failed(_) | Outcome::Finished(_)
     ));
 }
+
+/// Records what the loop passes to `prepare` and `forward`, around the CPU backend.
+struct Recording {
+    inner: Box<dyn crate::engine::Backend>,
+    last: Option<Lookahead>,
+    /// Per step: (tokens in the forward, tokens in the lookahead's first step, lookahead steps).
+    log: Arc<Mutex<Vec<(usize, usize, usize)>>>,
+}
+
+impl crate::engine::Backend for Recording {
+    fn device_name(&self) -> String {
+        self.inner.device_name()
+    }
+    fn config(&self) -> &crate::config::ModelConfig {
+        self.inner.config()
+    }
+    fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
+        self.inner.add_sequence(seq, max_len)
+    }
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.inner.remove_sequence(seq)
+    }
+    fn forward(&mut self, chunks: &[crate::engine::ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        let tokens = chunks.iter().map(|c| c.tokens.len()).sum();
+        let la = self.last.take().unwrap_or_default();
+        let first = la.steps.first().map_or(0, RoutePlan::len);
+        self.log
+            .lock()
+            .unwrap()
+            .push((tokens, first, la.steps.len()));
+        self.inner.forward(chunks)
+    }
+    fn prepare(&mut self, lookahead: &Lookahead) -> Result<()> {
+        self.last = Some(lookahead.clone());
+        self.inner.prepare(lookahead)
+    }
+    fn expert_cache(&self) -> Option<&crate::cache::ExpertCache> {
+        self.inner.expert_cache()
+    }
+}
+
+fn cpu_with_cache(m: &ModelDir, per_layer: usize) -> crate::engine::cpu::CpuBackend {
+    let w = m.load_weights().unwrap();
+    let backbone = crate::engine::cpu::BackboneWeights {
+        embed: w.embed,
+        layers: w.layers,
+        norm: w.norm,
+        lm_head: w.lm_head,
+    };
+    crate::engine::cpu::CpuBackend::new(m.config.clone(), backbone)
+        .with_expert_cache(
+            crate::engine::ExpertCapacity::PerLayer(per_layer),
+            crate::cache::EvictionPolicy::Belady,
+        )
+        .unwrap()
+}
+
+#[test]
+fn the_loop_prepares_every_step_with_its_lookahead() {
+    let (_d, m) = tiny();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let backend = Recording {
+        inner: Box::new(cpu_with_cache(&m, 2)),
+        last: None,
+        log: log.clone(),
+    };
+    let w = m.load_weights().unwrap();
+    let router = crate::router::ReadMeRouter::new(w.router, &m.config);
+    let engine = Engine::new(Box::new(backend), router);
+    let cfg = ServeConfig {
+        batcher: BatcherConfig {
+            max_batch_tokens: 8,
+            max_prefill_chunk: 8,
+            ..BatcherConfig::default()
+        },
+        ..ServeConfig::default()
+    };
+    let s = Server::start(engine, None, cfg).unwrap();
+    let mut r = ServeRequest::greedy(Prompt::Ids((1..30).collect()), 3);
+    r.ignore_eos = true;
+    let (toks, done) = collect(&submit(&s, r.clone(), None));
+    assert_eq!(toks.len(), 3);
+    assert!(matches!(done.outcome, Outcome::Finished(_)));
+    s.shutdown();
+    let log = log.lock().unwrap();
+    // 29 prompt tokens in chunks of 8, then two decode steps.
+    assert_eq!(log.len(), 4 + 2, "{log:?}");
+    for &(tokens, first, _) in log.iter() {
+        assert_eq!(
+            tokens, first,
+            "step 0 of the lookahead is the step that runs: {log:?}"
+        );
+    }
+    // The first step knows the rest of the prompt: 21 tokens, three more steps of 8.
+    assert_eq!(log[0].2, 1 + 3, "{log:?}");
+    // A decode step knows nothing after itself.
+    assert_eq!(log[5].2, 1, "{log:?}");
+}
+
+#[test]
+fn the_loop_records_cache_batch_and_queue_metrics() {
+    let (_d, m) = tiny();
+    let engine = crate::engine::open_engine_with(
+        &m,
+        Device::Cpu,
+        &crate::engine::EngineOptions {
+            expert_cache: Some(crate::engine::ExpertCacheOptions {
+                capacity: crate::engine::ExpertCapacity::PerLayer(2),
+                policy: crate::cache::EvictionPolicy::Belady,
+            }),
+        },
+    )
+    .unwrap();
+    let label = "serve-loop-test";
+    let cfg = ServeConfig {
+        metrics: Some(crate::metrics::model_metrics(label).unwrap()),
+        ..ServeConfig::default()
+    };
+    let s = Server::start(engine, m.tokenizer.clone(), cfg).unwrap();
+    let rxs: Vec<_> = (0..6u32)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..5 + 7 * i)
+                .map(|t| (t * 37 + i * 11) % 500 + 1)
+                .collect();
+            let mut r = ServeRequest::greedy(Prompt::Ids(prompt), 6 + i as usize);
+            r.ignore_eos = true;
+            (r.clone(), submit(&s, r, None))
+        })
+        .collect();
+    for (r, rx) in &rxs {
+        let (toks, done) = collect(rx);
+        assert!(matches!(done.outcome, Outcome::Finished(_)));
+        // The cache is accounting only: the tokens are the engine's without it.
+        let Prompt::Ids(ids) = &r.prompt else {
+            unreachable!()
+        };
+        let want = reference(&m, ids, r.max_new_tokens);
+        assert_eq!(toks.iter().map(|t| t.token).collect::<Vec<_>>(), want);
+    }
+    let steps = s.stats().steps;
+    s.shutdown();
+    let snap = crate::metrics::snapshot().unwrap();
+    let get = |name: &str| {
+        snap.iter()
+            .find(|x| x.name == name && x.labels.iter().any(|(_, v)| v == label))
+            .map(|x| x.value.clone())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let scalar = |name: &str| match get(name) {
+        crate::metrics::MetricValue::Scalar(v) => v,
+        v => panic!("{name}: {v:?}"),
+    };
+    let count = |name: &str| match get(name) {
+        crate::metrics::MetricValue::Histogram { count, .. } => count,
+        v => panic!("{name}: {v:?}"),
+    };
+    assert!(scalar("pregate_expert_cache_hits_total") > 0.0);
+    assert!(scalar("pregate_expert_cache_misses_total") > 0.0);
+    assert!(scalar("pregate_expert_cache_evictions_total") > 0.0);
+    assert!(scalar("pregate_expert_load_bytes_total") > 0.0);
+    let resident = scalar("pregate_expert_cache_resident_slots");
+    assert!(resident > 0.0 && resident <= 4.0, "{resident}");
+    assert_eq!(count("pregate_batch_tokens"), steps);
+    assert_eq!(count("pregate_batch_unique_experts"), steps);
+    assert!(count("pregate_queue_wait_seconds") >= steps);
+    assert_eq!(scalar("pregate_requests_waiting"), 0.0);
+    assert_eq!(scalar("pregate_requests_running"), 0.0);
+}
