@@ -19,6 +19,7 @@ use crate::cache::EvictionPolicy;
 use crate::error::{Error, Result};
 use crate::metrics::{model_metrics, MetricsServer};
 use crate::replay::{self, workload, CostModel, ExpertModel, ModelShape, SimConfig};
+use crate::route::ExpertSet;
 
 /// Flags of `pregate replay`.
 #[derive(Debug, clap::Args)]
@@ -277,11 +278,33 @@ fn metrics_label(args: &ReplayArgs) -> String {
     }
 }
 
-/// Every policy at capacities 2..=5 (clamped to 1..experts-1) on the replay's step sequence.
-fn hit_ratio_table(
+/// One row of an offline hit-ratio table: policy, capacity (experts per layer), hit ratio.
+type HitRow = (&'static str, usize, f64);
+
+/// Every policy at capacities 2..=5 (clamped to 1..experts-1) on one access sequence.
+fn hit_ratio_table(accesses: &[ExpertSet], experts: usize, seed: u64) -> Result<Vec<HitRow>> {
+    let hi = experts.saturating_sub(1).clamp(1, 5);
+    let lo = 2.min(hi);
+    let mut out = Vec::new();
+    for p in EvictionPolicy::ALL {
+        for c in lo..=hi {
+            out.push((
+                p.as_str(),
+                c,
+                replay::offline::hit_ratio(accesses, experts, c, p, seed)?,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The two offline tables of a replay: per step (each step's distinct experts, as this replay ran
+/// them) and per token (every scheduled token asks for its expert, in execution order: the access
+/// stream of the paper's Table 4).
+fn hit_ratio_tables(
     report: &replay::Report,
     args: &ReplayArgs,
-) -> Result<Vec<(&'static str, usize, f64)>> {
+) -> Result<[(String, Vec<HitRow>); 2]> {
     let experts = report
         .step_experts
         .iter()
@@ -289,16 +312,48 @@ fn hit_ratio_table(
         .max()
         .map_or(1, |e| e as usize + 1)
         .max(args.experts.unwrap_or(0));
-    let hi = experts.saturating_sub(1).clamp(1, 5);
-    let lo = 2.min(hi);
-    let mut out = Vec::new();
-    for p in EvictionPolicy::ALL {
-        for c in lo..=hi {
-            let h = replay::offline::hit_ratio(&report.step_experts, experts, c, p, args.seed)?;
-            out.push((p.as_str(), c, h));
-        }
+    let per_token: Vec<ExpertSet> = report
+        .token_experts
+        .iter()
+        .map(|&e| {
+            let mut s = ExpertSet::default();
+            s.insert(e);
+            s
+        })
+        .collect();
+    Ok([
+        (
+            format!("per step, {} steps", report.step_experts.len()),
+            hit_ratio_table(&report.step_experts, experts, args.seed)?,
+        ),
+        (
+            format!("per token, {} token accesses", per_token.len()),
+            hit_ratio_table(&per_token, experts, args.seed)?,
+        ),
+    ])
+}
+
+fn print_hit_ratio_table(title: &str, table: &[HitRow]) {
+    println!("\noffline hit ratio, {title} (%):");
+    let mut caps: Vec<usize> = table.iter().map(|r| r.1).collect();
+    caps.sort();
+    caps.dedup();
+    print!("{:<8}", "policy");
+    for c in &caps {
+        print!("{:>8}", format!("cap {c}"));
     }
-    Ok(out)
+    println!();
+    for p in EvictionPolicy::ALL {
+        print!("{:<8}", p.as_str());
+        for c in &caps {
+            let h = table
+                .iter()
+                .find(|r| r.0 == p.as_str() && r.1 == *c)
+                .map_or(0.0, |r| r.2);
+            print!("{:>8.2}", h * 100.0);
+        }
+        println!();
+    }
 }
 
 /// Runs `pregate replay`.
@@ -355,10 +410,10 @@ pub fn run(args: ReplayArgs) -> Result<()> {
         };
         replay::simulate(&reqs, &cfg, metrics.as_ref())?
     };
-    let table = if args.hit_ratio_table {
-        hit_ratio_table(&report, &args)?
+    let tables = if args.hit_ratio_table {
+        Some(hit_ratio_tables(&report, &args)?)
     } else {
-        Vec::new()
+        None
     };
     if args.json {
         let mut v = serde_json::to_value(&report).map_err(|e| Error::Internal(e.to_string()))?;
@@ -369,14 +424,19 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             m.insert("cache_capacity".into(), args.cache_capacity.into());
             m.insert("max_batch_tokens".into(), args.max_batch_tokens.into());
             m.insert("seed".into(), args.seed.into());
-            if args.hit_ratio_table {
-                let rows: Vec<serde_json::Value> = table
-                    .iter()
-                    .map(
-                        |(p, c, h)| serde_json::json!({"policy": p, "capacity": c, "hit_ratio": h}),
-                    )
-                    .collect();
-                m.insert("hit_ratio_table".into(), rows.into());
+            if let Some(tables) = &tables {
+                for (key, (_, table)) in ["hit_ratio_table", "hit_ratio_table_per_token"]
+                    .into_iter()
+                    .zip(tables)
+                {
+                    let rows: Vec<serde_json::Value> = table
+                        .iter()
+                        .map(|(p, c, h)| {
+                            serde_json::json!({"policy": p, "capacity": c, "hit_ratio": h})
+                        })
+                        .collect();
+                    m.insert(key.into(), rows.into());
+                }
             }
         }
         println!("{v}");
@@ -389,36 +449,8 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             args.batching
         );
         print!("{}", report.table());
-        if !table.is_empty() {
-            println!(
-                "\noffline hit ratio on this replay's {} steps (%):",
-                report.steps
-            );
-            let caps: Vec<usize> = table
-                .iter()
-                .map(|r| r.1)
-                .take_while(|&c| c != usize::MAX)
-                .collect();
-            let mut caps = caps;
-            caps.dedup();
-            caps.sort();
-            caps.dedup();
-            print!("{:<8}", "policy");
-            for c in &caps {
-                print!("{:>8}", format!("cap {c}"));
-            }
-            println!();
-            for p in EvictionPolicy::ALL {
-                print!("{:<8}", p.as_str());
-                for c in &caps {
-                    let h = table
-                        .iter()
-                        .find(|r| r.0 == p.as_str() && r.1 == *c)
-                        .map_or(0.0, |r| r.2);
-                    print!("{:>8.2}", h * 100.0);
-                }
-                println!();
-            }
+        for (title, table) in tables.iter().flatten() {
+            print_hit_ratio_table(title, table);
         }
     }
     if server.is_some() && args.metrics_linger_s > 0.0 {

@@ -142,6 +142,7 @@ impl Summary {
             generated_tokens: self.generated_tokens,
             wall_s,
             step_experts: Vec::new(),
+            token_experts: Vec::new(),
         }
     }
 }
@@ -202,6 +203,8 @@ pub struct Report {
     /// The experts each step used, in order (for [`super::offline`]; not serialized).
     #[serde(skip)]
     pub step_experts: Vec<crate::route::ExpertSet>,
+    /// With `record_steps`: every scheduled token's (primary) expert, in execution order.
+    pub token_experts: Vec<crate::route::ExpertId>,
 }
 
 impl Report {

@@ -235,6 +235,7 @@ pub fn simulate(
     let mut timeline = layer::Timeline::new(&cache, load_s, cfg.prefetch);
     let mut future = vec![NEVER; shape.experts];
     let mut step_experts = Vec::new();
+    let mut token_experts = Vec::new();
 
     loop {
         while next_arrival < sims.len() && sims[next_arrival].arrival <= now {
@@ -375,6 +376,13 @@ pub fn simulate(
         summary.step(used.len(), tokens, stall);
         if cfg.record_steps {
             step_experts.push(used);
+            // Token by token, in the order the step runs them: the access stream of the paper's
+            // Table 4, where every token asks for its expert.
+            for c in &chunks {
+                if let Some(routes) = &sims[c.seq as usize - 1].routes {
+                    token_experts.extend((0..c.tokens).map(|t| routes.route(t, 0).primary()));
+                }
+            }
         }
         if let Some(m) = metrics {
             m.observe_batch(used.len(), tokens);
@@ -438,5 +446,6 @@ pub fn simulate(
     let stats = cache.stats();
     let mut report = summary.report(stats, batcher.max_waited(), started.elapsed().as_secs_f64());
     report.step_experts = step_experts;
+    report.token_experts = token_experts;
     Ok(report)
 }
