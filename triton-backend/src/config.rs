@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use pregate::batcher::{BatchPolicy, BatcherConfig};
 use pregate::cache::{CacheCapacity, EvictionPolicy};
-use pregate::engine::Device;
+use pregate::engine::{Device, EngineOptions, ExpertCacheOptions, ExpertCapacity};
 use serde_json::Value;
 
 use crate::bridge::kind;
@@ -33,8 +33,10 @@ pub struct ModelParams {
     pub device: Device,
     /// The batcher's configuration.
     pub batcher: BatcherConfig,
-    /// Expert cache size (used by device backends with an expert cache).
-    pub cache_capacity: Option<CacheCapacity>,
+    /// Expert cache size: CUDA, its device slots; CPU, an accounting cache (the same decisions,
+    /// weights staying in host memory). `None`: the backend's default (CUDA: `PREGATE_EXPERT_CACHE`
+    /// or every expert; CPU: no cache).
+    pub cache_capacity: Option<ExpertCapacity>,
     /// Expert cache eviction policy.
     pub cache_policy: EvictionPolicy,
     /// Whether to publish pregate's metrics on Triton's endpoint.
@@ -154,15 +156,30 @@ pub fn parse_model_config(json: &str, repository: &Path) -> Result<ModelParams, 
     })
 }
 
-/// `cache_capacity`: a slot count (`12`), bytes with a unit (`512MiB`, `2GiB`), or a fraction of
-/// free device memory (`0.5` or `50%`).
-pub fn parse_capacity(s: &str) -> Result<CacheCapacity, String> {
+impl ModelParams {
+    /// The engine options these parameters ask for (the expert cache).
+    pub fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            expert_cache: self.cache_capacity.map(|capacity| ExpertCacheOptions {
+                capacity,
+                policy: self.cache_policy,
+            }),
+        }
+    }
+}
+
+/// `cache_capacity`: experts per layer (`2`, as `pregate replay --cache-capacity` counts them),
+/// `all`, bytes with a unit (`512MiB`, `2GiB`), or a fraction of free memory (`0.5` or `50%`).
+pub fn parse_capacity(s: &str) -> Result<ExpertCapacity, String> {
     let bad = || {
         format!(
-            "parameter `cache_capacity`: `{s}` is not a slot count, a size (512MiB, 2GiB) or a \
-             fraction (0.5, 50%)"
+            "parameter `cache_capacity`: `{s}` is not a number of experts per layer, `all`, a \
+             size (512MiB, 2GiB) or a fraction (0.5, 50%)"
         )
     };
+    if s == "all" {
+        return Ok(ExpertCapacity::All);
+    }
     if let Some(p) = s.strip_suffix('%') {
         let f: f64 = p.trim().parse().map_err(|_| bad())?;
         return fraction(f / 100.0).ok_or_else(bad);
@@ -175,12 +192,12 @@ pub fn parse_capacity(s: &str) -> Result<CacheCapacity, String> {
     ] {
         if let Some(n) = s.strip_suffix(suffix) {
             let n: u64 = n.trim().parse().map_err(|_| bad())?;
-            return Ok(CacheCapacity::Bytes(n * mult));
+            return Ok(ExpertCapacity::Total(CacheCapacity::Bytes(n * mult)));
         }
     }
     if let Ok(n) = s.parse::<usize>() {
         return if n > 0 {
-            Ok(CacheCapacity::Slots(n))
+            Ok(ExpertCapacity::PerLayer(n))
         } else {
             Err(bad())
         };
@@ -189,8 +206,8 @@ pub fn parse_capacity(s: &str) -> Result<CacheCapacity, String> {
     fraction(f).ok_or_else(bad)
 }
 
-fn fraction(f: f64) -> Option<CacheCapacity> {
-    (f > 0.0 && f <= 1.0).then_some(CacheCapacity::FractionOfFree(f))
+fn fraction(f: f64) -> Option<ExpertCapacity> {
+    (f > 0.0 && f <= 1.0).then_some(ExpertCapacity::Total(CacheCapacity::FractionOfFree(f)))
 }
 
 /// The device an instance runs on: KIND_CPU is the CPU, KIND_GPU the instance's CUDA device,
@@ -250,8 +267,11 @@ mod tests {
         assert_eq!(m.batcher.max_prefill_chunk, 64);
         assert_eq!(m.batcher.policy, BatchPolicy::Fcfs);
         assert_eq!(m.batcher.max_wait, Some(0.05));
-        assert_eq!(m.cache_capacity, Some(CacheCapacity::Slots(3)));
+        assert_eq!(m.cache_capacity, Some(ExpertCapacity::PerLayer(3)));
         assert_eq!(m.cache_policy, EvictionPolicy::Lru);
+        let cache = m.engine_options().expert_cache.unwrap();
+        assert_eq!(cache.capacity, ExpertCapacity::PerLayer(3));
+        assert_eq!(cache.policy, EvictionPolicy::Lru);
         assert!(!m.metrics);
         assert_eq!(instance_device(&m, kind::CPU, 0), Ok(Device::Cpu));
         assert!(instance_device(&m, kind::GPU, 0).is_err());
@@ -283,15 +303,18 @@ mod tests {
 
     #[test]
     fn capacities() {
-        assert_eq!(parse_capacity("2GiB"), Ok(CacheCapacity::Bytes(2 << 30)));
+        let total = |c| Ok(ExpertCapacity::Total(c));
+        assert_eq!(parse_capacity("2GiB"), total(CacheCapacity::Bytes(2 << 30)));
         assert_eq!(
             parse_capacity("50%"),
-            Ok(CacheCapacity::FractionOfFree(0.5))
+            total(CacheCapacity::FractionOfFree(0.5))
         );
         assert_eq!(
             parse_capacity("0.25"),
-            Ok(CacheCapacity::FractionOfFree(0.25))
+            total(CacheCapacity::FractionOfFree(0.25))
         );
+        assert_eq!(parse_capacity("2"), Ok(ExpertCapacity::PerLayer(2)));
+        assert_eq!(parse_capacity("all"), Ok(ExpertCapacity::All));
         assert!(parse_capacity("0").is_err());
         assert!(parse_capacity("lots").is_err());
     }

@@ -23,13 +23,13 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use pregate::engine::open_engine;
+use pregate::engine::open_engine_with;
 use pregate::model::ModelDir;
 use pregate::serve::{panic_message, ServeConfig, Server, StepObserver};
 
 use bridge::{code, ffi, log};
 use config::ModelParams;
-use metrics::{Families, InstanceMetrics};
+use metrics::{Families, InstanceMetrics, LibraryMirror};
 use request::RawInput;
 use sink::{Factory, TritonSink};
 
@@ -70,6 +70,9 @@ pub struct ModelState {
     pub params: ModelParams,
     /// The opened model directory (config, tokenizer, mapped weights).
     pub model: ModelDir,
+    /// The library metrics its serving loops record into, and their mirror into Triton's
+    /// metrics (when metrics are on and the name is a valid label).
+    pub library_metrics: Option<(pregate::metrics::ModelMetrics, Arc<LibraryMirror>)>,
 }
 
 /// An instance's state: the serving loop and its metrics.
@@ -155,10 +158,25 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInitialize(
                 params.batcher.max_batch_tokens
             ),
         );
+        let library_metrics = if params.metrics {
+            match pregate::metrics::model_metrics(&name) {
+                Ok(m) => Some((m, Arc::new(LibraryMirror::new(&name)))),
+                Err(e) => {
+                    ffi::log_message(
+                        log::WARN,
+                        &format!("pregate model `{name}`: no expert cache or batch metrics: {e}"),
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let state = Box::new(ModelState {
             name: name.clone(),
             params,
             model: dir,
+            library_metrics,
         });
         let ptr = Box::into_raw(state);
         // SAFETY: `model` is live; the state is reclaimed in ModelFinalize.
@@ -219,11 +237,12 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
             )
         };
         let device = config::instance_device(&ms.params, kind, device_id).map_err(bad)?;
-        let engine = open_engine(&ms.model, device).map_err(|e| {
-            bad(format!(
-                "cannot open the model on {device}: {e} (use instance_group kind KIND_CPU)"
-            ))
-        })?;
+        let engine =
+            open_engine_with(&ms.model, device, &ms.params.engine_options()).map_err(|e| {
+                bad(format!(
+                    "cannot open the model on {device}: {e} (use instance_group kind KIND_CPU)"
+                ))
+            })?;
         let metrics = if ms.params.metrics {
             Some(Arc::new(
                 InstanceMetrics::new(&ms.name, &iname).map_err(|e| (code::INTERNAL, e))?,
@@ -231,21 +250,36 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
         } else {
             None
         };
+        let mirror = ms.library_metrics.as_ref().map(|(_, m)| m.clone());
         let on_step = metrics.clone().map(|m| {
-            let f: StepObserver = Arc::new(move |s| m.update(s));
+            let f: StepObserver = Arc::new(move |s| {
+                m.update(s);
+                if let Some(mirror) = &mirror {
+                    mirror.update();
+                }
+            });
             f
         });
         let cfg = ServeConfig {
             batcher: ms.params.batcher.clone(),
             on_step,
+            metrics: ms.library_metrics.as_ref().map(|(m, _)| m.clone()),
             thread_name: format!("pregate-{iname}"),
             ..ServeConfig::default()
         };
         ffi::log_message(
             log::INFO,
             &format!(
-                "pregate instance `{iname}`: engine on {}",
-                engine.device_name()
+                "pregate instance `{iname}`: engine on {}, expert cache: {}",
+                engine.device_name(),
+                engine
+                    .expert_cache()
+                    .map_or("none".to_string(), |c| format!(
+                        "{} slots of {} bytes, {}",
+                        c.capacity(),
+                        c.unit_bytes(),
+                        c.policy()
+                    ))
             ),
         );
         let server = Server::start(engine, ms.model.tokenizer.clone(), cfg)

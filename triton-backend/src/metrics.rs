@@ -1,12 +1,26 @@
 //! pregate's metrics on Triton's Prometheus endpoint, through Triton's custom metrics API.
 //!
-//! The families are created once per backend ([`Families::create`] at `TRITONBACKEND_Initialize`)
-//! and deleted at `TRITONBACKEND_Finalize`; each model instance owns one metric per family,
-//! labelled `model` and `instance`, and mirrors the serving loop's [`ServeStats`] after every step
-//! (counters are incremented by their change, gauges set).
+//! Two sources, distinct family names:
+//! - the serving loop's [`ServeStats`] (requests by outcome, tokens, steps, active and scheduled
+//!   requests): each model instance owns one metric per family, labelled `model` and `instance`
+//!   ([`InstanceMetrics`]);
+//! - the library's registry ([`pregate::metrics`]: `pregate_expert_cache_*`, `pregate_expert_load_*`,
+//!   `pregate_expert_stall_seconds_total`, `pregate_batch_unique_experts`, `pregate_batch_tokens`,
+//!   `pregate_queue_wait_seconds`, `pregate_requests_waiting`, `pregate_requests_running`), which the
+//!   serving loop records per model: one [`LibraryMirror`] per model copies its series, labelled
+//!   `model`. Triton's API has no histogram a value can be copied into, so a library histogram
+//!   appears as its Prometheus series: `<name>_bucket{le=...}`, `<name>_sum` and `<name>_count`
+//!   (counters), which `histogram_quantile` reads as usual.
+//!
+//! The ServeStats families are created once per backend ([`Families::create`] at
+//! `TRITONBACKEND_Initialize`), the library's when first mirrored; all are deleted at
+//! `TRITONBACKEND_Finalize`. Both mirror after every step: counters incremented by their change,
+//! gauges set.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
+use pregate::metrics::{MetricKind, MetricValue};
 use pregate::serve::ServeStats;
 
 use crate::bridge::{ffi, metric_kind};
@@ -110,13 +124,6 @@ const METRICS: &[MetricDef] = &[
         |s| s.active as f64,
     ),
     (
-        "pregate_requests_waiting",
-        metric_kind::GAUGE,
-        "Requests waiting for admission.",
-        &[],
-        |s| s.waiting as f64,
-    ),
-    (
         "pregate_requests_scheduled",
         metric_kind::GAUGE,
         "Requests in the last step.",
@@ -133,7 +140,7 @@ unsafe impl Send for FamilyPtr {}
 
 /// The backend's metric families (one per distinct name).
 pub struct Families {
-    families: Vec<(&'static str, FamilyPtr)>,
+    families: Vec<(String, FamilyPtr)>,
 }
 
 static FAMILIES: Mutex<Option<Families>> = Mutex::new(None);
@@ -141,13 +148,13 @@ static FAMILIES: Mutex<Option<Families>> = Mutex::new(None);
 impl Families {
     /// Creates the families (at backend initialization).
     pub fn create() -> Result<(), String> {
-        let mut families: Vec<(&'static str, FamilyPtr)> = Vec::new();
+        let mut families: Vec<(String, FamilyPtr)> = Vec::new();
         for &(name, kind, help, _, _) in METRICS {
-            if families.iter().any(|(n, _)| *n == name) {
+            if families.iter().any(|(n, _)| n == name) {
                 continue;
             }
             match ffi::metric_family_new(kind, name, help) {
-                Ok(p) => families.push((name, FamilyPtr(p))),
+                Ok(p) => families.push((name.to_string(), FamilyPtr(p))),
                 Err(e) => {
                     delete_families(families);
                     return Err(format!("cannot create metric family {name}: {e}"));
@@ -166,7 +173,26 @@ impl Families {
     }
 }
 
-fn delete_families(families: Vec<(&'static str, FamilyPtr)>) {
+/// The family `name`, created (with `kind` and `help`) if it does not exist yet.
+fn family(
+    name: &str,
+    kind: u32,
+    help: &str,
+) -> Result<*mut ffi::TRITONSERVER_MetricFamily, String> {
+    let mut guard = FAMILIES.lock().unwrap_or_else(|p| p.into_inner());
+    let fams = guard
+        .as_mut()
+        .ok_or("the metric families were not created")?;
+    if let Some((_, f)) = fams.families.iter().find(|(n, _)| n == name) {
+        return Ok(f.0);
+    }
+    let p = ffi::metric_family_new(kind, name, help)
+        .map_err(|e| format!("cannot create metric family {name}: {e}"))?;
+    fams.families.push((name.to_string(), FamilyPtr(p)));
+    Ok(p)
+}
+
+fn delete_families(families: Vec<(String, FamilyPtr)>) {
     for (_, f) in families {
         // SAFETY: `f` came from TRITONSERVER_MetricFamilyNew and is deleted once.
         let _ = unsafe { ffi::metric_family_delete(f.0) };
@@ -192,7 +218,7 @@ impl InstanceMetrics {
             .ok_or("the metric families were not created")?;
         let mut metrics = Vec::new();
         for &(name, kind, _, extra, get) in METRICS {
-            let Some((_, fam)) = fams.families.iter().find(|(n, _)| *n == name) else {
+            let Some((_, fam)) = fams.families.iter().find(|(n, _)| n == name) else {
                 continue;
             };
             let mut labels = vec!["model".to_string(), model.to_string()];
@@ -247,6 +273,219 @@ impl Drop for InstanceMetrics {
         for (ptr, ..) in m.drain(..) {
             // SAFETY: each metric is deleted once, here.
             let _ = unsafe { ffi::metric_delete(ptr.0) };
+        }
+    }
+}
+
+/// One mirrored series: its Triton metric, kind, and the value last mirrored.
+struct Mirrored {
+    metric: MetricPtr,
+    kind: u32,
+    last: f64,
+}
+
+/// The library's series of one model, mirrored into Triton's metrics (see the module docs). Shared
+/// by the model's instances: the library's values are per model and cumulative, so whichever
+/// instance mirrors adds only what changed since the last mirror.
+pub struct LibraryMirror {
+    model: String,
+    series: Mutex<HashMap<String, Mirrored>>,
+}
+
+/// One Triton series derived from a library sample: name, kind, help, labels, value.
+type Series = (String, u32, String, Vec<(String, String)>, f64);
+
+/// The Triton series of one library sample (a histogram becomes its bucket, sum and count series).
+fn series_of(s: &pregate::metrics::MetricSample) -> Vec<Series> {
+    let kind = match s.kind {
+        MetricKind::Counter | MetricKind::Histogram => metric_kind::COUNTER,
+        MetricKind::Gauge => metric_kind::GAUGE,
+    };
+    match &s.value {
+        MetricValue::Scalar(v) => {
+            vec![(s.name.clone(), kind, s.help.clone(), s.labels.clone(), *v)]
+        }
+        MetricValue::Histogram {
+            count,
+            sum,
+            buckets,
+        } => {
+            let bucket = |le: String, n: u64| {
+                let mut labels = s.labels.clone();
+                labels.push(("le".to_string(), le));
+                (
+                    format!("{}_bucket", s.name),
+                    kind,
+                    format!("{} (cumulative histogram buckets)", s.help),
+                    labels,
+                    n as f64,
+                )
+            };
+            let mut out: Vec<Series> = buckets
+                .iter()
+                .map(|&(le, n)| bucket(format!("{le}"), n))
+                .collect();
+            out.push(bucket("+Inf".to_string(), *count));
+            out.push((
+                format!("{}_sum", s.name),
+                kind,
+                format!("{} (sum of observations)", s.help),
+                s.labels.clone(),
+                *sum,
+            ));
+            out.push((
+                format!("{}_count", s.name),
+                kind,
+                format!("{} (observations)", s.help),
+                s.labels.clone(),
+                *count as f64,
+            ));
+            out
+        }
+    }
+}
+
+impl LibraryMirror {
+    /// A mirror of the library series labelled `model`.
+    pub fn new(model: &str) -> Self {
+        LibraryMirror {
+            model: model.to_string(),
+            series: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Copies the library's current values of this model into Triton's metrics, creating the
+    /// families and metrics met for the first time. Errors are skipped (a metric is not worth a
+    /// failed request) and the series retried at the next update.
+    pub fn update(&self) {
+        let Ok(snapshot) = pregate::metrics::snapshot() else {
+            return;
+        };
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        for sample in snapshot.iter().filter(|s| {
+            s.labels
+                .iter()
+                .any(|(k, v)| k == "model" && *v == self.model)
+        }) {
+            for (name, kind, help, labels, value) in series_of(sample) {
+                let key = format!("{name}{labels:?}");
+                if !series.contains_key(&key) {
+                    let Ok(fam) = family(&name, kind, &help) else {
+                        continue;
+                    };
+                    let flat: Vec<String> = labels.into_iter().flat_map(|(k, v)| [k, v]).collect();
+                    // SAFETY: `fam` is a live family (families outlive every model).
+                    let Ok(m) = (unsafe { ffi::metric_new(fam, &flat) }) else {
+                        continue;
+                    };
+                    series.insert(
+                        key.clone(),
+                        Mirrored {
+                            metric: MetricPtr(m),
+                            kind,
+                            last: 0.0,
+                        },
+                    );
+                }
+                let Some(m) = series.get_mut(&key) else {
+                    continue;
+                };
+                // SAFETY: `m.metric` is a live metric of this mirror (deleted only in Drop).
+                let r = unsafe {
+                    if m.kind == metric_kind::COUNTER {
+                        if value > m.last {
+                            ffi::metric_increment(m.metric.0, value - m.last)
+                        } else {
+                            Ok(())
+                        }
+                    } else {
+                        ffi::metric_set(m.metric.0, value)
+                    }
+                };
+                if r.is_ok() {
+                    m.last = if m.kind == metric_kind::COUNTER {
+                        value.max(m.last)
+                    } else {
+                        value
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl Drop for LibraryMirror {
+    fn drop(&mut self) {
+        let series = self.series.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, m) in series.drain() {
+            // SAFETY: each metric is deleted once, here.
+            let _ = unsafe { ffi::metric_delete(m.metric.0) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pregate::metrics::MetricSample;
+
+    #[test]
+    fn a_histogram_becomes_its_prometheus_series() {
+        let labels = vec![("model".to_string(), "m".to_string())];
+        let h = MetricSample {
+            name: "pregate_batch_tokens".into(),
+            help: "Tokens.".into(),
+            kind: MetricKind::Histogram,
+            labels: labels.clone(),
+            value: MetricValue::Histogram {
+                count: 3,
+                sum: 7.0,
+                buckets: vec![(1.0, 1), (2.5, 2)],
+            },
+        };
+        let s = series_of(&h);
+        let names: Vec<&str> = s.iter().map(|x| x.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "pregate_batch_tokens_bucket",
+                "pregate_batch_tokens_bucket",
+                "pregate_batch_tokens_bucket",
+                "pregate_batch_tokens_sum",
+                "pregate_batch_tokens_count"
+            ]
+        );
+        assert_eq!(s[1].3.last().unwrap().1, "2.5");
+        assert_eq!(s[2].3.last().unwrap().1, "+Inf");
+        assert_eq!((s[2].4, s[3].4, s[4].4), (3.0, 7.0, 3.0));
+        assert!(s.iter().all(|x| x.1 == metric_kind::COUNTER));
+        let g = MetricSample {
+            name: "pregate_requests_waiting".into(),
+            help: "Waiting.".into(),
+            kind: MetricKind::Gauge,
+            labels,
+            value: MetricValue::Scalar(2.0),
+        };
+        let s = series_of(&g);
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].1, s[0].4), (metric_kind::GAUGE, 2.0));
+    }
+
+    #[test]
+    fn no_serve_stats_family_shares_a_library_name() {
+        let m = pregate::metrics::model_metrics("triton-names").unwrap();
+        m.observe_batch(1, 1);
+        let library: Vec<String> = pregate::metrics::snapshot()
+            .unwrap()
+            .iter()
+            .flat_map(series_of)
+            .map(|s| s.0)
+            .collect();
+        for &(name, ..) in METRICS {
+            assert!(
+                !library.iter().any(|l| l == name),
+                "{name} is defined twice"
+            );
         }
     }
 }

@@ -96,7 +96,10 @@ def work(tmp_path_factory, tools):
     backends.mkdir(parents=True)
     shutil.copy(tools["lib"], backends / "libtriton_pregate.so")
     repo = w / "repo"
-    write_model(str(repo), "tiny", {"model_dir": w / "tiny", "max_batch_tokens": 1024})
+    # An expert cache of 2 of the tiny model's 4 experts per layer (CPU: accounting only, so the
+    # outputs are unchanged), so the cache metrics see misses and evictions.
+    write_model(str(repo), "tiny", {"model_dir": w / "tiny", "max_batch_tokens": 1024,
+                                    "cache_capacity": 2, "cache_policy": "belady"})
     # One request at a time, a slower model: cancellation must free the only slot.
     write_model(str(repo), "small1", {"model_dir": w / "small", "max_running": 1})
     write_model(str(repo), "bad_dir", {"model_dir": w / "does-not-exist"})

@@ -203,3 +203,50 @@ def test_metrics_have_the_pregate_families_with_moving_values(server):
     sse(server, gen_body("count me", 5))
     assert server.metric("pregate_generated_tokens_total") == before + 5
     assert server.metric("pregate_requests_total", outcome="finished") > 0
+
+
+LIBRARY_FAMILIES = [
+    "pregate_expert_cache_hits_total", "pregate_expert_cache_misses_total",
+    "pregate_expert_cache_evictions_total", "pregate_expert_load_bytes_total",
+    "pregate_expert_cache_resident_slots", "pregate_expert_stall_seconds_total",
+    "pregate_batch_unique_experts_bucket", "pregate_batch_unique_experts_count",
+    "pregate_batch_tokens_bucket", "pregate_batch_tokens_sum", "pregate_batch_tokens_count",
+    "pregate_queue_wait_seconds_bucket", "pregate_queue_wait_seconds_count",
+    "pregate_requests_waiting", "pregate_requests_running",
+]
+
+
+def test_library_cache_and_batch_families_are_on_triton_and_move(server):
+    """The library's families (expert cache of 2 of 4 experts per layer, batches, queue waits)
+    mirrored on Triton's endpoint with the model label, each once, moving with traffic."""
+    def lib():
+        return {k: server.metric(k) for k in LIBRARY_FAMILIES if not k.endswith("_bucket")}
+    sse(server, gen_body("warm the cache", 3))
+    time.sleep(0.5)  # the loop mirrors its metrics just after it streams a request's last token
+    before = lib()
+    steps_before = server.metric("pregate_steps_total")
+    with ThreadPoolExecutor(4) as pool:
+        for events, err in pool.map(lambda p: sse(server, gen_body(p, 8)), PROMPTS):
+            assert err is None and len(ids_of(events)) == 8
+    time.sleep(0.5)
+    m = server.metrics()
+    for family in LIBRARY_FAMILIES:
+        series = [ls for (n, ls) in m if n == family and dict(ls).get("model") == "tiny"]
+        assert series, family
+        if not family.endswith("_bucket"):
+            # One series per model: the instance's ServeStats families do not share these names.
+            assert len(series) == 1, (family, series)
+    after = lib()
+    steps = server.metric("pregate_steps_total") - steps_before
+    assert steps > 0
+    for moved in ["pregate_expert_cache_hits_total", "pregate_expert_cache_misses_total",
+                  "pregate_expert_cache_evictions_total", "pregate_expert_load_bytes_total",
+                  "pregate_batch_tokens_sum"]:
+        assert after[moved] > before[moved], moved
+    assert after["pregate_batch_tokens_count"] - before["pregate_batch_tokens_count"] == steps
+    assert after["pregate_batch_unique_experts_count"] - before["pregate_batch_unique_experts_count"] == steps
+    assert after["pregate_queue_wait_seconds_count"] - before["pregate_queue_wait_seconds_count"] >= steps
+    # 2 of 4 experts at each of the tiny model's 2 layers.
+    assert 0 < after["pregate_expert_cache_resident_slots"] <= 4
+    assert server.metric("pregate_batch_tokens_bucket", le="+Inf") == after["pregate_batch_tokens_count"]
+    assert after["pregate_requests_running"] == 0 and after["pregate_requests_waiting"] == 0
