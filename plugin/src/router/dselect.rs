@@ -181,7 +181,7 @@ mod tests {
         assert_eq!(smooth_step(0.5, 1.0), 1.0);
         assert_eq!(smooth_step(0.0, 1.0), 0.5);
         assert!((smooth_step(0.499_999, 1.0) - 1.0).abs() < 1e-5);
-        assert!((smooth_step(0.25, 2.0) - (0.375 - 2.0 * 0.015625 / 8.0 + 0.5)).abs() < 1e-6);
+        assert!((smooth_step(0.25, 2.0) - (0.1875 - 2.0 * 0.015625 / 8.0 + 0.5)).abs() < 1e-6);
     }
 
     #[test]
