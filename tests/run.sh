@@ -42,7 +42,7 @@ suite() {
 }
 
 setup
-suite rust cargo test --release --workspace
+suite rust cargo test --release --workspace --no-fail-fast
 suite reference python3 -m pytest -q tests/reference
 suite nvrtc bash kernels/ci-nvrtc.sh
 suite triton-headers bash triton-backend/scripts/check-headers.sh
