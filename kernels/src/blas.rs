@@ -16,6 +16,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use crate::error::{catch, KernelError, Result};
 use crate::kernel_set::KernelSet;
 use crate::ops::moe::ExpertPlan;
+use crate::ops::skinny::{SkinnyEntry, GROUPED_FFN_MAX_ROWS};
 use crate::ops::{check_len, mul, shape_err, to_i32, KernelDtype};
 
 /// One expert's weights on the device: `gate_up` `[2 * inter, hidden]` (the gate projection's rows,
@@ -51,6 +52,7 @@ pub struct FfnDims {
 pub struct Blas {
     handle: CudaBlas,
     stream: Arc<CudaStream>,
+    grouped: bool,
 }
 
 /// A row-major `y[n, m] = x[n, k] @ w[m, k]^T` on raw device addresses.
@@ -76,10 +78,31 @@ impl Blas {
             ));
         }
         let handle = catch("cublasCreate", || CudaBlas::new(stream.clone()))??;
+        let grouped = std::env::var("PREGATE_EXPERT_FFN").map_or(true, |v| v != "cublas");
         Ok(Blas {
             handle,
             stream: stream.clone(),
+            grouped,
         })
+    }
+
+    /// Enables or disables the grouped skinny kernels in [`Blas::expert_ffn`] (on by default;
+    /// `PREGATE_EXPERT_FFN=cublas` starts with them off). Off: cuBLAS GEMMs for every plan.
+    pub fn set_grouped_ffn(&mut self, on: bool) {
+        self.grouped = on;
+    }
+
+    /// Whether [`Blas::expert_ffn`] runs `plan` with the grouped skinny kernels (two launches
+    /// for all experts, weights read once) rather than two cuBLAS GEMMs per expert: bf16, enabled,
+    /// at most [`GROUPED_FFN_MAX_ROWS`] rows per expert, widths multiples of 8 (and, checked at
+    /// the call, 16-byte aligned buffers).
+    pub fn grouped_ffn_applies<T: KernelDtype>(&self, plan: &ExpertPlan, dims: FfnDims) -> bool {
+        self.grouped
+            && T::SUFFIX == "bf16"
+            && dims.hidden % 8 == 0
+            && dims.inter % 8 == 0
+            && plan.counts.iter().any(|&c| c > 0)
+            && plan.counts.iter().all(|&c| c <= GROUPED_FFN_MAX_ROWS)
     }
 
     /// The stream the handle issues work on.
@@ -165,8 +188,10 @@ impl Blas {
     /// `plan.offsets[e] .. plan.offsets[e + 1]` of `x_perm` (`[rows, hidden]`),
     /// `y_perm[rows] = down_e(silu(gate_e x) * up_e x)`. Two GEMMs per expert present (no host
     /// synchronisation: the plan's counts are the host's), one fused SiLU-and-mul over all rows.
-    /// `experts[e]` may be `None` for experts without rows. Workspaces: `gate_up` `[rows, 2 * inter]`,
-    /// `act` `[rows, inter]`.
+    /// For few rows per expert (see [`Blas::grouped_ffn_applies`]) instead two grouped kernel
+    /// launches for all experts, SiLU-and-mul fused into the first (the `gate_up` workspace is then
+    /// unused). `experts[e]` may be `None` for experts without rows. Workspaces: `gate_up`
+    /// `[rows, 2 * inter]`, `act` `[rows, inter]`.
     #[allow(clippy::too_many_arguments)]
     pub fn expert_ffn<T: KernelDtype>(
         &self,
@@ -212,6 +237,40 @@ impl Blas {
         }
         if rows == 0 {
             return Ok(());
+        }
+        if self.grouped_ffn_applies::<T>(plan, dims) {
+            let (xp, _gx) = x_perm.device_ptr(&self.stream);
+            let (ap, _ga) = act.device_ptr_mut(&self.stream);
+            let (yp, _gy) = y_perm.device_ptr_mut(&self.stream);
+            let mut guards = Vec::new();
+            let mut entries = Vec::new();
+            for (e, range) in plan.active() {
+                let Some(w) = experts[e] else { continue };
+                let (gu, g1) = w.gate_up.device_ptr(&self.stream);
+                let (dn, g2) = w.down.device_ptr(&self.stream);
+                guards.push(g1);
+                guards.push(g2);
+                entries.push(SkinnyEntry {
+                    gate_up: gu,
+                    down: dn,
+                    row0: range.start,
+                    rows: range.len(),
+                });
+            }
+            let aligned = [xp, ap, yp]
+                .iter()
+                .chain(entries.iter().flat_map(|e| [&e.gate_up, &e.down]))
+                .all(|a| a % 16 == 0);
+            if aligned {
+                // SAFETY: checked above: x_perm and y_perm span rows * hidden, act rows * inter
+                // elements (bf16: `grouped_ffn_applies`), every active expert's weights
+                // 2 * inter * hidden and hidden * inter, its range ends within rows; every address
+                // is 16-byte aligned, hidden and inter multiples of 8; the guards keep the
+                // accesses ordered on `self.stream`.
+                return unsafe {
+                    kernels.expert_ffn_skinny(&self.stream, &entries, hidden, inter, xp, ap, yp)
+                };
+            }
         }
         let sz = std::mem::size_of::<T>() as u64;
         {

@@ -30,5 +30,6 @@ pub use kernel_set::{KernelSet, KernelSetOptions};
 pub use nvrtc::Nvrtc;
 pub use ops::moe::{ExpertPlan, MoePermutation, MAX_EXPERTS, MAX_TOP_K};
 pub use ops::sampling::sampling_uniform;
+pub use ops::skinny::GROUPED_FFN_MAX_ROWS;
 pub use ops::{AttentionShape, KernelDtype, PagedKvLayout};
 pub use sources::{KernelSource, SOURCES};

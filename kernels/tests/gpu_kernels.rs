@@ -1020,3 +1020,123 @@ fn launchers_reject_bad_shapes_without_launching() {
         "a second stream of the same context is fine"
     );
 }
+
+/// The grouped skinny expert FFN (bf16, up to `GROUPED_FFN_MAX_ROWS` rows per expert) against
+/// an f64 reference of `y = down(silu(gate x) * up x)` per expert: experts without rows, one row,
+/// the row limit, more than one launch's 32 experts, widths that are not multiples of the tiles;
+/// and past the limit, the cuBLAS path. Outputs poisoned; fresh random inputs.
+#[test]
+fn grouped_expert_ffn_bf16() {
+    let Some(mut g) = gpu("grouped_expert_ffn_bf16") else {
+        return;
+    };
+    let mut rng = rng("grouped_expert_ffn_bf16");
+    // Neither width is a multiple of the 32-wide K chunks nor of the 16/32-row tiles.
+    let (hidden, inter, e) = (264usize, 200usize, 40usize);
+    let dims = FfnDims { hidden, inter };
+    let mut host = Vec::new();
+    let mut dev = Vec::new();
+    for _ in 0..e {
+        let (gu, guf) = as_dtype::<bf16>(&rand_vec(
+            &mut rng,
+            2 * inter * hidden,
+            1.0 / (hidden as f32).sqrt(),
+        ));
+        let (dn, dnf) = as_dtype::<bf16>(&rand_vec(
+            &mut rng,
+            hidden * inter,
+            1.0 / (inter as f32).sqrt(),
+        ));
+        dev.push((g.upload(&gu), g.upload(&dn)));
+        host.push((guf, dnf));
+    }
+    let limit = pregate_kernels::GROUPED_FFN_MAX_ROWS;
+    let mut cases: Vec<(Vec<usize>, bool)> = vec![
+        (vec![0, 0, 0, 1], true),
+        (vec![0, 1, limit, 9, 13], true),
+        (vec![8, 16, 0, 0, 7], true),
+        ((0..e).map(|_| rng.random_range(1..=3)).collect(), true),
+        (vec![limit + 1, 3, 0, 1], false),
+    ];
+    for (counts, _) in cases.iter_mut() {
+        counts.resize(e, 0);
+    }
+    for (counts, grouped) in cases {
+        let mut offsets = vec![0usize];
+        for c in &counts {
+            offsets.push(offsets.last().unwrap() + c);
+        }
+        let plan = ExpertPlan { counts, offsets };
+        assert_eq!(
+            g.blas.grouped_ffn_applies::<bf16>(&plan, dims),
+            grouped,
+            "path for {:?}",
+            plan.counts
+        );
+        assert!(!g.blas.grouped_ffn_applies::<f32>(&plan, dims));
+        let rows = plan.total();
+        let (x, xf) = as_dtype::<bf16>(&rand_vec(&mut rng, rows * hidden, 1.0));
+        let dx = g.upload(&x);
+        let experts: Vec<Option<ExpertWeights<'_, bf16>>> = (0..e)
+            .map(|i| {
+                (plan.counts[i] > 0).then(|| ExpertWeights {
+                    gate_up: &dev[i].0,
+                    down: &dev[i].1,
+                })
+            })
+            .collect();
+        let mut gu_ws = g.poisoned::<bf16>(rows * 2 * inter);
+        let mut act_ws = g.poisoned::<bf16>(rows * inter);
+        let mut y = g.poisoned::<bf16>(rows * hidden);
+        g.blas
+            .expert_ffn(
+                &g.ks,
+                &plan,
+                &experts,
+                dims,
+                &dx,
+                &mut gu_ws,
+                &mut act_ws,
+                &mut y,
+            )
+            .unwrap();
+        let got = g.download_f32(&y);
+        let mut want = vec![0.0f64; rows * hidden];
+        for (ex, range) in plan.active() {
+            let (gu, dn) = &host[ex];
+            for r in range.clone() {
+                let xr = &xf[r * hidden..(r + 1) * hidden];
+                let dot = |row: usize| -> f64 {
+                    gu[row * hidden..(row + 1) * hidden]
+                        .iter()
+                        .zip(xr)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum()
+                };
+                let act: Vec<f64> = (0..inter).map(|i| silu(dot(i)) * dot(inter + i)).collect();
+                for c in 0..hidden {
+                    want[r * hidden + c] = dn[c * inter..(c + 1) * inter]
+                        .iter()
+                        .zip(&act)
+                        .map(|(&a, &b)| a as f64 * b)
+                        .sum();
+                }
+            }
+            // Per expert, so that one wrong expert cannot hide in the total.
+            let (a, b) = (range.start * hidden, range.end * hidden);
+            assert_close::<bf16>(
+                &format!("expert {ex} ({} rows, grouped {grouped})", range.len()),
+                &got[a..b],
+                &want[a..b],
+            );
+        }
+        assert_close::<bf16>(&format!("grouped ffn {:?}", &plan.counts[..5]), &got, &want);
+    }
+    // Disabled, the same plan runs on cuBLAS.
+    g.blas.set_grouped_ffn(false);
+    let plan = ExpertPlan {
+        counts: vec![1],
+        offsets: vec![0, 1],
+    };
+    assert!(!g.blas.grouped_ffn_applies::<bf16>(&plan, dims));
+}

@@ -170,7 +170,7 @@ fn route(t: usize, e: usize, k: usize, seed: u64) -> (Vec<i32>, Vec<f32>) {
 }
 
 fn expert_layer(quick: bool) -> Res<()> {
-    let st = setup()?;
+    let mut st = setup()?;
     let (bw, rate) = ceilings(&st)?;
     let shapes: [(&str, usize, usize, usize, usize); 2] =
         [("readme", 4096, 5504, 7, 1), ("mixtral", 4096, 14336, 8, 2)];
@@ -179,7 +179,9 @@ fn expert_layer(quick: bool) -> Res<()> {
     } else {
         &[1, 8, 32, 128, 512, 2048, 8192]
     };
-    println!("RESULT expert_layer shape T ms floor_ms ratio TFLOPs experts_active");
+    println!(
+        "RESULT expert_layer shape T ms floor_ms ratio TFLOPs experts_active cublas_ms grouped"
+    );
     for (name, h, i, e, k) in shapes {
         let gate_up: Vec<CudaSlice<bf16>> = (0..e)
             .map(|x| {
@@ -212,33 +214,49 @@ fn expert_layer(quick: bool) -> Res<()> {
                 })
                 .collect();
             let reps = if t >= 2048 { 10 } else { 30 };
-            let ms = time_ms(&st.ctx, &st.s, 3, reps, || {
-                st.k.moe_permute(&st.s, &ids, t * k, &mut perm)?;
-                st.k.moe_gather::<bf16>(&st.s, &x, &perm, t, k, h, &mut x_perm)?;
-                st.blas.expert_ffn::<bf16>(
-                    &st.k,
-                    &plan,
-                    &experts,
-                    FfnDims {
-                        hidden: h,
-                        inter: i,
-                    },
-                    &x_perm,
-                    &mut gu,
-                    &mut act,
-                    &mut y_perm,
-                )?;
-                st.k.moe_combine::<bf16>(&st.s, &y_perm, &perm, &w, t, k, h, &mut out, false)?;
-                Ok(())
-            })?;
+            let mut run = |st: &Setup| -> Res<f64> {
+                time_ms(&st.ctx, &st.s, 3, reps, || {
+                    st.k.moe_permute(&st.s, &ids, t * k, &mut perm)?;
+                    st.k.moe_gather::<bf16>(&st.s, &x, &perm, t, k, h, &mut x_perm)?;
+                    st.blas.expert_ffn::<bf16>(
+                        &st.k,
+                        &plan,
+                        &experts,
+                        FfnDims {
+                            hidden: h,
+                            inter: i,
+                        },
+                        &x_perm,
+                        &mut gu,
+                        &mut act,
+                        &mut y_perm,
+                    )?;
+                    st.k.moe_combine::<bf16>(&st.s, &y_perm, &perm, &w, t, k, h, &mut out, false)?;
+                    Ok(())
+                })
+            };
+            let grouped = st.blas.grouped_ffn_applies::<bf16>(
+                &plan,
+                FfnDims {
+                    hidden: h,
+                    inter: i,
+                },
+            );
+            let ms = run(&st)?;
+            // The same layer on cuBLAS alone (two GEMMs per expert), for comparison.
+            st.blas.set_grouped_ffn(false);
+            let cublas_ms = run(&st);
+            st.blas.set_grouped_ffn(true);
+            let cublas_ms = cublas_ms?;
             let active = plan.counts.iter().filter(|&&c| c > 0).count();
             let bytes = active as f64 * 3.0 * (h * i) as f64 * 2.0 + 2.0 * (t * h) as f64 * 2.0;
             let flops = (t * k) as f64 * 6.0 * (h * i) as f64;
             let floor = (bytes / bw).max(flops / rate) * 1e3;
             println!(
-                "RESULT expert_layer {name} {t} {ms:.4} {floor:.4} {:.2} {:.0} {active}",
+                "RESULT expert_layer {name} {t} {ms:.4} {floor:.4} {:.2} {:.0} {active} {cublas_ms:.4} {}",
                 ms / floor,
-                flops / (ms / 1e3) / 1e12
+                flops / (ms / 1e3) / 1e12,
+                u8::from(grouped)
             );
         }
     }

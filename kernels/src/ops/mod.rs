@@ -10,6 +10,7 @@ mod elementwise;
 pub mod moe;
 mod norm;
 pub mod sampling;
+pub mod skinny;
 
 pub use attention::{AttentionShape, PagedKvLayout};
 
