@@ -3,7 +3,8 @@
 #   triton-backend/serve.sh [--model DIR] [--http-port N] [--grpc-port N] [--metrics-port N]
 # Builds the backend and the CLI, fetches tritonserver (PyPI wheel nvidia-pytriton==0.7.0), makes
 # the `small` demo model if --model is not given (target/models/small), writes a model repository
-# (target/triton-repo) and starts tritonserver. Runs on CPU (KIND_CPU instance).
+# (target/triton-repo) and starts tritonserver: a KIND_GPU instance when nvidia-smi sees a GPU,
+# KIND_CPU otherwise.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 model="" http=8000 grpc=8001 metrics=8002
@@ -30,8 +31,14 @@ name="pregate"
 repo="$root/target/triton-repo"
 rm -rf "$repo" && mkdir -p "$repo/$name/1" "$root/target/triton-backends/pregate"
 cp target/release/libtriton_pregate.so "$root/target/triton-backends/pregate/"
-sed "s|@MODEL_DIR@|$model|; s|@NAME@|$name|" triton-backend/model_repository/pregate/config.pbtxt \
-  > "$repo/$name/config.pbtxt"
+kind="KIND_CPU"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "^GPU 0"; then
+  kind="KIND_GPU"
+fi
+echo "pregate: instance kind $kind" >&2
+sed -e "s|@MODEL_DIR@|$model|; s|@NAME@|$name|" \
+  -e "s|instance_group \[ { count: 1 kind: KIND_CPU } \]|instance_group [ { count: 1 kind: $kind } ]|" \
+  triton-backend/model_repository/pregate/config.pbtxt > "$repo/$name/config.pbtxt"
 url="http://127.0.0.1:$http/v2/models/$name/generate_stream"
 (
   for _ in $(seq 1 600); do
