@@ -19,18 +19,18 @@ while [ $# -gt 0 ]; do
   esac
 done
 cd "$root"
-cargo build --release -p pregate-triton >&2
-cargo build --release -p pregate --bin pregate >&2
+cargo build --release -p pregate-triton -p pregate --lib --bin pregate >&2
+target="${CARGO_TARGET_DIR:-$root/target}"
 server="$(triton-backend/scripts/fetch-tritonserver.sh)"
 if [ -z "$model" ]; then
   model="$root/target/models/small"
-  [ -f "$model/config.json" ] || target/release/pregate make-model --preset small --out "$model" >&2
+  [ -f "$model/config.json" ] || "$target/release/pregate" make-model --preset small --out "$model" >&2
 fi
 model="$(cd "$model" && pwd)"
 name="pregate"
 repo="$root/target/triton-repo"
 rm -rf "$repo" && mkdir -p "$repo/$name/1" "$root/target/triton-backends/pregate"
-cp target/release/libtriton_pregate.so "$root/target/triton-backends/pregate/"
+cp "$target/release/libtriton_pregate.so" "$root/target/triton-backends/pregate/"
 kind="KIND_CPU"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "^GPU 0"; then
   kind="KIND_GPU"

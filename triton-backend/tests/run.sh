@@ -5,11 +5,12 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
-cargo build --release -p pregate-triton >&2
-cargo build --release -p pregate --bin pregate >&2
+# One cargo invocation, so both crates share one feature resolution (no second build of the deps).
+cargo build --release -p pregate-triton -p pregate --lib --bin pregate >&2
+target="${CARGO_TARGET_DIR:-$root/target}"
 export PREGATE_TRITONSERVER="$(triton-backend/scripts/fetch-tritonserver.sh)"
-export PREGATE_BIN="$root/target/release/pregate"
-export PREGATE_BACKEND_LIB="$root/target/release/libtriton_pregate.so"
+export PREGATE_BIN="$target/release/pregate"
+export PREGATE_BACKEND_LIB="$target/release/libtriton_pregate.so"
 python3 -c "import tritonclient.grpc, requests, pytest" 2>/dev/null ||
   python3 -m pip install -q "tritonclient[grpc]" requests pytest >&2
 exec python3 -m pytest -q -x "$root/triton-backend/tests" "$@"
