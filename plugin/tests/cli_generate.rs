@@ -97,6 +97,44 @@ fn json_output_and_logit_dump_match_the_reference() {
 }
 
 #[test]
+fn an_expert_cache_changes_no_token_and_reports_its_decisions() {
+    let model = fixture("fused_f32").join("model");
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            "5,6,7,200,201",
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+            "--json",
+            "--device",
+            "cpu",
+        ];
+        args.extend(extra);
+        let out = pregate(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let full = run(&[]);
+    assert!(full.get("expert_cache").is_none());
+    for policy in ["lru", "belady"] {
+        let cached = run(&["--expert-cache", "1", "--cache-policy", policy]);
+        assert_eq!(cached["output_ids"], full["output_ids"], "{policy}");
+        let c = &cached["expert_cache"];
+        assert_eq!(c["policy"], policy);
+        assert_eq!(c["capacity_slots"], 2, "one expert in each of the 2 layers");
+        assert!(c["misses"].as_u64().unwrap() > 0 && c["evictions"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
 fn text_prompts_use_the_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("tiny");

@@ -164,6 +164,7 @@ impl ModelParams {
                 capacity,
                 policy: self.cache_policy,
             }),
+            ..Default::default()
         }
     }
 }

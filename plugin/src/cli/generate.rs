@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
-use crate::engine::{open_engine, Device, GenerationRequest};
+use crate::cache::EvictionPolicy;
+use crate::engine::cuda::parse_capacity;
+use crate::engine::{
+    open_engine_with, Device, EngineOptions, ExpertCacheOptions, GenerationRequest,
+};
 use crate::error::{Error, Result};
 use crate::model::ModelDir;
 use crate::sampling::SamplingParams;
@@ -50,6 +54,16 @@ pub struct GenerateArgs {
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Expert cache capacity: all, N (experts per layer), NGiB / NMiB, or a fraction of free
+    /// device memory (0..1). On the CPU the cache only accounts (weights stay in host memory).
+    #[arg(long)]
+    pub expert_cache: Option<String>,
+    /// Expert cache eviction policy: belady, lru, lfu or random.
+    #[arg(long, default_value = "belady")]
+    pub cache_policy: String,
+    /// CUDA compute dtype: bf16 or f32.
+    #[arg(long)]
+    pub cuda_dtype: Option<String>,
 }
 
 /// Runs `pregate generate`.
@@ -80,7 +94,21 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         seed: args.seed,
     };
-    let mut engine = open_engine(&model, device)?;
+    let policy: EvictionPolicy = args.cache_policy.parse()?;
+    let options = EngineOptions {
+        expert_cache: args
+            .expert_cache
+            .as_deref()
+            .map(|c| -> Result<ExpertCacheOptions> {
+                Ok(ExpertCacheOptions {
+                    capacity: parse_capacity(c)?,
+                    policy,
+                })
+            })
+            .transpose()?,
+        cuda_dtype: args.cuda_dtype.as_deref().map(str::parse).transpose()?,
+    };
+    let mut engine = open_engine_with(&model, device, &options)?;
     let request = GenerationRequest {
         prompt: prompt.clone(),
         sampling,
@@ -140,6 +168,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         });
         if let Some(t) = text {
             obj["text"] = json!(t);
+        }
+        if let Some(cache) = engine.expert_cache() {
+            let st = cache.stats();
+            obj["expert_cache"] = json!({
+                "policy": cache.policy().as_str(),
+                "capacity_slots": cache.capacity(),
+                "hits": st.hits,
+                "misses": st.misses,
+                "evictions": st.evictions,
+                "hit_ratio": st.hit_ratio(),
+                "bytes_loaded": st.bytes_loaded,
+            });
         }
         println!("{obj}");
     } else if tokenizer.is_none() {

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::model::ModelDir;
 
 use super::cpu::{BackboneWeights, CpuBackend};
-use super::cuda::{open_cuda_engine, CudaOptions, ExpertCapacity};
+use super::cuda::{open_cuda_engine, CudaDtype, CudaOptions, ExpertCapacity};
 use super::Engine;
 use crate::cache::EvictionPolicy;
 use crate::router::ReadMeRouter;
@@ -105,6 +105,9 @@ pub struct EngineOptions {
     /// memory (see [`CpuBackend::with_expert_cache`]). `None`: the backend's default (CUDA: the
     /// environment, else every expert resident; CPU: no cache).
     pub expert_cache: Option<ExpertCacheOptions>,
+    /// CUDA: compute in bf16 (serving) or f32 (exact comparison with the CPU); overrides
+    /// `PREGATE_CUDA_DTYPE`. Ignored by the CPU backend, which computes in f32.
+    pub cuda_dtype: Option<CudaDtype>,
 }
 
 fn open_cpu(model: &ModelDir, opts: &EngineOptions) -> Result<Engine> {
@@ -131,7 +134,7 @@ pub fn open_engine(model: &ModelDir, device: Device) -> Result<Engine> {
     open_engine_with(model, device, &EngineOptions::default())
 }
 
-/// [`open_engine`] with options (the expert cache).
+/// [`open_engine`] with options (the expert cache, the CUDA dtype).
 pub fn open_engine_with(model: &ModelDir, device: Device, opts: &EngineOptions) -> Result<Engine> {
     match device.resolve()? {
         Device::Cpu | Device::Auto => open_cpu(model, opts),
@@ -140,6 +143,9 @@ pub fn open_engine_with(model: &ModelDir, device: Device, opts: &EngineOptions) 
                 if let Some(c) = opts.expert_cache {
                     o.experts = c.capacity;
                     o.policy = c.policy;
+                }
+                if let Some(d) = opts.cuda_dtype {
+                    o.dtype = d;
                 }
                 open_cuda_engine(model, &o)
             });

@@ -15,7 +15,7 @@ mod device;
 use std::collections::BTreeMap;
 
 pub use backend::{Backend, ForwardChunk, Lookahead, SeqId};
-pub use cuda::ExpertCapacity;
+pub use cuda::{CudaDtype, ExpertCapacity};
 pub use device::{open_engine, open_engine_with, Device, EngineOptions, ExpertCacheOptions};
 
 use crate::config::ModelConfig;

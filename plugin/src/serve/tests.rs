@@ -283,6 +283,7 @@ fn the_loop_records_cache_batch_and_queue_metrics() {
                 capacity: crate::engine::ExpertCapacity::PerLayer(2),
                 policy: crate::cache::EvictionPolicy::Belady,
             }),
+            ..Default::default()
         },
     )
     .unwrap();

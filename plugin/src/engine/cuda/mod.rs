@@ -128,7 +128,8 @@ impl Default for CudaOptions {
 }
 
 impl CudaOptions {
-    /// Defaults for device `ordinal`, overridden by the environment (until the CLI has flags):
+    /// Defaults for device `ordinal`, overridden by the environment (for hosts such as Triton that
+    /// pass no flags; `EngineOptions` and the CLI flags override it in turn):
     /// `PREGATE_CUDA_DTYPE` (`bf16`, `f32`), `PREGATE_EXPERT_CACHE` (`all`, `N` experts per layer,
     /// `NGiB`/`NMiB` bytes, or `0.F` of free memory), `PREGATE_CACHE_POLICY` (`belady`, `lru`, ...),
     /// `PREGATE_PREFETCH` (`0` to load on demand), `PREGATE_KV_TOKENS`.
