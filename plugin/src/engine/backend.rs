@@ -6,7 +6,7 @@
 
 use crate::cache::ExpertCache;
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::route::RoutePlan;
 
 /// An engine-wide sequence id.
@@ -27,6 +27,38 @@ pub struct ForwardChunk<'a> {
     pub route_offset: usize,
     /// Whether the logits after the last token are wanted (it completes the known tokens).
     pub want_logits: bool,
+}
+
+impl ForwardChunk<'_> {
+    /// Checks the chunk against the backend's state of its sequence: `cached` tokens in its KV
+    /// cache, room reserved for `reserved`, and a vocabulary of `vocab` ids. Every backend calls it
+    /// for every chunk before touching any KV cache, so a bad chunk changes nothing.
+    pub fn check(&self, cached: usize, reserved: usize, vocab: usize) -> Result<()> {
+        if cached != self.start_pos {
+            return Err(Error::Internal(format!(
+                "sequence {}: chunk starts at {} but {cached} tokens are cached",
+                self.seq, self.start_pos
+            )));
+        }
+        if self.start_pos + self.tokens.len() > reserved {
+            return Err(Error::Capacity(format!(
+                "sequence {} would exceed its {reserved} reserved tokens",
+                self.seq
+            )));
+        }
+        if self.routes.len() < self.route_offset + self.tokens.len() {
+            return Err(Error::Internal(format!(
+                "sequence {}: routes missing",
+                self.seq
+            )));
+        }
+        if let Some(bad) = self.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (0..{vocab})"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Upcoming work, as far as the scheduler knows it: the hint a backend with an expert cache uses to

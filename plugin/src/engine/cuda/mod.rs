@@ -609,29 +609,7 @@ impl<T: DeviceElem> CudaBackend<T> {
                 .seqs
                 .get(&c.seq)
                 .ok_or(Error::UnknownSequence(c.seq))?;
-            if kv.len != c.start_pos {
-                return Err(Error::Internal(format!(
-                    "sequence {}: chunk starts at {} but {} tokens are cached",
-                    c.seq, c.start_pos, kv.len
-                )));
-            }
-            if c.start_pos + c.tokens.len() > kv.max_len {
-                return Err(Error::Capacity(format!(
-                    "sequence {} would exceed its {} reserved tokens",
-                    c.seq, kv.max_len
-                )));
-            }
-            if c.routes.len() < c.route_offset + c.tokens.len() {
-                return Err(Error::Internal(format!(
-                    "sequence {}: routes missing",
-                    c.seq
-                )));
-            }
-            if let Some(bad) = c.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(Error::InvalidRequest(format!(
-                    "token id {bad} is outside the vocabulary (0..{vocab})"
-                )));
-            }
+            c.check(kv.len, kv.max_len, vocab)?;
         }
         Ok(())
     }
