@@ -254,6 +254,14 @@ pub fn check_config(
 }
 
 /// Converts tensors to f32 with shape checks, counting bytes on an optional progress bar.
+impl RouterWeights {
+    /// Reads only the router's tensors (`cluster_predictor.*`), in f32: what a device backend keeps
+    /// on the host, without converting the rest of the model.
+    pub fn load(ck: &Checkpoint, cfg: &ModelConfig) -> Result<Self> {
+        Loader { ck, progress: None }.router(cfg)
+    }
+}
+
 struct Loader<'a> {
     ck: &'a Checkpoint,
     progress: Option<ProgressBar>,

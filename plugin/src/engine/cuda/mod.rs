@@ -49,9 +49,7 @@ use crate::route::ExpertId;
 use crate::router::ReadMeRouter;
 
 use kv::PagedKv;
-use weights::{
-    load_router, pack_ffn, upload, upload_stacked, DeviceElem, OneUnit, PinnedExperts, UnitShape,
-};
+use weights::{pack_ffn, upload, upload_stacked, DeviceElem, OneUnit, PinnedExperts, UnitShape};
 
 pub(crate) fn dev(e: impl std::fmt::Display) -> Error {
     Error::Device(e.to_string())
@@ -254,7 +252,7 @@ pub fn open_cuda_engine(model: &ModelDir, opts: &CudaOptions) -> Result<(Engine,
         }
     };
     let router = ReadMeRouter::new(
-        load_router(&model.checkpoint, &model.config)?,
+        crate::model::RouterWeights::load(&model.checkpoint, &model.config)?,
         &model.config,
     );
     Ok((Engine::new(backend, router), stats))

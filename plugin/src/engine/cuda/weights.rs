@@ -16,7 +16,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::convert_to_f32;
 use crate::model::names;
-use crate::model::{Checkpoint, FloatDtype, Linear, Matrix, RouterWeights, TensorRef};
+use crate::model::{Checkpoint, FloatDtype, TensorRef};
 
 /// A storage type of the CUDA backend, convertible from every checkpoint dtype.
 pub trait DeviceElem: KernelDtype {
@@ -220,35 +220,4 @@ impl ExpertSource for OneUnit {
     fn unit_bytes(&self, _unit: Unit) -> Result<&[u8]> {
         Ok(&self.0)
     }
-}
-
-/// The router's weights in f32, read alone (the router runs on the host; see the module docs).
-pub(super) fn load_router(ck: &Checkpoint, cfg: &ModelConfig) -> Result<RouterWeights> {
-    let (d, f, n) = (cfg.embedding_dim, cfg.inter_dim, cfg.n_cluster);
-    let vector = |name: &str, len: usize| ck.float_tensor(&names::router(name), &[len])?.to_f32();
-    let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
-        let data = ck
-            .float_tensor(&names::router(name), &[rows, cols])?
-            .to_f32()?;
-        Ok(Matrix::new(rows, cols, data))
-    };
-    let linear = |p: &str, out: usize, inp: usize| -> Result<Linear> {
-        Ok(Linear {
-            weight: matrix(&format!("{p}.weight"), out, inp)?,
-            bias: vector(&format!("{p}.bias"), out)?,
-        })
-    };
-    Ok(RouterWeights {
-        embed: matrix("embed.weight", cfg.vocab_size, d)?,
-        input_norm: vector("input_layernorm_0.weight", d)?,
-        q: linear("q_proj_0", d, d)?,
-        k: linear("k_proj_0", d, d)?,
-        v: linear("v_proj_0", d, d)?,
-        o: linear("o_proj_0", d, d)?,
-        post_norm: vector("post_attention_layernorm_0.weight", d)?,
-        proj_1: linear("proj_1_0", f, d)?,
-        proj_2: linear("proj_2_0", d, f)?,
-        out_norm: vector("out_layernorm.weight", d)?,
-        proj_out: linear("proj_out", n, d)?,
-    })
 }
