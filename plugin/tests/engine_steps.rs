@@ -170,3 +170,39 @@ fn misuse_is_an_error_and_changes_nothing() {
     assert_eq!(evs.len(), 1);
     assert_eq!(evs[0].token, solo(&[5, 6, 7], 3)[0]);
 }
+
+#[test]
+fn the_router_kv_cache_gives_the_routes_of_a_full_recompute() {
+    let model = ModelDir::open(&model()).unwrap();
+    let w = model.load_weights().unwrap();
+    let router = pregate::router::ReadMeRouter::new(w.router, &model.config);
+    let tokens: Vec<u32> = (0..40).map(|i| 3 + (i * 37 % 380) as u32).collect();
+    // All at once (a prompt), then one token at a time (decode), then in uneven chunks.
+    let mut whole = router.new_state(64);
+    let all = router.logits(&mut whole, &tokens).unwrap();
+    let mut step = router.new_state(64);
+    let mut one_by_one = Vec::new();
+    for t in &tokens {
+        one_by_one.extend(router.logits(&mut step, std::slice::from_ref(t)).unwrap());
+    }
+    let mut chunked_state = router.new_state(64);
+    let mut chunked = Vec::new();
+    for c in tokens.chunks(7) {
+        chunked.extend(router.logits(&mut chunked_state, c).unwrap());
+    }
+    for other in [&one_by_one, &chunked] {
+        let diff = all
+            .iter()
+            .zip(other.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "incremental router logits differ by {diff}");
+    }
+    assert_eq!(step.len(), tokens.len());
+    // The router's context is bounded by max_position_embeddings_predictor.
+    let ctx = model.config.max_position_embeddings_predictor;
+    let mut full = router.new_state(ctx);
+    let too_long = vec![5u32; ctx + 1];
+    let err = router.logits(&mut full, &too_long).unwrap_err().to_string();
+    assert!(err.contains("router's context"), "{err}");
+}
