@@ -131,7 +131,11 @@ run_benches() {
     fi
     bstep "$bench_bin" decode "$mdir" "${PREGATE_BENCH_BATCHES:-1,8,32}" "${PREGATE_BENCH_STEPS:-32}"
     bstep python3 "$here/bench/decode_torch.py" "$mdir" "${PREGATE_BENCH_BATCHES:-1,8,32}" "${PREGATE_BENCH_STEPS:-32}"
-    bstep "$bench_bin" offload "$mdir" "${PREGATE_BENCH_CAPS:-2,3,4,5}" "${PREGATE_BENCH_STEPS:-32}" 1
+    # Offloaded decode: the engine's router routes, then synthetic Read-ME routes (the replay's
+    # expert model, 2921/4096 tokens keeping the previous token's expert): PREGATE_BENCH_SYNTH_REQS
+    # requests of PREGATE_BENCH_SYNTH_TOKENS tokens, batch 1.
+    bstep "$bench_bin" offload "$mdir" "${PREGATE_BENCH_CAPS:-2,3,4,5}" "${PREGATE_BENCH_STEPS:-32}" 1 \
+        "${PREGATE_BENCH_SYNTH_REQS:-8}" "${PREGATE_BENCH_SYNTH_TOKENS:-64}"
     {
         echo "pregate GPU benchmarks ($(date -u +%Y-%m-%dT%H:%M:%SZ)), readme-7b layers=$layers"
         head -3 "$log" | tail -2

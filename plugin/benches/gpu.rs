@@ -6,12 +6,15 @@
 //! gpu loads                              expert loads: pinned/pageable copy bandwidth, overlap
 //! gpu make-model DIR LAYERS              readme-7b shape with LAYERS layers (timed)
 //! gpu decode DIR BATCHES STEPS           end-to-end decode tokens/s, all experts resident
-//! gpu offload DIR CAPS STEPS BATCH       offloaded decode at cache capacities CAPS (e.g. 2,3,4,5)
+//! gpu offload DIR CAPS STEPS BATCH [REQS TOKENS]
+//!                                        offloaded decode at cache capacities CAPS (e.g. 2,3,4,5):
+//!                                        the engine's router routes (STEPS steps at BATCH), then
+//!                                        synthetic Read-ME routes (REQS requests x TOKENS, batch 1)
 //! ```
 //! Device work is timed with CUDA events (medians); engine steps end with the logits read, so
 //! their host clock is device time. Result lines start with `RESULT`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::driver::sys::CUevent_flags;
@@ -20,10 +23,15 @@ use half::bf16;
 use pregate::cache::cuda::CudaExpertMemory;
 use pregate::cache::{EvictionPolicy, MemoryBackend};
 use pregate::engine::cuda::{
-    cuda_available, open_cuda_engine, CacheSetup, CudaDtype, CudaOptions, ExpertCapacity,
+    cuda_available, open_cuda_engine, CacheSetup, CudaBackend, CudaDtype, CudaOptions, CudaStats,
+    ExpertCapacity,
 };
-use pregate::engine::{Engine, GenerationRequest, Lookahead};
-use pregate::model::{make_model, ExpertLayout, ModelDir, Preset};
+use pregate::engine::{Backend, Engine, ForwardChunk, GenerationRequest, Lookahead, SeqId};
+use pregate::model::{make_model, ExpertLayout, ModelDir, Preset, RouterWeights};
+use pregate::replay::workload::READ_ME_KEEP;
+use pregate::replay::ExpertModel;
+use pregate::router::ReadMeRouter;
+use pregate::RoutePlan;
 use pregate_kernels::{Blas, ExpertPlan, ExpertWeights, FfnDims, KernelSet, MoePermutation};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -50,6 +58,8 @@ fn main() {
             &args[2],
             args[3].parse().unwrap_or(32),
             args.get(4).and_then(|b| b.parse().ok()).unwrap_or(1),
+            args.get(5).and_then(|b| b.parse().ok()).unwrap_or(8),
+            args.get(6).and_then(|b| b.parse().ok()).unwrap_or(64),
         ),
         _ => {
             eprintln!("usage: gpu expert-layer|loads|make-model|decode|offload ...");
@@ -473,7 +483,79 @@ fn decode(dir: &str, batches: &str, steps: usize) -> Res<()> {
     Ok(())
 }
 
-fn offload(dir: &str, caps: &str, steps: usize, batch: usize) -> Res<()> {
+/// The CUDA backend shared between an [`Engine`] (the router-driven source) and the benchmark,
+/// which drives it directly with synthetic routes; one model load serves both.
+struct SharedBackend {
+    inner: Arc<Mutex<CudaBackend<bf16>>>,
+    cfg: pregate::ModelConfig,
+}
+
+impl SharedBackend {
+    fn lock(&self) -> pregate::Result<std::sync::MutexGuard<'_, CudaBackend<bf16>>> {
+        self.inner
+            .lock()
+            .map_err(|_| pregate::Error::Internal("backend mutex poisoned".into()))
+    }
+}
+
+impl Backend for SharedBackend {
+    fn device_name(&self) -> String {
+        self.lock().map(|b| b.device_name()).unwrap_or_default()
+    }
+    fn config(&self) -> &pregate::ModelConfig {
+        &self.cfg
+    }
+    fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> pregate::Result<()> {
+        self.lock()?.add_sequence(seq, max_len)
+    }
+    fn remove_sequence(&mut self, seq: SeqId) {
+        if let Ok(mut b) = self.lock() {
+            b.remove_sequence(seq);
+        }
+    }
+    fn forward(&mut self, chunks: &[ForwardChunk<'_>]) -> pregate::Result<Vec<Vec<f32>>> {
+        self.lock()?.forward(chunks)
+    }
+    fn prepare(&mut self, lookahead: &Lookahead) -> pregate::Result<()> {
+        self.lock()?.prepare(lookahead)
+    }
+}
+
+/// Counters of one measured window, printed as a `RESULT offload` line.
+fn offload_result(source: &str, cap: usize, name: &str, before: CudaStats, after: CudaStats) {
+    let n = (after.steps - before.steps).max(1) as f64;
+    let hits = (after.hits - before.hits) as f64;
+    let misses = (after.misses - before.misses) as f64;
+    let pre = (after.prefetches - before.prefetches) as f64;
+    let lookups = (hits + misses).max(1.0);
+    println!(
+        "RESULT offload {source} {cap} {name} {:.2} {:.2} {:.3} {:.3} {:.3}",
+        (after.step_seconds - before.step_seconds) / n * 1e3,
+        (after.stall_seconds - before.stall_seconds) / n * 1e3,
+        // Demand hit ratio: prefetched units count as hits of the step; misses are loads on demand.
+        hits / lookups,
+        // Cache hit ratio: units that were resident before the step (neither prefetched nor
+        // loaded on demand), the paper's Table 4 measure.
+        ((hits - pre) / lookups).max(0.0),
+        (after.bytes_loaded - before.bytes_loaded) as f64 / n / 1e9
+    );
+}
+
+/// Offloaded decode at batch 1, with two route sources on one backend: `router` (the engine and
+/// the checkpoint's router; random weights, so no temporal locality) and `synthetic` (the replay's
+/// synthetic expert model, [`ExpertModel::read_me`]: 2921/4096 tokens keep the previous token's
+/// expert, as the paper measured for Read-ME's router), fed to the backend directly: `synth_reqs`
+/// requests of `synth_tokens` tokens one after another, one token per step, each step's
+/// `prepare` given that step's routes (all layers' experts, known at step start; later tokens are
+/// not known before sampling, so the lookahead is one step), the first 16 steps not measured.
+fn offload(
+    dir: &str,
+    caps: &str,
+    steps: usize,
+    batch: usize,
+    synth_reqs: usize,
+    synth_tokens: usize,
+) -> Res<()> {
     let model = ModelDir::open(std::path::Path::new(dir))?;
     let ne = model.config.n_cluster;
     let t0 = Instant::now();
@@ -484,24 +566,65 @@ fn offload(dir: &str, caps: &str, steps: usize, batch: usize) -> Res<()> {
         measure_stalls: true,
         ..CudaOptions::default()
     };
-    let (mut e, h) = open_cuda_engine(&model, &opts)?;
+    let backend = CudaBackend::<bf16>::new(&model, &opts)?;
+    let h = backend.stats();
+    let shared = Arc::new(Mutex::new(backend));
+    let router = ReadMeRouter::new(
+        RouterWeights::load(&model.checkpoint, &model.config)?,
+        &model.config,
+    );
+    let mut e = Engine::new(
+        Box::new(SharedBackend {
+            inner: shared.clone(),
+            cfg: model.config.clone(),
+        }),
+        router,
+    );
     println!(
         "load (pinned host copy of the experts): {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    println!("RESULT offload capacity mode step_ms stall_ms hit_ratio GB_loaded_per_step");
+
+    // The synthetic routes: the same requests for every setup.
+    let em = ExpertModel::read_me(ne, 7);
+    em.validate()?;
+    let pop = em.popularity();
+    let plans: Vec<RoutePlan> = (0..synth_reqs)
+        .map(|r| {
+            let mut s = em.stream(&pop, 1000 + r as u64);
+            let ex: Vec<_> = (0..synth_tokens).map(|_| s.next_expert()).collect();
+            RoutePlan::from_top1(ne, &ex)
+        })
+        .collect();
+    let (mut kept, mut pairs) = (0usize, 0usize);
+    for p in &plans {
+        let ex = p.primary_experts(0);
+        kept += ex.windows(2).filter(|w| w[0] == w[1]).count();
+        pairs += ex.len().saturating_sub(1);
+    }
+    println!(
+        "synthetic routes: {synth_reqs} requests x {synth_tokens} tokens, {kept}/{pairs} = {:.3} keep the previous token's expert (target {:.3})",
+        kept as f64 / pairs.max(1) as f64,
+        READ_ME_KEEP
+    );
+    let vocab = model.config.vocab_size as u32;
+
+    println!("RESULT offload source capacity mode step_ms stall_ms demand_hit_ratio cache_hit_ratio GB_loaded_per_step");
     let mut setups = vec![(ne, EvictionPolicy::Lru, false, "resident")];
     for c in caps.split(',').filter_map(|c| c.parse::<usize>().ok()) {
         setups.push((c, EvictionPolicy::Belady, true, "belady+prefetch"));
         setups.push((c, EvictionPolicy::Lru, false, "lru-on-demand"));
     }
+    let mut next_seq: SeqId = 1 << 40;
     for (cap, policy, prefetch, name) in setups {
+        let setup = CacheSetup {
+            experts: ExpertCapacity::PerLayer(cap),
+            policy,
+            prefetch,
+        };
+        // Source 1: the engine with the checkpoint's router.
         if let Ok(mut r) = h.reconfigure.lock() {
-            *r = Some(CacheSetup {
-                experts: ExpertCapacity::PerLayer(cap),
-                policy,
-                prefetch,
-            });
+            *r = Some(setup);
         }
         let warm = 4;
         // Same prompts for every setup: the same routes.
@@ -517,22 +640,48 @@ fn offload(dir: &str, caps: &str, steps: usize, batch: usize) -> Res<()> {
             step(&mut e)?;
         }
         let after = h.snapshot();
-        let n = (after.steps - before.steps).max(1) as f64;
-        let hits = (after.hits - before.hits) as f64;
-        let misses = (after.misses - before.misses) as f64;
-        let pre = (after.prefetches - before.prefetches) as f64;
-        println!(
-            "RESULT offload {cap} {name} {:.2} {:.2} {:.3} {:.3}",
-            (after.step_seconds - before.step_seconds) / n * 1e3,
-            (after.stall_seconds - before.stall_seconds) / n * 1e3,
-            // Prefetched units count as hits of the step; misses are loads on demand.
-            hits / (hits + misses).max(1.0),
-            (after.bytes_loaded - before.bytes_loaded) as f64 / n / 1e9
-        );
-        let _ = pre;
+        offload_result("router", cap, name, before, after);
         while !e.is_empty() {
             step(&mut e)?;
         }
+
+        // Source 2: synthetic routes with Read-ME's temporal locality, straight to the backend.
+        if let Ok(mut r) = h.reconfigure.lock() {
+            *r = Some(setup);
+        }
+        let mut b = shared
+            .lock()
+            .map_err(|_| "backend mutex poisoned".to_string())?;
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let skip = 16;
+        let mut done = 0usize;
+        let mut before = h.snapshot();
+        for plan in &plans {
+            let seq = next_seq;
+            next_seq += 1;
+            b.add_sequence(seq, plan.len())?;
+            for t in 0..plan.len() {
+                if done == skip {
+                    before = h.snapshot();
+                }
+                let tok = [rng.random_range(3..vocab)];
+                b.prepare(&Lookahead {
+                    steps: vec![plan.slice(t..t + 1)],
+                })?;
+                b.forward(&[ForwardChunk {
+                    seq,
+                    tokens: &tok,
+                    start_pos: t,
+                    routes: plan,
+                    route_offset: t,
+                    want_logits: true,
+                }])?;
+                done += 1;
+            }
+            b.remove_sequence(seq);
+        }
+        let after = h.snapshot();
+        offload_result("synthetic", cap, name, before, after);
     }
     Ok(())
 }
