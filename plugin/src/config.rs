@@ -187,6 +187,13 @@ impl ModelConfig {
                 crate::route::MAX_EXPERTS
             ));
         }
+        if self.router_top_k > crate::route::MAX_TOP_K {
+            return bad(format!(
+                "router_top_k {} exceeds the supported {} experts per token",
+                self.router_top_k,
+                crate::route::MAX_TOP_K
+            ));
+        }
         if self.router_top_k > self.n_cluster {
             return bad(format!(
                 "router_top_k {} exceeds N_cluster {}",
@@ -345,6 +352,7 @@ mod tests {
                 "num_key_value_heads",
             ),
             ("router_top_k", serde_json::json!(5), "router_top_k"),
+            ("router_top_k", serde_json::json!(9), "experts per token"),
             ("n_head", serde_json::json!(3), "embedding_dim"),
             (
                 "eos_token_id",
