@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use pregate::batcher::{BatchPolicy, BatcherConfig};
-use pregate::cache::{CacheCapacity, EvictionPolicy};
+use pregate::cache::EvictionPolicy;
 use pregate::engine::{Device, EngineOptions, ExpertCacheOptions, ExpertCapacity};
 use serde_json::Value;
 
@@ -172,43 +172,8 @@ impl ModelParams {
 /// `cache_capacity`: experts per layer (`2`, as `pregate replay --cache-capacity` counts them),
 /// `all`, bytes with a unit (`512MiB`, `2GiB`), or a fraction of free memory (`0.5` or `50%`).
 pub fn parse_capacity(s: &str) -> Result<ExpertCapacity, String> {
-    let bad = || {
-        format!(
-            "parameter `cache_capacity`: `{s}` is not a number of experts per layer, `all`, a \
-             size (512MiB, 2GiB) or a fraction (0.5, 50%)"
-        )
-    };
-    if s == "all" {
-        return Ok(ExpertCapacity::All);
-    }
-    if let Some(p) = s.strip_suffix('%') {
-        let f: f64 = p.trim().parse().map_err(|_| bad())?;
-        return fraction(f / 100.0).ok_or_else(bad);
-    }
-    for (suffix, mult) in [
-        ("GiB", 1u64 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-        ("B", 1),
-    ] {
-        if let Some(n) = s.strip_suffix(suffix) {
-            let n: u64 = n.trim().parse().map_err(|_| bad())?;
-            return Ok(ExpertCapacity::Total(CacheCapacity::Bytes(n * mult)));
-        }
-    }
-    if let Ok(n) = s.parse::<usize>() {
-        return if n > 0 {
-            Ok(ExpertCapacity::PerLayer(n))
-        } else {
-            Err(bad())
-        };
-    }
-    let f: f64 = s.parse().map_err(|_| bad())?;
-    fraction(f).ok_or_else(bad)
-}
-
-fn fraction(f: f64) -> Option<ExpertCapacity> {
-    (f > 0.0 && f <= 1.0).then_some(ExpertCapacity::Total(CacheCapacity::FractionOfFree(f)))
+    s.parse()
+        .map_err(|e| format!("parameter `cache_capacity`: {e}"))
 }
 
 /// The device an instance runs on: KIND_CPU is the CPU, KIND_GPU the instance's CUDA device,
@@ -304,6 +269,7 @@ mod tests {
 
     #[test]
     fn capacities() {
+        use pregate::cache::CacheCapacity;
         let total = |c| Ok(ExpertCapacity::Total(c));
         assert_eq!(parse_capacity("2GiB"), total(CacheCapacity::Bytes(2 << 30)));
         assert_eq!(

@@ -147,6 +147,96 @@ impl CacheCapacity {
     }
 }
 
+/// How many routed experts a backend may keep resident, as operators give it (`--expert-cache`,
+/// Triton's `cache_capacity`, `PREGATE_EXPERT_CACHE`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExpertCapacity {
+    /// Every expert resident.
+    All,
+    /// This many experts of each layer (the paper's "N of 7").
+    PerLayer(usize),
+    /// A total in slots, bytes or a fraction of the backend's free memory.
+    Total(CacheCapacity),
+}
+
+impl ExpertCapacity {
+    /// The cache this capacity asks for over `layers` x `experts` units of `unit_bytes`;
+    /// `free_bytes` is asked only for a fraction of free memory.
+    pub fn build_cache(
+        self,
+        layers: usize,
+        experts: usize,
+        unit_bytes: u64,
+        policy: EvictionPolicy,
+        free_bytes: impl FnOnce() -> Result<u64>,
+    ) -> Result<ExpertCache> {
+        match self {
+            ExpertCapacity::All => {
+                ExpertCache::new(layers, experts, layers * experts, unit_bytes, policy, 0)
+            }
+            ExpertCapacity::PerLayer(n) => {
+                ExpertCache::with_layer_quota(layers, experts, n, unit_bytes, policy, 0)
+            }
+            ExpertCapacity::Total(c) => {
+                let slots = c.slots(unit_bytes, free_bytes()?)?;
+                ExpertCache::new(layers, experts, slots, unit_bytes, policy, 0)
+            }
+        }
+    }
+}
+
+impl FromStr for ExpertCapacity {
+    type Err = Error;
+
+    /// `all`, `N` (experts per layer, N >= 1), a size (`512MiB`, `1.5GiB`, `64KiB`, `4096B`) or a
+    /// fraction of free memory (`0.5` or `50%`).
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::InvalidArgument(format!(
+                "expert cache capacity `{s}`: expected all, N (experts per layer), a size \
+                 (512MiB, 2GiB) or a fraction of free memory (0.5, 50%)"
+            ))
+        };
+        let fraction = |f: f64| {
+            (f > 0.0 && f <= 1.0)
+                .then_some(ExpertCapacity::Total(CacheCapacity::FractionOfFree(f)))
+                .ok_or_else(bad)
+        };
+        let t = s.trim();
+        if t == "all" {
+            return Ok(ExpertCapacity::All);
+        }
+        if let Some(p) = t.strip_suffix('%') {
+            let f: f64 = p.trim().parse().map_err(|_| bad())?;
+            return fraction(f / 100.0);
+        }
+        for (suffix, unit) in [
+            ("GiB", 1u64 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+            ("B", 1),
+        ] {
+            if let Some(n) = t.strip_suffix(suffix) {
+                let n: f64 = n.trim().parse().map_err(|_| bad())?;
+                if !(n.is_finite() && n > 0.0) {
+                    return Err(bad());
+                }
+                return Ok(ExpertCapacity::Total(CacheCapacity::Bytes(
+                    (n * unit as f64) as u64,
+                )));
+            }
+        }
+        if let Ok(n) = t.parse::<usize>() {
+            return if n > 0 {
+                Ok(ExpertCapacity::PerLayer(n))
+            } else {
+                Err(bad())
+            };
+        }
+        fraction(t.parse().map_err(|_| bad())?)
+    }
+}
+
 /// Counters of one cache, monotonically increasing (the metrics module reads deltas).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {

@@ -273,3 +273,53 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn expert_capacities_parse_every_spelling_and_reject_nonsense() {
+    use super::{CacheCapacity, ExpertCapacity};
+    let ok = |s: &str| s.parse::<ExpertCapacity>().unwrap();
+    assert_eq!(ok("all"), ExpertCapacity::All);
+    assert_eq!(ok("3"), ExpertCapacity::PerLayer(3));
+    assert_eq!(
+        ok("1.5GiB"),
+        ExpertCapacity::Total(CacheCapacity::Bytes(3 << 29))
+    );
+    assert_eq!(
+        ok("512MiB"),
+        ExpertCapacity::Total(CacheCapacity::Bytes(512 << 20))
+    );
+    assert_eq!(
+        ok("64KiB"),
+        ExpertCapacity::Total(CacheCapacity::Bytes(64 << 10))
+    );
+    assert_eq!(
+        ok("4096B"),
+        ExpertCapacity::Total(CacheCapacity::Bytes(4096))
+    );
+    assert_eq!(
+        ok("50%"),
+        ExpertCapacity::Total(CacheCapacity::FractionOfFree(0.5))
+    );
+    assert_eq!(
+        ok("0.25"),
+        ExpertCapacity::Total(CacheCapacity::FractionOfFree(0.25))
+    );
+    for bad in ["0", "1.5", "0%", "-2GiB", "lots", ""] {
+        let err = bad.parse::<ExpertCapacity>().unwrap_err().to_string();
+        assert!(err.contains(&format!("`{bad}`")), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn expert_capacities_build_the_cache_they_name() {
+    use super::ExpertCapacity;
+    let build = |c: ExpertCapacity| c.build_cache(4, 7, 100, EvictionPolicy::Lru, || Ok(1_000));
+    assert_eq!(build(ExpertCapacity::All).unwrap().capacity(), 28);
+    let per_layer = build(ExpertCapacity::PerLayer(2)).unwrap();
+    assert_eq!(
+        (per_layer.capacity(), per_layer.layer_quota()),
+        (8, Some(2))
+    );
+    // Half of 1000 free bytes holds 5 slots of 100.
+    assert_eq!(build("50%".parse().unwrap()).unwrap().capacity(), 5);
+}

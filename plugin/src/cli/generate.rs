@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use serde_json::json;
 
 use crate::cache::EvictionPolicy;
-use crate::engine::cuda::parse_capacity;
 use crate::engine::{
     open_engine_with, Device, EngineOptions, ExpertCacheOptions, GenerationRequest,
 };
@@ -101,7 +100,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .as_deref()
             .map(|c| -> Result<ExpertCacheOptions> {
                 Ok(ExpertCacheOptions {
-                    capacity: parse_capacity(c)?,
+                    capacity: c.parse()?,
                     policy,
                 })
             })

@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use rayon::prelude::*;
 
 use super::backend::{Backend, ForwardChunk, Lookahead, SeqId};
-use super::cuda::ExpertCapacity;
 use crate::cache::{
-    prefetch, EvictionPolicy, ExpertCache, HostMemory, MemoryBackend, StepExperts, Unit,
+    prefetch, EvictionPolicy, ExpertCache, ExpertCapacity, HostMemory, MemoryBackend, StepExperts,
+    Unit,
 };
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -100,19 +100,9 @@ impl CpuBackend {
             .max()
             .unwrap_or(1)
             .max(1) as u64;
-        let cache = match capacity {
-            ExpertCapacity::All => {
-                ExpertCache::new(layers, experts, layers * experts, unit_bytes, policy, 0)?
-            }
-            ExpertCapacity::PerLayer(n) => {
-                ExpertCache::with_layer_quota(layers, experts, n, unit_bytes, policy, 0)?
-            }
-            ExpertCapacity::Total(c) => {
-                let free = HostMemory::new().free_bytes()?;
-                let slots = c.slots(unit_bytes, free)?;
-                ExpertCache::new(layers, experts, slots, unit_bytes, policy, 0)?
-            }
-        };
+        let cache = capacity.build_cache(layers, experts, unit_bytes, policy, || {
+            HostMemory::new().free_bytes()
+        })?;
         self.cache = Some(cache);
         Ok(self)
     }

@@ -39,8 +39,7 @@ use super::backend::{Backend, ForwardChunk, Lookahead, SeqId};
 use super::Engine;
 use crate::cache::cuda::CudaExpertMemory;
 use crate::cache::{
-    CacheCapacity, EvictionPolicy, ExpertCache, ExpertStore, Lookup, PrefetchPlanner, StepExperts,
-    Unit,
+    EvictionPolicy, ExpertCache, ExpertStore, Lookup, PrefetchPlanner, StepExperts, Unit,
 };
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -78,16 +77,7 @@ impl std::str::FromStr for CudaDtype {
     }
 }
 
-/// How much device memory the routed experts may use.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ExpertCapacity {
-    /// Every expert resident (the default; an error if they do not fit).
-    All,
-    /// This many experts of each layer (the paper's "N of 7").
-    PerLayer(usize),
-    /// A total in slots, bytes or a fraction of the free device memory.
-    Total(CacheCapacity),
-}
+pub use crate::cache::ExpertCapacity;
 
 /// Options of the CUDA backend.
 #[derive(Debug, Clone)]
@@ -141,7 +131,7 @@ impl CudaOptions {
             o.dtype = v.parse()?;
         }
         if let Some(v) = var("PREGATE_EXPERT_CACHE") {
-            o.experts = parse_capacity(&v)?;
+            o.experts = v.parse()?;
         }
         if let Some(v) = var("PREGATE_CACHE_POLICY") {
             o.policy = v.parse()?;
@@ -156,36 +146,6 @@ impl CudaOptions {
         }
         Ok(o)
     }
-}
-
-/// Parses an expert cache capacity: `all`, `N` (experts per layer), `NGiB` / `NMiB` (bytes) or a
-/// fraction `0.F` of the free device memory.
-pub fn parse_capacity(s: &str) -> Result<ExpertCapacity> {
-    let bad = || {
-        Error::InvalidArgument(format!(
-            "expert cache capacity `{s}`: expected all, N (experts per layer), NGiB, NMiB or a fraction 0..1"
-        ))
-    };
-    if s == "all" {
-        return Ok(ExpertCapacity::All);
-    }
-    if let Some(g) = s.strip_suffix("GiB") {
-        let g: f64 = g.parse().map_err(|_| bad())?;
-        return Ok(ExpertCapacity::Total(CacheCapacity::Bytes(
-            (g * (1u64 << 30) as f64) as u64,
-        )));
-    }
-    if let Some(m) = s.strip_suffix("MiB") {
-        let m: f64 = m.parse().map_err(|_| bad())?;
-        return Ok(ExpertCapacity::Total(CacheCapacity::Bytes(
-            (m * (1u64 << 20) as f64) as u64,
-        )));
-    }
-    if s.contains('.') {
-        let f: f64 = s.parse().map_err(|_| bad())?;
-        return Ok(ExpertCapacity::Total(CacheCapacity::FractionOfFree(f)));
-    }
-    s.parse().map(ExpertCapacity::PerLayer).map_err(|_| bad())
 }
 
 /// Counters of the CUDA backend, shared with whoever opened it (benchmarks, metrics).
@@ -256,27 +216,6 @@ pub fn open_cuda_engine(model: &ModelDir, opts: &CudaOptions) -> Result<(Engine,
         &model.config,
     );
     Ok((Engine::new(backend, router), stats))
-}
-
-fn build_cache(
-    experts: ExpertCapacity,
-    nl: usize,
-    ne: usize,
-    unit_bytes: u64,
-    policy: EvictionPolicy,
-    memory: &CudaExpertMemory,
-) -> Result<ExpertCache> {
-    match experts {
-        ExpertCapacity::All => ExpertCache::new(nl, ne, nl * ne, unit_bytes, policy, 0),
-        ExpertCapacity::PerLayer(n) => {
-            ExpertCache::with_layer_quota(nl, ne, n, unit_bytes, policy, 0)
-        }
-        ExpertCapacity::Total(c) => {
-            let free = crate::cache::MemoryBackend::free_bytes(memory)?;
-            let slots = c.slots(unit_bytes, free)?;
-            ExpertCache::new(nl, ne, slots, unit_bytes, policy, 0)
-        }
-    }
 }
 
 /// Per-layer dense weights.
@@ -401,7 +340,11 @@ impl<T: DeviceElem> CudaBackend<T> {
         let (nl, ne) = (cfg.num_hidden_layers, cfg.n_cluster);
         let unit_bytes = units.iter().map(UnitShape::bytes).max().unwrap_or(1) as u64;
         let memory = CudaExpertMemory::new(&ctx, &copy)?;
-        let cache = build_cache(opts.experts, nl, ne, unit_bytes, opts.policy, &memory)?;
+        let cache = opts
+            .experts
+            .build_cache(nl, ne, unit_bytes, opts.policy, || {
+                crate::cache::MemoryBackend::free_bytes(&memory)
+            })?;
         let all_resident = cache.capacity() >= nl * ne;
         let mut store = ExpertStore::new(cache, memory)?;
         let source = if all_resident {
@@ -500,7 +443,11 @@ impl<T: DeviceElem> CudaBackend<T> {
         let empty = ExpertCache::new(nl, ne, 1, unit_bytes, setup.policy, 0)?;
         self.store = ExpertStore::new(empty, CudaExpertMemory::new(&self.ctx, &copy)?)?;
         let memory = CudaExpertMemory::new(&self.ctx, &copy)?;
-        let cache = build_cache(setup.experts, nl, ne, unit_bytes, setup.policy, &memory)?;
+        let cache = setup
+            .experts
+            .build_cache(nl, ne, unit_bytes, setup.policy, || {
+                crate::cache::MemoryBackend::free_bytes(&memory)
+            })?;
         self.store = ExpertStore::new(cache, memory)?;
         self.prefetch = setup.prefetch;
         Ok(())
