@@ -80,7 +80,7 @@ pub fn run(
         cfg.policy,
         cfg.seed,
     )?;
-    let load_s = shape.expert_bytes as f64 / cfg.cost.link_bytes_per_s + cfg.cost.load_fixed_s;
+    let load_s = cfg.cost.load_seconds(shape.expert_bytes);
     let mut timeline = Timeline::new(&cache, load_s, true);
     let future = vec![NEVER; shape.experts];
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);

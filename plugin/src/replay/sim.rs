@@ -55,6 +55,13 @@ pub struct CostModel {
     pub dense_layer_s: f64,
 }
 
+impl CostModel {
+    /// Seconds one expert-layer load of `bytes` takes: the link's bandwidth plus its fixed cost.
+    pub fn load_seconds(&self, bytes: u64) -> f64 {
+        bytes as f64 / self.link_bytes_per_s + self.load_fixed_s
+    }
+}
+
 impl Default for CostModel {
     fn default() -> Self {
         CostModel {
@@ -207,7 +214,7 @@ pub fn simulate(
         cfg.seed,
     )?;
     let popularity = cfg.experts.popularity();
-    let load_s = shape.expert_bytes as f64 / cfg.cost.link_bytes_per_s + cfg.cost.load_fixed_s;
+    let load_s = cfg.cost.load_seconds(shape.expert_bytes);
 
     let mut sims: Vec<SimReq> = reqs
         .iter()
