@@ -196,13 +196,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Writes `logits` (`[steps, vocab]`, f32) as the tensor `logits` with the project's writer.
 fn write_logits(path: &std::path::Path, logits: &[f32], vocab: usize) -> Result<()> {
-    let steps = logits.len() / vocab;
-    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![steps, vocab], &bytes)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-    let data = safetensors::serialize([("logits", view)], None)
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    std::fs::write(path, data).map_err(|e| Error::io(path, e))
+    use crate::model::writer::{write_file, TensorSpec};
+    let spec = TensorSpec::new(
+        "logits",
+        safetensors::Dtype::F32,
+        vec![logits.len() / vocab, vocab],
+    );
+    let bytes = |_: &TensorSpec| Ok(logits.iter().flat_map(|v| v.to_le_bytes()).collect());
+    write_file(path, &[spec], &bytes, None)
 }
