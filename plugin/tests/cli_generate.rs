@@ -164,6 +164,19 @@ fn text_prompts_use_the_tokenizer() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["prompt_ids"][0], 1, "BOS is added to text prompts");
     assert!(v["text"].is_string());
+    // Without --json the text streams as deltas; together they are the decoded output.
+    let streamed = pregate(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "Hello, world",
+        "--max-new-tokens",
+        "5",
+    ]);
+    assert!(streamed.status.success());
+    let streamed = String::from_utf8(streamed.stdout).unwrap();
+    assert_eq!(streamed.strip_suffix('\n'), v["text"].as_str());
 }
 
 #[test]

@@ -12,6 +12,7 @@ use crate::engine::{
 use crate::error::{Error, Result};
 use crate::model::ModelDir;
 use crate::sampling::SamplingParams;
+use crate::tokenizer::IncrementalDecoder;
 
 /// Flags of `pregate generate`.
 #[derive(Debug, clap::Args)]
@@ -128,8 +129,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut output = Vec::new();
     let mut logits = Vec::new();
     let tokenizer = model.tokenizer.as_ref();
-    let mut printed = String::new();
-    let stdout = std::io::stdout();
+    // Streams text deltas as the serving loop does, without re-decoding the whole output each token.
+    let mut stream = IncrementalDecoder::new(&prompt);
+    let print = |delta: &str| {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(delta.as_bytes());
+        let _ = out.flush();
+    };
     loop {
         let schedule = engine.schedule_all();
         if schedule.is_empty() {
@@ -143,16 +149,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             }
             if !args.json {
                 if let Some(tok) = tokenizer {
-                    let text = tok.decode(&output)?;
-                    if let Some(delta) = text.strip_prefix(printed.as_str()) {
-                        let mut out = stdout.lock();
-                        let _ = out.write_all(delta.as_bytes());
-                        let _ = out.flush();
-                    }
-                    printed = text;
+                    print(&stream.push(tok, ev.token)?);
                 }
             }
         }
+    }
+    if let (false, Some(tok)) = (args.json, tokenizer) {
+        print(&stream.finish(tok)?);
     }
     if let Some(path) = &args.dump_logits {
         write_logits(path, &logits, engine.config().vocab_size)?;
