@@ -129,6 +129,8 @@ pub mod log {
     pub const WARN: u32 = 1;
     /// TRITONSERVER_LOG_ERROR
     pub const ERROR: u32 = 2;
+    /// TRITONSERVER_LOG_VERBOSE
+    pub const VERBOSE: u32 = 3;
 }
 
 /// `TRITONSERVER_InstanceGroupKind` values.

@@ -112,6 +112,20 @@ impl ResponseSink for TritonSink {
     }
 
     fn finish(&mut self, done: Completion) {
+        if self.stream && !done.tail.is_empty() && !self.sent_final {
+            // Text held back as a possible stop-string beginning: the client gets it before the
+            // error, so its stream still adds up to the generated text. No ids: every token id
+            // was already sent with its own response.
+            // SAFETY: the factory is live until this sink drops.
+            if let Err(e) =
+                unsafe { ffi::send_tokens(self.factory.0, done.tail.as_bytes(), &[], false) }
+            {
+                ffi::log_message(
+                    log::VERBOSE,
+                    &format!("pregate: held-back text not sent (client gone?): {e}"),
+                );
+            }
+        }
         match done.outcome {
             Outcome::Finished(_) if !self.stream => {
                 let mut text = self.prefix.take().unwrap_or_default().into_bytes();

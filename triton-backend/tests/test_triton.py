@@ -56,6 +56,39 @@ def test_http_generate_stream_equals_pregate_generate(server, tools, work):
         assert "".join(e["text_output"] for e in events) == want["text"]
 
 
+def test_stop_string_is_held_back_while_streaming(server):
+    """A stop string spanning two tokens: no streamed chunk holds any of it, the stream ends with
+    the text cut right before it, and it adds up to the non-streamed output."""
+    prompt, n = PROMPTS[1], 24
+    events, err = sse(server, gen_body(prompt, n))
+    assert err is None, err
+    deltas = [e["text_output"] for e in events]
+    full = "".join(deltas)
+    starts = [len("".join(deltas[:i])) for i in range(n)]
+    # The first pair of tokens with text whose first occurrence starts at the first of them: the
+    # model is greedy, so the same tokens come again and the stop string is reached there.
+    k = next(k for k in range(1, n - 2)
+             if deltas[k] and deltas[k + 1] and full.find(deltas[k] + deltas[k + 1]) == starts[k])
+    stop = deltas[k] + deltas[k + 1]
+    cut = full[:starts[k]]
+    body = gen_body(prompt, n)
+    sp = json.loads(body["sampling_parameters"])
+    sp["stop"] = [stop]
+    body["sampling_parameters"] = json.dumps(sp)
+    events, err = sse(server, body)
+    assert err is None, err
+    sent = ""
+    for e in events:
+        sent += e["text_output"]
+        assert cut.startswith(sent), (stop, sent)
+    assert sent == cut
+    assert len(ids_of(events)) == k + 2
+    # Not streamed: one response with the same text.
+    events, err = sse(server, {**body, "stream": False, "exclude_input_in_output": True})
+    assert err is None, err
+    assert [e["text_output"] for e in events] == [cut]
+
+
 def grpc_generate(server, prompt, n, model="tiny", cancel_after=None):
     """One request on the gRPC bidirectional stream; returns (ids, error, final_seen)."""
     q = queue.Queue()

@@ -67,7 +67,8 @@ pub struct ServeRequest {
     pub max_new_tokens: usize,
     /// How to pick tokens.
     pub sampling: SamplingParams,
-    /// Strings that end generation; the text is cut before the first one found.
+    /// Strings that end generation; the text is cut before the first one found. While streaming,
+    /// text that may still begin one is held back (see [`TokenDelta::text`]).
     pub stop: Vec<String>,
     /// Token ids that end generation (the id is emitted).
     pub stop_token_ids: Vec<u32>,
@@ -94,7 +95,11 @@ impl ServeRequest {
 pub struct TokenDelta {
     /// The token id.
     pub token: u32,
-    /// The text it adds (empty while a UTF-8 character is incomplete, or without a tokenizer).
+    /// The text it releases: empty while a UTF-8 character is incomplete, or without a tokenizer.
+    /// Text that may still be the beginning of a stop string is held back and comes with a later
+    /// token, once it cannot be (a client never receives part of a stop string); the last token
+    /// brings whatever is held. The concatenated texts (and [`Completion::tail`]) are therefore
+    /// exactly the generated text, cut before the stop string that ended it.
     pub text: String,
     /// Its index among the generated tokens (0-based).
     pub index: usize,
@@ -122,6 +127,11 @@ pub struct Completion {
     pub prompt_tokens: usize,
     /// Tokens delivered.
     pub generated: usize,
+    /// Text held back from the streamed deltas (a possible stop-string beginning) when the request
+    /// ended without a final token (cancelled or failed); empty otherwise, since a final token
+    /// carries it. A host that streams sends it before the final event, so that what the client
+    /// received adds up to what was generated.
+    pub tail: String,
 }
 
 /// Where a request's events go. Called on the engine thread only.
@@ -346,10 +356,21 @@ impl Drop for Server {
 }
 
 fn finish_sink(sink: &mut Box<dyn ResponseSink>, outcome: Outcome, prompt: usize, gen: usize) {
+    finish_sink_with(sink, outcome, prompt, gen, String::new());
+}
+
+fn finish_sink_with(
+    sink: &mut Box<dyn ResponseSink>,
+    outcome: Outcome,
+    prompt: usize,
+    gen: usize,
+    tail: String,
+) {
     let done = Completion {
         outcome,
         prompt_tokens: prompt,
         generated: gen,
+        tail,
     };
     // A panicking sink must not take the loop down; there is nobody left to tell.
     let _ = catch_unwind(AssertUnwindSafe(|| sink.finish(done)));
@@ -663,13 +684,17 @@ impl LoopState {
             let mut text = String::new();
             let mut finish = ev.finished;
             if let Some(tok) = &self.tokenizer {
-                text = l.decoder.push(tok, ev.token).unwrap_or_default();
+                let mut decoded = l.decoder.push(tok, ev.token).unwrap_or_default();
                 if finish.is_some() {
-                    text.push_str(&l.decoder.finish(tok).unwrap_or_default());
+                    decoded.push_str(&l.decoder.finish(tok).unwrap_or_default());
                 }
-                if let Some(cut) = l.stop.push(&text) {
-                    text.truncate(cut);
+                let released = l.stop.push(&decoded);
+                text = released.text;
+                if released.stopped {
                     finish = Some(FinishReason::Stop);
+                } else if finish.is_some() {
+                    // EOS, a stop token or the length limit: what was held back is plain output.
+                    text.push_str(&l.stop.flush());
                 }
             }
             let delta = TokenDelta {
@@ -706,7 +731,8 @@ impl LoopState {
                 Outcome::Failed(_) => s.failed += 1,
             }
         }
-        finish_sink(&mut l.sink, outcome, l.prompt_len, l.generated);
+        let tail = l.stop.flush();
+        finish_sink_with(&mut l.sink, outcome, l.prompt_len, l.generated, tail);
     }
 
     fn fail_all(&mut self, msg: &str) {

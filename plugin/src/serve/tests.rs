@@ -342,3 +342,112 @@ fn the_loop_records_cache_batch_and_queue_metrics() {
     assert_eq!(scalar("pregate_requests_waiting"), 0.0);
     assert_eq!(scalar("pregate_requests_running"), 0.0);
 }
+
+/// The tiny model's greedy text after `prompt`, streamed without stop strings: each token's delta.
+fn deltas_without_stops(s: &Server, prompt: &[u32], n: usize) -> Vec<String> {
+    let mut r = ServeRequest::greedy(Prompt::Ids(prompt.to_vec()), n);
+    r.ignore_eos = true;
+    let (toks, done) = collect(&submit(s, r, None));
+    assert!(matches!(
+        done.outcome,
+        Outcome::Finished(FinishReason::Length)
+    ));
+    toks.into_iter().map(|t| t.text).collect()
+}
+
+/// Streams `prompt` with `stop`; returns the deltas' texts and the completion.
+fn with_stops(
+    s: &Server,
+    prompt: &[u32],
+    n: usize,
+    stop: &[String],
+    stop_after: Option<usize>,
+) -> (Vec<String>, Completion) {
+    let mut r = ServeRequest::greedy(Prompt::Ids(prompt.to_vec()), n);
+    r.ignore_eos = true;
+    r.stop = stop.to_vec();
+    let (toks, done) = collect(&submit(s, r, stop_after));
+    (toks.into_iter().map(|t| t.text).collect(), done)
+}
+
+/// Every streamed prefix is a prefix of `want`: no chunk ever held text past it.
+fn assert_prefixes(chunks: &[String], want: &str) {
+    let mut sent = String::new();
+    for c in chunks {
+        sent.push_str(c);
+        assert!(want.starts_with(&sent), "sent {sent:?}, want {want:?}");
+    }
+}
+
+#[test]
+fn streamed_text_holds_back_stop_strings_and_adds_up_to_the_full_text() {
+    let (_d, m) = tiny();
+    let s = server(&m);
+    let prompt = [1, 82, 113, 331, 325];
+    let n = 24;
+    let deltas = deltas_without_stops(&s, &prompt, n);
+    let full: String = deltas.concat();
+    // A stop string spanning two tokens, whose first token's text starts its first occurrence:
+    // without holding back, that token's text would reach the client before the match.
+    let starts: Vec<usize> = deltas
+        .iter()
+        .scan(0, |at, d| {
+            let here = *at;
+            *at += d.len();
+            Some(here)
+        })
+        .collect();
+    let k = (1..n - 2)
+        .find(|&k| {
+            let stop = format!("{}{}", deltas[k], deltas[k + 1]);
+            !deltas[k].is_empty()
+                && !deltas[k + 1].is_empty()
+                && full.find(&stop) == Some(starts[k])
+        })
+        .expect("two tokens with text");
+    let stop = format!("{}{}", deltas[k], deltas[k + 1]);
+    let (chunks, done) = with_stops(&s, &prompt, n, std::slice::from_ref(&stop), None);
+    assert!(matches!(
+        done.outcome,
+        Outcome::Finished(FinishReason::Stop)
+    ));
+    assert_eq!(
+        chunks.len(),
+        k + 2,
+        "it stops at the token completing {stop:?}"
+    );
+    let cut = &full[..starts[k]];
+    assert_eq!(chunks.concat(), cut);
+    assert_prefixes(&chunks, cut);
+    assert!(done.tail.is_empty());
+
+    // A stop string that never completes: the last two tokens' text is held back as a possible
+    // beginning, then flushed with the last token (length limit).
+    let never = format!("{}{}\u{7}never", deltas[n - 2], deltas[n - 1]);
+    assert!(!deltas[n - 2].is_empty() && !full.contains(&never));
+    let (chunks, done) = with_stops(&s, &prompt, n, std::slice::from_ref(&never), None);
+    assert!(matches!(
+        done.outcome,
+        Outcome::Finished(FinishReason::Length)
+    ));
+    assert_eq!(chunks.concat(), full);
+    assert!(
+        chunks[..n - 1].concat().len() <= starts[n - 2],
+        "{chunks:?}"
+    );
+    assert!(chunks[n - 1].ends_with(&format!("{}{}", deltas[n - 2], deltas[n - 1])));
+    assert!(done.tail.is_empty());
+
+    // The client goes away after 3 tokens while text is held: the completion carries it.
+    let held = format!("{}\u{7}never", deltas[2]);
+    let (chunks, done) = with_stops(&s, &prompt, n, &[held], Some(3));
+    assert!(matches!(done.outcome, Outcome::Cancelled));
+    assert_eq!(chunks.len(), 3);
+    assert!(done.tail.ends_with(&deltas[2]), "{:?}", done.tail);
+    assert_eq!(chunks.concat() + &done.tail, deltas[..3].concat());
+
+    // No stop strings: each token's text goes out with it.
+    let (chunks, _) = with_stops(&s, &prompt, n, &[], None);
+    assert_eq!(chunks, deltas);
+    s.shutdown();
+}
