@@ -55,7 +55,7 @@ pub fn attention(
         let mut scores: Vec<f32> = (0..len)
             .map(|p| {
                 let kh = &k[p * kv_width + kvh * d..p * kv_width + (kvh + 1) * d];
-                qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale
+                super::matmul::dot(qh, kh) * scale
             })
             .collect();
         super::softmax(&mut scores);

@@ -43,7 +43,7 @@ pub fn linear(x: &[f32], m: usize, layer: &Linear, out: &mut [f32]) {
 /// Dot product, compiled for AVX2+FMA and AVX-512 as well as the baseline and picked at run time:
 /// the baseline build (SSE2) would leave matrix-vector products compute-bound.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Sixteen independent accumulators: two 8-wide vectors, so several FMAs are in flight.
     let mut acc = [0.0f32; 16];
     let (ac, ar) = a.split_at(a.len() / 16 * 16);
