@@ -131,6 +131,10 @@ run_benches() {
     fi
     bstep "$bench_bin" decode "$mdir" "${PREGATE_BENCH_BATCHES:-1,8,32}" "${PREGATE_BENCH_STEPS:-32}"
     bstep python3 "$here/bench/decode_torch.py" "$mdir" "${PREGATE_BENCH_BATCHES:-1,8,32}" "${PREGATE_BENCH_STEPS:-32}"
+    # The router's cost grows with the context: the same decode after 1024-token prompts, the
+    # router on the host beside the router on the device.
+    PREGATE_BENCH_PROMPT="${PREGATE_BENCH_LONG_PROMPT:-1024}" bstep "$bench_bin" decode "$mdir" \
+        "${PREGATE_BENCH_LONG_BATCHES:-8,32}" "${PREGATE_BENCH_STEPS:-32}"
     # Offloaded decode: the engine's router routes, then synthetic Read-ME routes (the replay's
     # expert model, 2921/4096 tokens keeping the previous token's expert): PREGATE_BENCH_SYNTH_REQS
     # requests of PREGATE_BENCH_SYNTH_TOKENS tokens, batch 1.

@@ -5,7 +5,8 @@
 //! gpu expert-layer [--quick]             permute + expert FFN + combine vs the measured floor
 //! gpu loads                              expert loads: pinned/pageable copy bandwidth, overlap
 //! gpu make-model DIR LAYERS              readme-7b shape with LAYERS layers (timed)
-//! gpu decode DIR BATCHES STEPS           end-to-end decode tokens/s, all experts resident
+//! gpu decode DIR BATCHES STEPS           end-to-end decode tokens/s, all experts resident, the
+//!                                        router on the host and on the device
 //! gpu offload DIR CAPS STEPS BATCH [REQS TOKENS]
 //!                                        offloaded decode at cache capacities CAPS (e.g. 2,3,4,5):
 //!                                        the engine's router routes (STEPS steps at BATCH), then
@@ -445,39 +446,53 @@ fn step(e: &mut Engine) -> Res<usize> {
     Ok(e.step(&sched)?.len())
 }
 
+/// End-to-end decode with the router on the host and on the device (`PREGATE_BENCH_ROUTERS`,
+/// default `host,device`), prompts of `PREGATE_BENCH_PROMPT` tokens (default 32): the router's
+/// cost grows with the context it attends over.
 fn decode(dir: &str, batches: &str, steps: usize) -> Res<()> {
     let model = ModelDir::open(std::path::Path::new(dir))?;
-    let t0 = Instant::now();
-    let opts = CudaOptions {
-        dtype: CudaDtype::Bf16,
-        kv_tokens: Some(64 * 1024),
-        ..CudaOptions::default()
-    };
-    let (mut e, _h) = open_cuda_engine(&model, &opts)?;
-    println!("load: {:.1} s", t0.elapsed().as_secs_f64());
-    println!("RESULT decode batch tokens_per_s step_ms");
-    for b in batches.split(',').filter_map(|b| b.parse::<usize>().ok()) {
-        let warm = 3;
-        for r in requests(&e, b, 32, 1 + warm + steps, b as u64) {
-            e.add_request(r)?;
-        }
-        step(&mut e)?; // prefill
-        for _ in 0..warm {
-            step(&mut e)?;
-        }
-        let start = Instant::now();
-        let mut toks = 0;
-        for _ in 0..steps {
-            toks += step(&mut e)?;
-        }
-        let secs = start.elapsed().as_secs_f64();
+    let prompt: usize = std::env::var("PREGATE_BENCH_PROMPT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let placements = std::env::var("PREGATE_BENCH_ROUTERS").unwrap_or("host,device".into());
+    println!("RESULT decode router prompt batch tokens_per_s step_ms");
+    for placement in placements.split(',').filter(|p| !p.is_empty()) {
+        let t0 = Instant::now();
+        let opts = CudaOptions {
+            dtype: CudaDtype::Bf16,
+            kv_tokens: Some(64 * 1024),
+            router: placement.parse()?,
+            ..CudaOptions::default()
+        };
+        let (mut e, _h) = open_cuda_engine(&model, &opts)?;
         println!(
-            "RESULT decode {b} {:.1} {:.2}",
-            toks as f64 / secs,
-            secs / steps as f64 * 1e3
+            "load (router on the {placement}): {:.1} s",
+            t0.elapsed().as_secs_f64()
         );
-        while !e.is_empty() {
-            step(&mut e)?;
+        for b in batches.split(',').filter_map(|b| b.parse::<usize>().ok()) {
+            let warm = 3;
+            for r in requests(&e, b, prompt, 1 + warm + steps, b as u64) {
+                e.add_request(r)?;
+            }
+            step(&mut e)?; // prefill
+            for _ in 0..warm {
+                step(&mut e)?;
+            }
+            let start = Instant::now();
+            let mut toks = 0;
+            for _ in 0..steps {
+                toks += step(&mut e)?;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "RESULT decode {placement} {prompt} {b} {:.1} {:.2}",
+                toks as f64 / secs,
+                secs / steps as f64 * 1e3
+            );
+            while !e.is_empty() {
+                step(&mut e)?;
+            }
         }
     }
     Ok(())

@@ -206,3 +206,68 @@ fn the_router_kv_cache_gives_the_routes_of_a_full_recompute() {
     let err = router.logits(&mut full, &too_long).unwrap_err().to_string();
     assert!(err.contains("router's context"), "{err}");
 }
+
+#[test]
+fn routing_several_requests_in_one_pass_equals_routing_each_alone() {
+    let model = ModelDir::open(&model()).unwrap();
+    let w = model.load_weights().unwrap();
+    let router = pregate::router::ReadMeRouter::new(w.router, &model.config);
+    // Three requests with different histories; the batch mixes a prompt chunk and decode tokens.
+    let history: [Vec<u32>; 3] = [
+        (0..9).map(|i| 7 + i * 11).collect(),
+        Vec::new(),
+        (0..23).map(|i| 300 - i * 5).collect(),
+    ];
+    let new: [Vec<u32>; 3] = [vec![42], (0..6).map(|i| 100 + i).collect(), vec![9]];
+    let mut alone = Vec::new();
+    let mut batched_states = Vec::new();
+    for (h, n) in history.iter().zip(&new) {
+        let mut s = router.new_state(64);
+        if !h.is_empty() {
+            router.logits(&mut s, h).unwrap();
+        }
+        batched_states.push(s.clone());
+        alone.push(router.logits(&mut s, n).unwrap());
+    }
+    let mut refs: Vec<&mut pregate::router::RouterState> = batched_states.iter_mut().collect();
+    let lists: Vec<&[u32]> = new.iter().map(Vec::as_slice).collect();
+    let batched = router.logits_batch(&mut refs, &lists).unwrap();
+    let expected: Vec<f32> = alone.concat();
+    assert_eq!(batched.len(), expected.len());
+    let diff = batched
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "batched router logits differ by {diff}");
+    for (s, (h, n)) in batched_states.iter().zip(history.iter().zip(&new)) {
+        assert_eq!(s.len(), h.len() + n.len());
+    }
+    // Routes: one list per request, as many routes as new tokens, equal to routing alone.
+    let mut states: Vec<_> = history
+        .iter()
+        .map(|h| {
+            let mut s = router.new_state(64);
+            router.route(&mut s, h).unwrap();
+            s
+        })
+        .collect();
+    let solo: Vec<_> = states
+        .iter()
+        .zip(&new)
+        .map(|(s, n)| router.route(&mut s.clone(), n).unwrap())
+        .collect();
+    let mut refs: Vec<&mut pregate::router::RouterState> = states.iter_mut().collect();
+    assert_eq!(router.route_batch(&mut refs, &lists).unwrap(), solo);
+    // A bad token in the last request fails the batch before any state advances.
+    let mut states: Vec<_> = (0..3).map(|_| router.new_state(64)).collect();
+    let mut refs: Vec<&mut pregate::router::RouterState> = states.iter_mut().collect();
+    let vocab = model.config.vocab_size as u32;
+    let bad: [&[u32]; 3] = [&[1, 2], &[3], &[4, vocab]];
+    let err = router
+        .logits_batch(&mut refs, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+    assert!(states.iter().all(|s| s.is_empty()));
+}

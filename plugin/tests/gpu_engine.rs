@@ -266,3 +266,114 @@ fn device_selection_reports_errors() {
         println!("SKIP: no CUDA device (auto resolved to cpu)");
     }
 }
+
+/// The router on the device (`RouterPlacement::Device`): its logits against the host router's
+/// for prompts, batched decode tokens and chunks, in both backbone types (the router computes in
+/// f32 either way); bad input changes no state; and the engine end to end gives the host-routed
+/// engine's tokens and logits.
+#[test]
+fn router_on_the_device_matches_the_host_router() {
+    use pregate::engine::cuda::{CudaBackend, RouterPlacement};
+    use pregate::engine::Backend;
+    use pregate::router::ReadMeRouter;
+    if !gpu() {
+        return;
+    }
+    let t = tiny(ExpertLayout::Fused);
+    for dir in [fixture("fused_f32"), t.path().to_path_buf()] {
+        let model = ModelDir::open(&dir).unwrap();
+        let cfg = &model.config;
+        let vocab = cfg.vocab_size as u32;
+        let weights = pregate::model::RouterWeights::load(&model.checkpoint, cfg).unwrap();
+        let host = ReadMeRouter::new(weights.clone(), cfg);
+        for dtype in [CudaDtype::F32, CudaDtype::Bf16] {
+            let opts = CudaOptions {
+                dtype,
+                kv_tokens: Some(1024),
+                ..CudaOptions::default()
+            };
+            let mut b: Box<dyn Backend> = match dtype {
+                CudaDtype::F32 => {
+                    let mut b = CudaBackend::<f32>::new(&model, &opts).unwrap();
+                    b.run_router(&weights).unwrap();
+                    Box::new(b)
+                }
+                CudaDtype::Bf16 => {
+                    let mut b = CudaBackend::<half::bf16>::new(&model, &opts).unwrap();
+                    b.run_router(&weights).unwrap();
+                    Box::new(b)
+                }
+            };
+            assert!(b.routes_tokens());
+            let prompts: Vec<Vec<u32>> = vec![
+                (0..37).map(|i| (i * 7 + 3) % vocab).collect(),
+                vec![42 % vocab],
+                (0..5).map(|i| (i * 11 + 1) % vocab).collect(),
+            ];
+            let mut states: Vec<_> = prompts.iter().map(|_| host.new_state(128)).collect();
+            for (i, _) in prompts.iter().enumerate() {
+                b.add_sequence(i as u64, 128).unwrap();
+            }
+            let mut worst = 0.0f64;
+            let mut check = |b: &mut Box<dyn Backend>,
+                             states: &mut Vec<pregate::router::RouterState>,
+                             lists: &[Vec<u32>]| {
+                let seqs: Vec<u64> = (0..lists.len() as u64).collect();
+                let refs: Vec<&[u32]> = lists.iter().map(Vec::as_slice).collect();
+                let got = b.route_logits(&seqs, &refs).unwrap();
+                let mut st: Vec<&mut pregate::router::RouterState> = states.iter_mut().collect();
+                let want = host.logits_batch(&mut st, &refs).unwrap();
+                assert_eq!(got.len(), want.len());
+                assert_eq!(
+                    host.routes_from_logits(&got),
+                    host.routes_from_logits(&want)
+                );
+                worst = worst.max(rel_err(&got, &want));
+            };
+            // Prompts in one pass, then a chunk of 3 for each, then single decode tokens.
+            check(&mut b, &mut states, &prompts);
+            let chunks: Vec<Vec<u32>> = (0..3).map(|i| vec![i + 1, i + 2, i + 3]).collect();
+            check(&mut b, &mut states, &chunks);
+            for step in 0..20u32 {
+                let toks: Vec<Vec<u32>> =
+                    (0..3).map(|i| vec![(step * 13 + i * 5) % vocab]).collect();
+                check(&mut b, &mut states, &toks);
+            }
+            // Bad input is refused before any state moves: the next pass still agrees.
+            let err = b
+                .route_logits(&[0, 1], &[&[1], &[vocab]])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("outside the vocabulary"), "{err}");
+            assert!(b.route_logits(&[0, 77], &[&[1], &[1]]).is_err());
+            check(&mut b, &mut states, &[vec![3], vec![4], vec![5]]);
+            println!(
+                "{} router on the device ({dtype:?} backbone): logits relative error {worst:.3e}",
+                dir.display()
+            );
+            assert!(worst < 1e-5, "device router logits relative error {worst}");
+            b.remove_sequence(1);
+            assert!(b.route_logits(&[1], &[&[1]]).is_err());
+        }
+        // End to end: the engine with the device router equals the host-routed CPU engine (f32).
+        let reqs = requests(vocab);
+        let mut cpu = open_engine(&model, Device::Cpu).unwrap();
+        let want = run(&mut cpu, &reqs, usize::MAX);
+        for chunk in [usize::MAX, 8] {
+            let opts = CudaOptions {
+                dtype: CudaDtype::F32,
+                kv_tokens: Some(4096),
+                router: RouterPlacement::Device,
+                ..CudaOptions::default()
+            };
+            let mut gpu = open_cuda_engine(&model, &opts).unwrap().0;
+            let got = run(&mut gpu, &reqs, chunk);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.0, w.0, "{}: tokens differ (chunk {chunk})", dir.display());
+                for (gl, wl) in g.1.iter().zip(&w.1) {
+                    assert!(rel_err(gl, wl) < 1e-4);
+                }
+            }
+        }
+    }
+}

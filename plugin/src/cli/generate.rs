@@ -64,6 +64,10 @@ pub struct GenerateArgs {
     /// CUDA compute dtype: bf16 or f32.
     #[arg(long)]
     pub cuda_dtype: Option<String>,
+    /// Where the CUDA backend runs the router: host or device (default: host, or
+    /// `PREGATE_ROUTER`). Ignored on the CPU.
+    #[arg(long)]
+    pub router: Option<String>,
 }
 
 /// Runs `pregate generate`.
@@ -107,6 +111,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             })
             .transpose()?,
         cuda_dtype: args.cuda_dtype.as_deref().map(str::parse).transpose()?,
+        router: args.router.as_deref().map(str::parse).transpose()?,
     };
     let mut engine = open_engine_with(&model, device, &options)?;
     let request = GenerationRequest {

@@ -105,4 +105,21 @@ pub trait Backend: Send {
     fn expert_stall_seconds(&self) -> f64 {
         0.0
     }
+
+    /// Whether the backend runs the router itself, on its device ([`Backend::route_logits`]);
+    /// otherwise the engine routes on the host.
+    fn routes_tokens(&self) -> bool {
+        false
+    }
+
+    /// The router's logits (`[sum T_i, N]`, rows in order) of `tokens[i]`, which follow the tokens
+    /// sequence `seqs[i]` was routed with before. The router's state (its KV cache) lives with the
+    /// sequence, from [`Backend::add_sequence`] to [`Backend::remove_sequence`]. Inputs are checked
+    /// before any state changes, so on error no sequence's router has advanced.
+    fn route_logits(&mut self, _seqs: &[SeqId], _tokens: &[&[u32]]) -> Result<Vec<f32>> {
+        Err(Error::Internal(format!(
+            "backend {} does not run the router",
+            self.device_name()
+        )))
+    }
 }

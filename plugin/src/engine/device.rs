@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::model::ModelDir;
 
 use super::cpu::{BackboneWeights, CpuBackend};
-use super::cuda::{open_cuda_engine, CudaDtype, CudaOptions, ExpertCapacity};
+use super::cuda::{open_cuda_engine, CudaDtype, CudaOptions, ExpertCapacity, RouterPlacement};
 use super::Engine;
 use crate::cache::EvictionPolicy;
 use crate::router::ReadMeRouter;
@@ -108,6 +108,9 @@ pub struct EngineOptions {
     /// CUDA: compute in bf16 (serving) or f32 (exact comparison with the CPU); overrides
     /// `PREGATE_CUDA_DTYPE`. Ignored by the CPU backend, which computes in f32.
     pub cuda_dtype: Option<CudaDtype>,
+    /// CUDA: where the router runs; overrides `PREGATE_ROUTER`. Ignored by the CPU backend,
+    /// whose device is the host.
+    pub router: Option<RouterPlacement>,
 }
 
 fn open_cpu(model: &ModelDir, opts: &EngineOptions) -> Result<Engine> {
@@ -146,6 +149,9 @@ pub fn open_engine_with(model: &ModelDir, device: Device, opts: &EngineOptions) 
                 }
                 if let Some(d) = opts.cuda_dtype {
                     o.dtype = d;
+                }
+                if let Some(r) = opts.router {
+                    o.router = r;
                 }
                 open_cuda_engine(model, &o)
             });

@@ -15,7 +15,7 @@ mod device;
 use std::collections::BTreeMap;
 
 pub use backend::{Backend, ForwardChunk, Lookahead, SeqId};
-pub use cuda::{CudaDtype, ExpertCapacity};
+pub use cuda::{CudaDtype, ExpertCapacity, RouterPlacement};
 pub use device::{open_engine, open_engine_with, Device, EngineOptions, ExpertCacheOptions};
 
 use crate::config::ModelConfig;
@@ -199,12 +199,32 @@ impl Engine {
         self.validate(&req)?;
         let id = self.next_id;
         let max_len = req.prompt.len() + req.max_new_tokens;
-        let mut router = self.router.new_state(max_len);
         let mut routes = self.router.new_plan();
-        for r in self.router.route(&mut router, &req.prompt)? {
-            routes.push(&[r])?;
-        }
-        self.backend.add_sequence(id, max_len)?;
+        let router = if self.backend.routes_tokens() {
+            // The router's KV cache lives with the sequence on the device: reserve, then route.
+            self.backend.add_sequence(id, max_len)?;
+            let routed = self
+                .backend
+                .route_logits(&[id], &[&req.prompt])
+                .and_then(|l| {
+                    for r in self.router.routes_from_logits(&l) {
+                        routes.push(&[r])?;
+                    }
+                    Ok(())
+                });
+            if let Err(e) = routed {
+                self.backend.remove_sequence(id);
+                return Err(e);
+            }
+            self.router.new_state(0)
+        } else {
+            let mut router = self.router.new_state(max_len);
+            for r in self.router.route(&mut router, &req.prompt)? {
+                routes.push(&[r])?;
+            }
+            self.backend.add_sequence(id, max_len)?;
+            router
+        };
         self.next_id += 1;
         let sampler = Sampler::new(req.sampling.clone(), id);
         self.seqs.insert(
@@ -279,6 +299,44 @@ impl Engine {
         self.backend.expert_stall_seconds()
     }
 
+    /// Routes each sampled token (one per sequence) in one pass: on the backend's device when it
+    /// runs the router, else on the host.
+    fn route_sampled(&mut self, sampled: &[(SeqId, u32, Vec<f32>)]) -> Result<Vec<TokenRoute>> {
+        let tokens: Vec<[u32; 1]> = sampled.iter().map(|&(_, t, _)| [t]).collect();
+        let lists: Vec<&[u32]> = tokens.iter().map(|t| t.as_slice()).collect();
+        if self.backend.routes_tokens() {
+            let seqs: Vec<SeqId> = sampled.iter().map(|&(seq, ..)| seq).collect();
+            let logits = self.backend.route_logits(&seqs, &lists)?;
+            let routes = self.router.routes_from_logits(&logits);
+            if routes.len() != sampled.len() {
+                return Err(Error::Internal(format!(
+                    "the backend's router returned {} routes for {} tokens",
+                    routes.len(),
+                    sampled.len()
+                )));
+            }
+            return Ok(routes);
+        }
+        let order: BTreeMap<SeqId, usize> = sampled
+            .iter()
+            .enumerate()
+            .map(|(i, &(seq, ..))| (seq, i))
+            .collect();
+        let mut states: Vec<(usize, &mut RouterState)> = self
+            .seqs
+            .iter_mut()
+            .filter_map(|(seq, s)| order.get(seq).map(|&i| (i, &mut s.router)))
+            .collect();
+        states.sort_unstable_by_key(|&(i, _)| i);
+        let mut states: Vec<&mut RouterState> = states.into_iter().map(|(_, s)| s).collect();
+        Ok(self
+            .router
+            .route_batch(&mut states, &lists)?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
     /// Runs one step: for each `(seq, n)` computes the next `n` pending tokens of `seq`; samples a
     /// token for every sequence whose pending tokens are then all computed. Sequences may appear at
     /// most once. On error no sequence has advanced past its KV cache.
@@ -319,7 +377,10 @@ impl Engine {
             self.backend.forward(&chunks)?
         };
         let mut logits = logits.into_iter();
-        let mut events = Vec::new();
+        // Sample every sequence that completed, then route all the new tokens in one pass: the
+        // router's weights are read once per step instead of once per sequence, and the next step
+        // cannot launch before its routes are known.
+        let mut sampled: Vec<(SeqId, u32, Vec<f32>)> = Vec::new();
         for &(seq, n) in schedule {
             let s = self.seqs.get_mut(&seq).expect("validated above");
             s.computed += n;
@@ -330,7 +391,12 @@ impl Engine {
                 .next()
                 .ok_or_else(|| Error::Internal("backend returned too few logits".into()))?;
             let token = s.sampler.sample(&row)?;
-            let route = self.router.route(&mut s.router, &[token])?[0];
+            sampled.push((seq, token, row));
+        }
+        let routes = self.route_sampled(&sampled)?;
+        let mut events = Vec::new();
+        for ((seq, token, row), route) in sampled.into_iter().zip(routes) {
+            let s = self.seqs.get_mut(&seq).expect("validated above");
             s.routes.push(&[route])?;
             s.tokens.push(token);
             let finished = if !s.request.ignore_eos && self.eos.contains(&token) {

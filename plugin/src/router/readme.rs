@@ -1,5 +1,7 @@
 //! The Read-ME router (`cluster_predictor`), with the released code's exact semantics.
 
+use rayon::prelude::*;
+
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::weights::RouterWeights;
@@ -7,7 +9,7 @@ use crate::ops::{attention, linear, rms_norm, AttentionShape, RopeTable};
 use crate::route::{RoutePlan, RouteScope, TokenRoute};
 
 /// RMSNorm epsilon of the released router (fixed, independent of the backbone's).
-const ROUTER_EPS: f32 = 1e-6;
+pub(crate) const ROUTER_EPS: f32 = 1e-6;
 
 /// One request's router KV cache (one block: `embedding_dim` keys and values per token).
 #[derive(Debug, Clone, Default)]
@@ -93,24 +95,34 @@ impl ReadMeRouter {
 
     /// The router logits (`[T, N]`) of `tokens`, which follow the tokens already in `state`.
     pub fn logits(&self, state: &mut RouterState, tokens: &[u32]) -> Result<Vec<f32>> {
-        let t = tokens.len();
+        self.logits_batch(&mut [state], &[tokens])
+    }
+
+    /// The router logits of several requests' new tokens at once: `tokens[i]` follows the tokens
+    /// already in `states[i]`. Returns `[sum T_i, N]`, the requests' rows in order. Every
+    /// token-wise layer runs once over all the rows (a decode step's tokens share one pass over
+    /// the weights instead of one per request); only RoPE and attention are per request. Inputs
+    /// are checked before any state changes, so on error no state has advanced.
+    pub fn logits_batch(
+        &self,
+        states: &mut [&mut RouterState],
+        tokens: &[&[u32]],
+    ) -> Result<Vec<f32>> {
+        if states.len() != tokens.len() {
+            return Err(Error::Internal(format!(
+                "router: {} states for {} token lists",
+                states.len(),
+                tokens.len()
+            )));
+        }
+        for (state, toks) in states.iter().zip(tokens) {
+            self.check(state, toks)?;
+        }
         let d = self.dim;
-        if state.len + t > self.rope.max_pos() {
-            return Err(Error::InvalidRequest(format!(
-                "the router's context of {} tokens is exceeded ({} + {t})",
-                self.rope.max_pos(),
-                state.len
-            )));
-        }
-        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(Error::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary (0..{})",
-                self.vocab
-            )));
-        }
+        let t: usize = tokens.iter().map(|x| x.len()).sum();
         let w = &self.w;
         let mut x = Vec::with_capacity(t * d);
-        for &id in tokens {
+        for &id in tokens.iter().flat_map(|x| x.iter()) {
             x.extend_from_slice(w.embed.row(id as usize));
         }
         let mut h = vec![0.0; t * d];
@@ -121,17 +133,42 @@ impl ReadMeRouter {
         linear(&h, t, &w.q, &mut q);
         linear(&h, t, &w.k, &mut k);
         linear(&h, t, &w.v, &mut v);
-        for i in 0..t {
-            let pos = state.len + i;
-            self.rope.apply(&mut q[i * d..(i + 1) * d], pos);
-            self.rope.apply(&mut k[i * d..(i + 1) * d], pos);
-        }
-        let start = state.len;
-        state.k.extend_from_slice(&k);
-        state.v.extend_from_slice(&v);
-        state.len += t;
         let mut att = vec![0.0; t * d];
-        attention(&q, &state.k, &state.v, start, &self.shape, &mut att);
+        // RoPE, the KV append and attention are per request; requests run in parallel, since at
+        // long contexts reading each request's router KV cache is most of the router's time.
+        let mut work = Vec::with_capacity(states.len());
+        let (mut qr, mut kr, mut vr, mut ar) = (&mut q[..], &mut k[..], &v[..], &mut att[..]);
+        for (state, toks) in states.iter_mut().zip(tokens) {
+            let n = toks.len() * d;
+            let (qi, qrest) = std::mem::take(&mut qr).split_at_mut(n);
+            let (ki, krest) = std::mem::take(&mut kr).split_at_mut(n);
+            let (vi, vrest) = vr.split_at(n);
+            let (ai, arest) = std::mem::take(&mut ar).split_at_mut(n);
+            (qr, kr, vr, ar) = (qrest, krest, vrest, arest);
+            work.push((&mut **state, qi, ki, vi, ai));
+        }
+        let one = |(state, q, k, v, att): (
+            &mut RouterState,
+            &mut [f32],
+            &mut [f32],
+            &[f32],
+            &mut [f32],
+        )| {
+            let start = state.len;
+            for (i, (qi, ki)) in q.chunks_exact_mut(d).zip(k.chunks_exact_mut(d)).enumerate() {
+                self.rope.apply(qi, start + i);
+                self.rope.apply(ki, start + i);
+            }
+            state.k.extend_from_slice(k);
+            state.v.extend_from_slice(v);
+            state.len += q.len() / d;
+            attention(q, &state.k, &state.v, start, &self.shape, att);
+        };
+        if work.len() > 1 {
+            work.into_par_iter().for_each(one);
+        } else {
+            work.into_iter().for_each(one);
+        }
         let mut o = vec![0.0; t * d];
         linear(&att, t, &w.o, &mut o);
         for (xi, oi) in x.iter_mut().zip(&o) {
@@ -154,12 +191,52 @@ impl ReadMeRouter {
         Ok(logits)
     }
 
+    /// Rejects tokens that would pass the router's context or fall outside its vocabulary.
+    fn check(&self, state: &RouterState, tokens: &[u32]) -> Result<()> {
+        if state.len + tokens.len() > self.rope.max_pos() {
+            return Err(Error::InvalidRequest(format!(
+                "the router's context of {} tokens is exceeded ({} + {})",
+                self.rope.max_pos(),
+                state.len,
+                tokens.len()
+            )));
+        }
+        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (0..{})",
+                self.vocab
+            )));
+        }
+        Ok(())
+    }
+
     /// Routes `tokens` (which follow those already in `state`): one route per token, for every layer.
     pub fn route(&self, state: &mut RouterState, tokens: &[u32]) -> Result<Vec<TokenRoute>> {
-        let logits = self.logits(state, tokens)?;
-        Ok(logits
+        Ok(self.routes_from_logits(&self.logits(state, tokens)?))
+    }
+
+    /// One route per row of router logits (`[T, N]`): the top-k experts with softmax weights
+    /// (top-1 with weight 1 by default). Shared with routers that run on a device.
+    pub fn routes_from_logits(&self, logits: &[f32]) -> Vec<TokenRoute> {
+        logits
             .chunks_exact(self.n_experts)
             .map(|l| super::select_top_k(l, self.top_k))
+            .collect()
+    }
+
+    /// Routes several requests' new tokens in one pass ([`Self::logits_batch`]): one route list
+    /// per request, in order.
+    pub fn route_batch(
+        &self,
+        states: &mut [&mut RouterState],
+        tokens: &[&[u32]],
+    ) -> Result<Vec<Vec<TokenRoute>>> {
+        let mut routes = self
+            .routes_from_logits(&self.logits_batch(states, tokens)?)
+            .into_iter();
+        Ok(tokens
+            .iter()
+            .map(|toks| routes.by_ref().take(toks.len()).collect())
             .collect())
     }
 }

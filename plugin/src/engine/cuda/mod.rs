@@ -22,6 +22,7 @@
 //!   [`CudaExpertMemory`]), so compute waits only for the experts it is about to read.
 
 mod kv;
+mod router;
 mod weights;
 
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,7 @@ use crate::route::ExpertId;
 use crate::router::ReadMeRouter;
 
 use kv::PagedKv;
+use router::DeviceRouter;
 use weights::{pack_ffn, upload, upload_stacked, DeviceElem, OneUnit, PinnedExperts, UnitShape};
 
 pub(crate) fn dev(e: impl std::fmt::Display) -> Error {
@@ -77,6 +79,30 @@ impl std::str::FromStr for CudaDtype {
     }
 }
 
+/// Where the pre-gating router runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouterPlacement {
+    /// On the host, in f32, batched over a step's sequences (the default).
+    #[default]
+    Host,
+    /// On the backend's device, in f32, with its KV cache beside the backbone's: the host then
+    /// reads back only the logits. The CUDA backend only; the CPU backend's device is the host.
+    Device,
+}
+
+impl std::str::FromStr for RouterPlacement {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "host" | "cpu" => Ok(RouterPlacement::Host),
+            "device" | "gpu" => Ok(RouterPlacement::Device),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown router placement `{s}` (expected host or device)"
+            ))),
+        }
+    }
+}
+
 pub use crate::cache::ExpertCapacity;
 
 /// Options of the CUDA backend.
@@ -98,6 +124,8 @@ pub struct CudaOptions {
     pub kv_block_size: usize,
     /// Time the compute stream's waits for expert loads (adds two events per wait).
     pub measure_stalls: bool,
+    /// Where the pre-gating router runs.
+    pub router: RouterPlacement,
 }
 
 impl Default for CudaOptions {
@@ -111,6 +139,7 @@ impl Default for CudaOptions {
             kv_tokens: None,
             kv_block_size: 16,
             measure_stalls: false,
+            router: RouterPlacement::Host,
         }
     }
 }
@@ -120,7 +149,8 @@ impl CudaOptions {
     /// pass no flags; `EngineOptions` and the CLI flags override it in turn):
     /// `PREGATE_CUDA_DTYPE` (`bf16`, `f32`), `PREGATE_EXPERT_CACHE` (`all`, `N` experts per layer,
     /// `NGiB`/`NMiB` bytes, or `0.F` of free memory), `PREGATE_CACHE_POLICY` (`belady`, `lru`, ...),
-    /// `PREGATE_PREFETCH` (`0` to load on demand), `PREGATE_KV_TOKENS`.
+    /// `PREGATE_PREFETCH` (`0` to load on demand), `PREGATE_KV_TOKENS`, `PREGATE_ROUTER` (`host`,
+    /// `device`).
     pub fn from_env(ordinal: usize) -> Result<Self> {
         let mut o = CudaOptions {
             ordinal,
@@ -138,6 +168,9 @@ impl CudaOptions {
         }
         if let Some(v) = var("PREGATE_PREFETCH") {
             o.prefetch = v != "0";
+        }
+        if let Some(v) = var("PREGATE_ROUTER") {
+            o.router = v.parse()?;
         }
         if let Some(v) = var("PREGATE_KV_TOKENS") {
             o.kv_tokens = Some(v.parse().map_err(|_| {
@@ -199,22 +232,29 @@ impl CudaHandle {
 
 /// Opens the model in `model` on the GPU and returns an engine, plus a handle on the backend.
 pub fn open_cuda_engine(model: &ModelDir, opts: &CudaOptions) -> Result<(Engine, Arc<CudaHandle>)> {
+    let weights = crate::model::RouterWeights::load(&model.checkpoint, &model.config)?;
+    let on_device = (opts.router == RouterPlacement::Device).then_some(&weights);
     let (backend, stats): (Box<dyn Backend>, _) = match opts.dtype {
         CudaDtype::Bf16 => {
-            let b = CudaBackend::<bf16>::new(model, opts)?;
+            let mut b = CudaBackend::<bf16>::new(model, opts)?;
+            if let Some(w) = on_device {
+                b.run_router(w)?;
+            }
             let s = b.stats();
             (Box::new(b), s)
         }
         CudaDtype::F32 => {
-            let b = CudaBackend::<f32>::new(model, opts)?;
+            let mut b = CudaBackend::<f32>::new(model, opts)?;
+            if let Some(w) = on_device {
+                b.run_router(w)?;
+            }
             let s = b.stats();
             (Box::new(b), s)
         }
     };
-    let router = ReadMeRouter::new(
-        crate::model::RouterWeights::load(&model.checkpoint, &model.config)?,
-        &model.config,
-    );
+    // The host router selects the experts from the device's logits, or routes when the device
+    // does not.
+    let router = ReadMeRouter::new(weights, &model.config);
     Ok((Engine::new(backend, router), stats))
 }
 
@@ -271,6 +311,8 @@ pub struct CudaBackend<T: DeviceElem> {
     planner: PrefetchPlanner,
     prefetch: bool,
     kv: PagedKv<T>,
+    /// The router, when it runs on the device ([`RouterPlacement::Device`]).
+    router: Option<DeviceRouter>,
     ws: Option<Workspace<T>>,
     top_k: usize,
     measure_stalls: bool,
@@ -405,6 +447,7 @@ impl<T: DeviceElem> CudaBackend<T> {
             planner: PrefetchPlanner::default(),
             prefetch: opts.prefetch,
             kv,
+            router: None,
             ws: None,
             top_k,
             measure_stalls: opts.measure_stalls,
@@ -416,6 +459,21 @@ impl<T: DeviceElem> CudaBackend<T> {
     /// The backend's handle (counters, cache reconfiguration).
     pub fn stats(&self) -> Arc<CudaHandle> {
         self.stats.clone()
+    }
+
+    /// Runs the pre-gating router with weights `w` on this device from now on, with a router KV
+    /// cache of as many tokens as the backbone's. Sequences already added keep no router state,
+    /// so it is called before the first [`Backend::add_sequence`].
+    pub fn run_router(&mut self, w: &crate::model::RouterWeights) -> Result<()> {
+        if !self.kv.seqs.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the router must be moved to the device before sequences are added".into(),
+            ));
+        }
+        let tokens = self.kv.capacity_tokens();
+        let bs = self.kv.layout.block_size;
+        self.router = Some(DeviceRouter::new(&self.stream, w, &self.cfg, tokens, bs)?);
+        Ok(())
     }
 
     /// Applies a pending [`CudaHandle::reconfigure`]: a new, empty expert cache.
@@ -953,11 +1011,38 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
                 self.cfg.max_position_embeddings
             )));
         }
-        self.kv.add(seq, max_len)
+        self.kv.add(seq, max_len)?;
+        if let Some(r) = self.router.as_mut() {
+            if let Err(e) = r.add(seq, max_len) {
+                self.kv.remove(seq);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn remove_sequence(&mut self, seq: SeqId) {
         self.kv.remove(seq);
+        if let Some(r) = self.router.as_mut() {
+            r.remove(seq);
+        }
+    }
+
+    fn routes_tokens(&self) -> bool {
+        self.router.is_some()
+    }
+
+    fn route_logits(&mut self, seqs: &[SeqId], tokens: &[&[u32]]) -> Result<Vec<f32>> {
+        let router = self
+            .router
+            .as_mut()
+            .ok_or_else(|| Error::Internal("the router runs on the host".into()))?;
+        let out = router.logits(&self.stream, &self.kernels, &self.blas, seqs, tokens);
+        if out.is_err() {
+            // As after a failed step: leave the device idle and consistent.
+            let _ = self.stream.synchronize();
+        }
+        out
     }
 
     fn forward(&mut self, chunks: &[ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>> {

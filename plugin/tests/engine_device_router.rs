@@ -1,0 +1,203 @@
+//! The engine with a backend that runs the router itself (as the CUDA backend does with
+//! `--router device`): prompts are routed after the sequence is reserved, each step's sampled
+//! tokens are routed in one pass, the routes and tokens equal the host router's, and a routing
+//! error loses nothing. The "device" here is the host router behind the backend interface, so the
+//! engine's side is checked without a GPU; `gpu_engine.rs` checks the CUDA router itself.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use pregate::config::ModelConfig;
+use pregate::engine::cpu::{BackboneWeights, CpuBackend};
+use pregate::engine::{
+    open_engine, Backend, Device, Engine, ForwardChunk, GenerationRequest, Lookahead, SeqId,
+};
+use pregate::model::ModelDir;
+use pregate::router::{ReadMeRouter, RouterState};
+use pregate::{Error, Result};
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fused_f32/model")
+}
+
+/// The CPU backbone plus a router keyed by sequence, like a device's.
+struct RoutingBackend {
+    inner: CpuBackend,
+    router: ReadMeRouter,
+    states: HashMap<SeqId, RouterState>,
+    passes: Arc<AtomicUsize>,
+    fail_next: Arc<AtomicBool>,
+    /// Sequences holding router state.
+    live: Arc<AtomicUsize>,
+}
+
+impl Backend for RoutingBackend {
+    fn device_name(&self) -> String {
+        "routing-test".into()
+    }
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
+        self.inner.add_sequence(seq, max_len)?;
+        self.states.insert(seq, self.router.new_state(max_len));
+        self.live.store(self.states.len(), Ordering::SeqCst);
+        Ok(())
+    }
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.inner.remove_sequence(seq);
+        self.states.remove(&seq);
+        self.live.store(self.states.len(), Ordering::SeqCst);
+    }
+    fn forward(&mut self, chunks: &[ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.inner.forward(chunks)
+    }
+    fn prepare(&mut self, lookahead: &Lookahead) -> Result<()> {
+        self.inner.prepare(lookahead)
+    }
+    fn routes_tokens(&self) -> bool {
+        true
+    }
+    fn route_logits(&mut self, seqs: &[SeqId], tokens: &[&[u32]]) -> Result<Vec<f32>> {
+        if self.fail_next.swap(false, Ordering::SeqCst) {
+            return Err(Error::Device("injected router failure".into()));
+        }
+        self.passes.fetch_add(1, Ordering::SeqCst);
+        let mut taken = Vec::new();
+        for s in seqs {
+            match self.states.remove(s) {
+                Some(st) => taken.push((*s, st)),
+                None => {
+                    self.states.extend(taken);
+                    return Err(Error::UnknownSequence(*s));
+                }
+            }
+        }
+        let mut refs: Vec<&mut RouterState> = taken.iter_mut().map(|(_, st)| st).collect();
+        let out = self.router.logits_batch(&mut refs, tokens);
+        self.states.extend(taken);
+        out
+    }
+}
+
+fn router(m: &ModelDir) -> ReadMeRouter {
+    ReadMeRouter::new(m.load_weights().unwrap().router, &m.config)
+}
+
+struct Handles {
+    passes: Arc<AtomicUsize>,
+    fail: Arc<AtomicBool>,
+    live: Arc<AtomicUsize>,
+}
+
+fn routing_engine() -> (Engine, Handles) {
+    let m = ModelDir::open(&model()).unwrap();
+    let w = m.load_weights().unwrap();
+    let backbone = BackboneWeights {
+        embed: w.embed,
+        layers: w.layers,
+        norm: w.norm,
+        lm_head: w.lm_head,
+    };
+    let passes = Arc::new(AtomicUsize::new(0));
+    let fail = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(AtomicUsize::new(0));
+    let backend = RoutingBackend {
+        inner: CpuBackend::new(m.config.clone(), backbone),
+        router: router(&m),
+        states: HashMap::new(),
+        passes: passes.clone(),
+        fail_next: fail.clone(),
+        live: live.clone(),
+    };
+    let h = Handles { passes, fail, live };
+    (Engine::new(Box::new(backend), router(&m)), h)
+}
+
+fn req(prompt: &[u32], n: usize) -> GenerationRequest {
+    let mut r = GenerationRequest::greedy(prompt.to_vec(), n);
+    r.ignore_eos = true;
+    r
+}
+
+/// Every event (sequence, token, experts) of a run where requests join at given steps.
+fn run(e: &mut Engine, passes: Option<&AtomicUsize>) -> Vec<(u64, u32, Vec<u16>)> {
+    let prompts: [(&[u32], usize, usize); 3] = [
+        (&[5, 17, 29, 41, 53], 9, 0),
+        (&[300, 7], 6, 0),
+        (&[64, 65, 66, 67, 68, 69, 70], 5, 2),
+    ];
+    let mut out = Vec::new();
+    let mut step = 0;
+    loop {
+        for &(p, n, at) in &prompts {
+            if at == step {
+                e.add_request(req(p, n)).unwrap();
+            }
+        }
+        if e.is_empty() && step > 2 {
+            break;
+        }
+        let s = e.schedule_all();
+        let before = passes.map(|p| p.load(Ordering::SeqCst));
+        let events = e.step(&s).unwrap();
+        if let (Some(p), Some(b)) = (passes, before) {
+            // All of a step's sampled tokens are routed in one pass.
+            assert_eq!(p.load(Ordering::SeqCst), b + 1, "step {step}");
+        }
+        for ev in events {
+            out.push((ev.seq, ev.token, ev.route.experts().to_vec()));
+        }
+        step += 1;
+    }
+    out
+}
+
+#[test]
+fn routes_from_the_backend_equal_the_host_routers_and_are_batched_per_step() {
+    let mut host = open_engine(&ModelDir::open(&model()).unwrap(), Device::Cpu).unwrap();
+    let expected = run(&mut host, None);
+    let (mut dev, h) = routing_engine();
+    let got = run(&mut dev, Some(&h.passes));
+    assert_eq!(got.len(), 9 + 6 + 5);
+    assert_eq!(got, expected);
+    // Finished sequences released their router state.
+    assert_eq!(h.live.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_routing_error_admits_nothing_and_loses_nothing() {
+    let (mut e, h) = routing_engine();
+    let (passes, fail) = (&h.passes, &h.fail);
+    let a = e.add_request(req(&[1, 2, 3], 4)).unwrap();
+    fail.store(true, Ordering::SeqCst);
+    let err = e.add_request(req(&[4, 5], 4)).unwrap_err().to_string();
+    assert!(err.contains("injected router failure"), "{err}");
+    assert_eq!(e.len(), 1);
+    assert_eq!(
+        h.live.load(Ordering::SeqCst),
+        1,
+        "the failed request kept its reservation"
+    );
+    // The failed request's reservation was released: a new one is admitted and both complete.
+    let b = e.add_request(req(&[4, 5], 4)).unwrap();
+    let mut done = HashMap::new();
+    while !e.is_empty() {
+        let s = e.schedule_all();
+        for ev in e.step(&s).unwrap() {
+            *done.entry(ev.seq).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(done[&a], 4);
+    assert_eq!(done[&b], 4);
+    assert!(passes.load(Ordering::SeqCst) >= 2 + 3);
+    // A step whose routing fails is an error, not a panic.
+    let c = e.add_request(req(&[9, 9, 9], 3)).unwrap();
+    fail.store(true, Ordering::SeqCst);
+    let s = e.schedule_all();
+    let err = e.step(&s).unwrap_err().to_string();
+    assert!(err.contains("injected router failure"), "{err}");
+    assert!(e.remove(c));
+}
