@@ -12,11 +12,13 @@
 //!   attention, the output GEMM and residual add, RMSNorm, then the routed experts as permute ->
 //!   grouped expert FFN -> weighted combine into the residual. Nothing synchronises the host inside
 //!   a step except the final read of the logits.
-//! - **The router** stays on the host ([`crate::router`], driven by the engine): its input is token
-//!   ids only, it runs once per new token (a 512-wide one-layer block; 0.4 % of a step in the
-//!   paper), and its result is needed on the host anyway, by the batcher and the cache's prefetch
-//!   planner, before the step is launched. Running it on the device would add a device-to-host read
-//!   per step for no gain.
+//! - **The router** runs on the host by default ([`crate::router`], driven by the engine, batched
+//!   over a step's sequences), or on the device with [`RouterPlacement::Device`] ([`router`]): the
+//!   same f32 block from the backbone's kernels, a paged router KV cache beside the backbone's,
+//!   and only the logits read back. Either way the routes reach the host before the step is
+//!   launched, since the batcher and the cache's prefetch planner need them. On the host the
+//!   router reads each sequence's router KV cache every step (4 KiB per token of context), which
+//!   at long contexts and large batches is a large share of a device step.
 //! - **Streams**: one compute stream (kernels and cuBLAS) and one copy stream (expert loads), both
 //!   driven from the engine's thread; cross-stream order is events per cache slot (see
 //!   [`CudaExpertMemory`]), so compute waits only for the experts it is about to read.
