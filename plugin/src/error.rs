@@ -82,6 +82,10 @@ pub enum Error {
     /// A resource limit was reached (KV memory, cache capacity, device memory).
     #[error("out of capacity: {0}")]
     Capacity(String),
+    /// The server is too busy to take the request now (it waited too long for admission); the
+    /// same request may succeed later, so hosts report it as unavailable rather than invalid.
+    #[error("server overloaded: {0}")]
+    Overloaded(String),
     /// A compute device failed or is unavailable.
     #[error("device: {0}")]
     Device(String),

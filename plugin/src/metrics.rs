@@ -47,6 +47,7 @@ struct Families {
     queue_wait: HistogramVec,
     waiting: IntGaugeVec,
     running: IntGaugeVec,
+    admission_timeouts: IntCounterVec,
 }
 
 struct Library {
@@ -123,8 +124,12 @@ fn build() -> std::result::Result<Library, prometheus::Error> {
             "pregate_requests_running",
             "Requests admitted and not finished.",
         )?,
+        admission_timeouts: counter(
+            "pregate_admission_timeouts_total",
+            "Requests failed as overloaded: not admitted within the maximum queue wait.",
+        )?,
     };
-    let all: [Box<dyn Collector>; 12] = [
+    let all: [Box<dyn Collector>; 13] = [
         Box::new(families.hits.clone()),
         Box::new(families.misses.clone()),
         Box::new(families.evictions.clone()),
@@ -137,6 +142,7 @@ fn build() -> std::result::Result<Library, prometheus::Error> {
         Box::new(families.queue_wait.clone()),
         Box::new(families.waiting.clone()),
         Box::new(families.running.clone()),
+        Box::new(families.admission_timeouts.clone()),
     ];
     for c in all {
         registry.register(c)?;
@@ -175,6 +181,7 @@ pub struct ModelMetrics {
     queue_wait: Histogram,
     waiting: IntGauge,
     running: IntGauge,
+    admission_timeouts: IntCounter,
     last_cache: Arc<Mutex<CacheStats>>,
 }
 
@@ -239,6 +246,10 @@ pub fn model_metrics(model: &str) -> Result<ModelMetrics> {
         queue_wait: f.queue_wait.get_metric_with_label_values(v).map_err(err)?,
         waiting: f.waiting.get_metric_with_label_values(v).map_err(err)?,
         running: f.running.get_metric_with_label_values(v).map_err(err)?,
+        admission_timeouts: f
+            .admission_timeouts
+            .get_metric_with_label_values(v)
+            .map_err(err)?,
         last_cache: Arc::new(Mutex::new(CacheStats::default())),
     })
 }
@@ -288,6 +299,11 @@ impl ModelMetrics {
     pub fn set_requests(&self, waiting: usize, running: usize) {
         self.waiting.set(waiting as i64);
         self.running.set(running as i64);
+    }
+
+    /// A request was failed as overloaded: it waited past the maximum for admission.
+    pub fn count_admission_timeout(&self) {
+        self.admission_timeouts.inc();
     }
 }
 
@@ -504,6 +520,7 @@ mod tests {
         m.add_stall(0.5);
         m.observe_queue_wait(0.01);
         m.set_requests(2, 5);
+        m.count_admission_timeout();
         let snap = snapshot().unwrap();
         let names: BTreeSet<&str> = snap.iter().map(|s| s.name.as_str()).collect();
         for want in [
@@ -519,6 +536,7 @@ mod tests {
             "pregate_queue_wait_seconds",
             "pregate_requests_waiting",
             "pregate_requests_running",
+            "pregate_admission_timeouts_total",
         ] {
             assert!(names.contains(want), "{want} missing");
         }
@@ -545,6 +563,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("pregate_batch_tokens_bucket{model=\"unit-test\",le=\"128\"} 1"));
+        assert!(text.contains("pregate_admission_timeouts_total{model=\"unit-test\"} 1"));
     }
 
     #[test]

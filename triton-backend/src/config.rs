@@ -1,6 +1,7 @@
 //! The model's `config.pbtxt` (as Triton's JSON), parsed and validated once per model.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use pregate::batcher::{BatchPolicy, BatcherConfig};
 use pregate::cache::EvictionPolicy;
@@ -11,7 +12,7 @@ use crate::bridge::kind;
 
 /// Every `parameters` key the backend reads; any other key fails the load (a typo must not be
 /// silently ignored).
-pub const PARAMETERS: [&str; 10] = [
+pub const PARAMETERS: [&str; 11] = [
     "model_dir",
     "device",
     "max_batch_tokens",
@@ -19,6 +20,7 @@ pub const PARAMETERS: [&str; 10] = [
     "max_running",
     "batching_policy",
     "max_wait_ms",
+    "max_queue_wait_ms",
     "cache_capacity",
     "cache_policy",
     "metrics",
@@ -33,6 +35,8 @@ pub struct ModelParams {
     pub device: Device,
     /// The batcher's configuration.
     pub batcher: BatcherConfig,
+    /// Longest a request waits for admission before it fails as overloaded (`None`: unbounded).
+    pub max_queue_wait: Option<Duration>,
     /// Expert cache size: CUDA, its device slots; CPU, an accounting cache (the same decisions,
     /// weights staying in host memory). `None`: the backend's default (CUDA: `PREGATE_EXPERT_CACHE`
     /// or every expert; CPU: no cache).
@@ -128,6 +132,10 @@ pub fn parse_model_config(json: &str, repository: &Path) -> Result<ModelParams, 
     batcher
         .validate()
         .map_err(|e| format!("batcher parameters: {e}"))?;
+    let max_queue_wait = get("max_queue_wait_ms")
+        .map(|s| parse_queue_wait(&s))
+        .transpose()?
+        .flatten();
     let cache_capacity = get("cache_capacity")
         .map(|s| parse_capacity(&s))
         .transpose()?;
@@ -150,6 +158,7 @@ pub fn parse_model_config(json: &str, repository: &Path) -> Result<ModelParams, 
         model_dir,
         device,
         batcher,
+        max_queue_wait,
         cache_capacity,
         cache_policy,
         metrics,
@@ -166,6 +175,30 @@ impl ModelParams {
             }),
             ..Default::default()
         }
+    }
+}
+
+/// `max_queue_wait_ms`: milliseconds, 0 for no bound. NaN, infinities and negative values are
+/// refused rather than read as "never": a typo must not silently leave the queue unbounded.
+pub fn parse_queue_wait(s: &str) -> Result<Option<Duration>, String> {
+    let ms: f64 = s
+        .parse()
+        .map_err(|_| format!("parameter `max_queue_wait_ms`: `{s}` is not a number"))?;
+    if !(ms.is_finite() && ms >= 0.0) {
+        return Err(format!(
+            "parameter `max_queue_wait_ms`: `{s}` must be a finite number of milliseconds, 0 or \
+             more (0: no bound)"
+        ));
+    }
+    if ms == 0.0 {
+        return Ok(None);
+    }
+    match Duration::try_from_secs_f64(ms / 1000.0) {
+        Ok(d) if !d.is_zero() => Ok(Some(d)),
+        Ok(_) => Err(format!(
+            "parameter `max_queue_wait_ms`: `{s}` is below a nanosecond (0: no bound)"
+        )),
+        Err(_) => Err(format!("parameter `max_queue_wait_ms`: `{s}` is too large")),
     }
 }
 
@@ -221,6 +254,7 @@ mod tests {
             p("max_batch_tokens", "64"),
             p("batching_policy", "fcfs"),
             p("max_wait_ms", "50"),
+            p("max_queue_wait_ms", "2500"),
             p("cache_capacity", "3"),
             p("cache_policy", "lru"),
             p("metrics", "false"),
@@ -233,6 +267,7 @@ mod tests {
         assert_eq!(m.batcher.max_prefill_chunk, 64);
         assert_eq!(m.batcher.policy, BatchPolicy::Fcfs);
         assert_eq!(m.batcher.max_wait, Some(0.05));
+        assert_eq!(m.max_queue_wait, Some(Duration::from_millis(2500)));
         assert_eq!(m.cache_capacity, Some(ExpertCapacity::PerLayer(3)));
         assert_eq!(m.cache_policy, EvictionPolicy::Lru);
         let cache = m.engine_options().expert_cache.unwrap();
@@ -261,10 +296,31 @@ mod tests {
         assert!(parse_model_config(&bad, Path::new("/"))
             .unwrap_err()
             .contains("lifo"));
+        for v in ["soon", "-1", "NaN", "inf", "", "1e300", "1e-12"] {
+            let bad = cfg(&[p("model_dir", "/m"), p("max_queue_wait_ms", v)].join(","));
+            let e = parse_model_config(&bad, Path::new("/")).unwrap_err();
+            assert!(e.contains("max_queue_wait_ms"), "{v}: {e}");
+        }
         let coupled = r#"{"parameters":{"model_dir":{"string_value":"/m"}}}"#;
         assert!(parse_model_config(coupled, Path::new("/"))
             .unwrap_err()
             .contains("decoupled"));
+    }
+
+    #[test]
+    fn queue_wait_is_off_by_default_and_at_zero() {
+        let unset = cfg(&p("model_dir", "/m"));
+        assert_eq!(
+            parse_model_config(&unset, Path::new("/"))
+                .unwrap()
+                .max_queue_wait,
+            None
+        );
+        assert_eq!(parse_queue_wait("0"), Ok(None));
+        assert_eq!(
+            parse_queue_wait("0.5"),
+            Ok(Some(Duration::from_micros(500)))
+        );
     }
 
     #[test]

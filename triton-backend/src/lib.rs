@@ -265,6 +265,7 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
             on_step,
             metrics: ms.library_metrics.as_ref().map(|(m, _)| m.clone()),
             thread_name: format!("pregate-{iname}"),
+            max_queue_wait: ms.params.max_queue_wait,
             ..ServeConfig::default()
         };
         ffi::log_message(

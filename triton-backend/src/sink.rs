@@ -80,7 +80,7 @@ pub fn error_code(e: &Error) -> u32 {
         Error::InvalidRequest(_) | Error::InvalidArgument(_) | Error::Tokenizer(_) => {
             code::INVALID_ARG
         }
-        Error::Capacity(_) => code::UNAVAILABLE,
+        Error::Capacity(_) | Error::Overloaded(_) => code::UNAVAILABLE,
         _ => code::INTERNAL,
     }
 }
@@ -148,5 +148,22 @@ impl ResponseSink for TritonSink {
     fn is_cancelled(&mut self) -> bool {
         // SAFETY: the factory is live until this sink drops.
         unsafe { ffi::factory_is_cancelled(self.factory.0) }.unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overloaded_server_is_unavailable_not_a_bad_request() {
+        let overloaded = Error::Overloaded("request waited 2 s for admission".into());
+        assert_eq!(error_code(&overloaded), code::UNAVAILABLE);
+        assert_eq!(error_code(&Error::Capacity("KV".into())), code::UNAVAILABLE);
+        assert_eq!(
+            error_code(&Error::InvalidRequest("x".into())),
+            code::INVALID_ARG
+        );
+        assert_eq!(error_code(&Error::Internal("x".into())), code::INTERNAL);
     }
 }

@@ -89,8 +89,9 @@ def test_stop_string_is_held_back_while_streaming(server):
     assert [e["text_output"] for e in events] == [cut]
 
 
-def grpc_generate(server, prompt, n, model="tiny", cancel_after=None):
-    """One request on the gRPC bidirectional stream; returns (ids, error, final_seen)."""
+def grpc_start(server, prompt, n, model):
+    """Sends one request on a new gRPC bidirectional stream; returns (client, queue of
+    (result, error))."""
     q = queue.Queue()
     c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
     c.start_stream(callback=lambda result, error: q.put((result, error)))
@@ -104,6 +105,12 @@ def grpc_generate(server, prompt, n, model="tiny", cancel_after=None):
     sp = json.dumps({"max_tokens": n, "ignore_eos": True})
     inputs[2].set_data_from_numpy(np.array([sp.encode()], dtype=np.object_))
     c.async_stream_infer(model, inputs, enable_empty_final_response=True)
+    return c, q
+
+
+def grpc_generate(server, prompt, n, model="tiny", cancel_after=None):
+    """One request on the gRPC bidirectional stream; returns (ids, error, final_seen)."""
+    c, q = grpc_start(server, prompt, n, model)
     ids, err, final = [], None, False
     while True:
         result, error = q.get(timeout=120)
@@ -178,6 +185,41 @@ def test_cancelled_stream_stops_and_frees_its_slot(server):
     assert len(ids_of(events)) == 4
 
 
+def test_a_request_waiting_past_max_queue_wait_fails_as_overloaded(server):
+    """queue1 admits one request at a time and lets a request wait 300 ms for admission: one queued
+    behind a long generation fails as overloaded and is counted, while the long one streams on;
+    once the slot is free, requests are admitted again."""
+    before = server.metric("pregate_admission_timeouts_total", model="queue1")
+    cancelled = server.metric("pregate_requests_total", model="queue1", outcome="cancelled")
+    c, q = grpc_start(server, "Once upon a time", 1500, "queue1")
+
+    def more_ids(ids, n):
+        while len(ids) < n:
+            result, error = q.get(timeout=120)
+            assert error is None, error
+            out = result.as_numpy("output_ids")
+            ids.extend(int(x) for x in (out if out is not None else []))
+
+    ids = []
+    more_ids(ids, 3)
+    t = time.time()
+    events, err = sse(server, gen_body("queued behind", 4), model="queue1")
+    assert time.time() - t >= 0.3
+    assert not events
+    assert err is not None and "for admission (max_queue_wait 0.3 s)" in err, err
+    assert "overloaded" in err, err
+    more_ids(ids, len(ids) + 3)  # the admitted request is unaffected
+    c.stop_stream(cancel_requests=True)
+    deadline = time.time() + 30
+    while server.metric("pregate_requests_total", model="queue1", outcome="cancelled") == cancelled:
+        assert time.time() < deadline, "the cancellation was not seen"
+        time.sleep(0.1)
+    events, err = sse(server, gen_body("admitted now", 4), model="queue1")
+    assert err is None, err
+    assert len(ids_of(events)) == 4
+    assert server.metric("pregate_admission_timeouts_total", model="queue1") == before + 1
+
+
 def test_bad_requests_get_errors_and_the_server_keeps_serving(server):
     bad = [
         ({"stream": True}, "text_input"),
@@ -210,6 +252,9 @@ def test_bad_models_fail_their_load_clearly_and_reload_works(server):
     r = requests.post(f"{server.url}/v2/repository/models/bad_param/load", timeout=60)
     assert r.status_code != 200
     assert "max_batch_tokens" in r.text, r.text
+    r = requests.post(f"{server.url}/v2/repository/models/bad_queue_wait/load", timeout=60)
+    assert r.status_code != 200
+    assert "max_queue_wait_ms" in r.text, r.text
     events, err = sse(server, gen_body("others keep serving", 3))
     assert err is None and len(ids_of(events)) == 3
     assert requests.post(f"{server.url}/v2/repository/models/tiny/unload", timeout=60).status_code == 200
@@ -245,7 +290,7 @@ LIBRARY_FAMILIES = [
     "pregate_batch_unique_experts_bucket", "pregate_batch_unique_experts_count",
     "pregate_batch_tokens_bucket", "pregate_batch_tokens_sum", "pregate_batch_tokens_count",
     "pregate_queue_wait_seconds_bucket", "pregate_queue_wait_seconds_count",
-    "pregate_requests_waiting", "pregate_requests_running",
+    "pregate_requests_waiting", "pregate_requests_running", "pregate_admission_timeouts_total",
 ]
 
 

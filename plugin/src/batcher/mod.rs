@@ -17,7 +17,8 @@
 //!    is expected `est_step` after this one: the longest of the last 64 steps) is *due* and is
 //!    scheduled first, oldest first: one token each, then extended with what budget remains. With
 //!    `max_running <= max_batch_tokens` and steps no longer than the recent ones, no admitted
-//!    request waits past the maximum; a request not yet admitted can still wait for KV memory.
+//!    request waits past the maximum; a request not yet admitted can still wait for KV memory
+//!    (the serving loop bounds that wait with `ServeConfig::max_queue_wait`).
 //! 4. **Deadlines** (optional, per request: the time it should be finished): a request whose
 //!    remaining steps at the current pace would end past its deadline is due as well (after the
 //!    max-wait ones, earliest deadline first).
@@ -397,6 +398,12 @@ impl LookaheadBatcher {
     /// Requests submitted and not yet admitted.
     pub fn waiting(&self) -> usize {
         self.reqs.len() - self.running
+    }
+
+    /// Whether `seq` was submitted and is not admitted yet: a host bounding admission waits
+    /// (the serving loop's `max_queue_wait`) must not fail a request that already holds its slot.
+    pub fn is_waiting(&self, seq: SeqId) -> bool {
+        self.reqs.get(&seq).is_some_and(|r| !r.admitted)
     }
 
     /// Requests admitted (holding KV) and not finished.

@@ -183,6 +183,8 @@ fn kv_admission_is_in_arrival_order() {
     // 1 (9 bytes) fits; 2 (21) does not and blocks 3 although 3 would fit.
     assert_eq!(p.admitted, vec![1]);
     assert_eq!((b.running(), b.waiting(), b.kv_used()), (1, 2, 9));
+    assert!(!b.is_waiting(1) && b.is_waiting(2) && b.is_waiting(3));
+    assert!(!b.is_waiting(99), "unknown requests are not waiting");
     b.finish(1);
     assert_eq!((b.running(), b.kv_used()), (0, 0));
 }

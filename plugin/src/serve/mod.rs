@@ -10,7 +10,10 @@
 //! - a cancelled request (its [`RequestHandle`] or [`ResponseSink::is_cancelled`]) stops at the
 //!   next step boundary and its KV space and batch slot are freed;
 //! - a failing or panicking step fails only the requests it scheduled (error events) and the loop
-//!   goes on; a panicking sink is treated as a client that went away.
+//!   goes on; a panicking sink is treated as a client that went away;
+//! - with [`ServeConfig::max_queue_wait`], a request the batcher has not admitted (no free batch
+//!   slot or KV memory) within that time fails with [`Error::Overloaded`]; requests already
+//!   admitted are not touched.
 //!
 //! Each step, the loop passes the backend's expert residency ([`Engine::expert_cache`]: experts
 //! resident at every layer) to the batcher, builds a [`Lookahead`] from what is queued (the step
@@ -165,6 +168,11 @@ pub struct ServeConfig {
     pub lookahead_steps: usize,
     /// The library metrics to record into (a model's labelled handles), if any.
     pub metrics: Option<ModelMetrics>,
+    /// Longest a request may wait, from its submission, to be admitted by the batcher; past it the
+    /// request fails as overloaded instead of queueing without bound while the server cannot keep
+    /// up (`None`: unbounded). Checked once per loop iteration, so the failure comes at most one
+    /// step late.
+    pub max_queue_wait: Option<Duration>,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -176,6 +184,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("thread_name", &self.thread_name)
             .field("lookahead_steps", &self.lookahead_steps)
             .field("metrics", &self.metrics.is_some())
+            .field("max_queue_wait", &self.max_queue_wait)
             .finish()
     }
 }
@@ -189,6 +198,7 @@ impl Default for ServeConfig {
             thread_name: "pregate-engine".into(),
             lookahead_steps: 4,
             metrics: None,
+            max_queue_wait: None,
         }
     }
 }
@@ -218,6 +228,9 @@ enum Msg {
 }
 
 struct Submitted {
+    /// When the host submitted it: its queue wait starts here, not when the loop receives it
+    /// (which may be a whole step later).
+    at: Instant,
     prompt: Vec<u32>,
     req: ServeRequest,
     sink: Box<dyn ResponseSink>,
@@ -246,6 +259,11 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Starts the engine thread.
     pub fn start(engine: Engine, tokenizer: Option<Tokenizer>, cfg: ServeConfig) -> Result<Self> {
+        if cfg.max_queue_wait.is_some_and(|d| d.is_zero()) {
+            return Err(Error::InvalidArgument(
+                "max_queue_wait must be positive (None: unbounded)".into(),
+            ));
+        }
         let batcher = LookaheadBatcher::new(cfg.batcher.clone())?;
         let tokenizer = tokenizer.map(Arc::new);
         let max_context = engine.config().max_context();
@@ -291,6 +309,7 @@ impl Server {
     /// Submits a request. Never fails: an invalid request gets a failed [`Completion`] through
     /// its sink (possibly before this returns).
     pub fn submit(&self, req: ServeRequest, mut sink: Box<dyn ResponseSink>) -> RequestHandle {
+        let at = Instant::now();
         let cancel = Arc::new(AtomicBool::new(false));
         let handle = RequestHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -305,6 +324,7 @@ impl Server {
             }
         };
         let msg = Msg::Submit(Box::new(Submitted {
+            at,
             prompt,
             req,
             sink,
@@ -383,6 +403,8 @@ struct Live {
     stop: stop::StopMatcher,
     prompt_len: usize,
     generated: usize,
+    /// Submission time on the loop's clock (seconds since `LoopState::epoch`).
+    arrival: f64,
 }
 
 struct LoopState {
@@ -453,6 +475,8 @@ impl LoopState {
                 }
             }
         };
+        // After the schedule, so that a request this step admits is not failed.
+        self.expire_waiting(now);
         if plan.is_empty() {
             self.wait_for_message(self.cfg.idle_poll);
             return;
@@ -594,6 +618,7 @@ impl LoopState {
 
     fn admit(&mut self, s: Submitted) {
         let Submitted {
+            at,
             prompt,
             req,
             mut sink,
@@ -625,9 +650,10 @@ impl LoopState {
                 return;
             }
         };
+        let arrival = at.saturating_duration_since(self.epoch).as_secs_f64();
         let desc = RequestDesc {
             id: seq,
-            arrival: self.now(),
+            arrival,
             prompt_len,
             output_len: None,
             deadline: None,
@@ -652,8 +678,33 @@ impl LoopState {
                 stop: stop::StopMatcher::new(req.stop),
                 prompt_len,
                 generated: 0,
+                arrival,
             },
         );
+    }
+
+    /// Fails, as overloaded, every request still waiting for admission `max_queue_wait` after its
+    /// submission.
+    fn expire_waiting(&mut self, now: f64) {
+        let Some(max) = self.cfg.max_queue_wait else {
+            return;
+        };
+        let max_s = max.as_secs_f64();
+        let expired: Vec<(SeqId, f64)> = self
+            .live
+            .iter()
+            .filter(|(seq, l)| now - l.arrival >= max_s && self.batcher.is_waiting(**seq))
+            .map(|(seq, l)| (*seq, now - l.arrival))
+            .collect();
+        for (seq, waited) in expired {
+            if let Some(m) = &self.cfg.metrics {
+                m.count_admission_timeout();
+            }
+            let e = Error::Overloaded(format!(
+                "request waited {waited:.3} s for admission (max_queue_wait {max_s} s)"
+            ));
+            self.end(seq, Outcome::Failed(e));
+        }
     }
 
     fn count_failed(&self) {

@@ -451,3 +451,109 @@ fn streamed_text_holds_back_stop_strings_and_adds_up_to_the_full_text() {
     assert_eq!(chunks, deltas);
     s.shutdown();
 }
+
+/// A client that reads slowly: each token costs the engine thread `delay`, so a request holds its
+/// batch slot for a known minimum time.
+struct SlowSink {
+    inner: ChanSink,
+    delay: Duration,
+}
+
+impl ResponseSink for SlowSink {
+    fn token(&mut self, d: &TokenDelta) -> bool {
+        std::thread::sleep(self.delay);
+        self.inner.token(d)
+    }
+    fn finish(&mut self, done: Completion) {
+        self.inner.finish(done)
+    }
+}
+
+#[test]
+fn requests_not_admitted_within_max_queue_wait_fail_as_overloaded() {
+    let (_d, m) = tiny();
+    let engine = open_engine(&m, Device::Cpu).unwrap();
+    let label = "serve-queue-wait-test";
+    let max_wait = Duration::from_millis(300);
+    let cfg = ServeConfig {
+        batcher: BatcherConfig {
+            max_running: 1,
+            ..BatcherConfig::default()
+        },
+        metrics: Some(crate::metrics::model_metrics(label).unwrap()),
+        max_queue_wait: Some(max_wait),
+        ..ServeConfig::default()
+    };
+    let s = Server::start(engine, None, cfg).unwrap();
+    let request = |n: usize| {
+        let mut r = ServeRequest::greedy(Prompt::Ids(vec![1, 5, 6]), n);
+        r.ignore_eos = true;
+        r
+    };
+    // The only slot is held for at least 60 x 10 ms = 0.6 s, twice the maximum queue wait.
+    let (tx, busy) = mpsc::channel();
+    let t0 = Instant::now();
+    s.submit(
+        request(60),
+        Box::new(SlowSink {
+            inner: ChanSink {
+                tx,
+                stop_after: None,
+            },
+            delay: Duration::from_millis(10),
+        }),
+    );
+    let queued: Vec<_> = (0..2).map(|_| submit(&s, request(4), None)).collect();
+    for rx in &queued {
+        let (toks, done) = collect(rx);
+        let waited = t0.elapsed();
+        assert!(toks.is_empty());
+        match done.outcome {
+            Outcome::Failed(e @ Error::Overloaded(_)) => {
+                let msg = e.to_string();
+                assert!(msg.contains("for admission"), "{msg}");
+                assert!(msg.contains("max_queue_wait 0.3 s"), "{msg}");
+                assert!(msg.contains("overloaded"), "{msg}");
+            }
+            o => panic!("{o:?}"),
+        }
+        assert!(waited >= max_wait, "failed after {waited:?}");
+    }
+    // The admitted request is untouched: every token, finished normally.
+    let (toks, done) = collect(&busy);
+    assert_eq!(toks.len(), 60);
+    assert!(matches!(
+        done.outcome,
+        Outcome::Finished(FinishReason::Length)
+    ));
+    // Once the slot is free, requests queue briefly and are admitted in time.
+    let later: Vec<_> = (0..3).map(|_| submit(&s, request(4), None)).collect();
+    for rx in &later {
+        let (toks, done) = collect(rx);
+        assert_eq!(toks.len(), 4);
+        assert!(matches!(done.outcome, Outcome::Finished(_)));
+    }
+    let st = s.stats();
+    assert_eq!((st.finished, st.failed), (4, 2));
+    s.shutdown();
+    let timeouts = crate::metrics::snapshot()
+        .unwrap()
+        .into_iter()
+        .find(|x| {
+            x.name == "pregate_admission_timeouts_total" && x.labels.iter().any(|(_, v)| v == label)
+        })
+        .map(|x| x.value);
+    assert_eq!(timeouts, Some(crate::metrics::MetricValue::Scalar(2.0)));
+}
+
+#[test]
+fn a_zero_max_queue_wait_is_refused() {
+    let (_d, m) = tiny();
+    let engine = open_engine(&m, Device::Cpu).unwrap();
+    let cfg = ServeConfig {
+        max_queue_wait: Some(Duration::ZERO),
+        ..ServeConfig::default()
+    };
+    let e = Server::start(engine, None, cfg).unwrap_err().to_string();
+    assert!(e.contains("max_queue_wait"), "{e}");
+}
