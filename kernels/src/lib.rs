@@ -13,6 +13,7 @@
 //! Semantics follow `plugin/docs/model-format.md`: RMSNorm in f32, RoPE "rotate half" with f64
 //! angles, causal attention with f32 softmax and GQA, top-k routing with softmax weights (top-1:
 //! weight 1), SwiGLU experts.
+#![warn(missing_docs)]
 
 pub mod blas;
 pub mod cache;

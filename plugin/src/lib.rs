@@ -5,6 +5,7 @@
 //! forms steps that touch few distinct experts, and the expert cache ([`cache`]) evicts by next use
 //! and prefetches ahead of use. The [`engine`] drives a device backend (the CPU reference here, CUDA
 //! in `pregate-kernels`) one step at a time. See ARCHITECTURE.md for the map.
+#![warn(missing_docs)]
 
 pub mod batcher;
 pub mod cache;

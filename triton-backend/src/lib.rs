@@ -12,6 +12,7 @@
 //! Every entry point catches panics and returns a `TRITONSERVER_Error`; every request gets a final
 //! response (an error response if need be). Triton's C API is called through the cxx bridge in
 //! [`bridge`]; its symbols are left undefined and resolve from the server at load.
+#![warn(missing_docs)]
 
 pub mod bridge;
 pub mod config;

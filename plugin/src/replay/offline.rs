@@ -4,7 +4,7 @@
 //! more experts), so comparing policies on one trace, as the paper's Table 4 does, needs a fixed
 //! access sequence: the experts each step of one replay used. [`hit_ratio`] runs that sequence
 //! through one layer's cache (every layer sees the same experts under Read-ME's shared routes),
-//! with the simulator's step semantics ([`super::layer`]). `belady` is given the exact future of
+//! with the simulator's step semantics (`replay/layer.rs`). `belady` is given the exact future of
 //! the sequence: the offline optimum the online lookahead approximates.
 
 use crate::cache::{EvictionPolicy, ExpertCache, NEVER};

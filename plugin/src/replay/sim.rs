@@ -14,7 +14,7 @@
 //!   earlier layers' compute; without it, a layer's loads are issued when compute reaches it.
 //!   A load never starts before the compute that last used its victim's slot has finished.
 //! - The cache holds `per_layer` experts of every layer. A layer computes its experts one after
-//!   the other, resident ones first; pins and use order are those of [`super::layer`], so a step may
+//!   the other, resident ones first; pins and use order are those of `replay/layer.rs`, so a step may
 //!   use more experts at a layer than it has slots (loads then wait for their victim's compute).
 //!
 //! # Lookahead for `belady`

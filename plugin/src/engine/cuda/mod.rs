@@ -6,14 +6,14 @@
 //!   Routed experts live in the expert cache ([`crate::cache`]) over [`CudaExpertMemory`]: equal
 //!   device slots, filled on a dedicated copy stream from a page-locked host copy of every expert
 //!   (or, when every expert fits, filled once at start and never evicted).
-//! - **KV cache**: paged, on the device ([`kv`]); a sequence reserves its blocks when it is added.
+//! - **KV cache**: paged, on the device (`kv.rs`); a sequence reserves its blocks when it is added.
 //! - **A step** (`forward`) runs decode tokens and prefill chunks of many sequences together: one
 //!   packed batch of tokens, per layer RMSNorm, one fused QKV GEMM, RoPE, a KV-cache write, paged
 //!   attention, the output GEMM and residual add, RMSNorm, then the routed experts as permute ->
 //!   grouped expert FFN -> weighted combine into the residual. Nothing synchronises the host inside
 //!   a step except the final read of the logits.
 //! - **The router** runs on the host by default ([`crate::router`], driven by the engine, batched
-//!   over a step's sequences), or on the device with [`RouterPlacement::Device`] ([`router`]): the
+//!   over a step's sequences), or on the device with [`RouterPlacement::Device`] (`router.rs`): the
 //!   same f32 block from the backbone's kernels, a paged router KV cache beside the backbone's,
 //!   and only the logits read back. Either way the routes reach the host before the step is
 //!   launched, since the batcher and the cache's prefetch planner need them. On the host the
