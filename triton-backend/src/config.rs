@@ -124,10 +124,17 @@ pub fn parse_model_config(json: &str, repository: &Path) -> Result<ModelParams, 
         batcher.max_running = n;
     }
     if let Some(ms) = get("max_wait_ms") {
-        let ms: f64 = ms
+        let v: f64 = ms
             .parse()
             .map_err(|_| format!("parameter `max_wait_ms`: `{ms}` is not a number"))?;
-        batcher.max_wait = if ms == 0.0 { None } else { Some(ms / 1000.0) };
+        // NaN and infinities parse as numbers; refuse them here, naming the parameter.
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(format!(
+                "parameter `max_wait_ms`: `{ms}` must be a finite number of milliseconds, 0 or \
+                 more (0: no bound)"
+            ));
+        }
+        batcher.max_wait = if v == 0.0 { None } else { Some(v / 1000.0) };
     }
     batcher
         .validate()
@@ -296,6 +303,11 @@ mod tests {
         assert!(parse_model_config(&bad, Path::new("/"))
             .unwrap_err()
             .contains("lifo"));
+        for v in ["soon", "-1", "NaN", "inf", "-inf", ""] {
+            let bad = cfg(&[p("model_dir", "/m"), p("max_wait_ms", v)].join(","));
+            let e = parse_model_config(&bad, Path::new("/")).unwrap_err();
+            assert!(e.contains("max_wait_ms"), "{v}: {e}");
+        }
         for v in ["soon", "-1", "NaN", "inf", "", "1e300", "1e-12"] {
             let bad = cfg(&[p("model_dir", "/m"), p("max_queue_wait_ms", v)].join(","));
             let e = parse_model_config(&bad, Path::new("/")).unwrap_err();
