@@ -89,6 +89,7 @@ pub enum RouterPlacement {
     Host,
     /// On the backend's device, in f32, with its KV cache beside the backbone's: the host then
     /// reads back only the logits. The CUDA backend only; the CPU backend's device is the host.
+    /// Experimental: not yet verified on a GPU, hence not the default.
     Device,
 }
 

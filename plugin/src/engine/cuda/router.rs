@@ -268,31 +268,14 @@ impl DeviceRouter {
             return Ok(Vec::new());
         }
         let layout = self.kv.layout;
-        let bs = layout.block_size;
-        let max_blocks = seqs
+        let seq_state: Vec<(&[i32], usize)> = seqs
             .iter()
-            .zip(tokens)
-            .map(|(s, t)| (self.kv.seqs[s].len + t.len()).div_ceil(bs))
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let mut ids = Vec::with_capacity(n);
-        let mut meta = vec![0i32; 3 * n + seqs.len() * max_blocks];
-        let mut t = 0;
-        for (row, (seq, toks)) in seqs.iter().zip(tokens).enumerate() {
-            let s = &self.kv.seqs[seq];
-            let need = (s.len + toks.len()).div_ceil(bs);
-            meta[3 * n + row * max_blocks..3 * n + row * max_blocks + need]
-                .copy_from_slice(&s.blocks[..need]);
-            for (i, &id) in toks.iter().enumerate() {
-                let pos = s.len + i;
-                ids.push(id);
-                meta[t] = pos as i32;
-                meta[n + t] = row as i32;
-                meta[2 * n + t] = layout.slot(&s.blocks, pos).unwrap_or(-1);
-                t += 1;
-            }
-        }
+            .map(|s| {
+                let b = &self.kv.seqs[s];
+                (b.blocks.as_slice(), b.len)
+            })
+            .collect();
+        let (ids, meta, max_blocks) = pass_meta(&layout, &seq_state, tokens);
         self.ensure_workspace(stream, n, meta.len())?;
         let ws = self
             .ws
@@ -403,5 +386,100 @@ impl DeviceRouter {
             }
         }
         Ok(host)
+    }
+}
+
+/// The host-side description of one routing pass, uploaded before its kernels: the token ids, then
+/// `meta` = positions, block-table rows and cache slots of the `n` tokens, then a block table of
+/// `max_blocks` columns per sequence (unused entries 0; `attention_paged` reads only the blocks
+/// below each token's position). `seqs[i]` = (its KV blocks, tokens routed so far); the caller
+/// has checked that every new token fits in its blocks.
+fn pass_meta(
+    layout: &PagedKvLayout,
+    seqs: &[(&[i32], usize)],
+    tokens: &[&[u32]],
+) -> (Vec<u32>, Vec<i32>, usize) {
+    let n: usize = tokens.iter().map(|t| t.len()).sum();
+    let bs = layout.block_size;
+    let max_blocks = seqs
+        .iter()
+        .zip(tokens)
+        .map(|(&(_, len), t)| (len + t.len()).div_ceil(bs))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut ids = Vec::with_capacity(n);
+    let mut meta = vec![0i32; 3 * n + seqs.len() * max_blocks];
+    let mut t = 0;
+    for (row, (&(blocks, len), toks)) in seqs.iter().zip(tokens).enumerate() {
+        let need = (len + toks.len()).div_ceil(bs).min(blocks.len());
+        let at = 3 * n + row * max_blocks;
+        meta[at..at + need].copy_from_slice(&blocks[..need]);
+        for (i, &id) in toks.iter().enumerate() {
+            let pos = len + i;
+            ids.push(id);
+            meta[t] = pos as i32;
+            meta[n + t] = row as i32;
+            meta[2 * n + t] = layout.slot(blocks, pos).unwrap_or(-1);
+            t += 1;
+        }
+    }
+    (ids, meta, max_blocks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_describes_each_token_at_its_own_position_slot_and_table_row() {
+        let layout = PagedKvLayout {
+            num_blocks: 16,
+            block_size: 4,
+            n_kv_heads: 4,
+            head_dim: 8,
+        };
+        // Sequence 0: 6 tokens routed in blocks [9, 2]; it gets one more (position 6, block 2).
+        // Sequence 1: nothing routed yet in blocks [5, 11, 7]; a 5-token prompt (positions 0..5).
+        let a: &[i32] = &[9, 2];
+        let b: &[i32] = &[5, 11, 7];
+        let (ids, meta, max_blocks) =
+            pass_meta(&layout, &[(a, 6), (b, 0)], &[&[42], &[1, 2, 3, 4, 5]]);
+        let n = 6;
+        assert_eq!(ids, vec![42, 1, 2, 3, 4, 5]);
+        assert_eq!(max_blocks, 2);
+        assert_eq!(&meta[..n], &[6, 0, 1, 2, 3, 4], "positions");
+        assert_eq!(&meta[n..2 * n], &[0, 1, 1, 1, 1, 1], "table rows");
+        // slot = block * block_size + pos % block_size
+        assert_eq!(
+            &meta[2 * n..3 * n],
+            &[2 * 4 + 2, 5 * 4, 5 * 4 + 1, 5 * 4 + 2, 5 * 4 + 3, 11 * 4],
+            "cache slots"
+        );
+        assert_eq!(
+            &meta[3 * n..],
+            &[9, 2, 5, 11],
+            "block tables, one row per sequence"
+        );
+        assert_eq!(meta.len(), 3 * n + 2 * max_blocks);
+        // Every token's slot is the one `attention_paged` reads back through its table row.
+        for t in 0..n {
+            let row = meta[n + t] as usize;
+            let table = &meta[3 * n + row * max_blocks..3 * n + (row + 1) * max_blocks];
+            assert_eq!(layout.slot(table, meta[t] as usize), Some(meta[2 * n + t]));
+        }
+    }
+
+    #[test]
+    fn an_empty_pass_has_one_table_column() {
+        let layout = PagedKvLayout {
+            num_blocks: 1,
+            block_size: 16,
+            n_kv_heads: 1,
+            head_dim: 2,
+        };
+        let (ids, meta, max_blocks) = pass_meta(&layout, &[], &[]);
+        assert!(ids.is_empty() && meta.is_empty());
+        assert_eq!(max_blocks, 1);
     }
 }
