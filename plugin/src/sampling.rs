@@ -76,45 +76,129 @@ pub fn argmax(logits: &[f32]) -> Option<usize> {
     best.map(|(i, _)| i)
 }
 
-/// The candidate tokens and their probabilities after temperature, top-k and top-p, most likely first.
-pub fn filtered_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
+/// A candidate token: its id, its logit over the temperature, its probability.
+#[derive(Debug, Clone, Copy)]
+struct Cand {
+    id: u32,
+    logit: f32,
+    prob: f32,
+}
+
+/// The order candidates are ranked in: higher logit first, lower id on ties (what a stable sort by
+/// logit gives). A strict total order, so no result depends on the sort or selection algorithm.
+fn rank(a: &Cand, b: &Cand) -> std::cmp::Ordering {
+    b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
+}
+
+/// Temperature, top-k (by selection, not a sort) and the softmax over what is kept; unsorted.
+fn candidates(logits: &[f32], p: &SamplingParams) -> Vec<Cand> {
     let inv_t = 1.0 / p.temperature;
-    let mut cand: Vec<(u32, f32)> = logits
+    let mut c: Vec<Cand> = logits
         .iter()
         .enumerate()
-        .map(|(i, &l)| (i as u32, l * inv_t))
+        .map(|(i, &l)| Cand {
+            id: i as u32,
+            logit: l * inv_t,
+            prob: 0.0,
+        })
         .collect();
-    // Stable sort: equal logits keep index order, so results do not depend on the sort algorithm.
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1));
-    if p.top_k > 0 && p.top_k < cand.len() {
-        cand.truncate(p.top_k);
+    if p.top_k > 0 && p.top_k < c.len() {
+        c.select_nth_unstable_by(p.top_k - 1, rank);
+        c.truncate(p.top_k);
     }
-    let max = cand[0].1;
+    let max = c
+        .iter()
+        .map(|x| x.logit)
+        .max_by(f32::total_cmp)
+        .unwrap_or(0.0);
     let mut sum = 0.0f64;
-    for c in cand.iter_mut() {
-        c.1 = (c.1 - max).exp();
-        sum += c.1 as f64;
+    for x in c.iter_mut() {
+        x.prob = (x.logit - max).exp();
+        sum += x.prob as f64;
     }
-    for c in cand.iter_mut() {
-        c.1 = (c.1 as f64 / sum) as f32;
+    for x in c.iter_mut() {
+        x.prob = (x.prob as f64 / sum) as f32;
     }
-    if p.top_p < 1.0 {
+    c
+}
+
+/// Sorts a prefix of `c` by [`rank`], doubling it until `enough(prefix)` holds or all of `c` is
+/// sorted; returns the prefix's length. A language model's distribution is peaked, so sampling
+/// and top-p usually need a few dozen of the vocabulary's tens of thousands of entries: sorting
+/// them all cost about a millisecond per token.
+fn sorted_prefix(c: &mut [Cand], mut enough: impl FnMut(&[Cand]) -> bool) -> usize {
+    let mut done = 0;
+    let mut m = c.len().min(64);
+    loop {
+        if m < c.len() {
+            // Everything before `m` now ranks ahead of everything after it.
+            c[done..].select_nth_unstable_by(m - done - 1, rank);
+        }
+        c[done..m].sort_unstable_by(rank);
+        done = m;
+        if done == c.len() || enough(&c[..done]) {
+            return done;
+        }
+        m = (m * 2).min(c.len());
+    }
+}
+
+/// The length of the smallest ranked prefix whose probability reaches `top_p` (`None` if the
+/// prefix does not), accumulated in ranked order as [`filtered_distribution`] documents.
+fn nucleus_len(prefix: &[Cand], top_p: f32) -> Option<usize> {
+    let mut acc = 0.0f32;
+    prefix
+        .iter()
+        .position(|x| {
+            acc += x.prob;
+            acc >= top_p
+        })
+        .map(|i| i + 1)
+}
+
+/// Applies top-p to `c`: sorts its nucleus, drops the rest and renormalises (f32, as accumulated).
+/// With `top_p >= 1`, `c` is left whole and unsorted.
+fn apply_top_p(c: &mut Vec<Cand>, top_p: f32) {
+    if top_p >= 1.0 {
+        return;
+    }
+    let sorted = sorted_prefix(c, |pre| nucleus_len(pre, top_p).is_some());
+    let keep = nucleus_len(&c[..sorted], top_p).unwrap_or(c.len());
+    c.truncate(keep);
+    let s: f32 = c.iter().map(|x| x.prob).sum();
+    for x in c.iter_mut() {
+        x.prob /= s;
+    }
+}
+
+/// The candidate tokens and their probabilities after temperature, top-k and top-p, most likely
+/// first (ties: lower id first). Top-p keeps the smallest ranked prefix whose probability,
+/// accumulated in f32 in ranked order, reaches `top_p`, and renormalises it.
+pub fn filtered_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
+    let mut c = candidates(logits, p);
+    apply_top_p(&mut c, p.top_p);
+    c.sort_unstable_by(rank);
+    c.into_iter().map(|x| (x.id, x.prob)).collect()
+}
+
+/// The token a uniform draw `u` in [0, 1) picks from the filtered distribution: the first in
+/// ranked order at which the accumulated probability passes `u` (the last one if rounding leaves
+/// the total below `u`). Only the ranked prefix up to that point is sorted.
+fn draw(logits: &[f32], p: &SamplingParams, u: f32) -> u32 {
+    let mut c = candidates(logits, p);
+    apply_top_p(&mut c, p.top_p);
+    let passes = |pre: &[Cand]| {
         let mut acc = 0.0f32;
-        let mut keep = cand.len();
-        for (i, c) in cand.iter().enumerate() {
-            acc += c.1;
-            if acc >= p.top_p {
-                keep = i + 1;
-                break;
-            }
-        }
-        cand.truncate(keep);
-        let s: f32 = cand.iter().map(|c| c.1).sum();
-        for c in cand.iter_mut() {
-            c.1 /= s;
-        }
+        pre.iter().position(|x| {
+            acc += x.prob;
+            u < acc
+        })
+    };
+    let sorted = sorted_prefix(&mut c, |pre| passes(pre).is_some());
+    match passes(&c[..sorted]) {
+        Some(i) => c[i].id,
+        None => c.last().map_or(0, |x| x.id),
     }
-    cand
 }
 
 /// A request's sampler: its parameters and its own random stream.
@@ -145,16 +229,8 @@ impl Sampler {
         if logits.is_empty() || logits.iter().any(|v| v.is_nan()) {
             return Err(bad());
         }
-        let dist = filtered_distribution(logits, &self.params);
         let u: f32 = self.rng.random();
-        let mut acc = 0.0;
-        for &(tok, prob) in &dist {
-            acc += prob;
-            if u < acc {
-                return Ok(tok);
-            }
-        }
-        Ok(dist.last().map(|d| d.0).unwrap_or(0))
+        Ok(draw(logits, &self.params, u))
     }
 }
 
@@ -221,5 +297,84 @@ mod tests {
         assert!(params(1.0, 0, 0.0, 0).validate().is_err());
         assert!(params(1.0, 0, 1.5, 0).validate().is_err());
         assert!(params(0.7, 40, 0.9, 0).validate().is_ok());
+    }
+
+    /// The straightforward definition: a stable sort of the whole vocabulary.
+    fn reference(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
+        let mut c: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, (l / p.temperature) as f64))
+            .collect();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if p.top_k > 0 && p.top_k < c.len() {
+            c.truncate(p.top_k);
+        }
+        let max = c[0].1;
+        let z: f64 = c.iter().map(|x| (x.1 - max).exp()).sum();
+        for x in c.iter_mut() {
+            x.1 = (x.1 - max).exp() / z;
+        }
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = c
+                .iter()
+                .position(|x| {
+                    acc += x.1;
+                    acc >= p.top_p as f64
+                })
+                .map_or(c.len(), |i| i + 1);
+            c.truncate(keep);
+            let s: f64 = c.iter().map(|x| x.1).sum();
+            for x in c.iter_mut() {
+                x.1 /= s;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn partial_selection_gives_the_full_sorts_distribution_and_draws() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for trial in 0..40 {
+            let n = [5usize, 63, 64, 65, 300, 5000][trial % 6];
+            // Peaked and flat rows, with ties (rounded values) in some.
+            let scale = if trial % 2 == 0 { 4.0 } else { 0.3 };
+            let logits: Vec<f32> = (0..n)
+                .map(|_| {
+                    let v: f32 = rng.random::<f32>() * scale;
+                    if trial % 3 == 0 {
+                        (v * 4.0).round() / 4.0
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            for (k, tp) in [(0, 1.0), (0, 0.9), (7, 1.0), (50, 0.5), (0, 0.999)] {
+                let p = params(0.7, k, tp, 0);
+                let want = reference(&logits, &p);
+                let got = filtered_distribution(&logits, &p);
+                // Top-p may differ by one token where the f32 and f64 sums straddle top_p.
+                let common = want.len().min(got.len());
+                assert!(want.len().abs_diff(got.len()) <= 1, "n {n} k {k} p {tp}");
+                for (g, w) in got[..common].iter().zip(&want[..common]) {
+                    assert_eq!(g.0, w.0, "n {n} k {k} p {tp}: ranking differs");
+                    assert!((g.1 as f64 - w.1).abs() < 1e-5, "n {n} k {k} p {tp}");
+                }
+                if got.len() != want.len() {
+                    continue;
+                }
+                // Draws halfway between cumulative boundaries pick exactly the reference's token.
+                let mut acc = 0.0;
+                let every = want.len().div_ceil(64);
+                for (i, w) in want.iter().enumerate() {
+                    let mid = acc + w.1 / 2.0;
+                    acc += w.1;
+                    if i % every == 0 && w.1 > 1e-4 {
+                        assert_eq!(draw(&logits, &p, mid as f32), w.0, "n {n} k {k} p {tp}");
+                    }
+                }
+            }
+        }
     }
 }

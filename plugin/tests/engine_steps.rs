@@ -124,6 +124,23 @@ fn seeded_sampling_is_reproducible_and_differs_across_seeds() {
     };
     assert_eq!(run(7), run(7));
     assert_ne!(run(7), run(8));
+    // Sequences are sampled in parallel, each from its own stream: a seeded request gives the same
+    // tokens alone and beside others with other seeds and settings.
+    let mut e = engine();
+    let mut ids = Vec::new();
+    for (i, seed) in [7u64, 8, 9, 10, 11, 12].into_iter().enumerate() {
+        let mut r = req(&[100, 101, 102], 24);
+        r.sampling = SamplingParams {
+            temperature: 1.5,
+            top_k: if i % 2 == 0 { 50 } else { 0 },
+            top_p: 0.95,
+            seed: Some(seed),
+        };
+        ids.push(e.add_request(r).unwrap());
+    }
+    let mut out = HashMap::new();
+    drain(&mut e, &mut out);
+    assert_eq!(out[&ids[0]], run(7));
 }
 
 #[test]

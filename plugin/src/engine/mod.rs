@@ -14,6 +14,8 @@ mod device;
 
 use std::collections::BTreeMap;
 
+use rayon::prelude::*;
+
 pub use backend::{Backend, ForwardChunk, Lookahead, SeqId};
 pub use cuda::{CudaDtype, ExpertCapacity, RouterPlacement};
 pub use device::{open_engine, open_engine_with, Device, EngineOptions, ExpertCacheOptions};
@@ -299,6 +301,33 @@ impl Engine {
         self.backend.expert_stall_seconds()
     }
 
+    /// Samples each row's token with its sequence's sampler, the sequences in parallel: a sampled
+    /// (non-greedy) token over a 32000-entry vocabulary costs the host a few hundred microseconds,
+    /// which for a large batch would otherwise add up between two device steps. Each sampler has
+    /// its own random stream, so the result does not depend on the threads.
+    fn sample_rows(&mut self, rows: Vec<(SeqId, Vec<f32>)>) -> Result<Vec<(SeqId, u32, Vec<f32>)>> {
+        let order: BTreeMap<SeqId, usize> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, (seq, _))| (*seq, i))
+            .collect();
+        let mut samplers: Vec<(usize, &mut Sampler)> = self
+            .seqs
+            .iter_mut()
+            .filter_map(|(seq, s)| order.get(seq).map(|&i| (i, &mut s.sampler)))
+            .collect();
+        samplers.sort_unstable_by_key(|&(i, _)| i);
+        let tokens: Vec<Result<u32>> = samplers
+            .into_par_iter()
+            .zip(rows.par_iter())
+            .map(|((_, sampler), (_, row))| sampler.sample(row))
+            .collect();
+        rows.into_iter()
+            .zip(tokens)
+            .map(|((seq, row), t)| Ok((seq, t?, row)))
+            .collect()
+    }
+
     /// Routes each sampled token (one per sequence) in one pass: on the backend's device when it
     /// runs the router, else on the host.
     fn route_sampled(&mut self, sampled: &[(SeqId, u32, Vec<f32>)]) -> Result<Vec<TokenRoute>> {
@@ -380,7 +409,7 @@ impl Engine {
         // Sample every sequence that completed, then route all the new tokens in one pass: the
         // router's weights are read once per step instead of once per sequence, and the next step
         // cannot launch before its routes are known.
-        let mut sampled: Vec<(SeqId, u32, Vec<f32>)> = Vec::new();
+        let mut rows: Vec<(SeqId, Vec<f32>)> = Vec::new();
         for &(seq, n) in schedule {
             let s = self.seqs.get_mut(&seq).expect("validated above");
             s.computed += n;
@@ -390,9 +419,9 @@ impl Engine {
             let row = logits
                 .next()
                 .ok_or_else(|| Error::Internal("backend returned too few logits".into()))?;
-            let token = s.sampler.sample(&row)?;
-            sampled.push((seq, token, row));
+            rows.push((seq, row));
         }
+        let sampled = self.sample_rows(rows)?;
         let routes = self.route_sampled(&sampled)?;
         let mut events = Vec::new();
         for ((seq, token, row), route) in sampled.into_iter().zip(routes) {
