@@ -74,6 +74,17 @@ class Server:
                 total += v
         return total
 
+    def wait_metric(self, name, want, model="tiny", timeout=10.0, **labels):
+        """The metric once it equals `want`, or its last value after `timeout` seconds: the serving
+        loop mirrors its counters into Triton just after it sends a request's final response, so a
+        client that reads them at once may see the previous values."""
+        deadline = time.time() + timeout
+        while True:
+            v = self.metric(name, model=model, **labels)
+            if v == want or time.time() > deadline:
+                return v
+            time.sleep(0.05)
+
 
 @pytest.fixture(scope="session")
 def tools():

@@ -279,7 +279,7 @@ def test_metrics_have_the_pregate_families_with_moving_values(server):
         assert family in names, family
     before = server.metric("pregate_generated_tokens_total")
     sse(server, gen_body("count me", 5))
-    assert server.metric("pregate_generated_tokens_total") == before + 5
+    assert server.wait_metric("pregate_generated_tokens_total", before + 5) == before + 5
     assert server.metric("pregate_requests_total", outcome="finished") > 0
 
 
