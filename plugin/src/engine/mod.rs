@@ -126,6 +126,22 @@ impl Sequence {
     }
 }
 
+/// One field of several sequences at once, mutably, in the order of `ids` (each id once, all
+/// present): a step samples and routes its sequences together.
+fn in_order<'a, T>(
+    seqs: &'a mut BTreeMap<SeqId, Sequence>,
+    ids: &[SeqId],
+    field: impl Fn(&'a mut Sequence) -> &'a mut T,
+) -> Vec<&'a mut T> {
+    let order: BTreeMap<SeqId, usize> = ids.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+    let mut v: Vec<(usize, &'a mut T)> = seqs
+        .iter_mut()
+        .filter_map(|(seq, s)| order.get(seq).map(|&i| (i, field(s))))
+        .collect();
+    v.sort_unstable_by_key(|&(i, _)| i);
+    v.into_iter().map(|(_, t)| t).collect()
+}
+
 /// Drives a backend: the step interface a continuous-batching scheduler uses.
 pub struct Engine {
     backend: Box<dyn Backend>,
@@ -306,21 +322,11 @@ impl Engine {
     /// which for a large batch would otherwise add up between two device steps. Each sampler has
     /// its own random stream, so the result does not depend on the threads.
     fn sample_rows(&mut self, rows: Vec<(SeqId, Vec<f32>)>) -> Result<Vec<(SeqId, u32, Vec<f32>)>> {
-        let order: BTreeMap<SeqId, usize> = rows
-            .iter()
-            .enumerate()
-            .map(|(i, (seq, _))| (*seq, i))
-            .collect();
-        let mut samplers: Vec<(usize, &mut Sampler)> = self
-            .seqs
-            .iter_mut()
-            .filter_map(|(seq, s)| order.get(seq).map(|&i| (i, &mut s.sampler)))
-            .collect();
-        samplers.sort_unstable_by_key(|&(i, _)| i);
-        let tokens: Vec<Result<u32>> = samplers
+        let ids: Vec<SeqId> = rows.iter().map(|(seq, _)| *seq).collect();
+        let tokens: Vec<Result<u32>> = in_order(&mut self.seqs, &ids, |s| &mut s.sampler)
             .into_par_iter()
             .zip(rows.par_iter())
-            .map(|((_, sampler), (_, row))| sampler.sample(row))
+            .map(|(sampler, (_, row))| sampler.sample(row))
             .collect();
         rows.into_iter()
             .zip(tokens)
@@ -333,9 +339,9 @@ impl Engine {
     fn route_sampled(&mut self, sampled: &[(SeqId, u32, Vec<f32>)]) -> Result<Vec<TokenRoute>> {
         let tokens: Vec<[u32; 1]> = sampled.iter().map(|&(_, t, _)| [t]).collect();
         let lists: Vec<&[u32]> = tokens.iter().map(|t| t.as_slice()).collect();
+        let ids: Vec<SeqId> = sampled.iter().map(|&(seq, ..)| seq).collect();
         if self.backend.routes_tokens() {
-            let seqs: Vec<SeqId> = sampled.iter().map(|&(seq, ..)| seq).collect();
-            let logits = self.backend.route_logits(&seqs, &lists)?;
+            let logits = self.backend.route_logits(&ids, &lists)?;
             let routes = self.router.routes_from_logits(&logits);
             if routes.len() != sampled.len() {
                 return Err(Error::Internal(format!(
@@ -346,18 +352,7 @@ impl Engine {
             }
             return Ok(routes);
         }
-        let order: BTreeMap<SeqId, usize> = sampled
-            .iter()
-            .enumerate()
-            .map(|(i, &(seq, ..))| (seq, i))
-            .collect();
-        let mut states: Vec<(usize, &mut RouterState)> = self
-            .seqs
-            .iter_mut()
-            .filter_map(|(seq, s)| order.get(seq).map(|&i| (i, &mut s.router)))
-            .collect();
-        states.sort_unstable_by_key(|&(i, _)| i);
-        let mut states: Vec<&mut RouterState> = states.into_iter().map(|(_, s)| s).collect();
+        let mut states = in_order(&mut self.seqs, &ids, |s| &mut s.router);
         Ok(self
             .router
             .route_batch(&mut states, &lists)?
