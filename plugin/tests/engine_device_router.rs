@@ -94,13 +94,7 @@ struct Handles {
 
 fn routing_engine() -> (Engine, Handles) {
     let m = ModelDir::open(&model()).unwrap();
-    let w = m.load_weights().unwrap();
-    let backbone = BackboneWeights {
-        embed: w.embed,
-        layers: w.layers,
-        norm: w.norm,
-        lm_head: w.lm_head,
-    };
+    let (backbone, _) = BackboneWeights::split(m.load_weights().unwrap());
     let passes = Arc::new(AtomicUsize::new(0));
     let fail = Arc::new(AtomicBool::new(false));
     let live = Arc::new(AtomicUsize::new(0));

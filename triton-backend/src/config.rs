@@ -124,16 +124,7 @@ pub fn parse_model_config(json: &str, repository: &Path) -> Result<ModelParams, 
         batcher.max_running = n;
     }
     if let Some(ms) = get("max_wait_ms") {
-        let v: f64 = ms
-            .parse()
-            .map_err(|_| format!("parameter `max_wait_ms`: `{ms}` is not a number"))?;
-        // NaN and infinities parse as numbers; refuse them here, naming the parameter.
-        if !(v.is_finite() && v >= 0.0) {
-            return Err(format!(
-                "parameter `max_wait_ms`: `{ms}` must be a finite number of milliseconds, 0 or \
-                 more (0: no bound)"
-            ));
-        }
+        let v = parse_bound_ms("max_wait_ms", &ms)?;
         batcher.max_wait = if v == 0.0 { None } else { Some(v / 1000.0) };
     }
     batcher
@@ -185,18 +176,25 @@ impl ModelParams {
     }
 }
 
-/// `max_queue_wait_ms`: milliseconds, 0 for no bound. NaN, infinities and negative values are
-/// refused rather than read as "never": a typo must not silently leave the queue unbounded.
-pub fn parse_queue_wait(s: &str) -> Result<Option<Duration>, String> {
+/// A time bound in milliseconds, 0 for no bound. NaN, infinities and negative values parse as
+/// numbers but are refused, naming `param`, rather than read as "never": a typo must not silently
+/// leave a wait unbounded.
+fn parse_bound_ms(param: &str, s: &str) -> Result<f64, String> {
     let ms: f64 = s
         .parse()
-        .map_err(|_| format!("parameter `max_queue_wait_ms`: `{s}` is not a number"))?;
+        .map_err(|_| format!("parameter `{param}`: `{s}` is not a number"))?;
     if !(ms.is_finite() && ms >= 0.0) {
         return Err(format!(
-            "parameter `max_queue_wait_ms`: `{s}` must be a finite number of milliseconds, 0 or \
-             more (0: no bound)"
+            "parameter `{param}`: `{s}` must be a finite number of milliseconds, 0 or more (0: no \
+             bound)"
         ));
     }
+    Ok(ms)
+}
+
+/// `max_queue_wait_ms`: milliseconds, 0 for no bound (see [`parse_bound_ms`]).
+pub fn parse_queue_wait(s: &str) -> Result<Option<Duration>, String> {
+    let ms = parse_bound_ms("max_queue_wait_ms", s)?;
     if ms == 0.0 {
         return Ok(None);
     }

@@ -50,6 +50,20 @@ pub struct BackboneWeights {
     pub lm_head: Option<Matrix>,
 }
 
+impl BackboneWeights {
+    /// Splits a model's weights into the backbone's and the router's (the router runs outside
+    /// the backend, or on the device of a backend that routes).
+    pub fn split(w: crate::model::ModelWeights) -> (Self, crate::model::RouterWeights) {
+        let backbone = BackboneWeights {
+            embed: w.embed,
+            layers: w.layers,
+            norm: w.norm,
+            lm_head: w.lm_head,
+        };
+        (backbone, w.router)
+    }
+}
+
 /// The CPU backend.
 pub struct CpuBackend {
     cfg: ModelConfig,
@@ -331,13 +345,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         make_model(&Preset::Tiny.spec(), ExpertLayout::Fused, 0, dir.path()).unwrap();
         let m = ModelDir::open(dir.path()).unwrap();
-        let w = m.load_weights().unwrap();
-        let backbone = BackboneWeights {
-            embed: w.embed,
-            layers: w.layers,
-            norm: w.norm,
-            lm_head: w.lm_head,
-        };
+        let (backbone, _) = BackboneWeights::split(m.load_weights().unwrap());
         let b = CpuBackend::new(m.config.clone(), backbone)
             .with_expert_cache(ExpertCapacity::PerLayer(per_layer), EvictionPolicy::Belady)
             .unwrap();

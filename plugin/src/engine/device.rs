@@ -114,14 +114,8 @@ pub struct EngineOptions {
 }
 
 fn open_cpu(model: &ModelDir, opts: &EngineOptions) -> Result<Engine> {
-    let w = model.load_weights()?;
-    let router = ReadMeRouter::new(w.router, &model.config);
-    let backbone = BackboneWeights {
-        embed: w.embed,
-        layers: w.layers,
-        norm: w.norm,
-        lm_head: w.lm_head,
-    };
+    let (backbone, router) = BackboneWeights::split(model.load_weights()?);
+    let router = ReadMeRouter::new(router, &model.config);
     let mut backend = CpuBackend::new(model.config.clone(), backbone);
     if let Some(c) = opts.expert_cache {
         backend = backend.with_expert_cache(c.capacity, c.policy)?;

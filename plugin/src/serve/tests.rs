@@ -215,13 +215,7 @@ impl crate::engine::Backend for Recording {
 }
 
 fn cpu_with_cache(m: &ModelDir, per_layer: usize) -> crate::engine::cpu::CpuBackend {
-    let w = m.load_weights().unwrap();
-    let backbone = crate::engine::cpu::BackboneWeights {
-        embed: w.embed,
-        layers: w.layers,
-        norm: w.norm,
-        lm_head: w.lm_head,
-    };
+    let (backbone, _) = crate::engine::cpu::BackboneWeights::split(m.load_weights().unwrap());
     crate::engine::cpu::CpuBackend::new(m.config.clone(), backbone)
         .with_expert_cache(
             crate::engine::ExpertCapacity::PerLayer(per_layer),

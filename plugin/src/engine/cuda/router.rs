@@ -307,24 +307,14 @@ impl DeviceRouter {
         kk.rmsnorm::<f32>(s, &ws.x, &self.input_norm, &mut ws.h, n, d, ROUTER_EPS)
             .map_err(dev)?;
         self.qkv.run(blas, kk, s, &ws.h, &mut ws.qkv, n)?;
+        // q's heads and then k's heads are adjacent in each row and rotate alike: one launch.
         kk.rope::<f32>(
             s,
             &mut ws.qkv,
             &positions,
             n,
             qkv_w,
-            self.heads,
-            self.head_dim,
-            self.theta,
-        )
-        .map_err(dev)?;
-        kk.rope::<f32>(
-            s,
-            &mut ws.qkv.slice_mut(d..),
-            &positions,
-            n,
-            qkv_w,
-            self.heads,
+            2 * self.heads,
             self.head_dim,
             self.theta,
         )
