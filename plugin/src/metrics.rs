@@ -48,6 +48,8 @@ struct Families {
     waiting: IntGaugeVec,
     running: IntGaugeVec,
     admission_timeouts: IntCounterVec,
+    sampling_seconds: prometheus::CounterVec,
+    routing_seconds: prometheus::CounterVec,
 }
 
 struct Library {
@@ -128,8 +130,22 @@ fn build() -> std::result::Result<Library, prometheus::Error> {
             "pregate_admission_timeouts_total",
             "Requests failed as overloaded: not admitted within the maximum queue wait.",
         )?,
+        sampling_seconds: prometheus::CounterVec::new(
+            Opts::new(
+                "pregate_sampling_seconds_total",
+                "Host time sampling decoded tokens from their logits.",
+            ),
+            l,
+        )?,
+        routing_seconds: prometheus::CounterVec::new(
+            Opts::new(
+                "pregate_routing_seconds_total",
+                "Time routing decoded tokens (the router's pass, on the host or the device).",
+            ),
+            l,
+        )?,
     };
-    let all: [Box<dyn Collector>; 13] = [
+    let all: [Box<dyn Collector>; 15] = [
         Box::new(families.hits.clone()),
         Box::new(families.misses.clone()),
         Box::new(families.evictions.clone()),
@@ -143,6 +159,8 @@ fn build() -> std::result::Result<Library, prometheus::Error> {
         Box::new(families.waiting.clone()),
         Box::new(families.running.clone()),
         Box::new(families.admission_timeouts.clone()),
+        Box::new(families.sampling_seconds.clone()),
+        Box::new(families.routing_seconds.clone()),
     ];
     for c in all {
         registry.register(c)?;
@@ -182,6 +200,8 @@ pub struct ModelMetrics {
     waiting: IntGauge,
     running: IntGauge,
     admission_timeouts: IntCounter,
+    sampling_seconds: prometheus::Counter,
+    routing_seconds: prometheus::Counter,
     last_cache: Arc<Mutex<CacheStats>>,
 }
 
@@ -250,6 +270,14 @@ pub fn model_metrics(model: &str) -> Result<ModelMetrics> {
             .admission_timeouts
             .get_metric_with_label_values(v)
             .map_err(err)?,
+        sampling_seconds: f
+            .sampling_seconds
+            .get_metric_with_label_values(v)
+            .map_err(err)?,
+        routing_seconds: f
+            .routing_seconds
+            .get_metric_with_label_values(v)
+            .map_err(err)?,
         last_cache: Arc::new(Mutex::new(CacheStats::default())),
     })
 }
@@ -304,6 +332,16 @@ impl ModelMetrics {
     /// A request was failed as overloaded: it waited past the maximum for admission.
     pub fn count_admission_timeout(&self) {
         self.admission_timeouts.inc();
+    }
+
+    /// The engine spent `sampling` and `routing` more seconds on decoded tokens.
+    pub fn add_host_seconds(&self, sampling: f64, routing: f64) {
+        if sampling > 0.0 {
+            self.sampling_seconds.inc_by(sampling);
+        }
+        if routing > 0.0 {
+            self.routing_seconds.inc_by(routing);
+        }
     }
 }
 
@@ -521,6 +559,7 @@ mod tests {
         m.observe_queue_wait(0.01);
         m.set_requests(2, 5);
         m.count_admission_timeout();
+        m.add_host_seconds(0.25, 0.125);
         let snap = snapshot().unwrap();
         let names: BTreeSet<&str> = snap.iter().map(|s| s.name.as_str()).collect();
         for want in [
@@ -537,6 +576,8 @@ mod tests {
             "pregate_requests_waiting",
             "pregate_requests_running",
             "pregate_admission_timeouts_total",
+            "pregate_sampling_seconds_total",
+            "pregate_routing_seconds_total",
         ] {
             assert!(names.contains(want), "{want} missing");
         }
@@ -564,6 +605,8 @@ mod tests {
         );
         assert!(text.contains("pregate_batch_tokens_bucket{model=\"unit-test\",le=\"128\"} 1"));
         assert!(text.contains("pregate_admission_timeouts_total{model=\"unit-test\"} 1"));
+        assert!(text.contains("pregate_sampling_seconds_total{model=\"unit-test\"} 0.25"));
+        assert!(text.contains("pregate_routing_seconds_total{model=\"unit-test\"} 0.125"));
     }
 
     #[test]

@@ -80,7 +80,7 @@ fn snapshot_mirrors_the_registry_and_the_endpoint_serves_it() {
             .map(|s| s.name.as_str())
             .collect::<std::collections::BTreeSet<_>>()
             .len(),
-        13
+        15
     );
     assert!(ours
         .iter()

@@ -7,7 +7,8 @@
 //! - the library's registry ([`pregate::metrics`]: `pregate_expert_cache_*`, `pregate_expert_load_*`,
 //!   `pregate_expert_stall_seconds_total`, `pregate_batch_unique_experts`, `pregate_batch_tokens`,
 //!   `pregate_queue_wait_seconds`, `pregate_requests_waiting`, `pregate_requests_running`,
-//!   `pregate_admission_timeouts_total`), which the serving loop records per model: one
+//!   `pregate_admission_timeouts_total`, `pregate_sampling_seconds_total`,
+//!   `pregate_routing_seconds_total`), which the serving loop records per model: one
 //!   [`LibraryMirror`] per model copies its series, labelled `model`. Triton's API has no histogram
 //!   a value can be copied into, so a library histogram appears as its Prometheus series:
 //!   `<name>_bucket{le=...}`, `<name>_sum` and `<name>_count` (counters), which

@@ -291,6 +291,7 @@ LIBRARY_FAMILIES = [
     "pregate_batch_tokens_bucket", "pregate_batch_tokens_sum", "pregate_batch_tokens_count",
     "pregate_queue_wait_seconds_bucket", "pregate_queue_wait_seconds_count",
     "pregate_requests_waiting", "pregate_requests_running", "pregate_admission_timeouts_total",
+    "pregate_sampling_seconds_total", "pregate_routing_seconds_total",
 ]
 
 
@@ -319,7 +320,8 @@ def test_library_cache_and_batch_families_are_on_triton_and_move(server):
     assert steps > 0
     for moved in ["pregate_expert_cache_hits_total", "pregate_expert_cache_misses_total",
                   "pregate_expert_cache_evictions_total", "pregate_expert_load_bytes_total",
-                  "pregate_batch_tokens_sum"]:
+                  "pregate_batch_tokens_sum", "pregate_sampling_seconds_total",
+                  "pregate_routing_seconds_total"]:
         assert after[moved] > before[moved], moved
     assert after["pregate_batch_tokens_count"] - before["pregate_batch_tokens_count"] == steps
     assert after["pregate_batch_unique_experts_count"] - before["pregate_batch_unique_experts_count"] == steps

@@ -149,6 +149,17 @@ pub struct Engine {
     eos: Vec<u32>,
     seqs: BTreeMap<SeqId, Sequence>,
     next_id: SeqId,
+    host: HostSeconds,
+}
+
+/// Wall time the engine spent between a step's forward pass and the next one, cumulative: work
+/// the device waits for, so operators can see when the host becomes the bottleneck.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostSeconds {
+    /// Sampling the new tokens from their logits.
+    pub sampling: f64,
+    /// Routing the new tokens (the router's pass, on the host or the device).
+    pub routing: f64,
 }
 
 impl Engine {
@@ -161,6 +172,7 @@ impl Engine {
             eos,
             seqs: BTreeMap::new(),
             next_id: 1,
+            host: HostSeconds::default(),
         }
     }
 
@@ -317,6 +329,11 @@ impl Engine {
         self.backend.expert_stall_seconds()
     }
 
+    /// Host time spent sampling and routing decoded tokens so far.
+    pub fn host_seconds(&self) -> HostSeconds {
+        self.host
+    }
+
     /// Samples each row's token with its sequence's sampler, the sequences in parallel: a sampled
     /// (non-greedy) token over a 32000-entry vocabulary costs the host a few hundred microseconds,
     /// which for a large batch would otherwise add up between two device steps. Each sampler has
@@ -416,8 +433,12 @@ impl Engine {
                 .ok_or_else(|| Error::Internal("backend returned too few logits".into()))?;
             rows.push((seq, row));
         }
+        let t0 = std::time::Instant::now();
         let sampled = self.sample_rows(rows)?;
+        let t1 = std::time::Instant::now();
         let routes = self.route_sampled(&sampled)?;
+        self.host.sampling += (t1 - t0).as_secs_f64();
+        self.host.routing += t1.elapsed().as_secs_f64();
         let mut events = Vec::new();
         for ((seq, token, row), route) in sampled.into_iter().zip(routes) {
             let s = self.seqs.get_mut(&seq).expect("validated above");

@@ -281,6 +281,7 @@ impl Server {
             closed: false,
             scheduled: 0,
             stall_seen: 0.0,
+            host_seen: Default::default(),
         };
         let thread = std::thread::Builder::new()
             .name(cfg.thread_name.clone())
@@ -420,6 +421,8 @@ struct LoopState {
     scheduled: usize,
     /// The backend's cumulative stall seconds at the last metrics record.
     stall_seen: f64,
+    /// The engine's cumulative host seconds at the last metrics record.
+    host_seen: crate::engine::HostSeconds,
 }
 
 impl LoopState {
@@ -579,6 +582,12 @@ impl LoopState {
         let stall = self.engine.expert_stall_seconds();
         m.add_stall(stall - self.stall_seen);
         self.stall_seen = stall;
+        let host = self.engine.host_seconds();
+        m.add_host_seconds(
+            host.sampling - self.host_seen.sampling,
+            host.routing - self.host_seen.routing,
+        );
+        self.host_seen = host;
     }
 
     /// Takes every queued message; blocks while nothing is live.
