@@ -192,7 +192,7 @@ fn parse_bound_ms(param: &str, s: &str) -> Result<f64, String> {
     Ok(ms)
 }
 
-/// `max_queue_wait_ms`: milliseconds, 0 for no bound (see [`parse_bound_ms`]).
+/// `max_queue_wait_ms`: milliseconds, 0 for no bound; NaN, infinite or negative values refused.
 pub fn parse_queue_wait(s: &str) -> Result<Option<Duration>, String> {
     let ms = parse_bound_ms("max_queue_wait_ms", s)?;
     if ms == 0.0 {
