@@ -24,6 +24,25 @@ impl ResponseSink for ChanSink {
     }
 }
 
+/// A [`ChanSink`] whose first token waits for the test's signal (then lets the rest through).
+struct GateSink {
+    inner: ChanSink,
+    gate: Option<mpsc::Receiver<()>>,
+}
+
+impl ResponseSink for GateSink {
+    fn token(&mut self, d: &TokenDelta) -> bool {
+        let keep = self.inner.token(d);
+        if let Some(g) = self.gate.take() {
+            let _ = g.recv_timeout(Duration::from_secs(60));
+        }
+        keep
+    }
+    fn finish(&mut self, done: Completion) {
+        self.inner.finish(done);
+    }
+}
+
 fn tiny() -> (tempfile::TempDir, ModelDir) {
     let dir = tempfile::tempdir().unwrap();
     make_model(&Preset::Tiny.spec(), ExpertLayout::Fused, 0, dir.path()).unwrap();
@@ -130,18 +149,26 @@ fn invalid_cancelled_and_stopped_requests_all_get_a_final_event() {
     let (toks, done) = collect(&submit(&s, r.clone(), Some(2)));
     assert_eq!(toks.len(), 2);
     assert!(matches!(done.outcome, Outcome::Cancelled));
-    // Cancelled through the handle.
+    // Cancelled through the handle, while the first token is being delivered: the sink holds
+    // the loop until the test has cancelled, so the loop's next check must see it.
     let (tx, rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
     let h = s.submit(
         r.clone(),
-        Box::new(ChanSink {
-            tx,
-            stop_after: None,
+        Box::new(GateSink {
+            inner: ChanSink {
+                tx,
+                stop_after: None,
+            },
+            gate: Some(go_rx),
         }),
     );
+    let first = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(matches!(first, Ev::Tok(_)));
     h.cancel();
+    go_tx.send(()).unwrap();
     let (toks, done) = collect(&rx);
-    assert!(toks.len() < 50);
+    assert!(toks.is_empty(), "{} tokens after the cancel", toks.len());
     assert!(matches!(done.outcome, Outcome::Cancelled));
     // Empty prompt, then a normal request still works.
     let (_, done) = collect(&submit(
