@@ -7,7 +7,7 @@
 pub mod dselect;
 mod readme;
 
-pub(crate) use readme::ROUTER_EPS;
+pub(crate) use readme::{check_tokens, ROUTER_EPS};
 pub use readme::{ReadMeRouter, RouterState};
 
 use crate::route::{ExpertId, TokenRoute};

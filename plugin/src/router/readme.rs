@@ -193,21 +193,7 @@ impl ReadMeRouter {
 
     /// Rejects tokens that would pass the router's context or fall outside its vocabulary.
     fn check(&self, state: &RouterState, tokens: &[u32]) -> Result<()> {
-        if state.len + tokens.len() > self.rope.max_pos() {
-            return Err(Error::InvalidRequest(format!(
-                "the router's context of {} tokens is exceeded ({} + {})",
-                self.rope.max_pos(),
-                state.len,
-                tokens.len()
-            )));
-        }
-        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(Error::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary (0..{})",
-                self.vocab
-            )));
-        }
-        Ok(())
+        check_tokens(state.len, self.rope.max_pos(), self.vocab, tokens)
     }
 
     /// Routes `tokens` (which follow those already in `state`): one route per token, for every layer.
@@ -239,4 +225,26 @@ impl ReadMeRouter {
             .map(|toks| routes.by_ref().take(toks.len()).collect())
             .collect())
     }
+}
+
+/// Rejects `tokens` that, after `routed` tokens, would pass a router context of `max_pos` or fall
+/// outside a vocabulary of `vocab` ids: the same check wherever the router runs.
+pub(crate) fn check_tokens(
+    routed: usize,
+    max_pos: usize,
+    vocab: usize,
+    tokens: &[u32],
+) -> Result<()> {
+    if routed + tokens.len() > max_pos {
+        return Err(Error::InvalidRequest(format!(
+            "the router's context of {max_pos} tokens is exceeded ({routed} + {})",
+            tokens.len()
+        )));
+    }
+    if let Some(bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
+        return Err(Error::InvalidRequest(format!(
+            "token id {bad} is outside the vocabulary (0..{vocab})"
+        )));
+    }
+    Ok(())
 }

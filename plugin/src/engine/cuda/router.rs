@@ -23,7 +23,7 @@ use crate::config::ModelConfig;
 use crate::engine::SeqId;
 use crate::error::{Error, Result};
 use crate::model::weights::{Linear, RouterWeights};
-use crate::router::ROUTER_EPS;
+use crate::router::{check_tokens, ROUTER_EPS};
 
 /// A linear layer on the device: `[out, in]` weight and `[out]` bias.
 struct DeviceLinear {
@@ -190,24 +190,11 @@ impl DeviceRouter {
                 )));
             }
             let s = self.kv.seqs.get(&seq).ok_or(Error::UnknownSequence(seq))?;
-            if s.len + toks.len() > self.max_pos {
-                return Err(Error::InvalidRequest(format!(
-                    "the router's context of {} tokens is exceeded ({} + {})",
-                    self.max_pos,
-                    s.len,
-                    toks.len()
-                )));
-            }
+            check_tokens(s.len, self.max_pos, self.vocab, toks)?;
             if s.len + toks.len() > s.max_len {
                 return Err(Error::Capacity(format!(
                     "sequence {seq} would exceed its {} reserved router tokens",
                     s.max_len
-                )));
-            }
-            if let Some(bad) = toks.iter().find(|&&id| id as usize >= self.vocab) {
-                return Err(Error::InvalidRequest(format!(
-                    "token id {bad} is outside the vocabulary (0..{})",
-                    self.vocab
                 )));
             }
         }
