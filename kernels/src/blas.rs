@@ -105,6 +105,23 @@ impl Blas {
             && plan.counts.iter().all(|&c| c <= GROUPED_FFN_MAX_ROWS)
     }
 
+    /// Issues the handle's later work on `stream`: another stream of this context, or a stream
+    /// borrowed from a host framework (torch's current stream, wrapped with
+    /// `CudaContext::wrap_borrowed_stream`). Work already issued stays ordered on the old stream;
+    /// ordering between the two is the caller's (events), as for any two streams.
+    pub fn set_stream(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        if self.stream.cu_stream() == stream.cu_stream() {
+            return Ok(());
+        }
+        // SAFETY: `stream` belongs to the context the handle was created in (a borrowed stream is
+        // the caller's to keep alive while work is issued on it); cuBLAS only records the handle.
+        catch("cublasSetStream", || unsafe {
+            self.handle.set_stream(stream.clone())
+        })??;
+        self.stream = stream.clone();
+        Ok(())
+    }
+
     /// The stream the handle issues work on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

@@ -22,7 +22,6 @@
 //! layer" means in the paper's Table 4.
 
 mod backend;
-pub mod cuda;
 pub mod prefetch;
 
 pub use backend::{HostMemory, LoadTicket, MemoryBackend};
@@ -686,6 +685,12 @@ impl<B: MemoryBackend> ExpertStore<B> {
     /// The memory backend, mutably (to wait on tickets).
     pub fn memory_mut(&mut self) -> &mut B {
         &mut self.memory
+    }
+
+    /// The bookkeeping and the memory at once: a layer's waves access units and load their bytes
+    /// in one pass.
+    pub fn parts_mut(&mut self) -> (&mut ExpertCache, &mut B) {
+        (&mut self.cache, &mut self.memory)
     }
 }
 

@@ -1,28 +1,22 @@
 //! The CPU backend: the whole backbone on the host, in f32. It is the reference every other backend
 //! is checked against, and a usable backend for small models.
 //!
-//! Optionally it keeps an expert cache ([`CpuBackend::with_expert_cache`]). On the CPU every expert
-//! stays in host memory and is computed from there, so the cache is **accounting**: it makes the
-//! decisions a device cache makes (which units are resident, hits, misses, Belady evictions by the
-//! next uses `prepare` gives it, per-layer pins, a load of the unit's bytes per miss) without copying
-//! anything. The serving loop reads it like any backend's cache (residency for the batcher's
-//! expert-load budget, counters for the metrics), so a CPU deployment shows what a GPU with that
-//! cache would load.
+//! The routed experts are the CPU expert runtime's ([`CpuExperts`]), called once per layer; with
+//! an expert cache ([`CpuBackend::with_expert_cache`]) the runtime accounts the decisions a device
+//! cache makes (see [`crate::moe`]) while the weights stay in host memory.
 
 use std::collections::HashMap;
 
 use rayon::prelude::*;
 
 use super::backend::{Backend, ForwardChunk, Lookahead, SeqId};
-use crate::cache::{
-    prefetch, EvictionPolicy, ExpertCache, ExpertCapacity, HostMemory, MemoryBackend, StepExperts,
-    Unit,
-};
+use crate::cache::{EvictionPolicy, ExpertCache, ExpertCapacity};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::weights::{LayerWeights, Matrix};
-use crate::ops::{attention, matmul_t, moe_layer, rms_norm, AttentionShape, RopeTable};
-use crate::route::{ExpertSet, RouteScope, TokenRoute};
+use crate::moe::{step_experts, CpuExperts};
+use crate::ops::{attention, matmul_t, rms_norm, AttentionShape, RopeTable};
+use crate::route::TokenRoute;
 
 /// One sequence's keys and values, per layer `[len, n_kv_heads * head_dim]`.
 struct SeqKv {
@@ -71,12 +65,12 @@ pub struct CpuBackend {
     rope: RopeTable,
     shape: AttentionShape,
     kv: HashMap<SeqId, SeqKv>,
-    cache: Option<ExpertCache>,
+    experts: CpuExperts,
 }
 
 impl CpuBackend {
-    /// A backend over `weights` for `cfg`.
-    pub fn new(cfg: ModelConfig, weights: BackboneWeights) -> Self {
+    /// A backend over `weights` for `cfg`; the layers' experts move into the expert runtime.
+    pub fn new(cfg: ModelConfig, mut weights: BackboneWeights) -> Result<Self> {
         let d = cfg.head_dim();
         let shape = AttentionShape {
             n_heads: cfg.num_attention_heads,
@@ -85,39 +79,31 @@ impl CpuBackend {
             scale: 1.0 / (d as f32).sqrt(),
         };
         let rope = RopeTable::new(d, cfg.rope_theta, cfg.max_position_embeddings);
-        CpuBackend {
+        let routed = weights
+            .layers
+            .iter_mut()
+            .map(|l| std::mem::take(&mut l.experts))
+            .collect();
+        let shared = weights.layers.iter_mut().map(|l| l.shared.take()).collect();
+        let experts = CpuExperts::new(routed, shared, cfg.hidden_size, cfg.router_top_k.max(1))?;
+        Ok(CpuBackend {
             cfg,
             w: weights,
             rope,
             shape,
             kv: HashMap::new(),
-            cache: None,
-        }
+            experts,
+        })
     }
 
-    /// Adds an expert cache of `capacity` evicting by `policy` (see the module docs: accounting of
-    /// a device cache's decisions; the weights stay in host memory). A unit is one expert of one
-    /// layer, counted with the bytes of the largest expert. `All` keeps every expert resident
-    /// after its first use; a fraction is of the host's available memory.
+    /// Adds an expert cache of `capacity` evicting by `policy` (accounting of a device cache's
+    /// decisions, see [`crate::moe`]; the weights stay in host memory).
     pub fn with_expert_cache(
         mut self,
         capacity: ExpertCapacity,
         policy: EvictionPolicy,
     ) -> Result<Self> {
-        let layers = self.w.layers.len();
-        let experts = self.cfg.n_cluster;
-        let unit_bytes = self
-            .w
-            .layers
-            .iter()
-            .flat_map(|l| l.experts.iter().map(|e| e.bytes()))
-            .max()
-            .unwrap_or(1)
-            .max(1) as u64;
-        let cache = capacity.build_cache(layers, experts, unit_bytes, policy, || {
-            HostMemory::new().free_bytes()
-        })?;
-        self.cache = Some(cache);
+        self.experts = self.experts.with_cache(capacity, policy)?;
         Ok(self)
     }
 
@@ -170,18 +156,17 @@ impl Backend for CpuBackend {
             let kv = self.kv.get(&c.seq).ok_or(Error::UnknownSequence(c.seq))?;
             c.check(kv.len(), kv.max_len, vocab)?;
         }
-        // The expert cache's accounting, layer by layer as the compute below uses the experts; done
-        // first so that an error leaves every KV cache untouched.
-        if let Some(cache) = self.cache.as_mut() {
-            for l in 0..self.w.layers.len() {
-                let mut used = ExpertSet::default();
-                for c in chunks {
-                    let range = c.route_offset..c.route_offset + c.tokens.len();
-                    used = used.union(&c.routes.experts_used(range, l));
-                }
-                account_layer(cache, l, &used)?;
-            }
-            cache.unpin_all();
+        // Every layer's routes are checked before any KV cache changes.
+        let layer_routes = |l: usize| -> Vec<TokenRoute> {
+            chunks
+                .iter()
+                .flat_map(|c| {
+                    (0..c.tokens.len()).map(move |i| *c.routes.route(c.route_offset + i, l))
+                })
+                .collect()
+        };
+        for l in 0..self.w.layers.len() {
+            self.experts.check(l, &layer_routes(l))?;
         }
         let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let mut x = Vec::with_capacity(total * hdim);
@@ -196,7 +181,6 @@ impl Backend for CpuBackend {
         let mut v = vec![0.0f32; total * kv_width];
         let mut att = vec![0.0f32; total * q_width];
         let mut o = vec![0.0f32; total * hdim];
-        let mut routes: Vec<TokenRoute> = Vec::with_capacity(total);
         for (l, layer) in self.w.layers.iter().enumerate() {
             rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps, &mut h);
             matmul_t(&h, total, &layer.q, &mut q);
@@ -243,32 +227,11 @@ impl Backend for CpuBackend {
             matmul_t(&att, total, &layer.o, &mut o);
             crate::ops::add_assign(&mut x, &o);
             rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps, &mut h);
-            routes.clear();
-            for c in chunks {
-                for i in 0..c.tokens.len() {
-                    routes.push(*c.routes.route(c.route_offset + i, l));
-                }
-            }
-            if let Some(bad) = routes
-                .iter()
-                .flat_map(|r| r.experts())
-                .find(|&&e| e as usize >= layer.experts.len())
-            {
-                return Err(Error::Internal(format!(
-                    "route names expert {bad} of {}",
-                    layer.experts.len()
-                )));
-            }
-            moe_layer(
-                &h,
-                hdim,
-                &routes,
-                |e| &layer.experts[e as usize],
-                layer.shared.as_ref(),
-                &mut o,
-            );
+            self.experts
+                .forward_layer(l, &h, &layer_routes(l), &mut o, false)?;
             crate::ops::add_assign(&mut x, &o);
         }
+        self.experts.end_step();
         // Final norm and lm_head only for the last token of chunks that want logits.
         let mut last = Vec::new();
         let mut row = 0;
@@ -288,51 +251,13 @@ impl Backend for CpuBackend {
     }
 
     fn prepare(&mut self, lookahead: &Lookahead) -> Result<()> {
-        let Some(cache) = self.cache.as_mut() else {
-            return Ok(());
-        };
-        let layers = cache.layers();
-        let steps: Vec<StepExperts> = lookahead
-            .steps
-            .iter()
-            .map(|p| {
-                if p.scope() == RouteScope::AllLayers {
-                    StepExperts::AllLayers(p.experts_used(0..p.len(), 0))
-                } else {
-                    StepExperts::PerLayer(
-                        (0..layers).map(|l| p.experts_used(0..p.len(), l)).collect(),
-                    )
-                }
-            })
-            .collect();
-        // Belady's next uses: step 0 is the step about to run. No prefetch: nothing is copied on
-        // the CPU, so every load is accounted on demand, as a miss.
-        prefetch::set_next_uses(cache, &steps, 0);
-        Ok(())
+        let layers = self.cfg.num_hidden_layers;
+        self.experts.plan(&step_experts(&lookahead.steps, layers))
     }
 
     fn expert_cache(&self) -> Option<&ExpertCache> {
-        self.cache.as_ref()
+        self.experts.cache()
     }
-}
-
-/// Accounts one layer's expert uses on `cache`: the layer's units are pinned while it computes,
-/// earlier layers' pins are released (their compute is done). A layer that uses more experts than
-/// the cache holds for it runs in waves, as a device cache would: each wave's units are pinned,
-/// accessed, and released before the next wave.
-fn account_layer(cache: &mut ExpertCache, layer: usize, used: &ExpertSet) -> Result<()> {
-    let room = cache.layer_quota().unwrap_or(cache.capacity()).max(1);
-    let units: Vec<Unit> = used.iter().map(|e| Unit::new(layer, e)).collect();
-    for wave in units.chunks(room) {
-        cache.unpin_all();
-        for &u in wave {
-            cache.pin(u)?;
-        }
-        for &u in wave {
-            cache.access(u)?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -347,6 +272,7 @@ mod tests {
         let m = ModelDir::open(dir.path()).unwrap();
         let (backbone, _) = BackboneWeights::split(m.load_weights().unwrap());
         let b = CpuBackend::new(m.config.clone(), backbone)
+            .unwrap()
             .with_expert_cache(ExpertCapacity::PerLayer(per_layer), EvictionPolicy::Belady)
             .unwrap();
         (dir, b)
@@ -394,14 +320,20 @@ mod tests {
         let s = b.expert_cache().unwrap().stats();
         assert_eq!(s.hits + s.misses, 5 * layers);
         // Nothing is pinned after a step.
-        assert!((0..4).all(|e| !b.expert_cache().unwrap().is_pinned(Unit::new(0, e))));
+        assert!((0..4).all(|e| !b
+            .expert_cache()
+            .unwrap()
+            .is_pinned(crate::cache::Unit::new(0, e))));
     }
 
     #[test]
     fn the_cache_changes_no_logits() {
         let (_d, mut cached) = tiny_backend(1);
-        let (_e, mut plain) = tiny_backend(1);
-        plain.cache = None;
+        let dir = tempfile::tempdir().unwrap();
+        make_model(&Preset::Tiny.spec(), ExpertLayout::Fused, 0, dir.path()).unwrap();
+        let m = ModelDir::open(dir.path()).unwrap();
+        let (backbone, _) = BackboneWeights::split(m.load_weights().unwrap());
+        let mut plain = CpuBackend::new(m.config.clone(), backbone).unwrap();
         let routes = RoutePlan::from_top1(4, &[3, 1, 2, 0]);
         for b in [&mut cached, &mut plain] {
             b.add_sequence(7, 4).unwrap();

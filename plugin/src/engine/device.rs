@@ -7,10 +7,11 @@ use crate::error::{Error, Result};
 use crate::model::ModelDir;
 
 use super::cpu::{BackboneWeights, CpuBackend};
-use super::cuda::{open_cuda_engine, CudaDtype, CudaOptions, ExpertCapacity, RouterPlacement};
 use super::Engine;
 use crate::cache::EvictionPolicy;
-use crate::router::ReadMeRouter;
+use crate::cache::ExpertCapacity;
+use crate::cuda::{open_cuda_engine, CudaDtype, CudaOptions, RouterPlacement};
+use crate::router::{HostReadMeRouter, ReadMeRouter};
 
 /// A device a model can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -115,12 +116,12 @@ pub struct EngineOptions {
 
 fn open_cpu(model: &ModelDir, opts: &EngineOptions) -> Result<Engine> {
     let (backbone, router) = BackboneWeights::split(model.load_weights()?);
-    let router = ReadMeRouter::new(router, &model.config);
-    let mut backend = CpuBackend::new(model.config.clone(), backbone);
+    let router = HostReadMeRouter::new(ReadMeRouter::new(router, &model.config));
+    let mut backend = CpuBackend::new(model.config.clone(), backbone)?;
     if let Some(c) = opts.expert_cache {
         backend = backend.with_expert_cache(c.capacity, c.policy)?;
     }
-    Ok(Engine::new(Box::new(backend), router))
+    Ok(Engine::new(Box::new(backend), Box::new(router)))
 }
 
 /// Loads the model in `dir` onto `device` and returns an engine ready for requests. The CUDA

@@ -9,21 +9,21 @@
 
 mod backend;
 pub mod cpu;
-pub mod cuda;
 mod device;
 
 use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
+pub use crate::cache::ExpertCapacity;
+pub use crate::cuda::{CudaDtype, RouterPlacement};
 pub use backend::{Backend, ForwardChunk, Lookahead, SeqId};
-pub use cuda::{CudaDtype, ExpertCapacity, RouterPlacement};
 pub use device::{open_engine, open_engine_with, Device, EngineOptions, ExpertCacheOptions};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::route::{RoutePlan, TokenRoute};
-use crate::router::{ReadMeRouter, RouterState};
+use crate::router::Router;
 use crate::sampling::{Sampler, SamplingParams};
 
 /// One generation request, in token ids.
@@ -115,7 +115,6 @@ struct Sequence {
     prompt_len: usize,
     computed: usize,
     routes: RoutePlan,
-    router: RouterState,
     sampler: Sampler,
     request: GenerationRequest,
 }
@@ -145,7 +144,7 @@ fn in_order<'a, T>(
 /// Drives a backend: the step interface a continuous-batching scheduler uses.
 pub struct Engine {
     backend: Box<dyn Backend>,
-    router: ReadMeRouter,
+    router: Box<dyn Router>,
     eos: Vec<u32>,
     seqs: BTreeMap<SeqId, Sequence>,
     next_id: SeqId,
@@ -164,7 +163,7 @@ pub struct HostSeconds {
 
 impl Engine {
     /// An engine over `backend`, routing with `router`.
-    pub fn new(backend: Box<dyn Backend>, router: ReadMeRouter) -> Self {
+    pub fn new(backend: Box<dyn Backend>, router: Box<dyn Router>) -> Self {
         let eos = backend.config().eos_token_ids();
         Engine {
             backend,
@@ -186,9 +185,9 @@ impl Engine {
         self.backend.device_name()
     }
 
-    /// The pre-gating router.
-    pub fn router(&self) -> &ReadMeRouter {
-        &self.router
+    /// The router.
+    pub fn router(&self) -> &dyn Router {
+        self.router.as_ref()
     }
 
     /// Checks a request against the model without admitting it.
@@ -229,32 +228,22 @@ impl Engine {
         self.validate(&req)?;
         let id = self.next_id;
         let max_len = req.prompt.len() + req.max_new_tokens;
+        self.backend.add_sequence(id, max_len)?;
         let mut routes = self.router.new_plan();
-        let router = if self.backend.routes_tokens() {
-            // The router's KV cache lives with the sequence on the device: reserve, then route.
-            self.backend.add_sequence(id, max_len)?;
-            let routed = self
-                .backend
-                .route_logits(&[id], &[&req.prompt])
-                .and_then(|l| {
-                    for r in self.router.routes_from_logits(&l) {
-                        routes.push(&[r])?;
-                    }
-                    Ok(())
-                });
-            if let Err(e) = routed {
-                self.backend.remove_sequence(id);
-                return Err(e);
+        let routed = self.router.open(id, max_len).and_then(|()| {
+            let rows = routes.scope().rows();
+            for list in self.router.route(&[id], &[&req.prompt])? {
+                for token in list.chunks(rows) {
+                    routes.push(token)?;
+                }
             }
-            self.router.new_state(0)
-        } else {
-            let mut router = self.router.new_state(max_len);
-            for r in self.router.route(&mut router, &req.prompt)? {
-                routes.push(&[r])?;
-            }
-            self.backend.add_sequence(id, max_len)?;
-            router
-        };
+            Ok(())
+        });
+        if let Err(e) = routed {
+            self.router.close(id);
+            self.backend.remove_sequence(id);
+            return Err(e);
+        }
         self.next_id += 1;
         let sampler = Sampler::new(req.sampling.clone(), id);
         self.seqs.insert(
@@ -264,7 +253,6 @@ impl Engine {
                 prompt_len: req.prompt.len(),
                 computed: 0,
                 routes,
-                router,
                 sampler,
                 request: req,
             },
@@ -277,6 +265,7 @@ impl Engine {
         let existed = self.seqs.remove(&seq).is_some();
         if existed {
             self.backend.remove_sequence(seq);
+            self.router.close(seq);
         }
         existed
     }
@@ -351,31 +340,24 @@ impl Engine {
             .collect()
     }
 
-    /// Routes each sampled token (one per sequence) in one pass: on the backend's device when it
-    /// runs the router, else on the host.
-    fn route_sampled(&mut self, sampled: &[(SeqId, u32, Vec<f32>)]) -> Result<Vec<TokenRoute>> {
+    /// Routes each sampled token (one per sequence) in one pass, wherever the router runs: one
+    /// row of routes per token (one route, or one per layer).
+    fn route_sampled(
+        &mut self,
+        sampled: &[(SeqId, u32, Vec<f32>)],
+    ) -> Result<Vec<Vec<TokenRoute>>> {
         let tokens: Vec<[u32; 1]> = sampled.iter().map(|&(_, t, _)| [t]).collect();
         let lists: Vec<&[u32]> = tokens.iter().map(|t| t.as_slice()).collect();
         let ids: Vec<SeqId> = sampled.iter().map(|&(seq, ..)| seq).collect();
-        if self.backend.routes_tokens() {
-            let logits = self.backend.route_logits(&ids, &lists)?;
-            let routes = self.router.routes_from_logits(&logits);
-            if routes.len() != sampled.len() {
-                return Err(Error::Internal(format!(
-                    "the backend's router returned {} routes for {} tokens",
-                    routes.len(),
-                    sampled.len()
-                )));
-            }
-            return Ok(routes);
+        let routes = self.router.route(&ids, &lists)?;
+        if routes.len() != sampled.len() {
+            return Err(Error::Internal(format!(
+                "the router returned {} route lists for {} sequences",
+                routes.len(),
+                sampled.len()
+            )));
         }
-        let mut states = in_order(&mut self.seqs, &ids, |s| &mut s.router);
-        Ok(self
-            .router
-            .route_batch(&mut states, &lists)?
-            .into_iter()
-            .flatten()
-            .collect())
+        Ok(routes)
     }
 
     /// Runs one step: for each `(seq, n)` computes the next `n` pending tokens of `seq`; samples a
@@ -440,9 +422,12 @@ impl Engine {
         self.host.sampling += (t1 - t0).as_secs_f64();
         self.host.routing += t1.elapsed().as_secs_f64();
         let mut events = Vec::new();
-        for ((seq, token, row), route) in sampled.into_iter().zip(routes) {
+        for ((seq, token, row), rows) in sampled.into_iter().zip(routes) {
             let s = self.seqs.get_mut(&seq).expect("validated above");
-            s.routes.push(&[route])?;
+            if !rows.is_empty() {
+                s.routes.push(&rows)?;
+            }
+            let route = rows.first().copied().unwrap_or(TokenRoute::single(0));
             s.tokens.push(token);
             let finished = if !s.request.ignore_eos && self.eos.contains(&token) {
                 Some(FinishReason::Eos)

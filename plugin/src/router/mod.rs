@@ -1,8 +1,18 @@
-//! Pre-gating routers: pick every token's experts from the token ids alone, before the backbone runs.
+//! Routers: what picks every token's experts.
 //!
-//! [`ReadMeRouter`] is the Read-ME `cluster_predictor`: one small causal transformer block over its
-//! own embedding table, run on the CPU with a per-request KV cache so a decode step costs one token.
-//! [`dselect`] holds the DSelect-k gate.
+//! Two kinds exist ([`RouterKind`]). A **pre-gate** router routes from the token ids alone, before
+//! the backbone runs: the Read-ME `cluster_predictor` ([`ReadMeRouter`], one small causal block
+//! over its own embedding table with a per-request KV cache) and the DSelect-k static gate
+//! ([`StaticGateRouter`]). Every layer's experts are then known ahead, which the lookahead
+//! batcher and the expert cache's Belady eviction and prefetch use. An **in-model** gate routes
+//! each layer's hidden state during the forward pass (the real MoE families); its routes are
+//! known only as the layer runs, so the batcher and the cache work without them (see
+//! [`crate::batcher`] and [`crate::cache`]).
+//!
+//! The engine holds a `Box<dyn Router>`. Where a router runs is the router's own option: the
+//! Read-ME router runs on the host ([`HostReadMeRouter`], batched over a step's sequences) or on
+//! a CUDA device (`crate::cuda::CudaReadMeRouter`, f32, with a paged router KV cache), behind
+//! the same trait.
 
 pub mod dselect;
 mod readme;
@@ -10,7 +20,178 @@ mod readme;
 pub(crate) use readme::{check_tokens, ROUTER_EPS};
 pub use readme::{ReadMeRouter, RouterState};
 
-use crate::route::{ExpertId, TokenRoute};
+use std::collections::HashMap;
+
+use crate::engine::SeqId;
+use crate::error::{Error, Result};
+use crate::route::{ExpertId, RoutePlan, RouteScope, TokenRoute};
+
+/// When a router's routes are known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterKind {
+    /// From the token ids, before the backbone runs: routes are known a step ahead.
+    PreGate,
+    /// From each layer's hidden state, inside the forward pass: routes are known as layers run.
+    InModel,
+}
+
+/// A router the engine drives: it keeps each sequence's routing state (e.g. a router KV cache)
+/// from [`Router::open`] to [`Router::close`], and routes a step's new tokens of many sequences
+/// in one call.
+pub trait Router: Send {
+    /// Pre-gate or in-model.
+    fn kind(&self) -> RouterKind;
+
+    /// Routed experts per layer.
+    fn num_experts(&self) -> usize;
+
+    /// Most experts per token.
+    fn top_k(&self) -> usize;
+
+    /// Where it runs (`host`, `cuda:0`), for logs.
+    fn placement(&self) -> String;
+
+    /// An empty route plan of this router's shape.
+    fn new_plan(&self) -> RoutePlan {
+        RoutePlan::new(self.num_experts(), RouteScope::AllLayers)
+    }
+
+    /// Starts the routing state of a sequence of up to `max_len` tokens.
+    fn open(&mut self, seq: SeqId, max_len: usize) -> Result<()>;
+
+    /// Drops a sequence's routing state; unknown ids are ignored.
+    fn close(&mut self, seq: SeqId);
+
+    /// Routes `tokens[i]`, which follow the tokens sequence `seqs[i]` was routed with before: one
+    /// list of token routes per sequence, in order (for a scope of per-layer routes, one route per
+    /// layer for each token). Inputs are checked before any state changes, so on error no
+    /// sequence's state has advanced. An in-model router returns no routes (empty lists).
+    fn route(&mut self, seqs: &[SeqId], tokens: &[&[u32]]) -> Result<Vec<Vec<TokenRoute>>>;
+}
+
+/// The Read-ME router on the host: f32, batched over a step's sequences, one router KV cache
+/// per sequence.
+pub struct HostReadMeRouter {
+    router: ReadMeRouter,
+    states: HashMap<SeqId, RouterState>,
+}
+
+impl HostReadMeRouter {
+    /// Wraps `router`.
+    pub fn new(router: ReadMeRouter) -> Self {
+        HostReadMeRouter {
+            router,
+            states: HashMap::new(),
+        }
+    }
+
+    /// The router itself.
+    pub fn inner(&self) -> &ReadMeRouter {
+        &self.router
+    }
+}
+
+impl Router for HostReadMeRouter {
+    fn kind(&self) -> RouterKind {
+        RouterKind::PreGate
+    }
+
+    fn num_experts(&self) -> usize {
+        self.router.num_experts()
+    }
+
+    fn top_k(&self) -> usize {
+        self.router.top_k()
+    }
+
+    fn placement(&self) -> String {
+        "host".into()
+    }
+
+    fn open(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
+        self.states.insert(seq, self.router.new_state(max_len));
+        Ok(())
+    }
+
+    fn close(&mut self, seq: SeqId) {
+        self.states.remove(&seq);
+    }
+
+    fn route(&mut self, seqs: &[SeqId], tokens: &[&[u32]]) -> Result<Vec<Vec<TokenRoute>>> {
+        let mut states = states_in_order(&mut self.states, seqs)?;
+        self.router.route_batch(&mut states, tokens)
+    }
+}
+
+/// The states of `seqs`, mutably, in that order (each id once, all present).
+fn states_in_order<'a, S>(
+    states: &'a mut HashMap<SeqId, S>,
+    seqs: &[SeqId],
+) -> Result<Vec<&'a mut S>> {
+    if let Some(&missing) = seqs.iter().find(|s| !states.contains_key(s)) {
+        return Err(Error::UnknownSequence(missing));
+    }
+    let order: HashMap<SeqId, usize> = seqs.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+    if order.len() != seqs.len() {
+        return Err(Error::InvalidArgument(
+            "a sequence is routed twice in one call".into(),
+        ));
+    }
+    let mut found: Vec<(usize, &'a mut S)> = states
+        .iter_mut()
+        .filter_map(|(s, st)| order.get(s).map(|&i| (i, st)))
+        .collect();
+    found.sort_unstable_by_key(|&(i, _)| i);
+    Ok(found.into_iter().map(|(_, s)| s).collect())
+}
+
+/// The DSelect-k static gate as a pre-gate router: its selectors and mixing weights are
+/// parameters, so every token gets the same route, known before the backbone runs.
+pub struct StaticGateRouter {
+    route: TokenRoute,
+    experts: usize,
+    top_k: usize,
+}
+
+impl StaticGateRouter {
+    /// A router that routes every token with `gate` (a static gate: no input).
+    pub fn new(gate: &dselect::DSelectGate, experts: usize) -> Result<Self> {
+        let route = gate.route(None)?;
+        Ok(StaticGateRouter {
+            top_k: route.experts().len(),
+            route,
+            experts,
+        })
+    }
+}
+
+impl Router for StaticGateRouter {
+    fn kind(&self) -> RouterKind {
+        RouterKind::PreGate
+    }
+
+    fn num_experts(&self) -> usize {
+        self.experts
+    }
+
+    fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    fn placement(&self) -> String {
+        "host".into()
+    }
+
+    fn open(&mut self, _seq: SeqId, _max_len: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn close(&mut self, _seq: SeqId) {}
+
+    fn route(&mut self, _seqs: &[SeqId], tokens: &[&[u32]]) -> Result<Vec<Vec<TokenRoute>>> {
+        Ok(tokens.iter().map(|t| vec![self.route; t.len()]).collect())
+    }
+}
 
 /// Routes one token from its router logits: top-1 (argmax, weight 1) or top-k with softmax weights
 /// over the k selected logits. Ties go to the lower expert index.
@@ -28,7 +209,8 @@ pub fn select_top_k(logits: &[f32], k: usize) -> TokenRoute {
     let sum: f32 = exps.iter().sum();
     let experts: Vec<ExpertId> = idx.iter().map(|&i| i as ExpertId).collect();
     let weights: Vec<f32> = exps.iter().map(|e| e / sum).collect();
-    TokenRoute::new(&experts, &weights).expect("k distinct experts within MAX_TOP_K")
+    // k distinct indices of at most MAX_EXPERTS logits; a longer row is cut to what routes hold.
+    TokenRoute::new(&experts, &weights).unwrap_or_else(|_| TokenRoute::single(experts[0]))
 }
 
 #[cfg(test)]

@@ -244,6 +244,7 @@ impl crate::engine::Backend for Recording {
 fn cpu_with_cache(m: &ModelDir, per_layer: usize) -> crate::engine::cpu::CpuBackend {
     let (backbone, _) = crate::engine::cpu::BackboneWeights::split(m.load_weights().unwrap());
     crate::engine::cpu::CpuBackend::new(m.config.clone(), backbone)
+        .unwrap()
         .with_expert_cache(
             crate::engine::ExpertCapacity::PerLayer(per_layer),
             crate::cache::EvictionPolicy::Belady,
@@ -262,6 +263,7 @@ fn the_loop_prepares_every_step_with_its_lookahead() {
     };
     let w = m.load_weights().unwrap();
     let router = crate::router::ReadMeRouter::new(w.router, &m.config);
+    let router = Box::new(crate::router::HostReadMeRouter::new(router));
     let engine = Engine::new(Box::new(backend), router);
     let cfg = ServeConfig {
         batcher: BatcherConfig {

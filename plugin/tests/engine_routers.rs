@@ -1,84 +1,66 @@
-//! The engine with a backend that runs the router itself (as the CUDA backend does with
-//! `--router device`): prompts are routed after the sequence is reserved, each step's sampled
-//! tokens are routed in one pass, the routes and tokens equal the host router's, and a routing
-//! error loses nothing. The "device" here is the host router behind the backend interface, so the
-//! engine's side is checked without a GPU; `gpu_engine.rs` checks the CUDA router itself.
+//! The engine with a router of its own kind (as the CUDA router is, with `--router device`): the
+//! engine drives any [`Router`] the same way. Prompts are routed after the sequence is reserved,
+//! each step's sampled tokens are routed in one pass, the routes and tokens equal the plain host
+//! engine's, and a routing error loses nothing. The router here is the host router behind a
+//! counting, failure-injecting wrapper, so the engine's side is checked without a GPU;
+//! `gpu_engine.rs` checks the CUDA router itself.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use pregate::config::ModelConfig;
 use pregate::engine::cpu::{BackboneWeights, CpuBackend};
-use pregate::engine::{
-    open_engine, Backend, Device, Engine, ForwardChunk, GenerationRequest, Lookahead, SeqId,
-};
+use pregate::engine::{open_engine, Device, Engine, GenerationRequest, SeqId};
 use pregate::model::ModelDir;
-use pregate::router::{ReadMeRouter, RouterState};
+use pregate::route::TokenRoute;
+use pregate::router::{HostReadMeRouter, ReadMeRouter, Router, RouterKind};
 use pregate::{Error, Result};
 
 fn model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fused_f32/model")
 }
 
-/// The CPU backbone plus a router keyed by sequence, like a device's.
-struct RoutingBackend {
-    inner: CpuBackend,
-    router: ReadMeRouter,
-    states: HashMap<SeqId, RouterState>,
+/// The host router, counting its passes and the sequences it holds, failing on demand.
+struct CountingRouter {
+    inner: HostReadMeRouter,
     passes: Arc<AtomicUsize>,
     fail_next: Arc<AtomicBool>,
     /// Sequences holding router state.
     live: Arc<AtomicUsize>,
+    open: std::collections::HashSet<SeqId>,
 }
 
-impl Backend for RoutingBackend {
-    fn device_name(&self) -> String {
-        "routing-test".into()
+impl Router for CountingRouter {
+    fn kind(&self) -> RouterKind {
+        self.inner.kind()
     }
-    fn config(&self) -> &ModelConfig {
-        self.inner.config()
+    fn num_experts(&self) -> usize {
+        self.inner.num_experts()
     }
-    fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
-        self.inner.add_sequence(seq, max_len)?;
-        self.states.insert(seq, self.router.new_state(max_len));
-        self.live.store(self.states.len(), Ordering::SeqCst);
+    fn top_k(&self) -> usize {
+        self.inner.top_k()
+    }
+    fn placement(&self) -> String {
+        "counting-test".into()
+    }
+    fn open(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
+        self.inner.open(seq, max_len)?;
+        self.open.insert(seq);
+        self.live.store(self.open.len(), Ordering::SeqCst);
         Ok(())
     }
-    fn remove_sequence(&mut self, seq: SeqId) {
-        self.inner.remove_sequence(seq);
-        self.states.remove(&seq);
-        self.live.store(self.states.len(), Ordering::SeqCst);
+    fn close(&mut self, seq: SeqId) {
+        self.inner.close(seq);
+        self.open.remove(&seq);
+        self.live.store(self.open.len(), Ordering::SeqCst);
     }
-    fn forward(&mut self, chunks: &[ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>> {
-        self.inner.forward(chunks)
-    }
-    fn prepare(&mut self, lookahead: &Lookahead) -> Result<()> {
-        self.inner.prepare(lookahead)
-    }
-    fn routes_tokens(&self) -> bool {
-        true
-    }
-    fn route_logits(&mut self, seqs: &[SeqId], tokens: &[&[u32]]) -> Result<Vec<f32>> {
+    fn route(&mut self, seqs: &[SeqId], tokens: &[&[u32]]) -> Result<Vec<Vec<TokenRoute>>> {
         if self.fail_next.swap(false, Ordering::SeqCst) {
             return Err(Error::Device("injected router failure".into()));
         }
         self.passes.fetch_add(1, Ordering::SeqCst);
-        let mut taken = Vec::new();
-        for s in seqs {
-            match self.states.remove(s) {
-                Some(st) => taken.push((*s, st)),
-                None => {
-                    self.states.extend(taken);
-                    return Err(Error::UnknownSequence(*s));
-                }
-            }
-        }
-        let mut refs: Vec<&mut RouterState> = taken.iter_mut().map(|(_, st)| st).collect();
-        let out = self.router.logits_batch(&mut refs, tokens);
-        self.states.extend(taken);
-        out
+        self.inner.route(seqs, tokens)
     }
 }
 
@@ -98,16 +80,16 @@ fn routing_engine() -> (Engine, Handles) {
     let passes = Arc::new(AtomicUsize::new(0));
     let fail = Arc::new(AtomicBool::new(false));
     let live = Arc::new(AtomicUsize::new(0));
-    let backend = RoutingBackend {
-        inner: CpuBackend::new(m.config.clone(), backbone),
-        router: router(&m),
-        states: HashMap::new(),
+    let router = CountingRouter {
+        inner: HostReadMeRouter::new(router(&m)),
         passes: passes.clone(),
         fail_next: fail.clone(),
         live: live.clone(),
+        open: Default::default(),
     };
+    let backend = CpuBackend::new(m.config.clone(), backbone).unwrap();
     let h = Handles { passes, fail, live };
-    (Engine::new(Box::new(backend), router(&m)), h)
+    (Engine::new(Box::new(backend), Box::new(router)), h)
 }
 
 fn req(prompt: &[u32], n: usize) -> GenerationRequest {
@@ -150,7 +132,7 @@ fn run(e: &mut Engine, passes: Option<&AtomicUsize>) -> Vec<(u64, u32, Vec<u16>)
 }
 
 #[test]
-fn routes_from_the_backend_equal_the_host_routers_and_are_batched_per_step() {
+fn a_routers_routes_equal_the_host_engines_and_are_batched_per_step() {
     let mut host = open_engine(&ModelDir::open(&model()).unwrap(), Device::Cpu).unwrap();
     let expected = run(&mut host, None);
     let (mut dev, h) = routing_engine();

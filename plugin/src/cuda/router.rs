@@ -2,9 +2,9 @@
 //!
 //! The host router reads every sequence's router KV cache once per decode step (4 KiB of f32 per
 //! token of context), so at long contexts and large batches it costs the host a large share of a
-//! device step, with the device idle. Here the same block runs on the backend's compute stream,
-//! from the kernels the backbone uses, with a paged router KV cache beside the backbone's: a
-//! sequence reserves both when it is added. Only the logits (`N` floats per token) come back to the
+//! device step, with the device idle. Here the same block runs on a stream of its own, from the
+//! kernels the backbone uses, with a paged router KV cache of as many tokens as the backbone's:
+//! the engine opens a sequence's router state beside its KV reservation. Only the logits (`N` floats per token) come back to the
 //! host, where [`crate::router::ReadMeRouter::routes_from_logits`] picks the experts exactly as the
 //! host router does, since the batcher and the expert cache need the routes on the host before the
 //! next step is launched.
@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use pregate_kernels::{AttentionShape, Blas, KernelSet, PagedKvLayout};
 
 use super::dev;
@@ -23,7 +23,8 @@ use crate::config::ModelConfig;
 use crate::engine::SeqId;
 use crate::error::{Error, Result};
 use crate::model::weights::{Linear, RouterWeights};
-use crate::router::{check_tokens, ROUTER_EPS};
+use crate::route::TokenRoute;
+use crate::router::{check_tokens, select_top_k, Router, RouterKind, ROUTER_EPS};
 
 /// A linear layer on the device: `[out, in]` weight and `[out]` bias.
 struct DeviceLinear {
@@ -363,6 +364,93 @@ impl DeviceRouter {
             }
         }
         Ok(host)
+    }
+}
+
+/// The Read-ME router on a CUDA device, as a [`Router`]: its own stream and cuBLAS handle, the
+/// backbone's compiled kernels, and the experts picked on the host from the logits read back
+/// (exactly as the host router picks them).
+pub struct CudaReadMeRouter {
+    stream: Arc<CudaStream>,
+    kernels: Arc<KernelSet>,
+    blas: Blas,
+    router: DeviceRouter,
+    top_k: usize,
+    device: String,
+}
+
+impl CudaReadMeRouter {
+    /// Uploads the router `w` of model `cfg` to the device of `ctx`, with a router KV cache of
+    /// `kv_tokens` tokens in blocks of `block_size`.
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        kernels: Arc<KernelSet>,
+        w: &RouterWeights,
+        cfg: &ModelConfig,
+        kv_tokens: usize,
+        block_size: usize,
+    ) -> Result<Self> {
+        let stream = ctx.new_stream().map_err(dev)?;
+        let blas = Blas::new(&stream).map_err(dev)?;
+        let router = DeviceRouter::new(&stream, w, cfg, kv_tokens, block_size)?;
+        stream.synchronize().map_err(dev)?;
+        Ok(CudaReadMeRouter {
+            stream,
+            kernels,
+            blas,
+            router,
+            top_k: cfg.router_top_k.max(1),
+            device: format!("cuda:{}", ctx.ordinal()),
+        })
+    }
+
+    /// The router logits (`[sum T_i, N]`) of `tokens[i]` following sequence `seqs[i]`'s earlier
+    /// tokens (what [`Router::route`] selects from).
+    pub fn logits(&mut self, seqs: &[SeqId], tokens: &[&[u32]]) -> Result<Vec<f32>> {
+        let out = self
+            .router
+            .logits(&self.stream, &self.kernels, &self.blas, seqs, tokens);
+        if out.is_err() {
+            // Leave the device idle and consistent; the error is what the caller sees.
+            let _ = self.stream.synchronize();
+        }
+        out
+    }
+}
+
+impl Router for CudaReadMeRouter {
+    fn kind(&self) -> RouterKind {
+        RouterKind::PreGate
+    }
+
+    fn num_experts(&self) -> usize {
+        self.router.n_experts
+    }
+
+    fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    fn placement(&self) -> String {
+        self.device.clone()
+    }
+
+    fn open(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
+        self.router.add(seq, max_len)
+    }
+
+    fn close(&mut self, seq: SeqId) {
+        self.router.remove(seq);
+    }
+
+    fn route(&mut self, seqs: &[SeqId], tokens: &[&[u32]]) -> Result<Vec<Vec<TokenRoute>>> {
+        let logits = self.logits(seqs, tokens)?;
+        let n = self.router.n_experts;
+        let mut rows = logits.chunks_exact(n).map(|l| select_top_k(l, self.top_k));
+        Ok(tokens
+            .iter()
+            .map(|t| rows.by_ref().take(t.len()).collect())
+            .collect())
     }
 }
 

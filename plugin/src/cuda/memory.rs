@@ -22,7 +22,7 @@ use cudarc::driver::{
     result as cu, CudaContext, CudaEvent, CudaSlice, CudaStream, CudaView, DevicePtr,
 };
 
-use super::backend::{LoadTicket, MemoryBackend};
+use crate::cache::{LoadTicket, MemoryBackend};
 use crate::error::{Error, Result};
 
 fn dev(e: impl std::fmt::Display) -> Error {
@@ -37,8 +37,10 @@ pub struct CudaExpertMemory {
     slots: Vec<CudaSlice<u8>>,
     loaded: Vec<CudaEvent>,
     released: Vec<CudaEvent>,
-    /// A copy into the slot was issued that the compute stream has not waited for yet.
-    pending: Vec<bool>,
+    /// Per slot, the streams that have waited for its last copy: a stream not in the list must
+    /// wait before it reads the slot (the runtime may compute on a caller's stream that changes
+    /// from call to call). Emptied by each new copy.
+    waited: Vec<Vec<usize>>,
     next_ticket: u64,
     bytes_copied: u64,
 }
@@ -58,7 +60,7 @@ impl CudaExpertMemory {
             slots: Vec::new(),
             loaded: Vec::new(),
             released: Vec::new(),
-            pending: Vec::new(),
+            waited: Vec::new(),
             next_ticket: 0,
             bytes_copied: 0,
         })
@@ -80,18 +82,20 @@ impl CudaExpertMemory {
     }
 
     /// Orders `compute` after the last copy into `slot`; returns whether it had to wait (a copy
-    /// was pending). Call before the first kernel that reads the slot.
+    /// was pending that `compute` had not waited for). Call before the first kernel that reads the
+    /// slot on `compute`.
     pub fn acquire(&mut self, slot: usize, compute: &CudaStream) -> Result<bool> {
         let n = self.slots.len();
-        let pending = self
-            .pending
+        let waited = self
+            .waited
             .get_mut(slot)
             .ok_or_else(|| Error::InvalidArgument(format!("slot {slot} is outside 0..{n}")))?;
-        if !*pending {
+        let id = compute.cu_stream() as usize;
+        if waited.contains(&id) {
             return Ok(false);
         }
         compute.wait(&self.loaded[slot]).map_err(dev)?;
-        *pending = false;
+        waited.push(id);
         Ok(true)
     }
 
@@ -128,7 +132,7 @@ impl MemoryBackend for CudaExpertMemory {
         self.slots.clear();
         self.loaded.clear();
         self.released.clear();
-        self.pending.clear();
+        self.waited.clear();
         let want = slots as u64 * slot_bytes as u64;
         let free = self.free_bytes()?;
         if want > free {
@@ -147,7 +151,7 @@ impl MemoryBackend for CudaExpertMemory {
             self.slots.push(s);
             self.loaded.push(self.ctx.new_event(None).map_err(dev)?);
             self.released.push(self.ctx.new_event(None).map_err(dev)?);
-            self.pending.push(false);
+            self.waited.push(Vec::new());
         }
         // The allocations are stream-ordered on the copy stream; compute may use them at once.
         self.copy.synchronize().map_err(dev)?;
@@ -177,7 +181,7 @@ impl MemoryBackend for CudaExpertMemory {
         // owns this memory, and pageable ones are staged by the driver before this call returns).
         unsafe { cu::memcpy_htod_async(dst, bytes, self.copy.cu_stream()) }.map_err(dev)?;
         self.loaded[slot].record(&self.copy).map_err(dev)?;
-        self.pending[slot] = true;
+        self.waited[slot].clear();
         self.bytes_copied += bytes.len() as u64;
         self.next_ticket += 1;
         Ok(LoadTicket(self.next_ticket))

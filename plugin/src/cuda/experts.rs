@@ -1,0 +1,538 @@
+//! The CUDA expert runtime: routed experts in device slots, per layer, on the caller's stream.
+//!
+//! Units (one expert of one layer: `gate_up [2I, H]` then `down [H, I]`, contiguous) live in equal
+//! device slots of [`CudaExpertMemory`], filled on the runtime's own copy stream from one
+//! page-locked host copy of every expert ([`PinnedExperts`]); when every expert fits, the slots are
+//! filled once at start and never evicted. A layer call permutes its tokens by expert, runs the
+//! expert FFNs (in waves when the layer uses more experts than it has slots), combines them with
+//! their weights into `out`, and adds the shared expert if the layer has one.
+//!
+//! Streams: compute goes on the stream each call is given (the backbone's compute stream, or a
+//! host framework's current stream, borrowed); loads go on the copy stream. Each slot's `loaded`
+//! event orders a reader after its copy (per reading stream), and its `released` event orders a
+//! later copy into the slot after every kernel that read it, so no call synchronises the host.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream};
+use pregate_kernels::{Blas, ExpertPlan, ExpertWeights, FfnDims, KernelSet, MoePermutation};
+
+use super::dev;
+use super::memory::CudaExpertMemory;
+use super::weights::UnitShape;
+use super::weights::{pack_ffn, upload, upload_stacked, DeviceElem, OneUnit, PinnedExperts};
+use crate::cache::{
+    EvictionPolicy, ExpertCache, ExpertCapacity, ExpertStore, Lookup, MemoryBackend,
+    PrefetchPlanner, StepExperts, Unit,
+};
+use crate::error::{Error, Result};
+use crate::model::{names, ExpertLayout, ModelDir};
+use crate::moe::{run_waves, MoeShape, RuntimeStats};
+use crate::route::TokenRoute;
+
+/// How a [`CudaExperts`] keeps its experts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExpertSetup {
+    /// Capacity of the device slots.
+    pub capacity: ExpertCapacity,
+    /// Eviction policy.
+    pub policy: EvictionPolicy,
+    /// Issue a plan's loads ahead of use; off = load on demand.
+    pub prefetch: bool,
+    /// Time the compute stream's waits for expert loads (adds two events per wait).
+    pub measure_stalls: bool,
+}
+
+/// Per-call buffers, grown to the largest call seen.
+struct Workspace<T> {
+    pairs: usize,
+    x_perm: CudaSlice<T>,
+    gate_up: CudaSlice<T>,
+    act: CudaSlice<T>,
+    y_perm: CudaSlice<T>,
+    /// The shared expert's output, `[tokens, H]`.
+    y: CudaSlice<T>,
+    perm: MoePermutation,
+    ids: CudaSlice<i32>,
+    weights: CudaSlice<f32>,
+}
+
+/// The routes last uploaded and permuted, and the stream that did it: a layer with the same routes
+/// on the same stream (Read-ME's shared routes) reuses the permutation.
+struct Uploaded {
+    ids: Vec<i32>,
+    weights: Vec<f32>,
+    stream: usize,
+    plan: ExpertPlan,
+}
+
+/// The routed and shared experts of every MoE layer on one CUDA device.
+pub struct CudaExperts<T: DeviceElem> {
+    shape: MoeShape,
+    ctx: Arc<CudaContext>,
+    kernels: Arc<KernelSet>,
+    blas: Blas,
+    units: Vec<UnitShape>,
+    shared: Vec<Option<(CudaSlice<T>, CudaSlice<T>)>>,
+    shared_inter: usize,
+    store: ExpertStore<CudaExpertMemory>,
+    source: Option<PinnedExperts>,
+    planner: PrefetchPlanner,
+    setup: ExpertSetup,
+    stalls: Vec<(CudaEvent, CudaEvent)>,
+    ws: Option<Workspace<T>>,
+    uploaded: Option<Uploaded>,
+    stats: RuntimeStats,
+}
+
+impl<T: DeviceElem> CudaExperts<T> {
+    /// Loads the experts of `model` onto the device of `stream` (which also carries the shared
+    /// experts' upload), serving routes of up to the model's `router_top_k` experts per token.
+    pub fn new(
+        model: &ModelDir,
+        kernels: Arc<KernelSet>,
+        stream: &Arc<CudaStream>,
+        setup: ExpertSetup,
+    ) -> Result<Self> {
+        let cfg = &model.config;
+        let ck = &model.checkpoint;
+        let ctx = stream.context().clone();
+        let (h, nl, ne) = (cfg.hidden_size, cfg.num_hidden_layers, cfg.n_cluster);
+        let elem = std::mem::size_of::<T>();
+        let mut units = Vec::with_capacity(nl);
+        let mut shared = Vec::with_capacity(nl);
+        let mut shared_inter = 0;
+        for l in 0..nl {
+            let gate = ck.tensor(&names::expert_tensor_names(l, 0)[0])?;
+            let inter = gate.shape.first().copied().unwrap_or(0);
+            units.push(UnitShape {
+                hidden: h,
+                inter,
+                elem,
+            });
+            shared.push(if model.layout == ExpertLayout::Residual {
+                let sn = names::shared_tensor_names(l);
+                let ir = ck.tensor(&sn[0])?.shape[0];
+                shared_inter = shared_inter.max(ir);
+                let gu = upload_stacked::<T>(stream, ck, &[(&sn[0], ir), (&sn[1], ir)], h)?;
+                Some((gu, upload::<T>(stream, ck, &sn[2], &[h, ir])?))
+            } else {
+                None
+            });
+        }
+        let copy = ctx.new_stream().map_err(dev)?;
+        let unit_bytes = units.iter().map(UnitShape::bytes).max().unwrap_or(1) as u64;
+        let memory = CudaExpertMemory::new(&ctx, &copy)?;
+        let cache = setup
+            .capacity
+            .build_cache(nl, ne, unit_bytes, setup.policy, || memory.free_bytes())?;
+        let all_resident = cache.capacity() >= nl * ne;
+        let mut store = ExpertStore::new(cache, memory)?;
+        let source = if all_resident {
+            // Fill every slot once from pageable memory; nothing is ever evicted.
+            let mut one = OneUnit(Vec::new());
+            for (l, &unit) in units.iter().enumerate() {
+                one.0.resize(unit.bytes(), 0);
+                for e in 0..ne {
+                    pack_ffn::<T>(ck, &names::expert_tensor_names(l, e), unit, &mut one.0)?;
+                    let u = Unit::new(l, e as u16);
+                    store.cache_mut().prefetch(u)?;
+                    let slot = store
+                        .cache()
+                        .slot_of(u)
+                        .ok_or_else(|| Error::Internal("prefetched unit has no slot".into()))?;
+                    store.memory_mut().load(slot, &one.0)?;
+                }
+            }
+            None
+        } else {
+            Some(PinnedExperts::new::<T>(&ctx, ck, cfg, &units)?)
+        };
+        copy.synchronize().map_err(dev)?;
+        stream.synchronize().map_err(dev)?;
+        Ok(CudaExperts {
+            shape: MoeShape {
+                layers: nl,
+                experts: ne,
+                top_k: cfg.router_top_k.max(1),
+                hidden: h,
+            },
+            blas: Blas::new(stream).map_err(dev)?,
+            ctx,
+            kernels,
+            units,
+            shared,
+            shared_inter,
+            store,
+            source,
+            planner: PrefetchPlanner::default(),
+            setup,
+            stalls: Vec::new(),
+            ws: None,
+            uploaded: None,
+            stats: RuntimeStats::default(),
+        })
+    }
+
+    /// The shape calls are checked against.
+    pub fn shape(&self) -> MoeShape {
+        self.shape
+    }
+
+    /// The cache (residency and counters).
+    pub fn cache(&self) -> &ExpertCache {
+        self.store.cache()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> RuntimeStats {
+        self.stats
+    }
+
+    /// Bytes copied into expert slots so far.
+    pub fn bytes_copied(&self) -> u64 {
+        self.store.memory().bytes_copied()
+    }
+
+    /// Whether waits for expert loads are timed.
+    pub fn measures_stalls(&self) -> bool {
+        self.setup.measure_stalls
+    }
+
+    /// Whether the experts are offloaded (a page-locked host copy feeds the slots).
+    pub fn offloaded(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// Checks one layer call of `routes.len()` tokens without running it.
+    pub fn check(&self, layer: usize, routes: &[TokenRoute]) -> Result<()> {
+        let n = routes.len() * self.shape.hidden;
+        self.shape.check_layer(layer, routes, n, n).map(|_| ())
+    }
+
+    /// Plans the coming steps (nearest first): sets Belady's next uses and issues the loads of the
+    /// units they need on the copy stream, nearest deadline first, as far as the cache admits them
+    /// without evicting a unit needed sooner. Returns the loads issued.
+    pub fn plan(&mut self, steps: &[StepExperts]) -> Result<usize> {
+        let Some(src) = self.source.as_ref().filter(|_| self.setup.prefetch) else {
+            return Ok(0);
+        };
+        let (cache, memory) = self.store.parts_mut();
+        let plan = self.planner.plan_into(cache, steps);
+        for p in &plan {
+            let slot = cache
+                .slot_of(p.unit)
+                .ok_or_else(|| Error::Internal("planned unit has no slot".into()))?;
+            memory.load(slot, crate::cache::ExpertSource::unit_bytes(src, p.unit)?)?;
+        }
+        self.stats.prefetches += plan.len() as u64;
+        Ok(plan.len())
+    }
+
+    fn ensure_workspace(&mut self, tokens: usize, stream: &Arc<CudaStream>) -> Result<()> {
+        let pairs = tokens * self.shape.top_k;
+        if self.ws.as_ref().is_some_and(|w| w.pairs >= pairs) {
+            return Ok(());
+        }
+        let pairs = pairs.max(16 * self.shape.top_k);
+        let tokens = pairs / self.shape.top_k;
+        // Release the old buffers only once the work that uses them is done.
+        stream.synchronize().map_err(dev)?;
+        self.ws = None;
+        self.uploaded = None;
+        let h = self.shape.hidden;
+        let inter = self
+            .units
+            .iter()
+            .map(|u| u.inter)
+            .max()
+            .unwrap_or(0)
+            .max(self.shared_inter);
+        let alloc = |n: usize| -> Result<CudaSlice<T>> {
+            stream
+                .alloc_zeros::<T>(n.max(1))
+                .map_err(|e| Error::Capacity(format!("expert workspace of {n} elements: {e}")))
+        };
+        self.ws = Some(Workspace {
+            pairs,
+            x_perm: alloc(pairs * h)?,
+            gate_up: alloc(pairs * 2 * inter)?,
+            act: alloc(pairs * inter)?,
+            y_perm: alloc(pairs * h)?,
+            y: alloc(tokens * h)?,
+            perm: MoePermutation::new(stream, pairs, self.shape.experts).map_err(dev)?,
+            ids: stream.alloc_zeros::<i32>(pairs).map_err(dev)?,
+            weights: stream.alloc_zeros::<f32>(pairs).map_err(dev)?,
+        });
+        Ok(())
+    }
+
+    /// The experts of `layer` for the first `routes.len()` rows of `x` (`[T, H]`, the layer's
+    /// normed hidden states): `out[t] = sum_j w_j FFN_{e_j}(x[t])` plus the shared expert, written
+    /// over `out` or, with `accumulate`, added to it (the residual stream). All work is enqueued on
+    /// `stream` (which may be borrowed from a host framework); the host is not synchronised.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_layer(
+        &mut self,
+        layer: usize,
+        x: &CudaSlice<T>,
+        routes: &[TokenRoute],
+        out: &mut CudaSlice<T>,
+        accumulate: bool,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        let (n, h, k, ne) = (
+            routes.len(),
+            self.shape.hidden,
+            self.shape.top_k,
+            self.shape.experts,
+        );
+        if x.len() < n * h || out.len() < n * h {
+            return Err(Error::InvalidArgument(format!(
+                "layer {layer}: {n} routes need x and out of at least {} values, got {} and {}",
+                n * h,
+                x.len(),
+                out.len()
+            )));
+        }
+        let used = self.shape.check_layer(layer, routes, n * h, n * h)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ensure_workspace(n, stream)?;
+        self.blas.set_stream(stream).map_err(dev)?;
+        let np = n * k;
+        let mut ids = Vec::with_capacity(np);
+        let mut weights = Vec::with_capacity(np);
+        for r in routes {
+            for j in 0..k {
+                match (r.experts().get(j), r.weights().get(j)) {
+                    (Some(&e), Some(&w)) => {
+                        ids.push(e as i32);
+                        weights.push(w);
+                    }
+                    _ => {
+                        ids.push(-1);
+                        weights.push(0.0);
+                    }
+                }
+            }
+        }
+        let ws = self
+            .ws
+            .as_mut()
+            .ok_or_else(|| Error::Internal("no expert workspace".into()))?;
+        let sid = stream.cu_stream() as usize;
+        let same = self
+            .uploaded
+            .as_ref()
+            .is_some_and(|u| u.stream == sid && u.ids == ids && u.weights == weights);
+        if !same {
+            stream
+                .memcpy_htod(&ids, &mut ws.ids.slice_mut(..np))
+                .map_err(dev)?;
+            stream
+                .memcpy_htod(&weights, &mut ws.weights.slice_mut(..np))
+                .map_err(dev)?;
+            self.kernels
+                .moe_permute(stream, &ws.ids.slice(..np), np, &mut ws.perm)
+                .map_err(dev)?;
+            let plan = ExpertPlan::from_ids(&ids, ne);
+            self.uploaded = Some(Uploaded {
+                ids,
+                weights,
+                stream: sid,
+                plan,
+            });
+        }
+        let plan = &self
+            .uploaded
+            .as_ref()
+            .ok_or_else(|| Error::Internal("no uploaded routes".into()))?
+            .plan;
+        let kk = &self.kernels;
+        kk.moe_gather::<T>(stream, x, &ws.perm, n, k, h, &mut ws.x_perm)
+            .map_err(dev)?;
+        let unit = self.units[layer];
+        let dims = FfnDims {
+            hidden: h,
+            inter: unit.inter,
+        };
+        let (source, measure) = (self.source.as_ref(), self.setup.measure_stalls);
+        let (blas, ctx, stalls) = (&mut self.blas, &self.ctx, &mut self.stalls);
+        let (cache, memory) = self.store.parts_mut();
+        let waves = run_waves(cache, layer, &used, |cache, wave, lookups| {
+            let mut slots = Vec::with_capacity(wave.len());
+            for (&u, lookup) in wave.iter().zip(lookups) {
+                let slot = match *lookup {
+                    Lookup::Hit { slot } => slot,
+                    Lookup::Miss { slot, .. } => {
+                        let src = source.ok_or_else(|| {
+                            Error::Internal("an all-resident expert cache missed".into())
+                        })?;
+                        memory.load(slot, crate::cache::ExpertSource::unit_bytes(src, u)?)?;
+                        slot
+                    }
+                };
+                acquire(memory, ctx, stream, slot, measure, stalls)?;
+                slots.push(slot);
+            }
+            let _ = cache;
+            let views = slots
+                .iter()
+                .map(|&s| memory.view::<T>(s, unit.gate_up_len() + unit.down_len()))
+                .collect::<Result<Vec<_>>>()?;
+            let parts: Vec<_> = views
+                .iter()
+                .map(|v| (v.slice(..unit.gate_up_len()), v.slice(unit.gate_up_len()..)))
+                .collect();
+            let mut experts: Vec<Option<ExpertWeights<'_, T>>> = vec![None; ne];
+            let mut wave_plan = ExpertPlan {
+                counts: vec![0; ne],
+                offsets: plan.offsets.clone(),
+            };
+            for (i, u) in wave.iter().enumerate() {
+                let e = u.expert as usize;
+                experts[e] = Some(ExpertWeights {
+                    gate_up: &parts[i].0,
+                    down: &parts[i].1,
+                });
+                wave_plan.counts[e] = plan.counts[e];
+            }
+            blas.expert_ffn::<T>(
+                kk,
+                &wave_plan,
+                &experts,
+                dims,
+                &ws.x_perm,
+                &mut ws.gate_up,
+                &mut ws.act,
+                &mut ws.y_perm,
+            )
+            .map_err(dev)?;
+            for &slot in &slots {
+                memory.release(slot, stream)?;
+            }
+            Ok(())
+        })?;
+        kk.moe_combine::<T>(
+            stream,
+            &ws.y_perm,
+            &ws.perm,
+            &ws.weights.slice(..np),
+            n,
+            k,
+            h,
+            out,
+            accumulate,
+        )
+        .map_err(dev)?;
+        if let Some((gu, dn)) = &self.shared[layer] {
+            let splan = ExpertPlan {
+                counts: vec![n],
+                offsets: vec![0, n],
+            };
+            let weights = [Some(ExpertWeights {
+                gate_up: gu,
+                down: dn,
+            })];
+            let dims = FfnDims {
+                hidden: h,
+                inter: self.shared_inter,
+            };
+            self.blas
+                .expert_ffn::<T>(
+                    kk,
+                    &splan,
+                    &weights,
+                    dims,
+                    x,
+                    &mut ws.gate_up,
+                    &mut ws.act,
+                    &mut ws.y,
+                )
+                .map_err(dev)?;
+            kk.add::<T>(stream, out, &ws.y, n * h).map_err(dev)?;
+        }
+        self.stats.layer_calls += 1;
+        self.stats.waves += waves;
+        Ok(())
+    }
+
+    /// Ends a step: the step's pins are released, and the stall time of completed waits is added
+    /// to the counters.
+    pub fn end_step(&mut self) {
+        self.store.cache_mut().unpin_all();
+        let mut stall = 0.0;
+        self.stalls.retain(|(a, b)| {
+            if !b.is_complete() {
+                return true;
+            }
+            stall += a.elapsed_ms(b).unwrap_or(0.0) as f64 / 1e3;
+            false
+        });
+        self.stats.stall_seconds += stall;
+    }
+
+    /// Replaces the cache with a new, empty one of `setup` (benchmarks compare setups without
+    /// reloading the model). Only an offloaded runtime keeps the host copy this needs. Waits for
+    /// `stream` and the copy stream first.
+    pub fn reconfigure(&mut self, setup: ExpertSetup, stream: &Arc<CudaStream>) -> Result<()> {
+        if self.source.is_none() {
+            return Err(Error::InvalidArgument(
+                "the expert cache of an all-resident runtime cannot be reconfigured".into(),
+            ));
+        }
+        stream.synchronize().map_err(dev)?;
+        let copy = self.store.memory().copy_stream().clone();
+        copy.synchronize().map_err(dev)?;
+        let (nl, ne) = (self.shape.layers, self.shape.experts);
+        let unit_bytes = self.units.iter().map(UnitShape::bytes).max().unwrap_or(1) as u64;
+        // Free the old slots before allocating the new ones.
+        let empty = ExpertCache::new(nl, ne, 1, unit_bytes, setup.policy, 0)?;
+        self.store = ExpertStore::new(empty, CudaExpertMemory::new(&self.ctx, &copy)?)?;
+        let memory = CudaExpertMemory::new(&self.ctx, &copy)?;
+        let cache = setup
+            .capacity
+            .build_cache(nl, ne, unit_bytes, setup.policy, || memory.free_bytes())?;
+        self.store = ExpertStore::new(cache, memory)?;
+        self.setup = setup;
+        self.uploaded = None;
+        Ok(())
+    }
+
+    /// Waits for every load issued so far (before the runtime's buffers are dropped).
+    pub fn synchronize(&self) -> Result<()> {
+        self.store.memory().copy_stream().synchronize().map_err(dev)
+    }
+}
+
+impl<T: DeviceElem> Drop for CudaExperts<T> {
+    fn drop(&mut self) {
+        // Slots must outlive the copies into them; an error here is recorded, never panicked on.
+        let _ = self.synchronize();
+    }
+}
+
+/// Orders `stream` after the load of `slot`, timing the wait when asked.
+fn acquire(
+    memory: &mut CudaExpertMemory,
+    ctx: &Arc<CudaContext>,
+    stream: &Arc<CudaStream>,
+    slot: usize,
+    measure: bool,
+    stalls: &mut Vec<(CudaEvent, CudaEvent)>,
+) -> Result<()> {
+    if !measure {
+        return memory.acquire(slot, stream).map(|_| ());
+    }
+    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let a = ctx.new_event(timing).map_err(dev)?;
+    a.record(stream).map_err(dev)?;
+    if memory.acquire(slot, stream)? {
+        let b = ctx.new_event(timing).map_err(dev)?;
+        b.record(stream).map_err(dev)?;
+        stalls.push((a, b));
+    }
+    Ok(())
+}

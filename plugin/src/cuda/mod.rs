@@ -1,0 +1,277 @@
+//! Everything of the library that runs on an NVIDIA GPU, through `pregate-kernels` (NVRTC kernels
+//! and cuBLAS; CUDA is loaded at run time, so one binary runs on CPU-only and GPU machines alike).
+//!
+//! - **`backend`**: [`CudaBackend`], the engine's backend for a whole model. Dense tensors
+//!   (embedding, attention, norms, lm_head) are uploaded once in the compute type `T` (bf16 for
+//!   serving; f32 for exact comparison with the CPU engine). A step runs decode tokens and prefill
+//!   chunks of many sequences together: per layer RMSNorm, one fused QKV GEMM, RoPE, a KV-cache
+//!   write, paged attention (`kv`), the output GEMM and residual add, RMSNorm, then the layer's
+//!   experts through the expert runtime. Nothing synchronises the host inside a step except the
+//!   final read of the logits.
+//! - **`experts`**: [`CudaExperts`], the expert runtime on the device (see [`crate::moe`]): device
+//!   slots (`memory`: [`CudaExpertMemory`]) filled on a copy stream from a page-locked host copy
+//!   (`weights`), waves, prefetch, permute -> grouped expert FFN -> weighted combine, on whatever
+//!   stream each call is given.
+//! - **`router`**: [`CudaReadMeRouter`], the Read-ME router on the device (f32, a paged router KV
+//!   cache, only the logits read back), a [`crate::router::Router`] like the host one.
+//!
+//! **Context and streams.** pregate uses the device's *primary* context, the one the CUDA runtime
+//! (and so torch) uses, so device pointers and streams of a host framework in the same process are
+//! valid here. It changes no setting of that context (flags, limits, cache config). cudarc's
+//! automatic event tracking is switched off on pregate's own handle of the context only (a flag
+//! of that Rust object, not of the driver): pregate orders its streams itself with events. Each
+//! backend has a compute stream; each expert runtime a copy stream; a caller may pass its own
+//! (borrowed) stream to the runtime's layer calls, and the runtime orders its copies against
+//! whichever stream reads a slot.
+
+mod backend;
+mod experts;
+mod kv;
+pub mod memory;
+mod router;
+mod weights;
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::CudaContext;
+use half::bf16;
+
+pub use backend::CudaBackend;
+pub use experts::{CudaExperts, ExpertSetup};
+pub use memory::CudaExpertMemory;
+pub use router::CudaReadMeRouter;
+pub use weights::DeviceElem;
+
+use crate::cache::EvictionPolicy;
+use crate::engine::{Backend, Engine};
+use crate::error::{Error, Result};
+use crate::model::ModelDir;
+use crate::router::{HostReadMeRouter, ReadMeRouter, Router};
+
+pub(crate) fn dev(e: impl std::fmt::Display) -> Error {
+    Error::Device(e.to_string())
+}
+
+/// Opens the primary context of device `ordinal` for pregate's use (see the module docs).
+pub fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    let ctx = pregate_kernels::open_device(ordinal).map_err(dev)?;
+    // SAFETY: pregate orders its streams itself (per-slot events, stream order) and frees
+    // nothing while a stream may still use it (drops happen after a synchronisation or are
+    // stream-ordered frees on the allocating stream). The flag is this handle's, not the driver's.
+    unsafe { ctx.disable_event_tracking() };
+    Ok(ctx)
+}
+
+/// The compute type of the CUDA backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CudaDtype {
+    /// bf16 weights and activations, f32 accumulation (serving).
+    #[default]
+    Bf16,
+    /// f32 weights and activations (exact comparison with the CPU engine).
+    F32,
+}
+
+impl std::str::FromStr for CudaDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bf16" | "bfloat16" => Ok(CudaDtype::Bf16),
+            "f32" | "float32" => Ok(CudaDtype::F32),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown CUDA dtype `{s}` (expected bf16 or f32)"
+            ))),
+        }
+    }
+}
+
+/// Where the pre-gating router runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouterPlacement {
+    /// On the host, in f32, batched over a step's sequences (the default).
+    #[default]
+    Host,
+    /// On the backend's device, in f32, with its KV cache beside the backbone's: the host then
+    /// reads back only the logits. The CUDA backend only; the CPU backend's device is the host.
+    /// Experimental: not yet verified on a GPU, hence not the default.
+    Device,
+}
+
+impl std::str::FromStr for RouterPlacement {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "host" | "cpu" => Ok(RouterPlacement::Host),
+            "device" | "gpu" => Ok(RouterPlacement::Device),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown router placement `{s}` (expected host or device)"
+            ))),
+        }
+    }
+}
+
+pub use crate::cache::ExpertCapacity;
+
+/// Options of the CUDA backend.
+#[derive(Debug, Clone)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Compute type.
+    pub dtype: CudaDtype,
+    /// Expert cache capacity.
+    pub experts: ExpertCapacity,
+    /// Eviction policy of the expert cache.
+    pub policy: EvictionPolicy,
+    /// Issue the lookahead's expert loads ahead of use (`prepare`); off = load on demand.
+    pub prefetch: bool,
+    /// KV cache size in tokens; `None`: a quarter of the device memory left after the weights.
+    pub kv_tokens: Option<usize>,
+    /// Tokens per KV block.
+    pub kv_block_size: usize,
+    /// Time the compute stream's waits for expert loads (adds two events per wait).
+    pub measure_stalls: bool,
+    /// Where the pre-gating router runs.
+    pub router: RouterPlacement,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            ordinal: 0,
+            dtype: CudaDtype::Bf16,
+            experts: ExpertCapacity::All,
+            policy: EvictionPolicy::Belady,
+            prefetch: true,
+            kv_tokens: None,
+            kv_block_size: 16,
+            measure_stalls: false,
+            router: RouterPlacement::Host,
+        }
+    }
+}
+
+impl CudaOptions {
+    /// Defaults for device `ordinal`, overridden by the environment (for hosts such as Triton that
+    /// pass no flags; `EngineOptions` and the CLI flags override it in turn):
+    /// `PREGATE_CUDA_DTYPE` (`bf16`, `f32`), `PREGATE_EXPERT_CACHE` (`all`, `N` experts per layer,
+    /// `NGiB`/`NMiB` bytes, or `0.F` of free memory), `PREGATE_CACHE_POLICY` (`belady`, `lru`, ...),
+    /// `PREGATE_PREFETCH` (`0` to load on demand), `PREGATE_KV_TOKENS`, `PREGATE_ROUTER` (`host`,
+    /// `device`).
+    pub fn from_env(ordinal: usize) -> Result<Self> {
+        let mut o = CudaOptions {
+            ordinal,
+            ..CudaOptions::default()
+        };
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if let Some(v) = var("PREGATE_CUDA_DTYPE") {
+            o.dtype = v.parse()?;
+        }
+        if let Some(v) = var("PREGATE_EXPERT_CACHE") {
+            o.experts = v.parse()?;
+        }
+        if let Some(v) = var("PREGATE_CACHE_POLICY") {
+            o.policy = v.parse()?;
+        }
+        if let Some(v) = var("PREGATE_PREFETCH") {
+            o.prefetch = v != "0";
+        }
+        if let Some(v) = var("PREGATE_ROUTER") {
+            o.router = v.parse()?;
+        }
+        if let Some(v) = var("PREGATE_KV_TOKENS") {
+            o.kv_tokens = Some(v.parse().map_err(|_| {
+                Error::InvalidArgument(format!("PREGATE_KV_TOKENS `{v}` is not a number"))
+            })?);
+        }
+        Ok(o)
+    }
+}
+
+/// Counters of the CUDA backend, shared with whoever opened it (benchmarks, metrics).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CudaStats {
+    /// Steps run.
+    pub steps: u64,
+    /// Host wall time of the steps, seconds (each ends with the logits read, so it is device time).
+    pub step_seconds: f64,
+    /// Device time the compute stream spent waiting for expert loads, seconds (with
+    /// [`CudaOptions::measure_stalls`]).
+    pub stall_seconds: f64,
+    /// Expert cache hits.
+    pub hits: u64,
+    /// Expert cache misses (loads on demand).
+    pub misses: u64,
+    /// Loads issued ahead of use by the prefetch plan.
+    pub prefetches: u64,
+    /// Bytes copied into expert slots.
+    pub bytes_loaded: u64,
+}
+
+/// An expert cache setup: capacity, eviction policy, prefetching.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheSetup {
+    /// Capacity.
+    pub experts: ExpertCapacity,
+    /// Eviction policy.
+    pub policy: EvictionPolicy,
+    /// Issue the lookahead's loads ahead of use.
+    pub prefetch: bool,
+}
+
+/// What the opener of a CUDA engine keeps: the backend's counters, and a way to change its
+/// expert cache between steps (benchmarks compare cache setups without reloading the model; the
+/// backend must have been opened offloaded, so that it keeps the pinned host copy of the experts).
+#[derive(Debug, Default)]
+pub struct CudaHandle {
+    /// Counters, updated after every step.
+    pub stats: Mutex<CudaStats>,
+    /// A new cache setup, applied (emptying the cache) before the next step.
+    pub reconfigure: Mutex<Option<CacheSetup>>,
+}
+
+impl CudaHandle {
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> CudaStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+}
+
+/// Opens the model in `model` on the GPU and returns an engine, plus a handle on the backend.
+/// The router runs where `opts.router` says: on the host, or on this device.
+pub fn open_cuda_engine(model: &ModelDir, opts: &CudaOptions) -> Result<(Engine, Arc<CudaHandle>)> {
+    let weights = crate::model::RouterWeights::load(&model.checkpoint, &model.config)?;
+    fn parts<T: DeviceElem>(
+        model: &ModelDir,
+        opts: &CudaOptions,
+        weights: crate::model::RouterWeights,
+    ) -> Result<(Box<dyn Backend>, Box<dyn Router>, Arc<CudaHandle>)> {
+        let b = CudaBackend::<T>::new(model, opts)?;
+        let router: Box<dyn Router> = match opts.router {
+            RouterPlacement::Host => Box::new(HostReadMeRouter::new(ReadMeRouter::new(
+                weights,
+                &model.config,
+            ))),
+            RouterPlacement::Device => Box::new(CudaReadMeRouter::new(
+                b.stream().context(),
+                b.kernels().clone(),
+                &weights,
+                &model.config,
+                b.kv_capacity_tokens(),
+                opts.kv_block_size,
+            )?),
+        };
+        let s = b.stats();
+        Ok((Box::new(b), router, s))
+    }
+    let (backend, router, stats) = match opts.dtype {
+        CudaDtype::Bf16 => parts::<bf16>(model, opts, weights)?,
+        CudaDtype::F32 => parts::<f32>(model, opts, weights)?,
+    };
+    Ok((Engine::new(backend, router), stats))
+}
+
+/// Whether a CUDA driver and at least one device are present (never panics).
+pub fn cuda_available() -> bool {
+    matches!(pregate_kernels::device_count(), Ok(n) if n > 0)
+}

@@ -1,0 +1,191 @@
+//! The CPU expert runtime: the reference every other runtime is checked against.
+//!
+//! Every expert stays in host memory and is computed from there, so the optional cache is
+//! **accounting**: it makes the decisions a device cache makes (which units are resident, hits,
+//! misses, evictions by the policy and by the next uses a plan gives it, per-wave pins, a load of
+//! the unit's bytes per miss) without copying anything. A CPU deployment therefore shows what a
+//! GPU with that cache would load, and the serving loop reads it like any backend's cache.
+
+use super::{run_waves, MoeShape, RuntimeStats};
+use crate::cache::{prefetch, EvictionPolicy, ExpertCache, ExpertCapacity, HostMemory};
+use crate::cache::{MemoryBackend, StepExperts};
+use crate::error::{Error, Result};
+use crate::model::weights::ExpertWeights;
+use crate::ops::moe_layer;
+use crate::route::TokenRoute;
+
+/// The routed (and shared) experts of every MoE layer, on the host.
+pub struct CpuExperts {
+    shape: MoeShape,
+    experts: Vec<Vec<ExpertWeights>>,
+    shared: Vec<Option<ExpertWeights>>,
+    cache: Option<ExpertCache>,
+    stats: RuntimeStats,
+}
+
+impl CpuExperts {
+    /// A runtime over `experts[layer][expert]` (every layer with the same number of experts, each
+    /// `[I, H]` / `[H, I]` with `H = hidden`) and each layer's optional always-active shared
+    /// expert, serving routes of at most `top_k` experts per token.
+    pub fn new(
+        experts: Vec<Vec<ExpertWeights>>,
+        shared: Vec<Option<ExpertWeights>>,
+        hidden: usize,
+        top_k: usize,
+    ) -> Result<Self> {
+        let layers = experts.len();
+        let n = experts.first().map_or(0, Vec::len);
+        if layers == 0 || n == 0 || shared.len() != layers {
+            return Err(Error::InvalidArgument(format!(
+                "an expert runtime needs at least one layer with experts and one shared entry per \
+                 layer ({layers} layers, {n} experts, {} shared entries)",
+                shared.len()
+            )));
+        }
+        for (l, layer) in experts.iter().enumerate() {
+            if layer.len() != n {
+                return Err(Error::InvalidArgument(format!(
+                    "layer {l} has {} experts, layer 0 has {n}",
+                    layer.len()
+                )));
+            }
+            let ffns = layer.iter().chain(shared[l].as_ref());
+            for (e, w) in ffns.enumerate() {
+                let i = w.inter();
+                let ok = w.gate.cols == hidden
+                    && w.up.cols == hidden
+                    && w.up.rows == i
+                    && w.down.rows == hidden
+                    && w.down.cols == i;
+                if !ok {
+                    return Err(Error::InvalidArgument(format!(
+                        "layer {l}, expert {e}: gate [{}, {}], up [{}, {}], down [{}, {}] do not \
+                         form an FFN of width {hidden}",
+                        w.gate.rows, w.gate.cols, w.up.rows, w.up.cols, w.down.rows, w.down.cols
+                    )));
+                }
+            }
+        }
+        if top_k == 0 || top_k > n.min(crate::route::MAX_TOP_K) {
+            return Err(Error::InvalidArgument(format!(
+                "top_k {top_k} must be 1..={}",
+                n.min(crate::route::MAX_TOP_K)
+            )));
+        }
+        Ok(CpuExperts {
+            shape: MoeShape {
+                layers,
+                experts: n,
+                top_k,
+                hidden,
+            },
+            experts,
+            shared,
+            cache: None,
+            stats: RuntimeStats::default(),
+        })
+    }
+
+    /// Adds a cache of `capacity` evicting by `policy` (accounting: see the module docs). A unit is
+    /// one expert of one layer, counted with the bytes of the largest expert; `All` keeps every
+    /// expert resident after its first use; a fraction is of the host's available memory.
+    pub fn with_cache(mut self, capacity: ExpertCapacity, policy: EvictionPolicy) -> Result<Self> {
+        let unit_bytes = self
+            .experts
+            .iter()
+            .flatten()
+            .map(ExpertWeights::bytes)
+            .max()
+            .unwrap_or(1)
+            .max(1) as u64;
+        let cache = capacity.build_cache(
+            self.shape.layers,
+            self.shape.experts,
+            unit_bytes,
+            policy,
+            || HostMemory::new().free_bytes(),
+        )?;
+        self.cache = Some(cache);
+        Ok(self)
+    }
+
+    /// Expert `expert` of `layer`.
+    pub fn expert(&self, layer: usize, expert: usize) -> Option<&ExpertWeights> {
+        self.experts.get(layer)?.get(expert)
+    }
+
+    /// The shared expert of `layer`, if it has one.
+    pub fn shared(&self, layer: usize) -> Option<&ExpertWeights> {
+        self.shared.get(layer)?.as_ref()
+    }
+
+    /// The shape calls are checked against.
+    pub fn shape(&self) -> MoeShape {
+        self.shape
+    }
+
+    /// The cache, when there is one.
+    pub fn cache(&self) -> Option<&ExpertCache> {
+        self.cache.as_ref()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> RuntimeStats {
+        self.stats
+    }
+
+    /// Plans the coming steps (nearest first; step 0 is the step about to run): Belady's next
+    /// uses. No prefetch: nothing is copied on the CPU, so every load is accounted on demand, as a
+    /// miss.
+    pub fn plan(&mut self, steps: &[StepExperts]) -> Result<()> {
+        if let Some(cache) = self.cache.as_mut() {
+            prefetch::set_next_uses(cache, steps, 0);
+        }
+        Ok(())
+    }
+
+    /// Checks one layer call without running it (every layer of a step is checked before a
+    /// backend changes any state).
+    pub fn check(&self, layer: usize, routes: &[TokenRoute]) -> Result<()> {
+        let n = routes.len() * self.shape.hidden;
+        self.shape.check_layer(layer, routes, n, n).map(|_| ())
+    }
+
+    /// The experts of `layer` for `routes.len()` tokens: `out[t] = sum_j w_j FFN_{e_j}(x[t])`
+    /// (plus the layer's shared expert), overwriting `out` or, with `accumulate`, adding to it
+    /// (a residual stream). `x` and `out` are `[T, H]`.
+    pub fn forward_layer(
+        &mut self,
+        layer: usize,
+        x: &[f32],
+        routes: &[TokenRoute],
+        out: &mut [f32],
+        accumulate: bool,
+    ) -> Result<()> {
+        let used = self.shape.check_layer(layer, routes, x.len(), out.len())?;
+        if let Some(cache) = self.cache.as_mut() {
+            self.stats.waves += run_waves(cache, layer, &used, |_, _, _| Ok(()))?;
+        } else {
+            self.stats.waves += 1;
+        }
+        let experts = &self.experts[layer];
+        let shared = self.shared[layer].as_ref();
+        let h = self.shape.hidden;
+        if accumulate {
+            let mut y = vec![0.0f32; out.len()];
+            moe_layer(x, h, routes, |e| &experts[e as usize], shared, &mut y);
+            crate::ops::add_assign(out, &y);
+        } else {
+            moe_layer(x, h, routes, |e| &experts[e as usize], shared, out);
+        }
+        self.stats.layer_calls += 1;
+        Ok(())
+    }
+
+    /// Ends a step: every pin is released.
+    pub fn end_step(&mut self) {
+        if let Some(c) = self.cache.as_mut() {
+            c.unpin_all();
+        }
+    }
+}
