@@ -10,6 +10,7 @@
 mod backend;
 pub mod cpu;
 mod device;
+mod driver;
 
 use std::collections::BTreeMap;
 
@@ -19,6 +20,7 @@ pub use crate::cache::ExpertCapacity;
 pub use crate::cuda::{CudaDtype, RouterPlacement};
 pub use backend::{Backend, ForwardChunk, Lookahead, SeqId};
 pub use device::{open_engine, open_engine_with, Device, EngineOptions, ExpertCacheOptions};
+pub use driver::{StepDriver, ViewOrder};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};

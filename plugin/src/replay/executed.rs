@@ -1,31 +1,33 @@
-//! Executed replay: the workload through the lookahead batcher and the real CPU engine.
+//! Executed replay: the workload through the real step loop of the CPU engine.
 //!
 //! Routes come from the model's own router (the engine routes every prompt at admission and every
-//! sampled token at once). Each request is added to the engine when it arrives; the batcher decides
-//! every step from [`Engine::pending`](crate::engine::Engine::pending), and the engine runs exactly
-//! that schedule. Time is virtual: arrivals are on the workload's clock, and each step advances it by
-//! the step's measured wall time plus the expert-load stalls the cost model charges. The CPU engine
-//! keeps every expert in memory, so the expert cache is accounted (the same [`ExpertCache`] and
-//! timeline as the simulator, with the measured compute spread over the layers and experts), not
-//! performed.
+//! sampled token at once). Each request is added to the engine when it arrives; the engine's step
+//! loop ([`StepDriver`]) runs exactly as in the server: the batcher decides every step from
+//! [`Engine::pending`](crate::engine::Engine::pending), the backend's expert cache is prepared with
+//! the lookahead (Belady's next uses) and accounts every layer's expert use through the expert
+//! runtime. Time is virtual: arrivals are on the workload's clock, and each step advances it by
+//! the step's measured wall time plus the load time of the step's cache misses (the CPU runtime
+//! loads on demand: every miss is a load the step waits for, at the cost model's link rate).
 //!
 //! Prompts given as lengths are made of seeded random ids. A request longer than the model's
 //! context is shortened: its prompt first (to at least one token), then its output. Generation
 //! ignores EOS, so every request produces exactly its output length.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::layer::Timeline;
 use super::report::Summary;
 use super::{CostModel, Prompt, Report, TraceRequest};
-use crate::batcher::{BatcherConfig, LookaheadBatcher, PendingView, RequestDesc};
-use crate::cache::{EvictionPolicy, ExpertCache, NEVER};
-use crate::engine::{open_engine, Device, GenerationRequest, SeqId};
+use crate::batcher::{BatcherConfig, LookaheadBatcher, RequestDesc};
+use crate::cache::{EvictionPolicy, ExpertCapacity};
+use crate::engine::{
+    open_engine_with, Device, EngineOptions, ExpertCacheOptions, GenerationRequest, SeqId,
+    StepDriver, ViewOrder,
+};
 use crate::error::{Error, Result};
 use crate::metrics::ModelMetrics;
 use crate::model::ModelDir;
@@ -70,23 +72,20 @@ pub fn run(
     super::check_capacity(cfg.per_layer, shape.experts, model.config.router_top_k)?;
     let vocab = model.config.vocab_size as u32;
     let ctx = model.config.max_context();
-    let mut engine = open_engine(&model, Device::Cpu)?;
-    let mut batcher = LookaheadBatcher::new(cfg.batcher.clone())?;
-    let mut cache = ExpertCache::with_layer_quota(
-        shape.layers,
-        shape.experts,
-        cfg.per_layer,
-        shape.expert_bytes,
-        cfg.policy,
-        cfg.seed,
-    )?;
+    let opts = EngineOptions {
+        expert_cache: Some(ExpertCacheOptions {
+            capacity: ExpertCapacity::PerLayer(cfg.per_layer),
+            policy: cfg.policy,
+        }),
+        ..EngineOptions::default()
+    };
+    let mut engine = open_engine_with(&model, Device::Cpu, &opts)?;
+    let batcher = LookaheadBatcher::new(cfg.batcher.clone())?;
+    let mut driver = StepDriver::new(batcher, LOOKAHEAD_STEPS, ViewOrder::AdmittedFirst);
     let load_s = cfg.cost.load_seconds(shape.expert_bytes);
-    let mut timeline = Timeline::new(&cache, load_s, true);
-    let future = vec![NEVER; shape.experts];
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut summary = Summary::new(shape.experts);
     let mut live: HashMap<SeqId, Live> = HashMap::new();
-    let mut admitted: HashSet<SeqId> = HashSet::new();
     let mut next = 0usize;
     let mut now = 0.0f64;
 
@@ -105,7 +104,7 @@ pub fn run(
             let mut g = GenerationRequest::greedy(prompt, output);
             g.ignore_eos = true;
             let seq = engine.add_request(g)?;
-            batcher.submit(RequestDesc {
+            driver.submit(RequestDesc {
                 id: seq,
                 arrival: r.arrival,
                 prompt_len,
@@ -132,15 +131,7 @@ pub fn run(
                 None => break,
             }
         }
-        let resident = cache.resident_experts(0);
-        let pending: Vec<PendingView<'_>> = engine.pending().map(PendingView::from).collect();
-        let views = pending
-            .iter()
-            .filter(|p| admitted.contains(&p.seq))
-            .chain(pending.iter().filter(|p| !admitted.contains(&p.seq)))
-            .copied();
-        let plan = batcher.schedule(now, views, &resident)?.clone();
-        drop(pending);
+        let plan = driver.schedule(&engine, now)?;
         if plan.is_empty() {
             match reqs.get(next) {
                 Some(r) if r.arrival > now => {
@@ -154,31 +145,25 @@ pub fn run(
                 }
             }
         }
-        admitted.extend(plan.admitted.iter().copied());
         for c in &plan.chunks {
             summary.queue_wait(c.waited);
             if let Some(m) = metrics {
                 m.observe_queue_wait(c.waited);
             }
         }
+        let misses = cache_misses(&engine);
         let t0 = Instant::now();
-        let events = engine.step(&plan.entries())?;
+        let events = driver.run(&mut engine, &plan)?;
         let compute = t0.elapsed().as_secs_f64();
-        let per_expert = compute / (shape.layers as f64 * plan.experts.len().max(1) as f64);
-        let (end, stall) = timeline.step(
-            &mut cache,
-            &plan.experts,
-            &future,
-            now,
-            0.0,
-            per_expert,
-            metrics,
-        )?;
+        let stall = (cache_misses(&engine) - misses) as f64 * load_s;
+        let end = now + compute + stall;
         summary.step(plan.experts.len(), plan.tokens, stall);
         if let Some(m) = metrics {
             m.observe_batch(plan.experts.len(), plan.tokens);
             m.add_stall(stall);
-            m.record_cache(cache.stats(), cache.resident());
+            if let Some(c) = engine.expert_cache() {
+                m.record_cache(c.stats(), c.resident());
+            }
         }
         for e in events {
             let Some(l) = live.get_mut(&e.seq) else {
@@ -188,21 +173,33 @@ pub fn run(
                 l.first_token = end;
             }
             if e.finished.is_some() {
-                let l = live.remove(&e.seq).expect("present above");
-                summary.finish(l.arrival, l.first_token, end, l.prompt, l.output);
-                batcher.finish(e.seq);
-                admitted.remove(&e.seq);
+                if let Some(l) = live.remove(&e.seq) {
+                    summary.finish(l.arrival, l.first_token, end, l.prompt, l.output);
+                }
+                driver.finish(e.seq);
             }
         }
-        batcher.step_done(now, end);
+        driver.step_done(now, end);
         if let Some(m) = metrics {
-            m.set_requests(batcher.waiting(), batcher.running());
+            m.set_requests(driver.batcher().waiting(), driver.batcher().running());
         }
         now = end;
     }
+    let stats = engine
+        .expert_cache()
+        .map(|c| c.stats())
+        .ok_or_else(|| Error::Internal("the replay's engine has no expert cache".into()))?;
     Ok(summary.report(
-        cache.stats(),
-        batcher.max_waited(),
+        stats,
+        driver.batcher().max_waited(),
         started.elapsed().as_secs_f64(),
     ))
+}
+
+/// Steps after the one about to run that prepare the cache (as the server's default).
+const LOOKAHEAD_STEPS: usize = 4;
+
+/// Misses of the engine's expert cache so far.
+fn cache_misses(engine: &crate::engine::Engine) -> u64 {
+    engine.expert_cache().map_or(0, |c| c.stats().misses)
 }

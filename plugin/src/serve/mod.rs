@@ -16,7 +16,7 @@
 //!   admitted are not touched.
 //!
 //! Each step, the loop passes the backend's expert residency ([`Engine::expert_cache`]: experts
-//! resident at every layer) to the batcher, builds a [`Lookahead`] from what is queued (the step
+//! resident at every layer) to the batcher, builds a lookahead from what is queued ([`crate::engine::StepDriver`]: the step
 //! about to run, then the pending tokens it leaves, cut into steps of the token budget) and calls
 //! [`Engine::prepare`] with it (Belady's next uses, the prefetch plan) before [`Engine::step`].
 //!
@@ -39,11 +39,11 @@ use std::time::{Duration, Instant};
 
 pub use stats::ServeStats;
 
-use crate::batcher::{BatcherConfig, LookaheadBatcher, PendingView, RequestDesc, StepPlan};
-use crate::engine::{Engine, FinishReason, GenerationRequest, Lookahead, SeqId, StepEvent};
+use crate::batcher::{BatcherConfig, LookaheadBatcher, RequestDesc, StepPlan};
+use crate::engine::{Engine, FinishReason, GenerationRequest, SeqId, StepEvent};
+use crate::engine::{StepDriver, ViewOrder};
 use crate::error::{Error, Result};
 use crate::metrics::ModelMetrics;
-use crate::route::RoutePlan;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -265,13 +265,14 @@ impl Server {
             ));
         }
         let batcher = LookaheadBatcher::new(cfg.batcher.clone())?;
+        let driver = StepDriver::new(batcher, cfg.lookahead_steps, ViewOrder::Admission);
         let tokenizer = tokenizer.map(Arc::new);
         let max_context = engine.config().max_context();
         let stats = Arc::new(Mutex::new(ServeStats::default()));
         let (tx, rx) = mpsc::channel();
         let mut state = LoopState {
             engine,
-            batcher,
+            driver,
             tokenizer: tokenizer.clone(),
             live: HashMap::new(),
             rx,
@@ -410,7 +411,7 @@ struct Live {
 
 struct LoopState {
     engine: Engine,
-    batcher: LookaheadBatcher,
+    driver: StepDriver,
     tokenizer: Option<Arc<Tokenizer>>,
     live: HashMap<SeqId, Live>,
     rx: Receiver<Msg>,
@@ -463,19 +464,11 @@ impl LoopState {
             return;
         }
         let now = self.now();
-        let resident = self
-            .engine
-            .expert_cache()
-            .map(|c| c.resident_in_every_layer())
-            .unwrap_or_default();
-        let plan = {
-            let pending = self.engine.pending().map(PendingView::from);
-            match self.batcher.schedule(now, pending, &resident) {
-                Ok(p) => p.clone(),
-                Err(e) => {
-                    self.fail_all(&e.to_string());
-                    return;
-                }
+        let plan = match self.driver.schedule(&self.engine, now) {
+            Ok(p) => p,
+            Err(e) => {
+                self.fail_all(&e.to_string());
+                return;
             }
         };
         // After the schedule, so that a request this step admits is not failed.
@@ -487,12 +480,10 @@ impl LoopState {
         let entries = plan.entries();
         let start = self.now();
         let result = catch_unwind(AssertUnwindSafe(|| {
-            let lookahead = self.lookahead(&plan);
-            self.engine.prepare(&lookahead)?;
-            self.engine.step(&entries)
+            self.driver.run(&mut self.engine, &plan)
         }));
         let end = self.now();
-        self.batcher.step_done(start, end);
+        self.driver.step_done(start, end);
         {
             let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             s.record_step(&plan, end - start);
@@ -514,56 +505,6 @@ impl LoopState {
             }
         }
         self.scheduled = plan.chunks.len();
-    }
-
-    /// What is known of the coming steps: the step about to run (`plan`), then every pending token
-    /// it leaves, in admission order, cut into steps of the token budget (at most
-    /// `lookahead_steps` of them). Empty when the backend has no expert cache to prepare.
-    fn lookahead(&self, plan: &StepPlan) -> Lookahead {
-        if self.engine.expert_cache().is_none() {
-            return Lookahead::default();
-        }
-        let budget = self.cfg.batcher.max_batch_tokens.max(1);
-        let now: HashMap<SeqId, usize> = plan.chunks.iter().map(|c| (c.seq, c.tokens)).collect();
-        let mut first: Option<RoutePlan> = None;
-        let mut later: Vec<RoutePlan> = Vec::new();
-        let mut fill = budget;
-        let add = |to: &mut Option<RoutePlan>, from: &RoutePlan, a: usize, b: usize| {
-            let part = from.slice(a..b);
-            match to {
-                Some(p) => {
-                    // Plans of one router share a scope; a mismatch only shortens the hint.
-                    let _ = p.extend(&part);
-                }
-                None => *to = Some(part),
-            }
-        };
-        for p in self.engine.pending() {
-            let (start, end) = (p.route_offset, p.route_offset + p.tokens.len());
-            let n = now.get(&p.seq).copied().unwrap_or(0).min(end - start);
-            if n > 0 {
-                add(&mut first, p.routes, start, start + n);
-            }
-            let mut off = start + n;
-            while off < end {
-                if fill == budget {
-                    if later.len() >= self.cfg.lookahead_steps {
-                        break;
-                    }
-                    later.push(RoutePlan::new(p.routes.num_experts(), p.routes.scope()));
-                    fill = 0;
-                }
-                let take = (end - off).min(budget - fill);
-                if let Some(last) = later.last_mut() {
-                    let _ = last.extend(&p.routes.slice(off..off + take));
-                }
-                off += take;
-                fill += take;
-            }
-        }
-        Lookahead {
-            steps: first.into_iter().chain(later).collect(),
-        }
     }
 
     /// Records a step into the library metrics: its unique experts and tokens, the queue waits of
@@ -668,7 +609,7 @@ impl LoopState {
             deadline: None,
             kv_bytes: 0,
         };
-        if let Err(e) = self.batcher.submit(desc) {
+        if let Err(e) = self.driver.submit(desc) {
             self.engine.remove(seq);
             self.count_failed();
             finish_sink(&mut sink, Outcome::Failed(e), prompt_len, 0);
@@ -702,7 +643,7 @@ impl LoopState {
         let expired: Vec<(SeqId, f64)> = self
             .live
             .iter()
-            .filter(|(seq, l)| now - l.arrival >= max_s && self.batcher.is_waiting(**seq))
+            .filter(|(seq, l)| now - l.arrival >= max_s && self.driver.batcher().is_waiting(**seq))
             .map(|(seq, l)| (*seq, now - l.arrival))
             .collect();
         for (seq, waited) in expired {
@@ -779,7 +720,7 @@ impl LoopState {
     /// Ends a live request: frees it in the engine and the batcher, sends its completion.
     fn end(&mut self, seq: SeqId, outcome: Outcome) {
         self.engine.remove(seq);
-        self.batcher.finish(seq);
+        self.driver.finish(seq);
         let Some(mut l) = self.live.remove(&seq) else {
             return;
         };
@@ -806,14 +747,17 @@ impl LoopState {
         let scheduled = std::mem::take(&mut self.scheduled);
         let snapshot = {
             let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-            s.active = self.batcher.running() as u64;
-            s.waiting = self.batcher.waiting() as u64;
+            s.active = self.driver.batcher().running() as u64;
+            s.waiting = self.driver.batcher().waiting() as u64;
             s.scheduled = scheduled as u64;
             s.live = self.live.len() as u64;
             s.clone()
         };
         if let Some(m) = &self.cfg.metrics {
-            m.set_requests(self.batcher.waiting(), self.batcher.running());
+            m.set_requests(
+                self.driver.batcher().waiting(),
+                self.driver.batcher().running(),
+            );
         }
         if let Some(f) = &self.cfg.on_step {
             let _ = catch_unwind(AssertUnwindSafe(|| f(&snapshot)));

@@ -1,8 +1,10 @@
 use std::sync::mpsc;
 
 use super::*;
+use crate::engine::Lookahead;
 use crate::engine::{open_engine, Device};
 use crate::model::{make_model, ExpertLayout, ModelDir, Preset};
+use crate::route::RoutePlan;
 
 enum Ev {
     Tok(TokenDelta),
