@@ -44,6 +44,8 @@ pub(super) struct Scratch {
     firsts: Vec<u32>,
     experts: usize,
     order: Vec<usize>,
+    /// Some pending token's route is not known ahead (an in-model router).
+    unknown: bool,
 }
 
 impl Scratch {
@@ -51,6 +53,7 @@ impl Scratch {
         self.items.clear();
         self.firsts.clear();
         self.experts = 0;
+        self.unknown = false;
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -72,20 +75,15 @@ impl Scratch {
                 view.seq, self.experts
             )));
         }
-        if view.route_offset + cap > view.routes.len() {
-            return Err(Error::InvalidArgument(format!(
-                "sequence {}: {} pending tokens from {} but only {} routes known",
-                view.seq,
-                cap,
-                view.route_offset,
-                view.routes.len()
-            )));
-        }
+        // Tokens past the known routes (an in-model router routes as the layers run) mark no
+        // expert: the step cannot be grouped by them, and `select` falls back to decode-first.
+        let known = view.routes.len().saturating_sub(view.route_offset).min(cap);
+        self.unknown |= known < cap;
         let base = self.firsts.len();
         self.firsts.resize(base + ne, UNSET);
         let first = &mut self.firsts[base..];
         let mut seen = 0;
-        for t in 0..cap {
+        for t in 0..known {
             let token = view.route_offset + t;
             let mut mark = |e: ExpertId| {
                 let f = &mut first[e as usize];
@@ -210,7 +208,12 @@ pub(super) fn select(
     let free: Vec<usize> = (0..s.items.len())
         .filter(|&i| s.items[i].urgency == Urgency::None)
         .collect();
-    match cfg.policy {
+    // Without every route known ahead, grouping by expert has nothing sound to group by.
+    let policy = match cfg.policy {
+        BatchPolicy::ExpertAware if s.unknown => BatchPolicy::DecodeFirst,
+        p => p,
+    };
+    match policy {
         BatchPolicy::ExpertAware => expert_aware(cfg, s, &free, resident, &mut used, &mut budget),
         p => ordered(cfg, p, s, free, resident, &mut used, &mut budget),
     }

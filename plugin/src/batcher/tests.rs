@@ -110,6 +110,23 @@ fn expert_aware_takes_the_longest_queue_first() {
 }
 
 #[test]
+fn without_routes_known_ahead_expert_aware_degrades_to_decode_first() {
+    // An in-model router: no token's route is known before its step runs.
+    let mut toys = decode_only(&[3, 0, 1, 0, 2, 0, 1, 0, 2, 3]);
+    for t in &mut toys {
+        t.routes = RoutePlan::new(4, crate::route::RouteScope::AllLayers);
+        t.computed = 0;
+    }
+    let mut e = batcher(BatchPolicy::ExpertAware, 4);
+    let p = plan_for(&mut e, &toys, &ExpertSet::default());
+    let mut d = batcher(BatchPolicy::DecodeFirst, 4);
+    let q = plan_for(&mut d, &toys, &ExpertSet::default());
+    assert_eq!(p.entries(), q.entries());
+    assert_eq!(p.tokens, 4);
+    assert!(p.experts.is_empty(), "no route is known, so no expert is claimed");
+}
+
+#[test]
 fn expert_aware_splits_the_last_queue_to_fill_the_budget() {
     let toys = decode_only(&[0, 0, 0, 1, 1, 2]);
     let mut b = batcher(BatchPolicy::ExpertAware, 4);

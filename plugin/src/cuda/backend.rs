@@ -437,12 +437,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
     }
 
     fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
-        if max_len > self.cfg.max_position_embeddings {
-            return Err(Error::InvalidRequest(format!(
-                "sequence of {max_len} tokens exceeds max_position_embeddings {}",
-                self.cfg.max_position_embeddings
-            )));
-        }
+        crate::engine::check_max_len(&self.cfg, max_len)?;
         self.kv.add(seq, max_len)
     }
 

@@ -61,6 +61,18 @@ impl ForwardChunk<'_> {
     }
 }
 
+/// Refuses a sequence longer than the model's positions: every backend checks a reservation
+/// against it before allocating anything.
+pub fn check_max_len(cfg: &ModelConfig, max_len: usize) -> Result<()> {
+    if max_len > cfg.max_position_embeddings {
+        return Err(Error::InvalidRequest(format!(
+            "sequence of {max_len} tokens exceeds max_position_embeddings {}",
+            cfg.max_position_embeddings
+        )));
+    }
+    Ok(())
+}
+
 /// Upcoming work, as far as the scheduler knows it: the hint a backend with an expert cache uses to
 /// evict by next use and to prefetch. Each entry is the routes of one future step, nearest first.
 #[derive(Debug, Clone, Default)]

@@ -123,12 +123,7 @@ impl Backend for CpuBackend {
     }
 
     fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
-        if max_len > self.cfg.max_position_embeddings {
-            return Err(Error::InvalidRequest(format!(
-                "sequence of {max_len} tokens exceeds max_position_embeddings {}",
-                self.cfg.max_position_embeddings
-            )));
-        }
+        super::check_max_len(&self.cfg, max_len)?;
         let layers = self.cfg.num_hidden_layers;
         self.kv.insert(
             seq,

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 pub use crate::cache::ExpertCapacity;
 pub use crate::cuda::{CudaDtype, RouterPlacement};
-pub use backend::{Backend, ForwardChunk, Lookahead, SeqId};
+pub use backend::{check_max_len, Backend, ForwardChunk, Lookahead, SeqId};
 pub use device::{open_engine, open_engine_with, Device, EngineOptions, ExpertCacheOptions};
 pub use driver::{StepDriver, ViewOrder};
 

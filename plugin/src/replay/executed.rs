@@ -133,17 +133,8 @@ pub fn run(
         }
         let plan = driver.schedule(&engine, now)?;
         if plan.is_empty() {
-            match reqs.get(next) {
-                Some(r) if r.arrival > now => {
-                    now = r.arrival;
-                    continue;
-                }
-                _ => {
-                    return Err(Error::Internal(
-                        "the batcher scheduled nothing with work pending".into(),
-                    ))
-                }
-            }
+            now = super::idle_until(now, reqs.get(next).map(|r| r.arrival))?;
+            continue;
         }
         for c in &plan.chunks {
             summary.queue_wait(c.waited);

@@ -117,3 +117,15 @@ pub fn model_shape(dir: &Path) -> Result<ModelShape> {
             * dtype,
     })
 }
+
+/// Where a replay's clock goes when the batcher scheduled nothing: to the next arrival, if it is
+/// still ahead (only an arrival can unblock a step that admitted nothing); otherwise the batcher
+/// is stuck with work pending, an internal error.
+pub(crate) fn idle_until(now: f64, next_arrival: Option<f64>) -> Result<f64> {
+    match next_arrival {
+        Some(t) if t > now => Ok(t),
+        _ => Err(Error::Internal(
+            "the batcher scheduled nothing with work pending".into(),
+        )),
+    }
+}

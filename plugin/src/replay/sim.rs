@@ -309,17 +309,8 @@ pub fn simulate(
         if plan.is_empty() {
             // Nothing could be admitted (KV full with nothing running cannot happen: submit
             // rejects requests larger than the KV capacity), so only a future arrival helps.
-            match sims.get(next_arrival) {
-                Some(r) if r.arrival > now => {
-                    now = r.arrival;
-                    continue;
-                }
-                _ => {
-                    return Err(Error::Internal(
-                        "the batcher scheduled nothing with work pending".into(),
-                    ))
-                }
-            }
+            now = super::idle_until(now, sims.get(next_arrival).map(|r| r.arrival))?;
+            continue;
         }
         let used = plan.experts;
         let tokens = plan.tokens;
