@@ -78,7 +78,7 @@ impl Blas {
             ));
         }
         let handle = catch("cublasCreate", || CudaBlas::new(stream.clone()))??;
-        let grouped = std::env::var("PREGATE_EXPERT_FFN").map_or(true, |v| v != "cublas");
+        let grouped = true;
         Ok(Blas {
             handle,
             stream: stream.clone(),
@@ -87,7 +87,8 @@ impl Blas {
     }
 
     /// Enables or disables the grouped skinny kernels in [`Blas::expert_ffn`] (on by default;
-    /// `PREGATE_EXPERT_FFN=cublas` starts with them off). Off: cuBLAS GEMMs for every plan.
+    /// a host turns them off with its options, e.g. `PREGATE_EXPERT_FFN=cublas`). Off: cuBLAS
+    /// GEMMs for every plan.
     pub fn set_grouped_ffn(&mut self, on: bool) {
         self.grouped = on;
     }

@@ -238,12 +238,15 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
             )
         };
         let device = config::instance_device(&ms.params, kind, device_id).map_err(bad)?;
-        let engine =
-            open_engine_with(&ms.model, device, &ms.params.engine_options()).map_err(|e| {
-                bad(format!(
-                    "cannot open the model on {device}: {e} (use instance_group kind KIND_CPU)"
-                ))
-            })?;
+        // The environment's options first (the documented PREGATE_* table), then the model's.
+        let options = pregate::engine::EngineOptions::from_env()
+            .map_err(|e| bad(e.to_string()))?
+            .overridden_by(&ms.params.engine_options());
+        let engine = open_engine_with(&ms.model, device, &options).map_err(|e| {
+            bad(format!(
+                "cannot open the model on {device}: {e} (use instance_group kind KIND_CPU)"
+            ))
+        })?;
         let metrics = if ms.params.metrics {
             Some(Arc::new(
                 InstanceMetrics::new(&ms.name, &iname).map_err(|e| (code::INTERNAL, e))?,

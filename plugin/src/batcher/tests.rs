@@ -123,7 +123,10 @@ fn without_routes_known_ahead_expert_aware_degrades_to_decode_first() {
     let q = plan_for(&mut d, &toys, &ExpertSet::default());
     assert_eq!(p.entries(), q.entries());
     assert_eq!(p.tokens, 4);
-    assert!(p.experts.is_empty(), "no route is known, so no expert is claimed");
+    assert!(
+        p.experts.is_empty(),
+        "no route is known, so no expert is claimed"
+    );
 }
 
 #[test]

@@ -112,7 +112,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .transpose()?,
         cuda_dtype: args.cuda_dtype.as_deref().map(str::parse).transpose()?,
         router: args.router.as_deref().map(str::parse).transpose()?,
+        ..EngineOptions::default()
     };
+    // The environment first, then the flags.
+    let options = EngineOptions::from_env()?.overridden_by(&options);
     let mut engine = open_engine_with(&model, device, &options)?;
     let request = GenerationRequest {
         prompt: prompt.clone(),

@@ -98,6 +98,7 @@ impl<T: DeviceElem> CudaBackend<T> {
             policy: opts.policy,
             prefetch: opts.prefetch,
             measure_stalls: opts.measure_stalls,
+            grouped_ffn: opts.grouped_ffn,
         };
         let experts = CudaExperts::new(model, kernels.clone(), &stream, setup)?;
         stream.synchronize().map_err(dev)?;
@@ -167,12 +168,11 @@ impl<T: DeviceElem> CudaBackend<T> {
             policy,
             prefetch,
         } = setup;
-        let measure_stalls = self.experts.measures_stalls();
         let setup = ExpertSetup {
             capacity,
             policy,
             prefetch,
-            measure_stalls,
+            ..self.experts.setup()
         };
         self.experts.reconfigure(setup, &self.stream)
     }

@@ -41,6 +41,8 @@ pub struct ExpertSetup {
     pub prefetch: bool,
     /// Time the compute stream's waits for expert loads (adds two events per wait).
     pub measure_stalls: bool,
+    /// Grouped kernels for the expert FFN of small batches (off: cuBLAS for every batch).
+    pub grouped_ffn: bool,
 }
 
 /// Per-call buffers, grown to the largest call seen.
@@ -157,7 +159,11 @@ impl<T: DeviceElem> CudaExperts<T> {
                 top_k: cfg.router_top_k.max(1),
                 hidden: h,
             },
-            blas: Blas::new(stream).map_err(dev)?,
+            blas: {
+                let mut b = Blas::new(stream).map_err(dev)?;
+                b.set_grouped_ffn(setup.grouped_ffn);
+                b
+            },
             ctx,
             kernels,
             units,
@@ -194,9 +200,9 @@ impl<T: DeviceElem> CudaExperts<T> {
         self.store.memory().bytes_copied()
     }
 
-    /// Whether waits for expert loads are timed.
-    pub fn measures_stalls(&self) -> bool {
-        self.setup.measure_stalls
+    /// How the runtime keeps its experts.
+    pub fn setup(&self) -> ExpertSetup {
+        self.setup
     }
 
     /// Whether the experts are offloaded (a page-locked host copy feeds the slots).
@@ -496,6 +502,7 @@ impl<T: DeviceElem> CudaExperts<T> {
             .capacity
             .build_cache(nl, ne, unit_bytes, setup.policy, || memory.free_bytes())?;
         self.store = ExpertStore::new(cache, memory)?;
+        self.blas.set_grouped_ffn(setup.grouped_ffn);
         self.setup = setup;
         self.uploaded = None;
         Ok(())

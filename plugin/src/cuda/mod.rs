@@ -133,6 +133,8 @@ pub struct CudaOptions {
     pub measure_stalls: bool,
     /// Where the pre-gating router runs.
     pub router: RouterPlacement,
+    /// The expert FFN's grouped kernels for small batches (off: cuBLAS for every batch).
+    pub grouped_ffn: bool,
 }
 
 impl Default for CudaOptions {
@@ -147,44 +149,26 @@ impl Default for CudaOptions {
             kv_block_size: 16,
             measure_stalls: false,
             router: RouterPlacement::Host,
+            grouped_ffn: true,
         }
     }
 }
 
 impl CudaOptions {
-    /// Defaults for device `ordinal`, overridden by the environment (for hosts such as Triton that
-    /// pass no flags; `EngineOptions` and the CLI flags override it in turn):
-    /// `PREGATE_CUDA_DTYPE` (`bf16`, `f32`), `PREGATE_EXPERT_CACHE` (`all`, `N` experts per layer,
-    /// `NGiB`/`NMiB` bytes, or `0.F` of free memory), `PREGATE_CACHE_POLICY` (`belady`, `lru`, ...),
-    /// `PREGATE_PREFETCH` (`0` to load on demand), `PREGATE_KV_TOKENS`, `PREGATE_ROUTER` (`host`,
-    /// `device`).
-    pub fn from_env(ordinal: usize) -> Result<Self> {
-        let mut o = CudaOptions {
+    /// The options of device `ordinal` that `opts` sets, defaults elsewhere.
+    pub fn from_engine_options(ordinal: usize, opts: &crate::engine::EngineOptions) -> Self {
+        let d = CudaOptions::default();
+        CudaOptions {
             ordinal,
-            ..CudaOptions::default()
-        };
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        if let Some(v) = var("PREGATE_CUDA_DTYPE") {
-            o.dtype = v.parse()?;
+            dtype: opts.cuda_dtype.unwrap_or(d.dtype),
+            experts: opts.expert_cache.map_or(d.experts, |c| c.capacity),
+            policy: opts.expert_cache.map_or(d.policy, |c| c.policy),
+            prefetch: opts.prefetch.unwrap_or(d.prefetch),
+            kv_tokens: opts.kv_tokens.or(d.kv_tokens),
+            router: opts.router.unwrap_or(d.router),
+            grouped_ffn: opts.expert_ffn.unwrap_or_default() == crate::engine::ExpertFfn::Grouped,
+            ..d
         }
-        if let Some(v) = var("PREGATE_EXPERT_CACHE") {
-            o.experts = v.parse()?;
-        }
-        if let Some(v) = var("PREGATE_CACHE_POLICY") {
-            o.policy = v.parse()?;
-        }
-        if let Some(v) = var("PREGATE_PREFETCH") {
-            o.prefetch = v != "0";
-        }
-        if let Some(v) = var("PREGATE_ROUTER") {
-            o.router = v.parse()?;
-        }
-        if let Some(v) = var("PREGATE_KV_TOKENS") {
-            o.kv_tokens = Some(v.parse().map_err(|_| {
-                Error::InvalidArgument(format!("PREGATE_KV_TOKENS `{v}` is not a number"))
-            })?);
-        }
-        Ok(o)
     }
 }
 

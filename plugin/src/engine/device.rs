@@ -7,10 +7,9 @@ use crate::error::{Error, Result};
 use crate::model::ModelDir;
 
 use super::cpu::{BackboneWeights, CpuBackend};
+use super::options::EngineOptions;
 use super::Engine;
-use crate::cache::EvictionPolicy;
-use crate::cache::ExpertCapacity;
-use crate::cuda::{open_cuda_engine, CudaDtype, CudaOptions, RouterPlacement};
+use crate::cuda::{open_cuda_engine, CudaOptions};
 use crate::router::{HostReadMeRouter, ReadMeRouter};
 
 /// A device a model can run on.
@@ -89,31 +88,6 @@ fn log_once(msg: &str) {
     LOGGED.call_once(|| eprintln!("{msg}"));
 }
 
-/// An expert cache for the engine's backend.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ExpertCacheOptions {
-    /// How many experts may be resident (`PerLayer(n)`: n experts of each layer).
-    pub capacity: ExpertCapacity,
-    /// Eviction policy.
-    pub policy: EvictionPolicy,
-}
-
-/// How [`open_engine_with`] builds an engine.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EngineOptions {
-    /// The backend's expert cache. CUDA: its device slots (overriding `PREGATE_EXPERT_CACHE` and
-    /// `PREGATE_CACHE_POLICY`). CPU: accounting of the same decisions, the weights staying in host
-    /// memory (see [`CpuBackend::with_expert_cache`]). `None`: the backend's default (CUDA: the
-    /// environment, else every expert resident; CPU: no cache).
-    pub expert_cache: Option<ExpertCacheOptions>,
-    /// CUDA: compute in bf16 (serving) or f32 (exact comparison with the CPU); overrides
-    /// `PREGATE_CUDA_DTYPE`. Ignored by the CPU backend, which computes in f32.
-    pub cuda_dtype: Option<CudaDtype>,
-    /// CUDA: where the router runs; overrides `PREGATE_ROUTER`. Ignored by the CPU backend,
-    /// whose device is the host.
-    pub router: Option<RouterPlacement>,
-}
-
 fn open_cpu(model: &ModelDir, opts: &EngineOptions) -> Result<Engine> {
     let (backbone, router) = BackboneWeights::split(model.load_weights()?);
     let router = HostReadMeRouter::new(ReadMeRouter::new(router, &model.config));
@@ -124,8 +98,8 @@ fn open_cpu(model: &ModelDir, opts: &EngineOptions) -> Result<Engine> {
     Ok(Engine::new(Box::new(backend), Box::new(router)))
 }
 
-/// Loads the model in `dir` onto `device` and returns an engine ready for requests. The CUDA
-/// backend's options come from the environment ([`CudaOptions::from_env`]). With `auto`, a CUDA
+/// Loads the model in `dir` onto `device` with the backend's default options and returns an
+/// engine ready for requests. With `auto`, a CUDA
 /// backend that fails to start (driver too old, a kernel NVRTC rejects, too little memory) falls
 /// back to the CPU with the reason logged; an explicit `cuda:N` reports the error instead.
 pub fn open_engine(model: &ModelDir, device: Device) -> Result<Engine> {
@@ -137,19 +111,7 @@ pub fn open_engine_with(model: &ModelDir, device: Device, opts: &EngineOptions) 
     match device.resolve()? {
         Device::Cpu | Device::Auto => open_cpu(model, opts),
         Device::Cuda(n) => {
-            let opened = CudaOptions::from_env(n).and_then(|mut o| {
-                if let Some(c) = opts.expert_cache {
-                    o.experts = c.capacity;
-                    o.policy = c.policy;
-                }
-                if let Some(d) = opts.cuda_dtype {
-                    o.dtype = d;
-                }
-                if let Some(r) = opts.router {
-                    o.router = r;
-                }
-                open_cuda_engine(model, &o)
-            });
+            let opened = open_cuda_engine(model, &CudaOptions::from_engine_options(n, opts));
             match opened {
                 Ok((engine, _stats)) => Ok(engine),
                 Err(e) if device == Device::Auto => {

@@ -11,6 +11,7 @@ mod backend;
 pub mod cpu;
 mod device;
 mod driver;
+mod options;
 
 use std::collections::BTreeMap;
 
@@ -19,8 +20,9 @@ use rayon::prelude::*;
 pub use crate::cache::ExpertCapacity;
 pub use crate::cuda::{CudaDtype, RouterPlacement};
 pub use backend::{check_max_len, Backend, ForwardChunk, Lookahead, SeqId};
-pub use device::{open_engine, open_engine_with, Device, EngineOptions, ExpertCacheOptions};
+pub use device::{open_engine, open_engine_with, Device};
 pub use driver::{StepDriver, ViewOrder};
+pub use options::{EngineOptions, EnvVar, ExpertCacheOptions, ExpertFfn, ENVIRONMENT};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
