@@ -291,10 +291,10 @@ mod tests {
                     .chars()
                     .take_while(|c| c.is_ascii_uppercase() || *c == '_')
                     .collect();
-                assert!(
-                    names.contains(&name.as_str()),
-                    "{name} is not in ENVIRONMENT"
-                );
+                // This test's own search string names no variable.
+                if name != "PREGATE_" {
+                    assert!(names.contains(&name.as_str()), "{name} is missing");
+                }
             }
         }
     }
