@@ -234,17 +234,19 @@ struct CacheCounts {
     bytes_loaded: u64,
 }
 
+/// Reads an engine's expert cache counters.
+type ReadCounts = Box<dyn Fn(&Engine) -> CacheCounts>;
+
 /// An engine on `device` whose expert cache holds `cap` experts per layer, and a reader of its
 /// counters. CUDA: device slots filled from host memory; CPU: the cache's accounting of the same
 /// decisions (the weights stay in host memory; it does not prefetch).
-#[allow(clippy::type_complexity)]
 fn cached_engine(
     device: &TestDevice,
     model: &ModelDir,
     cap: usize,
     policy: EvictionPolicy,
     prefetch: bool,
-) -> (Engine, Box<dyn Fn(&Engine) -> CacheCounts>) {
+) -> (Engine, ReadCounts) {
     match *device {
         TestDevice::Cuda(ordinal) => {
             let opts = CudaOptions {
