@@ -5,8 +5,11 @@
 #                                          binaries in release mode and copies them to BIN_DIR
 #                                          (default .device/bin), named after their test target.
 #   kernels/gpu-check.sh [run] [BIN_DIR]   on the GPU host (no Rust, no network): runs every test
-#                                          of every staged binary one at a time, writes a log and
-#                                          prints a results table.
+#                                          of every staged binary one at a time (the device tests:
+#                                          one per device present, `NAME::cpu`, `NAME::cuda:N`),
+#                                          writes a log and prints a results table. A test its
+#                                          binary reports as ignored (a CUDA test on a host without
+#                                          a CUDA device, or without NVRTC) is SKIP, not PASS.
 #   kernels/gpu-check.sh all [BIN_DIR]     on the GPU host: the tests, then every benchmark (the
 #                                          `gpu` bench binary staged in BIN_DIR/../bench and the
 #                                          PyTorch baselines in kernels/bench/), with RESULT lines
@@ -168,6 +171,8 @@ for bin in "${bins[@]}"; do
         start=$(date +%s.%N)
         out="$("$bin" --exact "$t" --nocapture --test-threads=1 2>&1)"
         rc=$?
+        # The harness's summary (libtest and libtest-mimic print the same line).
+        summary="$(echo "$out" | grep -m1 "^test result:")"
         secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}')
         {
             echo
@@ -177,6 +182,16 @@ for bin in "${bins[@]}"; do
         if [ $rc -ne 0 ]; then
             result=FAIL; fail=$((fail + 1))
             note="$(echo "$out" | grep -m1 -E "panicked at|error" -A1 | tail -1 | cut -c1-90)"
+            # A test that returned its error (no panic): the message under its "---- NAME ----".
+            [ -n "$note" ] || note="$(echo "$out" | grep -m1 -A1 "^---- " | tail -1 | cut -c1-90)"
+        elif echo "$summary" | grep -qE " 1 ignored;"; then
+            result=SKIP; skip=$((skip + 1))
+            # The harness says once why it ignored its tests ("no CUDA device: ...").
+            note="$(echo "$out" | grep -m1 -E "^(no CUDA device|NVRTC not available)" |
+                sed -E "s/: [0-9]+ (GPU )?tests skipped//" | cut -c1-90)"
+        elif ! echo "$summary" | grep -qE " 1 passed;"; then
+            result=FAIL; fail=$((fail + 1))
+            note="ran no test: ${summary:-no test result line}"
         elif echo "$out" | grep -q "SKIP:"; then
             result=SKIP; skip=$((skip + 1))
             note="$(echo "$out" | grep -m1 "SKIP:" | sed 's/.*SKIP: //' | cut -c1-90)"

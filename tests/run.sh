@@ -6,7 +6,8 @@
 #   tests/run.sh            everything
 #   tests/run.sh rust       one suite: rust, reference, nvrtc, triton-headers, triton
 #
-# GPU tests skip with a message on a machine without a CUDA device; run kernels/gpu-check.sh on one.
+# GPU tests run once per CUDA device present; without one cargo counts them as ignored (the
+# "no CUDA device: N GPU tests skipped" line says why). kernels/gpu-check.sh runs them on a GPU host.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

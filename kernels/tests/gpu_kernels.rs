@@ -1,5 +1,6 @@
 //! Every kernel against a CPU reference (f64) on fresh random inputs, outputs poisoned with NaN
-//! first. Relative error < 1e-5 in f32, < 1e-2 in bf16. Skips ("SKIP: no CUDA device") without a GPU.
+//! first. Relative error < 1e-5 in f32, < 1e-2 in bf16. One trial per CUDA device (`NAME::cuda:N`);
+//! without one the trials are reported as ignored.
 
 mod common_gpu;
 
@@ -10,20 +11,48 @@ use pregate_kernels::{
 };
 use rand::Rng;
 
-/// Runs a generic check for f32 and for bf16.
+fn main() -> std::process::ExitCode {
+    let mut tests = DeviceTests::new();
+    register!(
+        tests,
+        cuda:
+        embedding_f32,
+        embedding_bf16,
+        elementwise_f32,
+        elementwise_bf16,
+        rmsnorm_f32,
+        rmsnorm_bf16,
+        rope_f32,
+        rope_bf16,
+        attention_prefill_f32,
+        attention_prefill_bf16,
+        attention_paged_f32,
+        attention_paged_bf16,
+        moe_layer_f32,
+        moe_layer_bf16,
+        linear_f32,
+        linear_bf16,
+        casts_round_to_nearest_even,
+        topk_softmax_matches_reference,
+        moe_permute_is_a_stable_sort_by_expert,
+        sampling_greedy_topk_topp_seeded,
+        sampling_follows_the_distribution,
+        launchers_reject_bad_shapes_without_launching,
+        grouped_expert_ffn_bf16,
+    );
+    tests.run()
+}
+
+/// Defines the tests of a generic check for f32 and for bf16.
 macro_rules! both_dtypes {
     ($check:ident: $f32_name:ident, $bf16_name:ident) => {
-        #[test]
-        fn $f32_name() {
-            if let Some(g) = gpu(stringify!($f32_name)) {
-                $check::<f32>(&g, stringify!($f32_name));
-            }
+        fn $f32_name(device: &Device) -> Result<(), Failed> {
+            $check::<f32>(&gpu(device)?, stringify!($f32_name));
+            Ok(())
         }
-        #[test]
-        fn $bf16_name() {
-            if let Some(g) = gpu(stringify!($bf16_name)) {
-                $check::<bf16>(&g, stringify!($bf16_name));
-            }
+        fn $bf16_name(device: &Device) -> Result<(), Failed> {
+            $check::<bf16>(&gpu(device)?, stringify!($bf16_name));
+            Ok(())
         }
     };
 }
@@ -59,11 +88,8 @@ fn check_embedding<T: KernelDtype>(g: &Gpu, name: &str) {
     );
 }
 
-#[test]
-fn casts_round_to_nearest_even() {
-    let Some(g) = gpu("casts_round_to_nearest_even") else {
-        return;
-    };
+fn casts_round_to_nearest_even(device: &Device) -> Result<(), Failed> {
+    let g = gpu(device)?;
     let mut rng = rng("casts");
     let mut x = rand_vec(&mut rng, 10_001, 100.0);
     x[0] = 1.0 + 2f32.powi(-8); // a tie: rounds to even (1.0)
@@ -87,6 +113,7 @@ fn casts_round_to_nearest_even() {
     for (gv, bv) in got.iter().zip(&back) {
         assert_eq!(gv.to_f32().to_bits(), bv.to_bits());
     }
+    Ok(())
 }
 
 both_dtypes!(check_elementwise: elementwise_f32, elementwise_bf16);
@@ -444,11 +471,8 @@ fn check_attention_paged_shape<T: KernelDtype>(
     assert_close::<T>("attention_paged", &g.download_f32(&out), &want);
 }
 
-#[test]
-fn topk_softmax_matches_reference() {
-    let Some(g) = gpu("topk_softmax_matches_reference") else {
-        return;
-    };
+fn topk_softmax_matches_reference(device: &Device) -> Result<(), Failed> {
+    let g = gpu(device)?;
     let mut rng = rng("topk_softmax");
     let (n, e) = (200, 7);
     // Logits on a coarse grid, so ties happen.
@@ -486,6 +510,7 @@ fn topk_softmax_matches_reference() {
             }
         }
     }
+    Ok(())
 }
 
 /// Host reference of the permutation: pairs sorted stably by expert.
@@ -526,11 +551,8 @@ fn random_routes(
     (ids, w)
 }
 
-#[test]
-fn moe_permute_is_a_stable_sort_by_expert() {
-    let Some(g) = gpu("moe_permute_is_a_stable_sort_by_expert") else {
-        return;
-    };
+fn moe_permute_is_a_stable_sort_by_expert(device: &Device) -> Result<(), Failed> {
+    let g = gpu(device)?;
     let mut rng = rng("moe_permute");
     for (n, k, e) in [
         (100usize, 2usize, 7usize),
@@ -571,6 +593,7 @@ fn moe_permute_is_a_stable_sort_by_expert() {
         );
         assert_eq!(g.download(&perm.pair_pos), pos, "pair_pos n{n} k{k} e{e}");
     }
+    Ok(())
 }
 
 both_dtypes!(check_moe_layer: moe_layer_f32, moe_layer_bf16);
@@ -841,11 +864,8 @@ fn sample_ref(row: &[f32], temp: f32, top_k: i32, top_p: f32, u: f32) -> SampleR
     SampleRef { pick, kth, e, z }
 }
 
-#[test]
-fn sampling_greedy_topk_topp_seeded() {
-    let Some(g) = gpu("sampling_greedy_topk_topp_seeded") else {
-        return;
-    };
+fn sampling_greedy_topk_topp_seeded(device: &Device) -> Result<(), Failed> {
+    let g = gpu(device)?;
     let mut rng = rng("sampling");
     let (rows, vocab) = (96usize, 32000usize);
     let mut logits: Vec<f32> = (0..rows * vocab)
@@ -923,13 +943,11 @@ fn sampling_greedy_topk_topp_seeded() {
     }
     println!("sampling: {agree}/{rows} rows equal the CPU reproduction");
     assert!(agree * 100 >= rows * 95, "only {agree}/{rows} rows agree");
+    Ok(())
 }
 
-#[test]
-fn sampling_follows_the_distribution() {
-    let Some(g) = gpu("sampling_follows_the_distribution") else {
-        return;
-    };
+fn sampling_follows_the_distribution(device: &Device) -> Result<(), Failed> {
+    let g = gpu(device)?;
     let (rows, vocab) = (20_000usize, 5usize);
     let row = [0.0f32, 1.0, 2.0, 0.5, -1.0];
     let logits: Vec<f32> = (0..rows).flat_map(|_| row).collect();
@@ -959,13 +977,11 @@ fn sampling_follows_the_distribution() {
             "token {i}: p {p:.4}, observed {f:.4}"
         );
     }
+    Ok(())
 }
 
-#[test]
-fn launchers_reject_bad_shapes_without_launching() {
-    let Some(g) = gpu("launchers_reject_bad_shapes_without_launching") else {
-        return;
-    };
+fn launchers_reject_bad_shapes_without_launching(device: &Device) -> Result<(), Failed> {
+    let g = gpu(device)?;
     let x = g.poisoned::<f32>(10);
     let w = g.poisoned::<f32>(4);
     let mut out = g.poisoned::<f32>(10);
@@ -1019,17 +1035,15 @@ fn launchers_reject_bad_shapes_without_launching() {
         g.ks.add(&other, &mut out, &x, 10).is_ok(),
         "a second stream of the same context is fine"
     );
+    Ok(())
 }
 
 /// The grouped skinny expert FFN (bf16, up to `GROUPED_FFN_MAX_ROWS` rows per expert) against
 /// an f64 reference of `y = down(silu(gate x) * up x)` per expert: experts without rows, one row,
 /// the row limit, more than one launch's 32 experts, widths that are not multiples of the tiles;
 /// and past the limit, the cuBLAS path. Outputs poisoned; fresh random inputs.
-#[test]
-fn grouped_expert_ffn_bf16() {
-    let Some(mut g) = gpu("grouped_expert_ffn_bf16") else {
-        return;
-    };
+fn grouped_expert_ffn_bf16(device: &Device) -> Result<(), Failed> {
+    let mut g = gpu(device)?;
     let mut rng = rng("grouped_expert_ffn_bf16");
     // Neither width is a multiple of the 32-wide K chunks nor of the 16/32-row tiles.
     let (hidden, inter, e) = (264usize, 200usize, 40usize);
@@ -1139,4 +1153,5 @@ fn grouped_expert_ffn_bf16() {
         offsets: vec![0, 1],
     };
     assert!(!g.blas.grouped_ffn_applies::<bf16>(&plan, dims));
+    Ok(())
 }

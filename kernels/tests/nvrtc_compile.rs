@@ -1,24 +1,53 @@
 //! CI check without a GPU: every kernel source compiles with NVRTC for sm_80, sm_89 and sm_90.
 //!
 //! Needs NVRTC (`PREGATE_NVRTC_LIB` or `LD_LIBRARY_PATH`, see `pregate_kernels::nvrtc`); without it
-//! the test prints SKIP and passes, unless `PREGATE_REQUIRE_NVRTC=1` (what `ci-nvrtc.sh` sets).
+//! the tests are reported as ignored, unless `PREGATE_REQUIRE_NVRTC=1` (what `ci-nvrtc.sh` sets),
+//! which makes them fail.
 
+use std::process::ExitCode;
+
+use libtest_mimic::{Arguments, Failed, Trial};
 use pregate_kernels::{Nvrtc, SOURCES};
 
 const ARCHS: [&str; 3] = ["sm_80", "sm_89", "sm_90"];
 
-#[test]
-fn nvrtc_compiles_all() {
-    let nvrtc = match Nvrtc::load() {
-        Ok(n) => n,
-        Err(e) => {
-            if std::env::var("PREGATE_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
-                panic!("PREGATE_REQUIRE_NVRTC=1 but NVRTC cannot be loaded: {e}");
-            }
-            println!("SKIP: NVRTC not available ({e})");
-            return;
-        }
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let required = std::env::var("PREGATE_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+    let missing = match Nvrtc::load() {
+        Err(e) if !required => Some(e.to_string()),
+        _ => None,
     };
+    let trials: Vec<Trial> = [
+        Trial::test("nvrtc_compiles_all", nvrtc_compiles_all),
+        Trial::test(
+            "a_compile_error_carries_nvrtc_log",
+            a_compile_error_carries_nvrtc_log,
+        ),
+    ]
+    .into_iter()
+    .map(|t| t.with_ignored_flag(missing.is_some()))
+    .collect();
+    if let Some(why) = &missing {
+        if !args.list {
+            eprintln!(
+                "NVRTC not available: {} tests skipped ({why})",
+                trials.len()
+            );
+        }
+    }
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// NVRTC; an error (a failed test) when it cannot be loaded, which the harness only runs into
+/// with `PREGATE_REQUIRE_NVRTC=1`.
+fn nvrtc() -> Result<Nvrtc, Failed> {
+    Nvrtc::load()
+        .map_err(|e| format!("PREGATE_REQUIRE_NVRTC=1 but NVRTC cannot be loaded: {e}").into())
+}
+
+fn nvrtc_compiles_all() -> Result<(), Failed> {
+    let nvrtc = nvrtc()?;
     println!(
         "NVRTC {}.{}, include dirs {:?}",
         nvrtc.version().0,
@@ -44,14 +73,11 @@ fn nvrtc_compiles_all() {
         }
     }
     assert!(failures.is_empty(), "NVRTC failed on: {failures:?}");
+    Ok(())
 }
 
-#[test]
-fn a_compile_error_carries_nvrtc_log() {
-    let Ok(nvrtc) = Nvrtc::load() else {
-        println!("SKIP: NVRTC not available");
-        return;
-    };
+fn a_compile_error_carries_nvrtc_log() -> Result<(), Failed> {
+    let nvrtc = nvrtc()?;
     let err = nvrtc
         .compile(
             "broken",
@@ -64,4 +90,5 @@ fn a_compile_error_carries_nvrtc_log() {
         msg.contains("broken") && msg.contains("undefined_thing"),
         "{msg}"
     );
+    Ok(())
 }

@@ -1,17 +1,49 @@
 //! The CUDA engine against the CPU engine, end to end: in f32 the same greedy tokens (alone,
 //! batched, chunked prefill); in bf16 logits close; the expert cache under eviction pressure gives
-//! the same outputs as all experts resident. Every test prints `SKIP: no CUDA device` and passes on
-//! a machine without a GPU.
+//! the same outputs as all experts resident (on the CPU backend's cache too). One trial per
+//! device present (`NAME::cpu`, `NAME::cuda:N`); without a CUDA device the CUDA trials are
+//! reported as ignored.
+
+#[path = "../../kernels/tests/common_gpu/devices.rs"]
+mod devices;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use devices::{register, Device as TestDevice, DeviceTests, Failed};
 use pregate::cache::EvictionPolicy;
 use pregate::engine::cuda::{
     cuda_available, open_cuda_engine, CudaDtype, CudaOptions, ExpertCapacity,
 };
-use pregate::engine::{open_engine, Device, Engine, GenerationRequest, Lookahead};
+use pregate::engine::{
+    open_engine, open_engine_with, Device, Engine, EngineOptions, ExpertCacheOptions,
+    GenerationRequest, Lookahead,
+};
 use pregate::model::{make_model, ExpertLayout, ModelDir, Preset};
+
+fn main() -> std::process::ExitCode {
+    let mut tests = DeviceTests::new();
+    register!(
+        tests,
+        cuda: f32_matches_cpu_on_fixtures_and_tiny,
+        bf16_logits_close_to_cpu,
+        router_on_the_device_matches_the_host_router,
+    );
+    register!(
+        tests,
+        every: cache_under_eviction_pressure_matches_all_resident
+    );
+    register!(tests, cpu: device_selection_reports_errors);
+    tests.run()
+}
+
+/// The CUDA ordinal of a CUDA trial's device.
+fn ordinal(device: &TestDevice) -> Result<usize, Failed> {
+    match *device {
+        TestDevice::Cuda(n) => Ok(n),
+        TestDevice::Cpu => Err("a CUDA test run on the CPU".into()),
+    }
+}
 
 /// A fixture model: beside the sources, or under `tests/fixtures` of the working directory (a
 /// prebuilt test binary run from the repository root on another machine).
@@ -25,15 +57,6 @@ fn fixture(name: &str) -> PathBuf {
     }
 }
 
-fn gpu() -> bool {
-    if cuda_available() {
-        true
-    } else {
-        println!("SKIP: no CUDA device");
-        false
-    }
-}
-
 /// A `tiny` random model written to a temporary folder.
 fn tiny(layout: ExpertLayout) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -42,6 +65,7 @@ fn tiny(layout: ExpertLayout) -> tempfile::TempDir {
 }
 
 fn cuda(
+    ordinal: usize,
     model: &ModelDir,
     dtype: CudaDtype,
     experts: ExpertCapacity,
@@ -49,6 +73,7 @@ fn cuda(
     prefetch: bool,
 ) -> Engine {
     let opts = CudaOptions {
+        ordinal,
         dtype,
         experts,
         policy,
@@ -122,13 +147,14 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-fn compare_f32(dir: &Path) {
+fn compare_f32(ordinal: usize, dir: &Path) {
     let model = ModelDir::open(dir).unwrap();
     let reqs = requests(model.config.vocab_size as u32);
     let mut cpu = open_engine(&model, Device::Cpu).unwrap();
     let want = run(&mut cpu, &reqs, usize::MAX);
     for chunk in [usize::MAX, 8] {
         let mut gpu = cuda(
+            ordinal,
             &model,
             CudaDtype::F32,
             ExpertCapacity::All,
@@ -156,22 +182,17 @@ fn compare_f32(dir: &Path) {
     }
 }
 
-#[test]
-fn f32_matches_cpu_on_fixtures_and_tiny() {
-    if !gpu() {
-        return;
-    }
-    compare_f32(&fixture("fused_f32"));
-    compare_f32(&fixture("residual_bf16_sharded"));
+fn f32_matches_cpu_on_fixtures_and_tiny(device: &TestDevice) -> Result<(), Failed> {
+    let ordinal = ordinal(device)?;
+    compare_f32(ordinal, &fixture("fused_f32"));
+    compare_f32(ordinal, &fixture("residual_bf16_sharded"));
     let t = tiny(ExpertLayout::Fused);
-    compare_f32(t.path());
+    compare_f32(ordinal, t.path());
+    Ok(())
 }
 
-#[test]
-fn bf16_logits_close_to_cpu() {
-    if !gpu() {
-        return;
-    }
+fn bf16_logits_close_to_cpu(device: &TestDevice) -> Result<(), Failed> {
+    let ordinal = ordinal(device)?;
     let t = tiny(ExpertLayout::Fused);
     for dir in [
         fixture("fused_f32"),
@@ -186,6 +207,7 @@ fn bf16_logits_close_to_cpu() {
         let mut cpu = open_engine(&model, Device::Cpu).unwrap();
         let want = run(&mut cpu, &reqs, usize::MAX);
         let mut gpu = cuda(
+            ordinal,
             &model,
             CudaDtype::Bf16,
             ExpertCapacity::All,
@@ -201,23 +223,95 @@ fn bf16_logits_close_to_cpu() {
         println!("{} bf16: logits relative error {worst:.3e}", dir.display());
         assert!(worst < 5e-2, "bf16 logits relative error {worst}");
     }
+    Ok(())
 }
 
-#[test]
-fn cache_under_eviction_pressure_matches_all_resident() {
-    if !gpu() {
-        return;
+/// Expert cache counters, from either backend.
+struct CacheCounts {
+    hits: u64,
+    misses: u64,
+    prefetches: u64,
+    bytes_loaded: u64,
+}
+
+/// Reads an engine's expert cache counters.
+type ReadCounts = Box<dyn Fn(&Engine) -> CacheCounts>;
+
+/// An engine on `device` whose expert cache holds `cap` experts per layer, and a reader of its
+/// counters. CUDA: device slots filled from host memory; CPU: the cache's accounting of the same
+/// decisions (the weights stay in host memory; it does not prefetch).
+fn cached_engine(
+    device: &TestDevice,
+    model: &ModelDir,
+    cap: usize,
+    policy: EvictionPolicy,
+    prefetch: bool,
+) -> (Engine, ReadCounts) {
+    match *device {
+        TestDevice::Cuda(ordinal) => {
+            let opts = CudaOptions {
+                ordinal,
+                dtype: CudaDtype::F32,
+                experts: ExpertCapacity::PerLayer(cap),
+                policy,
+                prefetch,
+                kv_tokens: Some(4096),
+                measure_stalls: true,
+                ..CudaOptions::default()
+            };
+            let (e, stats) = open_cuda_engine(model, &opts).unwrap();
+            let counts = move |_: &Engine| {
+                let s = stats.snapshot();
+                CacheCounts {
+                    hits: s.hits,
+                    misses: s.misses,
+                    prefetches: s.prefetches,
+                    bytes_loaded: s.bytes_loaded,
+                }
+            };
+            (e, Box::new(counts))
+        }
+        TestDevice::Cpu => {
+            let opts = EngineOptions {
+                expert_cache: Some(ExpertCacheOptions {
+                    capacity: ExpertCapacity::PerLayer(cap),
+                    policy,
+                }),
+                ..EngineOptions::default()
+            };
+            let e = open_engine_with(model, Device::Cpu, &opts).unwrap();
+            let counts = |e: &Engine| {
+                let s = e
+                    .expert_cache()
+                    .expect("the CPU engine's expert cache")
+                    .stats();
+                CacheCounts {
+                    hits: s.hits,
+                    misses: s.misses,
+                    prefetches: s.loads - s.misses,
+                    bytes_loaded: s.bytes_loaded,
+                }
+            };
+            (e, Box::new(counts))
+        }
     }
+}
+
+fn cache_under_eviction_pressure_matches_all_resident(device: &TestDevice) -> Result<(), Failed> {
     let t = tiny(ExpertLayout::Fused);
     let model = ModelDir::open(t.path()).unwrap();
     let reqs = requests(model.config.vocab_size as u32);
-    let mut base = cuda(
-        &model,
-        CudaDtype::F32,
-        ExpertCapacity::All,
-        EvictionPolicy::Belady,
-        true,
-    );
+    let mut base = match *device {
+        TestDevice::Cuda(ordinal) => cuda(
+            ordinal,
+            &model,
+            CudaDtype::F32,
+            ExpertCapacity::All,
+            EvictionPolicy::Belady,
+            true,
+        ),
+        TestDevice::Cpu => open_engine(&model, Device::Cpu).unwrap(),
+    };
     let want = run(&mut base, &reqs, 8);
     for (cap, policy, prefetch) in [
         (1, EvictionPolicy::Belady, true),
@@ -225,16 +319,7 @@ fn cache_under_eviction_pressure_matches_all_resident() {
         (2, EvictionPolicy::Lru, false),
         (3, EvictionPolicy::Random, true),
     ] {
-        let opts = CudaOptions {
-            dtype: CudaDtype::F32,
-            experts: ExpertCapacity::PerLayer(cap),
-            policy,
-            prefetch,
-            kv_tokens: Some(4096),
-            measure_stalls: true,
-            ..CudaOptions::default()
-        };
-        let (mut e, stats) = open_cuda_engine(&model, &opts).unwrap();
+        let (mut e, stats) = cached_engine(device, &model, cap, policy, prefetch);
         let got = run(&mut e, &reqs, 8);
         for (g, w) in got.iter().zip(&want) {
             assert_eq!(g.0, w.0, "capacity {cap} {policy}: tokens differ");
@@ -242,9 +327,9 @@ fn cache_under_eviction_pressure_matches_all_resident() {
                 assert_eq!(gl, wl, "capacity {cap} {policy}: logits differ");
             }
         }
-        let s = stats.snapshot();
+        let s = stats(&e);
         println!(
-            "capacity {cap}/layer {policy} prefetch={prefetch}: equal to all-resident; {} hits, {} misses, {} prefetches, {} MB loaded",
+            "{device} capacity {cap}/layer {policy} prefetch={prefetch}: equal to all-resident; {} hits, {} misses, {} prefetches, {} MB loaded",
             s.hits,
             s.misses,
             s.prefetches,
@@ -252,10 +337,12 @@ fn cache_under_eviction_pressure_matches_all_resident() {
         );
         assert!(s.bytes_loaded > 0);
     }
+    Ok(())
 }
 
-#[test]
-fn device_selection_reports_errors() {
+/// Device selection on this machine (the CPU trial: it is about the host, whichever devices it
+/// has).
+fn device_selection_reports_errors(_: &TestDevice) -> Result<(), Failed> {
     let err = Device::Cuda(99).resolve().unwrap_err().to_string();
     assert!(err.contains("cuda:99"), "{err}");
     let auto = Device::Auto.resolve().unwrap();
@@ -263,22 +350,20 @@ fn device_selection_reports_errors() {
         assert_eq!(auto, Device::Cuda(0));
     } else {
         assert_eq!(auto, Device::Cpu);
-        println!("SKIP: no CUDA device (auto resolved to cpu)");
+        println!("no CUDA device: auto resolved to cpu");
     }
+    Ok(())
 }
 
 /// The router on the device (`RouterPlacement::Device`): its logits against the host router's
 /// for prompts, batched decode tokens and chunks, in both backbone types (the router computes in
 /// f32 either way); bad input changes no state; and the engine end to end gives the host-routed
 /// engine's tokens and logits.
-#[test]
-fn router_on_the_device_matches_the_host_router() {
+fn router_on_the_device_matches_the_host_router(device: &TestDevice) -> Result<(), Failed> {
     use pregate::engine::cuda::{CudaBackend, RouterPlacement};
     use pregate::engine::Backend;
     use pregate::router::ReadMeRouter;
-    if !gpu() {
-        return;
-    }
+    let ordinal = ordinal(device)?;
     let t = tiny(ExpertLayout::Fused);
     for dir in [fixture("fused_f32"), t.path().to_path_buf()] {
         let model = ModelDir::open(&dir).unwrap();
@@ -288,6 +373,7 @@ fn router_on_the_device_matches_the_host_router() {
         let host = ReadMeRouter::new(weights.clone(), cfg);
         for dtype in [CudaDtype::F32, CudaDtype::Bf16] {
             let opts = CudaOptions {
+                ordinal,
                 dtype,
                 kv_tokens: Some(1024),
                 ..CudaOptions::default()
@@ -361,6 +447,7 @@ fn router_on_the_device_matches_the_host_router() {
         let want = run(&mut cpu, &reqs, usize::MAX);
         for chunk in [usize::MAX, 8] {
             let opts = CudaOptions {
+                ordinal,
                 dtype: CudaDtype::F32,
                 kv_tokens: Some(4096),
                 router: RouterPlacement::Device,
@@ -376,4 +463,5 @@ fn router_on_the_device_matches_the_host_router() {
             }
         }
     }
+    Ok(())
 }

@@ -1,9 +1,13 @@
 //! Shared helpers of the GPU tests (included with `mod common_gpu;`).
 #![allow(dead_code)]
 
-use std::sync::{Arc, OnceLock};
+pub mod devices;
+
+use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+pub(crate) use devices::register;
+pub use devices::{Device, DeviceTests, Failed};
 use pregate_kernels::{Blas, KernelDtype, KernelSet};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -16,31 +20,20 @@ pub struct Gpu {
     pub blas: Blas,
 }
 
-fn context() -> &'static Result<Arc<CudaContext>, String> {
-    static CTX: OnceLock<Result<Arc<CudaContext>, String>> = OnceLock::new();
-    CTX.get_or_init(|| {
-        let ordinal = std::env::var("PREGATE_CUDA_DEVICE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        pregate_kernels::open_device(ordinal).map_err(|e| e.to_string())
-    })
-}
-
-/// The GPU, or `None` after printing "SKIP: no CUDA device" when there is none. With a device,
-/// a failure to compile or load the kernels is a test failure.
-pub fn gpu(test: &str) -> Option<Gpu> {
-    let ctx = match context() {
-        Ok(c) => c.clone(),
-        Err(e) => {
-            println!("SKIP: no CUDA device ({test}: {e})");
-            return None;
-        }
+/// The CUDA device `device`, with its kernels compiled and loaded. The harness only runs a CUDA
+/// trial on a device the driver reports, so any failure here (opening it, NVRTC, cuBLAS) fails
+/// the test.
+pub fn gpu(device: &Device) -> Result<Gpu, Failed> {
+    let Device::Cuda(ordinal) = *device else {
+        return Err(format!("{device} is not a CUDA device").into());
     };
-    let stream = ctx.new_stream().expect("create a stream");
-    let ks = KernelSet::new(&ctx).unwrap_or_else(|e| panic!("kernels failed to load: {e}"));
-    let blas = Blas::new(&stream).unwrap_or_else(|e| panic!("cuBLAS failed to load: {e}"));
-    Some(Gpu {
+    let ctx = pregate_kernels::open_device(ordinal).map_err(|e| format!("open {device}: {e}"))?;
+    let stream = ctx
+        .new_stream()
+        .map_err(|e| format!("create a stream on {device}: {e}"))?;
+    let ks = KernelSet::new(&ctx).map_err(|e| format!("kernels failed to load: {e}"))?;
+    let blas = Blas::new(&stream).map_err(|e| format!("cuBLAS failed to load: {e}"))?;
+    Ok(Gpu {
         ctx,
         stream,
         ks,
