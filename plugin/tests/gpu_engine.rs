@@ -12,9 +12,8 @@ use std::path::{Path, PathBuf};
 
 use devices::{register, Device as TestDevice, DeviceTests, Failed};
 use pregate::cache::EvictionPolicy;
-use pregate::engine::cuda::{
-    cuda_available, open_cuda_engine, CudaDtype, CudaOptions, ExpertCapacity,
-};
+use pregate::cuda::{cuda_available, open_cuda_engine, CudaDtype, CudaOptions};
+use pregate::engine::ExpertCapacity;
 use pregate::engine::{
     open_engine, open_engine_with, Device, Engine, EngineOptions, ExpertCacheOptions,
     GenerationRequest, Lookahead,
@@ -360,9 +359,8 @@ fn device_selection_reports_errors(_: &TestDevice) -> Result<(), Failed> {
 /// f32 either way); bad input changes no state; and the engine end to end gives the host-routed
 /// engine's tokens and logits.
 fn router_on_the_device_matches_the_host_router(device: &TestDevice) -> Result<(), Failed> {
-    use pregate::engine::cuda::{CudaBackend, RouterPlacement};
-    use pregate::engine::Backend;
-    use pregate::router::ReadMeRouter;
+    use pregate::cuda::{open_context, CudaReadMeRouter, RouterPlacement};
+    use pregate::router::{ReadMeRouter, Router};
     let ordinal = ordinal(device)?;
     let t = tiny(ExpertLayout::Fused);
     for dir in [fixture("fused_f32"), t.path().to_path_buf()] {
@@ -371,26 +369,11 @@ fn router_on_the_device_matches_the_host_router(device: &TestDevice) -> Result<(
         let vocab = cfg.vocab_size as u32;
         let weights = pregate::model::RouterWeights::load(&model.checkpoint, cfg).unwrap();
         let host = ReadMeRouter::new(weights.clone(), cfg);
-        for dtype in [CudaDtype::F32, CudaDtype::Bf16] {
-            let opts = CudaOptions {
-                ordinal,
-                dtype,
-                kv_tokens: Some(1024),
-                ..CudaOptions::default()
-            };
-            let mut b: Box<dyn Backend> = match dtype {
-                CudaDtype::F32 => {
-                    let mut b = CudaBackend::<f32>::new(&model, &opts).unwrap();
-                    b.run_router(&weights).unwrap();
-                    Box::new(b)
-                }
-                CudaDtype::Bf16 => {
-                    let mut b = CudaBackend::<half::bf16>::new(&model, &opts).unwrap();
-                    b.run_router(&weights).unwrap();
-                    Box::new(b)
-                }
-            };
-            assert!(b.routes_tokens());
+        {
+            // The router computes in f32 whatever the backbone's type, on a stream of its own.
+            let ctx = open_context(ordinal).unwrap();
+            let kernels = std::sync::Arc::new(pregate_kernels::KernelSet::new(&ctx).unwrap());
+            let mut b = CudaReadMeRouter::new(&ctx, kernels, &weights, cfg, 1024, 16).unwrap();
             let prompts: Vec<Vec<u32>> = vec![
                 (0..37).map(|i| (i * 7 + 3) % vocab).collect(),
                 vec![42 % vocab],
@@ -398,15 +381,15 @@ fn router_on_the_device_matches_the_host_router(device: &TestDevice) -> Result<(
             ];
             let mut states: Vec<_> = prompts.iter().map(|_| host.new_state(128)).collect();
             for (i, _) in prompts.iter().enumerate() {
-                b.add_sequence(i as u64, 128).unwrap();
+                b.open(i as u64, 128).unwrap();
             }
             let mut worst = 0.0f64;
-            let mut check = |b: &mut Box<dyn Backend>,
+            let mut check = |b: &mut CudaReadMeRouter,
                              states: &mut Vec<pregate::router::RouterState>,
                              lists: &[Vec<u32>]| {
                 let seqs: Vec<u64> = (0..lists.len() as u64).collect();
                 let refs: Vec<&[u32]> = lists.iter().map(Vec::as_slice).collect();
-                let got = b.route_logits(&seqs, &refs).unwrap();
+                let got = b.logits(&seqs, &refs).unwrap();
                 let mut st: Vec<&mut pregate::router::RouterState> = states.iter_mut().collect();
                 let want = host.logits_batch(&mut st, &refs).unwrap();
                 assert_eq!(got.len(), want.len());
@@ -426,20 +409,17 @@ fn router_on_the_device_matches_the_host_router(device: &TestDevice) -> Result<(
                 check(&mut b, &mut states, &toks);
             }
             // Bad input is refused before any state moves: the next pass still agrees.
-            let err = b
-                .route_logits(&[0, 1], &[&[1], &[vocab]])
-                .unwrap_err()
-                .to_string();
+            let err = b.route(&[0, 1], &[&[1], &[vocab]]).unwrap_err().to_string();
             assert!(err.contains("outside the vocabulary"), "{err}");
-            assert!(b.route_logits(&[0, 77], &[&[1], &[1]]).is_err());
+            assert!(b.route(&[0, 77], &[&[1], &[1]]).is_err());
             check(&mut b, &mut states, &[vec![3], vec![4], vec![5]]);
             println!(
-                "{} router on the device ({dtype:?} backbone): logits relative error {worst:.3e}",
+                "{} router on the device: logits relative error {worst:.3e}",
                 dir.display()
             );
             assert!(worst < 1e-5, "device router logits relative error {worst}");
-            b.remove_sequence(1);
-            assert!(b.route_logits(&[1], &[&[1]]).is_err());
+            b.close(1);
+            assert!(b.route(&[1], &[&[1]]).is_err());
         }
         // End to end: the engine with the device router equals the host-routed CPU engine (f32).
         let reqs = requests(vocab);

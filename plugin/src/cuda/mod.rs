@@ -221,6 +221,19 @@ impl CudaHandle {
     }
 }
 
+/// Wraps `raw`, a CUDA stream of `ctx`'s device owned by a host framework (torch's current
+/// stream, `torch.cuda.current_stream().cuda_stream`), for the expert runtime's layer calls.
+/// Dropping the wrapper leaves the stream alone.
+///
+/// # Safety
+/// `raw` must be a live stream of `ctx` (the primary context: torch's streams are), and must
+/// outlive the wrapper and all work pregate enqueues on it.
+pub unsafe fn borrow_stream(ctx: &Arc<CudaContext>, raw: u64) -> Arc<cudarc::driver::CudaStream> {
+    // SAFETY: the caller guarantees `raw` is a live stream of this context that outlives the
+    // wrapper (this function's contract).
+    unsafe { ctx.wrap_borrowed_stream(raw as cudarc::driver::sys::CUstream) }
+}
+
 /// Opens the model in `model` on the GPU and returns an engine, plus a handle on the backend.
 /// The router runs where `opts.router` says: on the host, or on this device.
 pub fn open_cuda_engine(model: &ModelDir, opts: &CudaOptions) -> Result<(Engine, Arc<CudaHandle>)> {
