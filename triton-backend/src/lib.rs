@@ -143,10 +143,13 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInitialize(
         let bad = |m: String| (code::INVALID_ARG, format!("pregate model `{name}`: {m}"));
         let params = config::parse_model_config(&json, std::path::Path::new(&repo)).map_err(bad)?;
         let dir = ModelDir::open(&params.model_dir).map_err(|e| {
-            bad(format!(
-                "cannot open model directory {}: {e}",
-                params.model_dir.display()
-            ))
+            (
+                sink::error_code(&e),
+                format!(
+                    "pregate model `{name}`: cannot open model directory {}: {e}",
+                    params.model_dir.display()
+                ),
+            )
         })?;
         ffi::log_message(
             log::INFO,
@@ -240,9 +243,13 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
         let device = config::instance_device(&ms.params, kind, device_id).map_err(bad)?;
         let engine =
             open_engine_with(&ms.model, device, &ms.params.engine_options()).map_err(|e| {
-                bad(format!(
-                    "cannot open the model on {device}: {e} (use instance_group kind KIND_CPU)"
-                ))
+                (
+                    sink::error_code(&e),
+                    format!(
+                        "pregate instance `{iname}`: cannot open the model on {device}: {e} \
+                         (use instance_group kind KIND_CPU)"
+                    ),
+                )
             })?;
         let metrics = if ms.params.metrics {
             Some(Arc::new(

@@ -54,8 +54,8 @@ use kv::PagedKv;
 use router::DeviceRouter;
 use weights::{pack_ffn, upload, upload_stacked, DeviceElem, OneUnit, PinnedExperts, UnitShape};
 
-pub(crate) fn dev(e: impl std::fmt::Display) -> Error {
-    Error::Device(e.to_string())
+pub(crate) fn dev(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::device("CUDA engine", e)
 }
 
 /// The compute type of the CUDA backend.
