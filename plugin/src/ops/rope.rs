@@ -4,8 +4,8 @@
 /// `max_position_embeddings` is input: a table sized by it (2^32 positions) would abort the load.
 const CACHED_POSITIONS: usize = 8192;
 
-/// cos/sin of `pos * theta^(-2i/d)` for positions `0..max_pos`: the first
-/// [`CACHED_POSITIONS`] precomputed, the rest computed per call with the same arithmetic (so
+/// cos/sin of `pos * theta^(-2i/d)` for positions `0..max_pos`: the first 8192
+/// precomputed, the rest computed per call with the same arithmetic (so
 /// every position gets bit-identical values either way).
 #[derive(Debug, Clone)]
 pub struct RopeTable {
