@@ -206,6 +206,49 @@ impl ModelConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
+        if self.head_dim() == 0 {
+            return bad("head_dim must be positive".into());
+        }
+        // Weight shapes are products of these sizes: one that overflows is not a real model, and
+        // would wrap (or panic) in the shape arithmetic of the loader and the engines.
+        let products = [
+            (
+                "vocab_size x hidden_size",
+                self.vocab_size,
+                self.hidden_size,
+            ),
+            (
+                "vocab_size x embedding_dim",
+                self.vocab_size,
+                self.embedding_dim,
+            ),
+            (
+                "num_attention_heads x head_dim",
+                self.num_attention_heads,
+                self.head_dim(),
+            ),
+            ("N_cluster x inter_dim", self.n_cluster, self.inter_dim),
+            ("hidden_size x inter_dim", self.hidden_size, self.inter_dim),
+            (
+                "hidden_size x intermediate_size",
+                self.hidden_size,
+                self.intermediate_size,
+            ),
+            (
+                "num_attention_heads x head_dim x hidden_size",
+                self.num_attention_heads.saturating_mul(self.head_dim()),
+                self.hidden_size,
+            ),
+        ];
+        for (what, a, b) in products {
+            // Bytes of an f32 tensor this size must fit in an `isize`.
+            if a.checked_mul(b)
+                .and_then(|n| n.checked_mul(4))
+                .is_none_or(|n| n > isize::MAX as usize)
+            {
+                return bad(format!("{what} ({a} x {b}) is too large for any tensor"));
+            }
+        }
         if self.head_dim() % 2 != 0 {
             return bad(format!(
                 "head size {} must be even for RoPE",
@@ -369,6 +412,63 @@ mod tests {
             assert!(err.contains(needle), "{field}: {err}");
             assert!(err.contains("config.json"), "{err}");
         }
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_with_the_field_named() {
+        let huge = 1u64 << 60;
+        for (field, value, needle) in [
+            (
+                "num_attention_heads",
+                serde_json::json!(5),
+                "not divisible by num_attention_heads 5",
+            ),
+            (
+                "head_dim",
+                serde_json::json!(0),
+                "head_dim must be positive",
+            ),
+            ("head_dim", serde_json::json!(7), "must be even"),
+            (
+                "num_key_value_heads",
+                serde_json::json!(8),
+                "not a multiple of num_key_value_heads 8",
+            ),
+            (
+                "num_key_value_heads",
+                serde_json::json!(0),
+                "num_key_value_heads 0",
+            ),
+            ("vocab_size", serde_json::json!(1u64 << 33), "vocab_size"),
+            (
+                "hidden_size",
+                serde_json::json!(huge),
+                "vocab_size x hidden_size",
+            ),
+            (
+                "inter_dim",
+                serde_json::json!(huge),
+                "N_cluster x inter_dim",
+            ),
+            (
+                "head_dim",
+                serde_json::json!(1u64 << 62),
+                "num_attention_heads x head_dim",
+            ),
+            ("N_cluster", serde_json::json!(1 << 20), "N_cluster"),
+            ("rope_theta", serde_json::json!(-1.0), "rope_theta"),
+        ] {
+            let mut v = base();
+            v[field] = value;
+            let err = parse(&v).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(needle), "{field}: {msg}");
+            assert_eq!(err.code(), crate::error::ErrorCode::InvalidArgument);
+        }
+        // Long contexts are not absurd: nothing is sized by them.
+        let mut v = base();
+        v["max_position_embeddings"] = serde_json::json!(1u64 << 32);
+        assert_eq!(parse(&v).unwrap().max_position_embeddings, 1 << 32);
     }
 
     #[test]

@@ -27,5 +27,5 @@ pub mod tokenizer;
 
 pub use config::ModelConfig;
 pub use engine::{Engine, GenerationRequest, StepEvent};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorCode, Result};
 pub use route::{RoutePlan, TokenRoute};

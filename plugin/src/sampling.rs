@@ -244,7 +244,7 @@ impl Sampler {
 
     /// Picks the next token from `logits`.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
-        let bad = || Error::Internal("logits are empty or NaN".into());
+        let bad = || Error::ModelData("logits are empty or NaN".into());
         if self.params.is_greedy() {
             return argmax(logits).map(|i| i as u32).ok_or_else(bad);
         }

@@ -8,6 +8,7 @@
 
 // The Rust side (src/bridge.rs) mirrors these values as constants.
 static_assert(TRITONSERVER_ERROR_INTERNAL == 1 && TRITONSERVER_ERROR_INVALID_ARG == 3, "codes");
+static_assert(TRITONSERVER_ERROR_NOT_FOUND == 2, "codes");
 static_assert(TRITONSERVER_ERROR_UNAVAILABLE == 4 && TRITONSERVER_ERROR_UNSUPPORTED == 5, "codes");
 static_assert(TRITONSERVER_ERROR_CANCELLED == 7, "codes");
 static_assert(TRITONSERVER_TYPE_BOOL == 1 && TRITONSERVER_TYPE_INT32 == 8, "types");

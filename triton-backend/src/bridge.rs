@@ -101,6 +101,8 @@ pub mod ffi {
 pub mod code {
     /// TRITONSERVER_ERROR_INTERNAL
     pub const INTERNAL: u32 = 1;
+    /// TRITONSERVER_ERROR_NOT_FOUND
+    pub const NOT_FOUND: u32 = 2;
     /// TRITONSERVER_ERROR_INVALID_ARG
     pub const INVALID_ARG: u32 = 3;
     /// TRITONSERVER_ERROR_UNAVAILABLE

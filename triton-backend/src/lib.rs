@@ -143,10 +143,13 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInitialize(
         let bad = |m: String| (code::INVALID_ARG, format!("pregate model `{name}`: {m}"));
         let params = config::parse_model_config(&json, std::path::Path::new(&repo)).map_err(bad)?;
         let dir = ModelDir::open(&params.model_dir).map_err(|e| {
-            bad(format!(
-                "cannot open model directory {}: {e}",
-                params.model_dir.display()
-            ))
+            (
+                sink::error_code(&e),
+                format!(
+                    "pregate model `{name}`: cannot open model directory {}: {e}",
+                    params.model_dir.display()
+                ),
+            )
         })?;
         ffi::log_message(
             log::INFO,
@@ -240,12 +243,21 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
         let device = config::instance_device(&ms.params, kind, device_id).map_err(bad)?;
         // The environment's options first (the documented PREGATE_* table), then the model's.
         let options = pregate::engine::EngineOptions::from_env()
-            .map_err(|e| bad(e.to_string()))?
+            .map_err(|e| {
+                (
+                    sink::error_code(&e),
+                    format!("pregate instance `{iname}`: {e}"),
+                )
+            })?
             .overridden_by(&ms.params.engine_options());
         let engine = open_engine_with(&ms.model, device, &options).map_err(|e| {
-            bad(format!(
-                "cannot open the model on {device}: {e} (use instance_group kind KIND_CPU)"
-            ))
+            (
+                sink::error_code(&e),
+                format!(
+                    "pregate instance `{iname}`: cannot open the model on {device}: {e} \
+                     (use instance_group kind KIND_CPU)"
+                ),
+            )
         })?;
         let metrics = if ms.params.metrics {
             Some(Arc::new(

@@ -1,7 +1,7 @@
 //! A request's responses: the serving loop's [`ResponseSink`] over a Triton response factory.
 
 use pregate::serve::{Completion, Outcome, ResponseSink, TokenDelta};
-use pregate::Error;
+use pregate::{Error, ErrorCode};
 
 use crate::bridge::{code, ffi, log};
 
@@ -74,14 +74,23 @@ impl TritonSink {
     }
 }
 
-/// The Triton error code for a pregate error.
+/// The Triton error code for a pregate error, by its stable [`ErrorCode`].
 pub fn error_code(e: &Error) -> u32 {
-    match e {
-        Error::InvalidRequest(_) | Error::InvalidArgument(_) | Error::Tokenizer(_) => {
-            code::INVALID_ARG
-        }
-        Error::Capacity(_) | Error::Overloaded(_) => code::UNAVAILABLE,
-        _ => code::INTERNAL,
+    triton_code(e.code())
+}
+
+/// The Triton error code for a pregate [`ErrorCode`]: Triton has no codes for device, state or
+/// model-data faults, so they are all internal errors (the message says which).
+pub fn triton_code(c: ErrorCode) -> u32 {
+    match c {
+        ErrorCode::InvalidArgument => code::INVALID_ARG,
+        ErrorCode::NotFound => code::NOT_FOUND,
+        ErrorCode::Unavailable => code::UNAVAILABLE,
+        ErrorCode::State
+        | ErrorCode::Device
+        | ErrorCode::ModelData
+        | ErrorCode::Io
+        | ErrorCode::Internal => code::INTERNAL,
     }
 }
 
@@ -156,6 +165,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_code_has_its_triton_code() {
+        let want = |c: ErrorCode| match c {
+            ErrorCode::InvalidArgument => code::INVALID_ARG,
+            ErrorCode::NotFound => code::NOT_FOUND,
+            ErrorCode::Unavailable => code::UNAVAILABLE,
+            _ => code::INTERNAL,
+        };
+        for c in ErrorCode::ALL {
+            assert_eq!(triton_code(c), want(c), "{c}");
+        }
+    }
+
+    #[test]
     fn an_overloaded_server_is_unavailable_not_a_bad_request() {
         let overloaded = Error::Overloaded("request waited 2 s for admission".into());
         assert_eq!(error_code(&overloaded), code::UNAVAILABLE);
@@ -165,5 +187,27 @@ mod tests {
             code::INVALID_ARG
         );
         assert_eq!(error_code(&Error::Internal("x".into())), code::INTERNAL);
+    }
+
+    #[test]
+    fn errors_map_through_their_codes() {
+        use std::sync::Arc;
+        let missing = Error::io(
+            "model/config.json",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        assert_eq!(error_code(&missing), code::NOT_FOUND);
+        assert_eq!(
+            error_code(&Error::config("config.json", "head_dim 0")),
+            code::INVALID_ARG
+        );
+        assert_eq!(error_code(&Error::Device("lost".into())), code::INTERNAL);
+        assert_eq!(error_code(&Error::ModelData("NaN".into())), code::INTERNAL);
+        assert_eq!(error_code(&Error::UnknownSequence(4)), code::INTERNAL);
+        // A step that failed for capacity reaches Triton as unavailable, not internal.
+        let step = Error::StepFailed(Arc::new(Error::Capacity("KV".into())));
+        assert_eq!(error_code(&step), code::UNAVAILABLE);
+        let step = Error::StepFailed(Arc::new(Error::Device("lost".into())));
+        assert_eq!(error_code(&step), code::INTERNAL);
     }
 }

@@ -25,8 +25,8 @@ use cudarc::driver::{
 use crate::cache::{LoadTicket, MemoryBackend};
 use crate::error::{Error, Result};
 
-fn dev(e: impl std::fmt::Display) -> Error {
-    Error::Device(e.to_string())
+fn dev(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::device("expert cache", e)
 }
 
 /// Device slots for cached experts, filled on a copy stream (see the module docs).

@@ -48,8 +48,8 @@ use crate::error::{Error, Result};
 use crate::model::ModelDir;
 use crate::router::{HostReadMeRouter, ReadMeRouter, Router};
 
-pub(crate) fn dev(e: impl std::fmt::Display) -> Error {
-    Error::Device(e.to_string())
+pub(crate) fn dev(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::device("CUDA", e)
 }
 
 /// Opens the primary context of device `ordinal` for pregate's use (see the module docs).

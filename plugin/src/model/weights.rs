@@ -16,6 +16,10 @@ pub struct Matrix {
 
 impl Matrix {
     /// A matrix over `data`; `data.len()` must be `rows * cols`.
+    ///
+    /// # Panics
+    /// If it is not. The loader builds matrices from tensors whose shapes it checked first
+    /// ([`crate::model::checkpoint::TensorRef::expect_shape`]), so a file cannot reach the check.
     pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Self {
         assert_eq!(data.len(), rows * cols, "matrix data length");
         Matrix { rows, cols, data }

@@ -23,6 +23,12 @@ const PARALLEL_MIN_WORK: usize = 1 << 14;
 /// `q` is `[T, n_heads*d]`; `k` and `v` are `[S, n_kv_heads*d]` caches holding the keys and values
 /// of positions `0..S` with `S >= start + T`; query `t` attends to positions `0..=start+t`.
 /// Writes `out`, `[T, n_heads*d]`. Softmax is in f32 with max subtraction.
+///
+/// # Panics
+/// If the slices do not have these shapes, or `n_heads * d` is 0. Every caller sizes them from a
+/// validated config (positive heads and head size, heads a multiple of KV heads) and appends a
+/// chunk's keys and values before attending to them, so no input reaches the checks; they guard
+/// the callers' arithmetic.
 pub fn attention(
     q: &[f32],
     k: &[f32],

@@ -28,6 +28,10 @@ pub fn swiglu_ffn(x: &[f32], m: usize, e: &ExpertWeights, out: &mut [f32]) {
 /// Tokens are permuted by expert so that each expert runs once over all of its tokens (one pass over
 /// its weights), then un-permuted with their weights: the same grouping the GPU kernels do.
 /// `expert(e)` returns the weights of expert `e` (from the model, or from a cache slot).
+///
+/// # Panics
+/// If `x` or `out` is not `[T, hidden]`: callers size both from the routes they pass, so the check
+/// guards their arithmetic, not input.
 pub fn moe_layer<'a>(
     x: &[f32],
     hidden: usize,

@@ -16,6 +16,10 @@ const GEMV_ROWS_PER_TASK: usize = 64;
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
 /// `out[m, n] = x[m, k] · w[n, k]^T`, overwriting `out`.
+///
+/// # Panics
+/// If `x` or `out` does not have this shape. Callers size both from the weight they pass (whose
+/// shape the loader checked against the file), so the check guards their arithmetic, not input.
 pub fn matmul_t(x: &[f32], m: usize, w: &Matrix, out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "matmul_t: x is not [m, k]");

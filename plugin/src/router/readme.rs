@@ -70,7 +70,8 @@ impl ReadMeRouter {
 
     /// A fresh per-request state with room for `max_len` tokens.
     pub fn new_state(&self, max_len: usize) -> RouterState {
-        let cap = max_len.min(self.rope.max_pos()) * self.dim;
+        // A reservation, not a limit: bounded, since `max_len` comes from a request and a config.
+        let cap = max_len.min(self.rope.max_pos()).min(4096) * self.dim;
         RouterState {
             k: Vec::with_capacity(cap),
             v: Vec::with_capacity(cap),

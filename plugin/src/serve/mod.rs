@@ -492,9 +492,10 @@ impl LoopState {
         match result {
             Ok(Ok(events)) => self.deliver(events),
             Ok(Err(e)) => {
-                let msg = format!("step failed: {e}");
+                // Shared, so that every request keeps the step's error and its code.
+                let e = Arc::new(e);
                 for (seq, _) in &entries {
-                    self.end(*seq, Outcome::Failed(Error::Internal(msg.clone())));
+                    self.end(*seq, Outcome::Failed(Error::StepFailed(e.clone())));
                 }
             }
             Err(p) => {

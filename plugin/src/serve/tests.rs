@@ -582,3 +582,58 @@ fn a_zero_max_queue_wait_is_refused() {
     let e = Server::start(engine, None, cfg).unwrap_err().to_string();
     assert!(e.contains("max_queue_wait"), "{e}");
 }
+
+/// The CPU backend, except that every forward fails for lack of capacity.
+struct OutOfCapacity(Box<dyn crate::engine::Backend>);
+
+impl crate::engine::Backend for OutOfCapacity {
+    fn device_name(&self) -> String {
+        self.0.device_name()
+    }
+    fn config(&self) -> &crate::config::ModelConfig {
+        self.0.config()
+    }
+    fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
+        self.0.add_sequence(seq, max_len)
+    }
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.0.remove_sequence(seq)
+    }
+    fn forward(&mut self, _: &[crate::engine::ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        Err(Error::Capacity("no free expert slot".into()))
+    }
+}
+
+#[test]
+fn a_step_failing_for_capacity_fails_its_requests_as_unavailable() {
+    let (_d, m) = tiny();
+    let w = m.load_weights().unwrap();
+    let router = crate::router::ReadMeRouter::new(w.router, &m.config);
+    let (backbone, _) = crate::engine::cpu::BackboneWeights::split(m.load_weights().unwrap());
+    let cpu = crate::engine::cpu::CpuBackend::new(m.config.clone(), backbone).unwrap();
+    let router = Box::new(crate::router::HostReadMeRouter::new(router));
+    let engine = Engine::new(Box::new(OutOfCapacity(Box::new(cpu))), router);
+    let s = Server::start(engine, None, ServeConfig::default()).unwrap();
+    let rxs: Vec<_> = (0..2)
+        .map(|i| {
+            submit(
+                &s,
+                ServeRequest::greedy(Prompt::Ids(vec![1, 5 + i]), 3),
+                None,
+            )
+        })
+        .collect();
+    for rx in &rxs {
+        let (toks, done) = collect(rx);
+        assert!(toks.is_empty());
+        match done.outcome {
+            Outcome::Failed(e) => {
+                assert_eq!(e.code(), crate::error::ErrorCode::Unavailable, "{e}");
+                assert!(matches!(e, Error::StepFailed(_)), "{e:?}");
+                assert!(e.to_string().contains("no free expert slot"), "{e}");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+    s.shutdown();
+}
