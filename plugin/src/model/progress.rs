@@ -41,3 +41,69 @@ impl Drop for Finish<'_> {
         self.0.finish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::model::{make_model_with_progress, ExpertLayout, ModelDir, Preset};
+
+    /// Every call, in order: (`what` of start, total) / advanced bytes / finish.
+    #[derive(Default)]
+    struct Record(Mutex<Vec<(String, u64)>>);
+
+    impl Progress for Record {
+        fn start(&self, what: &str, total: u64) {
+            self.0.lock().unwrap().push((what.into(), total));
+        }
+        fn advance(&self, bytes: u64) {
+            self.0.lock().unwrap().push(("advance".into(), bytes));
+        }
+        fn finish(&self) {
+            self.0.lock().unwrap().push(("finish".into(), 0));
+        }
+    }
+
+    impl Record {
+        /// (operation, total announced, bytes advanced, whether it finished last).
+        fn summary(&self) -> (String, u64, u64, bool) {
+            let calls = self.0.lock().unwrap();
+            let advanced = calls
+                .iter()
+                .filter(|(w, _)| w == "advance")
+                .map(|(_, b)| b)
+                .sum();
+            let finished_last = calls.last().is_some_and(|(w, _)| w == "finish")
+                && calls.iter().filter(|(w, _)| w == "finish").count() == 1;
+            (calls[0].0.clone(), calls[0].1, advanced, finished_last)
+        }
+    }
+
+    #[test]
+    fn writing_and_loading_report_every_byte_then_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = Record::default();
+        let made = make_model_with_progress(
+            &Preset::Tiny.spec(),
+            ExpertLayout::Fused,
+            3,
+            dir.path(),
+            &written,
+        )
+        .unwrap();
+        assert_eq!(
+            written.summary(),
+            ("writing".into(), made.bytes as u64, made.bytes as u64, true)
+        );
+
+        let loaded = Arc::new(Record::default());
+        let model = ModelDir::open(dir.path())
+            .unwrap()
+            .with_progress(loaded.clone());
+        model.load_weights().unwrap();
+        let total = model.checkpoint.data_bytes() as u64;
+        assert!(total > 0);
+        assert_eq!(loaded.summary(), ("loading".into(), total, total, true));
+    }
+}
