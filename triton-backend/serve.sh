@@ -19,7 +19,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 cd "$root"
-cargo build --release -p pregate-triton -p pregate --lib --bin pregate >&2
+cargo build --release -p pregate-triton -p pregate-cli >&2
 target="${CARGO_TARGET_DIR:-$root/target}"
 server="$(triton-backend/scripts/fetch-tritonserver.sh)"
 if [ -z "$model" ]; then

@@ -9,7 +9,6 @@
 
 pub mod batcher;
 pub mod cache;
-pub mod cli;
 pub mod config;
 pub mod cuda;
 pub mod engine;

@@ -16,7 +16,7 @@ dir="${2:-$root/.device/triton}"
 if [ "$mode" = stage ]; then
     mkdir -p "$dir"
     cd "$root"
-    cargo build --release -p pregate-triton -p pregate >&2
+    cargo build --release -p pregate-triton -p pregate-cli >&2
     server="$(triton-backend/scripts/fetch-tritonserver.sh)"
     cp "$(dirname "$server")"/../../../wheel/nvidia_pytriton-0.7.0-*.whl "$dir/"
     # Compressed: the device runner carries at most 64 MiB, and the wheel alone is 53 MiB.

@@ -6,7 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 # One cargo invocation, so both crates share one feature resolution (no second build of the deps).
-cargo build --release -p pregate-triton -p pregate --lib --bin pregate >&2
+cargo build --release -p pregate-triton -p pregate-cli >&2
 target="${CARGO_TARGET_DIR:-$root/target}"
 export PREGATE_TRITONSERVER="$(triton-backend/scripts/fetch-tritonserver.sh)"
 export PREGATE_BIN="$target/release/pregate"

@@ -15,9 +15,10 @@ use safetensors::Dtype;
 use super::checkpoint::{Checkpoint, TensorRef};
 use super::load::{detect_layout, ModelDir};
 use super::names;
+use super::progress::{Finish, NoProgress, Progress};
 use super::random::MASKS_FILE;
 use super::weights::ExpertLayout;
-use super::writer::{byte_progress, write_model, TensorSpec, DEFAULT_SHARD_BYTES};
+use super::writer::{write_model, TensorSpec, DEFAULT_SHARD_BYTES};
 use crate::config::config_path;
 use crate::error::{Error, Result};
 
@@ -29,9 +30,6 @@ const COPIED_FILES: [&str; 5] = [
     "generation_config.json",
     "tokenizer.model",
 ];
-
-/// Outputs larger than this show a progress bar.
-const PROGRESS_BYTES: usize = 256 << 20;
 
 /// What `convert` produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,6 +182,18 @@ pub fn convert(
     masks: Option<&Path>,
     max_shard_bytes: Option<usize>,
 ) -> Result<Converted> {
+    convert_with_progress(input, output, layout, masks, max_shard_bytes, &NoProgress)
+}
+
+/// [`convert`], reporting the bytes of weights written to `progress` (as `converting`).
+pub fn convert_with_progress(
+    input: &Path,
+    output: &Path,
+    layout: ExpertLayout,
+    masks: Option<&Path>,
+    max_shard_bytes: Option<usize>,
+    progress: &dyn Progress,
+) -> Result<Converted> {
     if layout == ExpertLayout::Masked {
         return Err(Error::InvalidArgument(
             "convert writes the fused or residual layout, not masked".into(),
@@ -312,7 +322,6 @@ pub fn convert(
     });
 
     let total: usize = all.iter().map(TensorSpec::byte_len).sum();
-    let progress = (total > PROGRESS_BYTES).then(|| byte_progress(total, "converting"));
     let produce = |s: &TensorSpec| -> Result<Vec<u8>> {
         match sources.get(&s.name) {
             Some(Source::Copy(name)) => Ok(ck.tensor(name)?.data.to_vec()),
@@ -325,16 +334,17 @@ pub fn convert(
         }
     };
     std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
-    let files = write_model(
-        output,
-        &all,
-        max_shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES),
-        &produce,
-        progress.as_ref(),
-    )?;
-    if let Some(pb) = &progress {
-        pb.finish_and_clear();
-    }
+    progress.start("converting", total as u64);
+    let files = {
+        let _finish = Finish(progress);
+        write_model(
+            output,
+            &all,
+            max_shard_bytes.unwrap_or(DEFAULT_SHARD_BYTES),
+            &produce,
+            Some(progress),
+        )?
+    };
     for f in COPIED_FILES {
         let src = input.join(f);
         if src.is_file() {

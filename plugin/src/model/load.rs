@@ -4,23 +4,20 @@
 //! against the tensors' shapes (a disagreement names the config field and the tensor), then every
 //! tensor is converted to f32 in parallel with its exact expected shape.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use super::checkpoint::{Checkpoint, FloatDtype, TensorRef};
 use super::names;
+use super::progress::{Finish, NoProgress, Progress};
 use super::weights::{
     ExpertLayout, ExpertWeights, LayerWeights, Linear, Matrix, ModelWeights, RouterWeights,
 };
 use crate::config::{config_path, ModelConfig};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
-
-/// Models whose weights exceed this many bytes show a progress bar while loading (on a terminal).
-const PROGRESS_BYTES: usize = 512 << 20;
 
 /// Detects the expert layout from the tensor names (layer 0).
 ///
@@ -71,6 +68,8 @@ pub struct ModelDir {
     pub layout: ExpertLayout,
     /// `tokenizer.json`, when present.
     pub tokenizer: Option<Tokenizer>,
+    /// Where [`ModelDir::load_weights`] reports its progress.
+    progress: Option<Arc<dyn Progress>>,
 }
 
 impl ModelDir {
@@ -89,12 +88,21 @@ impl ModelDir {
             checkpoint,
             layout,
             tokenizer,
+            progress: None,
         })
+    }
+
+    /// Reports the progress of [`ModelDir::load_weights`] (as `loading`, in bytes of the
+    /// checkpoint) to `progress`, also when an engine opened on this directory loads them.
+    pub fn with_progress(mut self, progress: Arc<dyn Progress>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     /// Converts every weight to f32.
     pub fn load_weights(&self) -> Result<ModelWeights> {
-        load_checked(&self.checkpoint, &self.config, self.layout)
+        let progress = self.progress.as_deref().unwrap_or(&NoProgress);
+        load_checked(&self.checkpoint, &self.config, self.layout, progress)
     }
 }
 
@@ -110,7 +118,7 @@ impl ModelWeights {
     pub fn from_checkpoint(ck: &Checkpoint, config: &ModelConfig) -> Result<Self> {
         let layout = detect_layout(ck)?;
         check_config(ck, config, layout, &config_path(ck.origin()))?;
-        load_checked(ck, config, layout)
+        load_checked(ck, config, layout, &NoProgress)
     }
 }
 
@@ -118,16 +126,14 @@ fn load_checked(
     ck: &Checkpoint,
     config: &ModelConfig,
     layout: ExpertLayout,
+    progress: &dyn Progress,
 ) -> Result<ModelWeights> {
     if layout == ExpertLayout::Masked {
         return Err(masked_layout_error(ck.origin()));
     }
-    let loader = Loader::new(ck);
-    let weights = loader.model(config, layout);
-    if let Some(pb) = &loader.progress {
-        pb.finish_and_clear();
-    }
-    weights
+    progress.start("loading", ck.data_bytes() as u64);
+    let _finish = Finish(progress);
+    Loader { ck, progress }.model(config, layout)
 }
 
 /// Names of a layer's routed expert tensors present in the checkpoint: the highest expert index
@@ -253,40 +259,28 @@ pub fn check_config(
     Ok(())
 }
 
-/// Converts tensors to f32 with shape checks, counting bytes on an optional progress bar.
 impl RouterWeights {
     /// Reads only the router's tensors (`cluster_predictor.*`), in f32: what a device backend keeps
     /// on the host, without converting the rest of the model.
     pub fn load(ck: &Checkpoint, cfg: &ModelConfig) -> Result<Self> {
-        Loader { ck, progress: None }.router(cfg)
+        Loader {
+            ck,
+            progress: &NoProgress,
+        }
+        .router(cfg)
     }
 }
 
+/// Converts tensors to f32 with shape checks, counting their bytes on `progress`.
 struct Loader<'a> {
     ck: &'a Checkpoint,
-    progress: Option<ProgressBar>,
+    progress: &'a dyn Progress,
 }
 
 impl<'a> Loader<'a> {
-    fn new(ck: &'a Checkpoint) -> Self {
-        let total = ck.data_bytes();
-        let progress = (total > PROGRESS_BYTES && std::io::stderr().is_terminal()).then(|| {
-            let pb = ProgressBar::new(total as u64);
-            if let Ok(style) = ProgressStyle::with_template(
-                "loading {bar:40} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-            ) {
-                pb.set_style(style);
-            }
-            pb
-        });
-        Loader { ck, progress }
-    }
-
     fn read(&self, t: TensorRef<'_>) -> Result<Vec<f32>> {
         let v = t.to_f32()?;
-        if let Some(pb) = &self.progress {
-            pb.inc(t.data.len() as u64);
-        }
+        self.progress.advance(t.data.len() as u64);
         Ok(v)
     }
 

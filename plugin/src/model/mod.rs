@@ -1,5 +1,5 @@
 //! Model directories: reading checkpoints ([`checkpoint`]), loading host weights ([`load`]),
-//! writing safetensors ([`writer`]), converting the training layout ([`convert`]) and making
+//! writing safetensors ([`writer`]) with [`progress`] reports, converting the training layout ([`convert`]) and making
 //! random-weight models of preset shapes ([`presets`]). The format is `plugin/docs/model-format.md`.
 
 pub mod checkpoint;
@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod load;
 pub mod names;
 pub mod presets;
+pub mod progress;
 pub mod random;
 pub mod weights;
 pub mod writer;
@@ -15,7 +16,8 @@ pub mod writer;
 pub use checkpoint::{Checkpoint, FloatDtype, TensorRef};
 pub use load::{detect_layout, ModelDir};
 pub use presets::{ModelSpec, ParamCounts, Preset};
-pub use random::make_model;
+pub use progress::{NoProgress, Progress};
+pub use random::{make_model, make_model_with_progress};
 pub use weights::{
     ExpertLayout, ExpertWeights, LayerWeights, Linear, Matrix, ModelWeights, RouterWeights,
 };

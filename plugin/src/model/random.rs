@@ -17,16 +17,14 @@ use safetensors::Dtype;
 use super::checkpoint::FloatDtype;
 use super::names;
 use super::presets::ModelSpec;
+use super::progress::{Finish, NoProgress, Progress};
 use super::weights::ExpertLayout;
-use super::writer::{byte_progress, write_file, write_model, TensorSpec};
+use super::writer::{write_file, write_model, TensorSpec};
 use crate::error::{Error, Result};
 use crate::tokenizer::{write_synthetic_tokenizer, TOKENIZER_FILE};
 
 /// The masks file of the masked (training) layout.
 pub const MASKS_FILE: &str = "masks.safetensors";
-
-/// Models larger than this show a progress bar while written.
-const PROGRESS_BYTES: usize = 256 << 20;
 
 /// Elements generated from one RNG stream.
 const CHUNK: usize = 1 << 16;
@@ -254,6 +252,17 @@ pub fn make_model(
     seed: u64,
     out: &Path,
 ) -> Result<MadeModel> {
+    make_model_with_progress(spec, layout, seed, out, &NoProgress)
+}
+
+/// [`make_model`], reporting the bytes of weights written to `progress` (as `writing`).
+pub fn make_model_with_progress(
+    spec: &ModelSpec,
+    layout: ExpertLayout,
+    seed: u64,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<MadeModel> {
     let config_file = out.join("config.json");
     spec.config.validate(&config_file)?;
     if layout == ExpertLayout::Residual && spec.shared_inter >= spec.expert_inter {
@@ -269,7 +278,6 @@ pub fn make_model(
         tensors.iter().map(|(s, i)| (s.name.as_str(), *i)).collect();
     let bytes: usize = specs.iter().map(TensorSpec::byte_len).sum();
     let params: usize = specs.iter().map(TensorSpec::numel).sum();
-    let progress = (bytes > PROGRESS_BYTES).then(|| byte_progress(bytes, "writing"));
     let produce = |s: &TensorSpec| -> Result<Vec<u8>> {
         let init = inits
             .get(s.name.as_str())
@@ -278,16 +286,11 @@ pub fn make_model(
         Ok(random_bytes(s, spec.dtype, init, seed))
     };
     write_synthetic_tokenizer(&out.join(TOKENIZER_FILE), spec.config.vocab_size)?;
-    let mut files = write_model(
-        out,
-        &specs,
-        spec.max_shard_bytes,
-        &produce,
-        progress.as_ref(),
-    )?;
-    if let Some(pb) = &progress {
-        pb.finish_and_clear();
-    }
+    progress.start("writing", bytes as u64);
+    let mut files = {
+        let _finish = Finish(progress);
+        write_model(out, &specs, spec.max_shard_bytes, &produce, Some(progress))?
+    };
     if layout == ExpertLayout::Masked {
         let path = out.join(MASKS_FILE);
         let (i, n) = (spec.config.intermediate_size, spec.config.n_cluster);

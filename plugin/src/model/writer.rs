@@ -9,10 +9,10 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use safetensors::Dtype;
 
 use super::checkpoint::{INDEX_FILE, SINGLE_FILE};
+use super::progress::Progress;
 use crate::error::{Error, Result};
 
 /// Default shard size of `make-model` and `convert`: models larger than this are sharded.
@@ -50,20 +50,6 @@ impl TensorSpec {
     }
 }
 
-/// A progress bar over `total` bytes, drawn on stderr only when it is a terminal.
-pub fn byte_progress(total: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(total as u64);
-    let template =
-        format!("{what} {{bar:40}} {{bytes}}/{{total_bytes}} ({{bytes_per_sec}}, {{eta}})");
-    if let Ok(style) = ProgressStyle::with_template(&template) {
-        pb.set_style(style);
-    }
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    pb
-}
-
 fn header_bytes(specs: &[TensorSpec]) -> Result<Vec<u8>> {
     let mut map = serde_json::Map::new();
     map.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
@@ -88,7 +74,7 @@ pub fn write_file<F>(
     path: &Path,
     specs: &[TensorSpec],
     produce: &F,
-    progress: Option<&ProgressBar>,
+    progress: Option<&dyn Progress>,
 ) -> Result<()>
 where
     F: Fn(&TensorSpec) -> Result<Vec<u8>> + Sync,
@@ -135,8 +121,8 @@ where
                 )));
             }
             w.write_all(&bytes).map_err(io)?;
-            if let Some(pb) = progress {
-                pb.inc(bytes.len() as u64);
+            if let Some(p) = progress {
+                p.advance(bytes.len() as u64);
             }
         }
         Ok(())
@@ -173,7 +159,7 @@ pub fn write_model<F>(
     specs: &[TensorSpec],
     max_shard_bytes: usize,
     produce: &F,
-    progress: Option<&ProgressBar>,
+    progress: Option<&dyn Progress>,
 ) -> Result<Vec<PathBuf>>
 where
     F: Fn(&TensorSpec) -> Result<Vec<u8>> + Sync,

@@ -3,7 +3,7 @@
 //! ([`executed`]).
 //!
 //! Workload formats and the synthetic generators are documented in [`workload`]; the figures a
-//! replay reports in [`report`]. `pregate replay` (in [`crate::cli`]) is the command-line front.
+//! replay reports in [`report`]. `pregate replay` (crate `pregate-cli`) is the command-line front.
 
 pub mod executed;
 mod layer;

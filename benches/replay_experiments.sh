@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the replay figures of BENCHMARKS.md (issue 3). Run from the repository root after
-# `cargo build --release -p pregate`. Prints one line per run.
+# `cargo build --release -p pregate-cli`. Prints one line per run.
 set -euo pipefail
 P=${PREGATE:-./target/release/pregate}
 AZ=${AZURE_TRACE:-../shared/traces/azure-llm-2023-conv.csv}

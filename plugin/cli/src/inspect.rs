@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use crate::error::{Error, Result};
-use crate::model::inspect::inspect;
+use pregate::error::{Error, Result};
+use pregate::model::inspect::inspect;
 
 /// Flags of `pregate inspect`.
 #[derive(Debug, clap::Args)]

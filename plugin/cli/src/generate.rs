@@ -2,17 +2,20 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::cache::EvictionPolicy;
-use crate::engine::{
+use pregate::cache::EvictionPolicy;
+use pregate::engine::{
     open_engine_with, Device, EngineOptions, ExpertCacheOptions, GenerationRequest,
 };
-use crate::error::{Error, Result};
-use crate::model::ModelDir;
-use crate::sampling::SamplingParams;
-use crate::tokenizer::IncrementalDecoder;
+use pregate::error::{Error, Result};
+use pregate::model::ModelDir;
+use pregate::sampling::SamplingParams;
+use pregate::tokenizer::IncrementalDecoder;
+
+use crate::progress::Bar;
 
 /// Flags of `pregate generate`.
 #[derive(Debug, clap::Args)]
@@ -73,7 +76,7 @@ pub struct GenerateArgs {
 /// Runs `pregate generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let device: Device = args.device.parse()?;
-    let model = ModelDir::open(&args.model)?;
+    let model = ModelDir::open(&args.model)?.with_progress(Arc::new(Bar::new(Bar::LOAD_BYTES)));
     let prompt = match (&args.prompt_ids, &args.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => model
@@ -209,7 +212,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
 /// Writes `logits` (`[steps, vocab]`, f32) as the tensor `logits` with the project's writer.
 fn write_logits(path: &std::path::Path, logits: &[f32], vocab: usize) -> Result<()> {
-    use crate::model::writer::{write_file, TensorSpec};
+    use pregate::model::writer::{write_file, TensorSpec};
     let spec = TensorSpec::new(
         "logits",
         safetensors::Dtype::F32,

@@ -2,7 +2,7 @@
 //! of that step (32 layers), per scheduled token. Goal (issue 3): >= 1 million scheduled tokens/s
 //! on one core, so the decisions never become the bottleneck.
 //!
-//! `cargo bench -p pregate --bench scheduling`
+//! `cargo bench -p pregate-benches --bench scheduling`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pregate::batcher::{BatchPolicy, BatcherConfig, LookaheadBatcher, PendingView, RequestDesc};

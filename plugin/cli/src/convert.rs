@@ -2,9 +2,11 @@
 
 use std::path::PathBuf;
 
-use crate::error::Result;
-use crate::model::convert::convert;
-use crate::model::ExpertLayout;
+use pregate::error::Result;
+use pregate::model::convert::convert_with_progress;
+use pregate::model::ExpertLayout;
+
+use crate::progress::Bar;
 
 /// Flags of `pregate convert`.
 #[derive(Debug, clap::Args)]
@@ -30,12 +32,13 @@ pub struct ConvertArgs {
 /// Runs `pregate convert`.
 pub fn run(args: ConvertArgs) -> Result<()> {
     let layout = ExpertLayout::parse(&args.layout)?;
-    let done = convert(
+    let done = convert_with_progress(
         &args.model,
         &args.out,
         layout,
         args.masks.as_deref(),
         args.max_shard_mib.map(|m| m.max(1) << 20),
+        &Bar::new(Bar::WRITE_BYTES),
     )?;
     let (w, s) = done.widths.first().copied().unwrap_or((0, 0));
     println!(

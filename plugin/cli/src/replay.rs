@@ -14,12 +14,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::batcher::{BatchPolicy, BatcherConfig};
-use crate::cache::EvictionPolicy;
-use crate::error::{Error, Result};
-use crate::metrics::{model_metrics, MetricsServer};
-use crate::replay::{self, workload, CostModel, ExpertModel, ModelShape, SimConfig};
-use crate::route::ExpertSet;
+use pregate::batcher::{BatchPolicy, BatcherConfig};
+use pregate::cache::EvictionPolicy;
+use pregate::error::{Error, Result};
+use pregate::metrics::{model_metrics, MetricsServer};
+use pregate::replay::{self, workload, CostModel, ExpertModel, ModelShape, SimConfig};
+use pregate::route::ExpertSet;
 
 /// Flags of `pregate replay`.
 #[derive(Debug, clap::Args)]

@@ -5,6 +5,7 @@ mod convert;
 mod generate;
 mod inspect;
 mod make_model;
+mod progress;
 mod replay;
 
 use clap::{Parser, Subcommand};
@@ -35,8 +36,12 @@ pub enum Command {
     Replay(replay::ReplayArgs),
 }
 
+fn main() {
+    std::process::exit(run());
+}
+
 /// Runs the CLI; returns the process exit code. Errors are printed, never panicked.
-pub fn main() -> i32 {
+fn run() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::MakeModel(a) => make_model::run(a),

@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::error::{Error, Result};
-use crate::model::{make_model, ExpertLayout, FloatDtype, Preset};
+use pregate::error::{Error, Result};
+use pregate::model::{make_model_with_progress, ExpertLayout, FloatDtype, Preset};
+
+use crate::progress::Bar;
 
 /// Flags of `pregate make-model`.
 #[derive(Debug, clap::Args)]
@@ -58,7 +60,8 @@ pub fn run(args: MakeModelArgs) -> Result<()> {
         spec.max_shard_bytes = mib << 20;
     }
     let start = Instant::now();
-    let made = make_model(&spec, layout, args.seed, &args.out)?;
+    let bar = Bar::new(Bar::WRITE_BYTES);
+    let made = make_model_with_progress(&spec, layout, args.seed, &args.out, &bar)?;
     let secs = start.elapsed().as_secs_f64();
     println!(
         "wrote {} ({} layout, {}) to {}: {:.1} M parameters, {:.1} MiB in {} file(s), {:.1} s ({:.0} MiB/s)",

@@ -7,7 +7,7 @@
 //! Both ways of routing a step are timed side by side: one router call per sequence, and one
 //! batched call for the whole step ([`ReadMeRouter::route_batch`]).
 //!
-//! `cargo bench -p pregate --bench router`
+//! `cargo bench -p pregate-benches --bench router`
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! Beside each, in the same run, the textbook way: a stable sort of the whole vocabulary, then
 //! softmax, top-k, top-p and a draw (`full_sort/...`).
 //!
-//! `cargo bench -p pregate --bench sampling`
+//! `cargo bench -p pregate-benches --bench sampling`
 
 use std::hint::black_box;
 

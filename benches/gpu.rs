@@ -21,17 +21,16 @@ use std::time::Instant;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{result as cu, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
-use pregate::cache::cuda::CudaExpertMemory;
-use pregate::cache::{EvictionPolicy, MemoryBackend};
-use pregate::engine::cuda::{
-    cuda_available, open_cuda_engine, CacheSetup, CudaBackend, CudaDtype, CudaOptions, CudaStats,
-    ExpertCapacity,
+use pregate::cache::{EvictionPolicy, ExpertCapacity, MemoryBackend};
+use pregate::cuda::{
+    cuda_available, open_cuda_engine, CacheSetup, CudaBackend, CudaDtype, CudaExpertMemory,
+    CudaOptions, CudaStats,
 };
 use pregate::engine::{Backend, Engine, ForwardChunk, GenerationRequest, Lookahead, SeqId};
 use pregate::model::{make_model, ExpertLayout, ModelDir, Preset, RouterWeights};
 use pregate::replay::workload::READ_ME_KEEP;
 use pregate::replay::ExpertModel;
-use pregate::router::ReadMeRouter;
+use pregate::router::{HostReadMeRouter, ReadMeRouter};
 use pregate::RoutePlan;
 use pregate_kernels::{Blas, ExpertPlan, ExpertWeights, FfnDims, KernelSet, MoePermutation};
 use rand::{Rng, SeedableRng};
@@ -584,16 +583,16 @@ fn offload(
     let backend = CudaBackend::<bf16>::new(&model, &opts)?;
     let h = backend.stats();
     let shared = Arc::new(Mutex::new(backend));
-    let router = ReadMeRouter::new(
+    let router = HostReadMeRouter::new(ReadMeRouter::new(
         RouterWeights::load(&model.checkpoint, &model.config)?,
         &model.config,
-    );
+    ));
     let mut e = Engine::new(
         Box::new(SharedBackend {
             inner: shared.clone(),
             cfg: model.config.clone(),
         }),
-        router,
+        Box::new(router),
     );
     println!(
         "load (pinned host copy of the experts): {:.1} s",

@@ -3,7 +3,8 @@
 //! bandwidth (bytes copied per second, over buffers far larger than the caches), both measured in
 //! the same run.
 //!
-//! `cargo bench -p pregate --bench decode` (set `PREGATE_BENCH_MODEL=DIR` to reuse a model).
+//! `cargo bench -p pregate-benches --bench decode` (set `PREGATE_BENCH_MODEL=DIR` to reuse a
+//! model).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,5 +1,0 @@
-//! The `pregate` binary; see [`pregate::cli`].
-
-fn main() {
-    std::process::exit(pregate::cli::main());
-}
