@@ -316,3 +316,39 @@ fn writer_loader_and_inspect_agree_with_the_inventory() {
         );
     }
 }
+
+#[test]
+fn expert_widths_may_differ_per_layer() {
+    let cfg = tiny().config;
+    let widths = [
+        FfnWidths {
+            expert: 40,
+            shared: 8,
+        },
+        FfnWidths {
+            expert: 24,
+            shared: 16,
+        },
+    ];
+    let plan = ModelPlan::new(&cfg, ExpertLayout::Residual, &widths).unwrap();
+    let inv = plan.inventory();
+    for (l, w) in widths.iter().enumerate() {
+        assert_eq!(plan.moe(l).unwrap().expert_inter, w.expert);
+        assert_eq!(inv.expert(l, 2).unwrap()[0].shape, vec![w.expert, 64]);
+        assert_eq!(inv.shared_expert(l).unwrap()[2].shape, vec![64, w.shared]);
+    }
+    // A residual layer needs its shared part; the widths must cover every layer.
+    let err = ModelPlan::new(
+        &cfg,
+        ExpertLayout::Residual,
+        &[
+            widths[0],
+            FfnWidths {
+                expert: 8,
+                shared: 0,
+            },
+        ],
+    );
+    assert!(err.is_err());
+    assert!(ModelPlan::new(&cfg, ExpertLayout::Fused, &widths[..1]).is_err());
+}
