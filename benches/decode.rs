@@ -69,7 +69,8 @@ fn step_bytes(engine: &Engine, model: &ModelDir) -> usize {
         }
         distinct += set.len();
     }
-    let (rd, rf) = (c.embedding_dim, c.inter_dim);
+    let rc = c.readme_router.as_ref().expect("a Read-ME router");
+    let (rd, rf) = (rc.embedding_dim, rc.inter_dim);
     let router = rd + 4 * (rd * rd + rd) + 2 * rd * rf + rd + rf + c.n_cluster * rd + 3 * rd;
     4 * (l * attn + distinct * expert + h * v + h + h + router)
 }

@@ -43,9 +43,10 @@ fn linear(out: usize, inp: usize, seed: u64) -> Linear {
 
 fn router() -> ReadMeRouter {
     let cfg = Preset::Readme7b.spec().config;
+    let rc = cfg.readme_router.clone().expect("the preset has a router");
     let (d, f, n, v) = (
-        cfg.embedding_dim,
-        cfg.inter_dim,
+        rc.embedding_dim,
+        rc.inter_dim,
         cfg.n_cluster,
         cfg.vocab_size,
     );
@@ -61,6 +62,7 @@ fn router() -> ReadMeRouter {
         proj_2: linear(d, f, 60),
         out_norm: vec![1.0; d],
         proj_out: linear(n, d, 70),
+        config: rc,
     };
     ReadMeRouter::new(w, &cfg)
 }

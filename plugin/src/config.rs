@@ -1,4 +1,4 @@
-//! `config.json`: a Hugging Face LlamaConfig plus the Read-ME router fields.
+//! `config.json`: a Hugging Face LlamaConfig plus, for Read-ME, its router fields.
 //!
 //! The format is documented in `plugin/docs/model-format.md`. Parsing is lenient about fields pregate
 //! does not use and strict about the ones it does: every inconsistency is reported with the file's path.
@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::family::ModelFamily;
 
 /// `eos_token_id` may be one id or a list of ids.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +50,153 @@ fn default_router_positions() -> usize {
 }
 fn default_true() -> bool {
     true
+}
+
+/// The Read-ME pre-gating router (`cluster_predictor`), read from flat keys of `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadMeRouterConfig {
+    /// The model carries a pre-gating router; pregate requires true.
+    #[serde(default = "default_true")]
+    pub add_cluster_predictor: bool,
+    /// Router width.
+    pub embedding_dim: usize,
+    /// Router MLP width.
+    pub inter_dim: usize,
+    /// Router blocks (1 in every released checkpoint).
+    #[serde(default = "default_one")]
+    pub n_layer: usize,
+    /// Router attention heads.
+    pub n_head: usize,
+    /// Router attention logits are divided by this (not by sqrt(head size)).
+    #[serde(default = "default_normalizer")]
+    pub normalizer: f32,
+    /// Router MLP activation; only `silu` exists.
+    #[serde(default = "default_act")]
+    pub hidden_act_predictor: String,
+    /// Router context length.
+    #[serde(default = "default_router_positions")]
+    pub max_position_embeddings_predictor: usize,
+    /// Non-autoregressive router variant; pregate supports the causal one only.
+    #[serde(default)]
+    pub nonautoregressive: bool,
+}
+
+impl ReadMeRouterConfig {
+    /// The keys the router needs; the others have defaults.
+    pub const REQUIRED: [&'static str; 3] = ["embedding_dim", "inter_dim", "n_head"];
+
+    /// Per-head size of the router.
+    pub fn head_dim(&self) -> usize {
+        self.embedding_dim / self.n_head.max(1)
+    }
+
+    /// Checks the router's values; `path` names the file in errors.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| Err(Error::config(path, msg));
+        for (name, v) in [
+            ("embedding_dim", self.embedding_dim),
+            ("inter_dim", self.inter_dim),
+            ("n_head", self.n_head),
+            (
+                "max_position_embeddings_predictor",
+                self.max_position_embeddings_predictor,
+            ),
+        ] {
+            if v == 0 {
+                return bad(format!("`{name}` must be positive"));
+            }
+        }
+        if !self.add_cluster_predictor {
+            return bad(
+                "add_cluster_predictor is false: pregate needs the pre-gating router".into(),
+            );
+        }
+        if self.embedding_dim % self.n_head != 0 || (self.embedding_dim / self.n_head) % 2 != 0 {
+            return bad(format!(
+                "router embedding_dim {} must split into {} heads of even size",
+                self.embedding_dim, self.n_head
+            ));
+        }
+        if self.n_layer != 1 {
+            return bad(format!(
+                "router n_layer {} is unsupported: Read-ME routers have one block",
+                self.n_layer
+            ));
+        }
+        if self.hidden_act_predictor != "silu" {
+            return bad(format!(
+                "hidden_act_predictor `{}` is unsupported (only `silu`)",
+                self.hidden_act_predictor
+            ));
+        }
+        if self.nonautoregressive {
+            return bad("nonautoregressive routers are unsupported: routes must be causal".into());
+        }
+        if !(self.normalizer.is_finite() && self.normalizer > 0.0) {
+            return bad(format!("normalizer {} must be positive", self.normalizer));
+        }
+        Ok(())
+    }
+}
+
+/// Every router key optional: which of them `config.json` has decides whether a router is
+/// described at all (none of them) or described incompletely (an error naming the missing key).
+#[derive(Deserialize)]
+struct RouterKeys {
+    add_cluster_predictor: Option<bool>,
+    embedding_dim: Option<usize>,
+    inter_dim: Option<usize>,
+    n_layer: Option<usize>,
+    n_head: Option<usize>,
+    normalizer: Option<f32>,
+    hidden_act_predictor: Option<String>,
+    max_position_embeddings_predictor: Option<usize>,
+    nonautoregressive: Option<bool>,
+}
+
+fn readme_router_keys<'de, D>(d: D) -> std::result::Result<Option<ReadMeRouterConfig>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let k = RouterKeys::deserialize(d)?;
+    let any = k.add_cluster_predictor.is_some()
+        || k.embedding_dim.is_some()
+        || k.inter_dim.is_some()
+        || k.n_layer.is_some()
+        || k.n_head.is_some()
+        || k.normalizer.is_some()
+        || k.hidden_act_predictor.is_some()
+        || k.max_position_embeddings_predictor.is_some()
+        || k.nonautoregressive.is_some();
+    if !any {
+        return Ok(None);
+    }
+    let (Some(embedding_dim), Some(inter_dim), Some(n_head)) =
+        (k.embedding_dim, k.inter_dim, k.n_head)
+    else {
+        let present = [k.embedding_dim, k.inter_dim, k.n_head].map(|v| v.is_some());
+        let missing = ReadMeRouterConfig::REQUIRED
+            .iter()
+            .zip(present)
+            .find(|(_, p)| !p)
+            .map_or("embedding_dim", |(name, _)| name);
+        return Err(serde::de::Error::custom(format!(
+            "the Read-ME router fields are incomplete: missing `{missing}`"
+        )));
+    };
+    Ok(Some(ReadMeRouterConfig {
+        add_cluster_predictor: k.add_cluster_predictor.unwrap_or(true),
+        embedding_dim,
+        inter_dim,
+        n_layer: k.n_layer.unwrap_or_else(default_one),
+        n_head,
+        normalizer: k.normalizer.unwrap_or_else(default_normalizer),
+        hidden_act_predictor: k.hidden_act_predictor.unwrap_or_else(default_act),
+        max_position_embeddings_predictor: k
+            .max_position_embeddings_predictor
+            .unwrap_or_else(default_router_positions),
+        nonautoregressive: k.nonautoregressive.unwrap_or(false),
+    }))
 }
 
 /// The model configuration, as read from `config.json`.
@@ -98,33 +246,13 @@ pub struct ModelConfig {
     #[serde(default)]
     pub torch_dtype: Option<String>,
 
-    /// Read-ME: the model carries a pre-gating router (`cluster_predictor`).
-    #[serde(default = "default_true")]
-    pub add_cluster_predictor: bool,
-    /// Read-ME: experts per layer.
-    #[serde(rename = "N_cluster")]
+    /// Experts per layer (Read-ME's `N_cluster`). Checked per family: Read-ME requires it.
+    #[serde(rename = "N_cluster", default)]
     pub n_cluster: usize,
-    /// Read-ME: router width.
-    pub embedding_dim: usize,
-    /// Read-ME: router MLP width.
-    pub inter_dim: usize,
-    /// Read-ME: router blocks (1 in every released checkpoint).
-    #[serde(default = "default_one")]
-    pub n_layer: usize,
-    /// Read-ME: router attention heads.
-    pub n_head: usize,
-    /// Read-ME: router attention logits are divided by this (not by sqrt(head size)).
-    #[serde(default = "default_normalizer")]
-    pub normalizer: f32,
-    /// Read-ME: router MLP activation; only `silu` exists.
-    #[serde(default = "default_act")]
-    pub hidden_act_predictor: String,
-    /// Read-ME: router context length.
-    #[serde(default = "default_router_positions")]
-    pub max_position_embeddings_predictor: usize,
-    /// Read-ME: non-autoregressive router variant; pregate supports the causal one only.
-    #[serde(default)]
-    pub nonautoregressive: bool,
+    /// Read-ME's pre-gating router (`cluster_predictor`), from the same flat keys; `None` when
+    /// `config.json` has none of them.
+    #[serde(flatten, deserialize_with = "readme_router_keys")]
+    pub readme_router: Option<ReadMeRouterConfig>,
     /// pregate: experts per token (1 = Read-ME's argmax routing).
     #[serde(default = "default_one")]
     pub router_top_k: usize,
@@ -139,32 +267,58 @@ impl ModelConfig {
 
     /// Parses and validates a config from JSON text; `path` is used in error messages only.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let cfg: ModelConfig =
+        let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| Error::config(path, e.to_string()))?;
+        // The family first: a model pregate does not serve is named as such, not as a missing field.
+        let architectures: Vec<String> = value
+            .get("architectures")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let model_type = value.get("model_type").and_then(|v| v.as_str());
+        ModelFamily::detect(&architectures, model_type).map_err(|m| Error::config(path, m))?;
+        let cfg: ModelConfig =
+            serde_json::from_value(value).map_err(|e| Error::config(path, e.to_string()))?;
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// The model family `architectures` / `model_type` name (an error lists the supported ones).
+    pub fn family(&self) -> std::result::Result<ModelFamily, String> {
+        ModelFamily::detect(&self.architectures, self.model_type.as_deref())
+    }
+
+    /// Routed experts per layer.
+    pub fn num_experts(&self) -> usize {
+        self.n_cluster
+    }
+
+    /// Experts each token is routed to.
+    pub fn experts_per_token(&self) -> usize {
+        self.router_top_k
+    }
+
+    /// Read-ME's router configuration, or the error a Read-ME model without one gets.
+    pub fn router_config(&self) -> Result<&ReadMeRouterConfig> {
+        self.readme_router
+            .as_ref()
+            .ok_or_else(|| Error::config("config.json", missing_router()))
     }
 
     /// Checks the values against each other; `path` names the file in errors.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |msg: String| Err(Error::config(path, msg));
-        if let Some(arch) = self.architectures.first() {
-            if arch != "ReadMEForCausalLM" && arch != "LlamaForCausalLM" {
-                return bad(format!(
-                    "architectures[0] is `{arch}`; pregate serves `ReadMEForCausalLM`"
-                ));
-            }
-        }
+        let family = self.family().map_err(|m| Error::config(path, m))?;
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
             ("max_position_embeddings", self.max_position_embeddings),
-            ("N_cluster", self.n_cluster),
-            ("embedding_dim", self.embedding_dim),
-            ("inter_dim", self.inter_dim),
-            ("n_head", self.n_head),
             ("router_top_k", self.router_top_k),
         ];
         for (name, v) in positive {
@@ -172,13 +326,19 @@ impl ModelConfig {
                 return bad(format!("`{name}` must be positive"));
             }
         }
+        match family {
+            ModelFamily::ReadMe => {
+                if self.n_cluster == 0 {
+                    return bad("Read-ME needs `N_cluster` (experts per layer), positive".into());
+                }
+                match &self.readme_router {
+                    Some(router) => router.validate(path)?,
+                    None => return bad(missing_router()),
+                }
+            }
+        }
         if self.vocab_size > u32::MAX as usize {
             return bad(format!("vocab_size {} is too large", self.vocab_size));
-        }
-        if !self.add_cluster_predictor {
-            return bad(
-                "add_cluster_predictor is false: pregate needs the pre-gating router".into(),
-            );
         }
         if self.n_cluster > crate::route::MAX_EXPERTS {
             return bad(format!(
@@ -211,6 +371,7 @@ impl ModelConfig {
         }
         // Weight shapes are products of these sizes: one that overflows is not a real model, and
         // would wrap (or panic) in the shape arithmetic of the loader and the engines.
+        let router = self.readme_router.as_ref();
         let products = [
             (
                 "vocab_size x hidden_size",
@@ -220,15 +381,23 @@ impl ModelConfig {
             (
                 "vocab_size x embedding_dim",
                 self.vocab_size,
-                self.embedding_dim,
+                router.map_or(0, |r| r.embedding_dim),
             ),
             (
                 "num_attention_heads x head_dim",
                 self.num_attention_heads,
                 self.head_dim(),
             ),
-            ("N_cluster x inter_dim", self.n_cluster, self.inter_dim),
-            ("hidden_size x inter_dim", self.hidden_size, self.inter_dim),
+            (
+                "N_cluster x inter_dim",
+                self.n_cluster,
+                router.map_or(0, |r| r.inter_dim),
+            ),
+            (
+                "hidden_size x inter_dim",
+                self.hidden_size,
+                router.map_or(0, |r| r.inter_dim),
+            ),
             (
                 "hidden_size x intermediate_size",
                 self.hidden_size,
@@ -262,30 +431,6 @@ impl ModelConfig {
                 self.num_attention_heads
             ));
         }
-        if self.embedding_dim % self.n_head != 0 || (self.embedding_dim / self.n_head) % 2 != 0 {
-            return bad(format!(
-                "router embedding_dim {} must split into {} heads of even size",
-                self.embedding_dim, self.n_head
-            ));
-        }
-        if self.n_layer != 1 {
-            return bad(format!(
-                "router n_layer {} is unsupported: Read-ME routers have one block",
-                self.n_layer
-            ));
-        }
-        if self.hidden_act_predictor != "silu" {
-            return bad(format!(
-                "hidden_act_predictor `{}` is unsupported (only `silu`)",
-                self.hidden_act_predictor
-            ));
-        }
-        if self.nonautoregressive {
-            return bad("nonautoregressive routers are unsupported: routes must be causal".into());
-        }
-        if !(self.normalizer.is_finite() && self.normalizer > 0.0) {
-            return bad(format!("normalizer {} must be positive", self.normalizer));
-        }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return bad(format!(
                 "rms_norm_eps {} must be positive",
@@ -317,11 +462,6 @@ impl ModelConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// Per-head size of the router.
-    pub fn router_head_dim(&self) -> usize {
-        self.embedding_dim / self.n_head
-    }
-
     /// End-of-sequence ids (possibly none).
     pub fn eos_token_ids(&self) -> Vec<u32> {
         self.eos_token_id
@@ -332,8 +472,11 @@ impl ModelConfig {
 
     /// The longest sequence both the backbone and the router can hold.
     pub fn max_context(&self) -> usize {
-        self.max_position_embeddings
-            .min(self.max_position_embeddings_predictor)
+        let router = self
+            .readme_router
+            .as_ref()
+            .map_or(usize::MAX, |r| r.max_position_embeddings_predictor);
+        self.max_position_embeddings.min(router)
     }
 
     /// Writes the config as pretty JSON.
@@ -342,6 +485,14 @@ impl ModelConfig {
             serde_json::to_string_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
     }
+}
+
+/// The error of a Read-ME config without its router fields.
+fn missing_router() -> String {
+    format!(
+        "Read-ME needs its cluster_predictor: missing `{}`",
+        ReadMeRouterConfig::REQUIRED[0]
+    )
 }
 
 /// The path of `config.json` inside a model directory.
@@ -371,11 +522,14 @@ mod tests {
     fn defaults_are_the_read_me_ones() {
         let c = parse(&base()).unwrap();
         assert_eq!(c.router_top_k, 1);
-        assert_eq!(c.normalizer, 1.0);
-        assert_eq!(c.n_layer, 1);
+        let r = c.readme_router.as_ref().unwrap();
+        assert_eq!(r.normalizer, 1.0);
+        assert_eq!(r.n_layer, 1);
+        assert_eq!(r.max_position_embeddings_predictor, 4096);
+        assert_eq!(c.max_context(), 128);
         assert_eq!(c.head_dim(), 16);
         assert_eq!(c.num_kv_heads(), 2);
-        assert_eq!(c.router_head_dim(), 16);
+        assert_eq!(r.head_dim(), 16);
         assert_eq!(c.eos_token_ids(), vec![2]);
     }
 
@@ -477,5 +631,71 @@ mod tests {
         v.as_object_mut().unwrap().remove("N_cluster");
         let err = parse(&v).unwrap_err().to_string();
         assert!(err.contains("N_cluster"), "{err}");
+    }
+
+    #[test]
+    fn written_configs_read_back_with_flat_router_keys() {
+        let c = parse(&base()).unwrap();
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["embedding_dim"], 32);
+        assert_eq!(v["N_cluster"], 4);
+        assert!(v.get("readme_router").is_none(), "{v}");
+        assert_eq!(parse(&v).unwrap(), c);
+    }
+
+    #[test]
+    fn read_me_without_its_router_is_refused() {
+        let mut v = base();
+        for key in ["embedding_dim", "inter_dim", "n_head"] {
+            v.as_object_mut().unwrap().remove(key);
+        }
+        let err = parse(&v).unwrap_err().to_string();
+        assert!(
+            err.contains("Read-ME needs its cluster_predictor: missing `embedding_dim`"),
+            "{err}"
+        );
+        assert!(err.contains("config.json"), "{err}");
+    }
+
+    #[test]
+    fn a_partial_router_names_the_missing_key() {
+        for missing in ReadMeRouterConfig::REQUIRED {
+            let mut v = base();
+            v.as_object_mut().unwrap().remove(missing);
+            let err = parse(&v).unwrap_err().to_string();
+            assert!(err.contains(&format!("missing `{missing}`")), "{err}");
+            assert!(err.contains("incomplete"), "{err}");
+        }
+        // One optional key alone still describes a router.
+        let mut v = base();
+        for key in ["embedding_dim", "inter_dim", "n_head"] {
+            v.as_object_mut().unwrap().remove(key);
+        }
+        v["normalizer"] = serde_json::json!(2.0);
+        let err = parse(&v).unwrap_err().to_string();
+        assert!(err.contains("missing `embedding_dim`"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_architecture_lists_the_supported_ones() {
+        // A Mixtral config: none of the Read-ME keys, so the family is what must be reported.
+        let v = serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 128,
+            "num_local_experts": 8, "num_experts_per_tok": 2
+        });
+        let err = parse(&v).unwrap_err().to_string();
+        for needle in [
+            "MixtralForCausalLM",
+            "ReadMEForCausalLM",
+            "LlamaForCausalLM",
+        ] {
+            assert!(err.contains(needle), "{err}");
+        }
+        let err = parse(&serde_json::json!({"model_type": "olmoe"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("olmoe") && err.contains("`llama`"), "{err}");
     }
 }

@@ -217,7 +217,11 @@ fn the_router_kv_cache_gives_the_routes_of_a_full_recompute() {
     }
     assert_eq!(step.len(), tokens.len());
     // The router's context is bounded by max_position_embeddings_predictor.
-    let ctx = model.config.max_position_embeddings_predictor;
+    let ctx = model
+        .config
+        .router_config()
+        .unwrap()
+        .max_position_embeddings_predictor;
     let mut full = router.new_state(ctx);
     let too_long = vec![5u32; ctx + 1];
     let err = router.logits(&mut full, &too_long).unwrap_err().to_string();

@@ -61,7 +61,7 @@ fn make_model_then_inspect() {
     }
     let json: serde_json::Value =
         serde_json::from_str(&ok(&["inspect", "--model", s(&m), "--json"])).unwrap();
-    let counts = Preset::Tiny.spec().param_counts();
+    let counts = Preset::Tiny.spec().param_counts().unwrap();
     assert_eq!(json["layout"], "fused");
     assert_eq!(json["params"]["total"], counts.total);
     assert_eq!(json["params"]["active_per_token"], counts.active);

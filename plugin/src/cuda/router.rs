@@ -133,12 +133,12 @@ impl DeviceRouter {
         kv_tokens: usize,
         block_size: usize,
     ) -> Result<Self> {
-        let dim = cfg.embedding_dim;
-        let head_dim = cfg.router_head_dim();
+        let r = &w.config;
+        let (dim, head_dim) = (r.embedding_dim, r.head_dim());
         let layout = PagedKvLayout {
             num_blocks: kv_tokens.div_ceil(block_size.max(1)).max(1),
             block_size: block_size.max(1),
-            n_kv_heads: cfg.n_head,
+            n_kv_heads: r.n_head,
             head_dim,
         };
         Ok(DeviceRouter {
@@ -146,11 +146,11 @@ impl DeviceRouter {
             inter: w.proj_1.weight.rows,
             n_experts: cfg.n_cluster,
             vocab: cfg.vocab_size,
-            heads: cfg.n_head,
+            heads: r.n_head,
             head_dim,
             theta: cfg.rope_theta,
-            scale: 1.0 / cfg.normalizer,
-            max_pos: cfg.max_position_embeddings_predictor,
+            scale: 1.0 / r.normalizer,
+            max_pos: r.max_position_embeddings_predictor,
             embed: upload(stream, &w.embed.data, "router embedding")?,
             input_norm: upload(stream, &w.input_norm, "router norm")?,
             qkv: DeviceLinear::upload(stream, &[&w.q, &w.k, &w.v])?,

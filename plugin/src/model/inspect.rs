@@ -216,10 +216,12 @@ impl ModelReport {
             c.rope_theta,
             c.tie_word_embeddings
         ));
-        line(format!(
-            "router       width {}, {} heads, mlp {}, {} experts, top-{}, normalizer {}",
-            c.embedding_dim, c.n_head, c.inter_dim, c.n_cluster, c.router_top_k, c.normalizer
-        ));
+        if let Some(r) = &c.readme_router {
+            line(format!(
+                "router       width {}, {} heads, mlp {}, {} experts, top-{}, normalizer {}",
+                r.embedding_dim, r.n_head, r.inter_dim, c.n_cluster, c.router_top_k, r.normalizer
+            ));
+        }
         line(format!(
             "parameters   total {}, active per token {}, router {}, experts {}",
             human(self.params.total),

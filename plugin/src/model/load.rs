@@ -9,13 +9,17 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::checkpoint::{Checkpoint, FloatDtype, TensorRef};
+use std::collections::HashMap;
+
+use super::checkpoint::{Checkpoint, FloatDtype};
+use super::family::inventory::pre_gate_inventory;
+use super::family::{AttnProj, FfnProj, Inventory, ModelPlan, PreGatePart, TensorRole, TensorSpec};
 use super::names;
 use super::progress::{Finish, NoProgress, Progress};
 use super::weights::{
     ExpertLayout, ExpertWeights, LayerWeights, Linear, Matrix, ModelWeights, RouterWeights,
 };
-use crate::config::{config_path, ModelConfig};
+use crate::config::{config_path, ModelConfig, ReadMeRouterConfig};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -66,6 +70,9 @@ pub struct ModelDir {
     pub checkpoint: Checkpoint,
     /// The expert layout found.
     pub layout: ExpertLayout,
+    /// The model's description, with the expert widths found in the checkpoint: its
+    /// [`ModelPlan::inventory`] lists every tensor the engine reads, by role.
+    pub plan: ModelPlan,
     /// `tokenizer.json`, when present.
     pub tokenizer: Option<Tokenizer>,
     /// Where [`ModelDir::load_weights`] reports its progress.
@@ -81,12 +88,14 @@ impl ModelDir {
         let checkpoint = Checkpoint::open(dir)?;
         let layout = detect_layout(&checkpoint)?;
         check_config(&checkpoint, &config, layout, &config_path(dir))?;
+        let plan = ModelPlan::from_checkpoint(&config, &checkpoint, layout)?;
         let tokenizer = Tokenizer::from_model_dir(dir, &config)?;
         Ok(ModelDir {
             dir: dir.to_path_buf(),
             config,
             checkpoint,
             layout,
+            plan,
             tokenizer,
             progress: None,
         })
@@ -102,7 +111,7 @@ impl ModelDir {
     /// Converts every weight to f32.
     pub fn load_weights(&self) -> Result<ModelWeights> {
         let progress = self.progress.as_deref().unwrap_or(&NoProgress);
-        load_checked(&self.checkpoint, &self.config, self.layout, progress)
+        load_checked(&self.checkpoint, &self.config, &self.plan, progress)
     }
 }
 
@@ -118,22 +127,26 @@ impl ModelWeights {
     pub fn from_checkpoint(ck: &Checkpoint, config: &ModelConfig) -> Result<Self> {
         let layout = detect_layout(ck)?;
         check_config(ck, config, layout, &config_path(ck.origin()))?;
-        load_checked(ck, config, layout, &NoProgress)
+        if layout == ExpertLayout::Masked {
+            return Err(masked_layout_error(ck.origin()));
+        }
+        let plan = ModelPlan::from_checkpoint(config, ck, layout)?;
+        load_checked(ck, config, &plan, &NoProgress)
     }
 }
 
 fn load_checked(
     ck: &Checkpoint,
     config: &ModelConfig,
-    layout: ExpertLayout,
+    plan: &ModelPlan,
     progress: &dyn Progress,
 ) -> Result<ModelWeights> {
-    if layout == ExpertLayout::Masked {
+    if plan.layout == ExpertLayout::Masked {
         return Err(masked_layout_error(ck.origin()));
     }
     progress.start("loading", ck.data_bytes() as u64);
     let _finish = Finish(progress);
-    Loader { ck, progress }.model(config, layout)
+    Loader { ck, progress }.model(config, plan)
 }
 
 /// Names of a layer's routed expert tensors present in the checkpoint: the highest expert index
@@ -203,17 +216,18 @@ pub fn check_config(
         "vocab_size",
         cfg.vocab_size,
     )?;
+    let router = cfg.router_config()?;
     agree(
         &names::router("embed.weight"),
         1,
         "embedding_dim",
-        cfg.embedding_dim,
+        router.embedding_dim,
     )?;
     agree(
         &names::router("proj_1_0.weight"),
         0,
         "inter_dim",
-        cfg.inter_dim,
+        router.inter_dim,
     )?;
     agree(
         &names::router("proj_out.weight"),
@@ -277,127 +291,138 @@ struct Loader<'a> {
     progress: &'a dyn Progress,
 }
 
-impl<'a> Loader<'a> {
-    fn read(&self, t: TensorRef<'_>) -> Result<Vec<f32>> {
-        let v = t.to_f32()?;
-        self.progress.advance(t.data.len() as u64);
-        Ok(v)
+/// Tensors read by role, taken out one by one as the weights are assembled.
+struct Parts<'a> {
+    inventory: &'a Inventory,
+    data: HashMap<TensorRole, Vec<f32>>,
+}
+
+impl Parts<'_> {
+    fn take(&mut self, role: TensorRole) -> Result<(Vec<f32>, &TensorSpec)> {
+        let spec = self.inventory.require(role)?;
+        let data = self
+            .data
+            .remove(&role)
+            .ok_or_else(|| Error::Internal(format!("`{}` was not read", spec.name)))?;
+        Ok((data, spec))
     }
 
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        self.read(self.ck.float_tensor(name, &[len])?)
+    fn vector(&mut self, role: TensorRole) -> Result<Vec<f32>> {
+        Ok(self.take(role)?.0)
     }
 
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        let data = self.read(self.ck.float_tensor(name, &[rows, cols])?)?;
-        Ok(Matrix::new(rows, cols, data))
-    }
-
-    fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
-        let (weight, bias) = rayon::join(
-            || self.matrix(&names::router(&format!("{prefix}.weight")), out, inp),
-            || self.vector(&names::router(&format!("{prefix}.bias")), out),
-        );
-        Ok(Linear {
-            weight: weight?,
-            bias: bias?,
-        })
-    }
-
-    /// A SwiGLU block whose width is read from the gate's rows (`width`, when given, must match).
-    fn ffn(&self, [gate, up, down]: &[String; 3], h: usize, width: usize) -> Result<ExpertWeights> {
-        let (g, (u, d)) = rayon::join(
-            || self.matrix(gate, width, h),
-            || rayon::join(|| self.matrix(up, width, h), || self.matrix(down, h, width)),
-        );
-        Ok(ExpertWeights {
-            gate: g?,
-            up: u?,
-            down: d?,
-        })
-    }
-
-    /// The intermediate width of a SwiGLU block, from its gate tensor `[I, H]`.
-    fn ffn_width(&self, gate: &str, h: usize) -> Result<usize> {
-        let t = self.ck.tensor(gate)?;
-        match t.shape {
-            [i, hh] if *hh == h && *i > 0 => Ok(*i),
-            _ => Err(Error::Shape {
-                name: gate.into(),
-                expected: vec![t.shape.first().copied().unwrap_or(1).max(1), h],
-                found: t.shape.to_vec(),
-                path: t.path.into(),
-            }),
+    fn matrix(&mut self, role: TensorRole) -> Result<Matrix> {
+        let (data, spec) = self.take(role)?;
+        match spec.shape[..] {
+            [rows, cols] => Ok(Matrix::new(rows, cols, data)),
+            _ => Err(Error::Internal(format!("`{}` is not a matrix", spec.name))),
         }
     }
 
-    fn layer(&self, cfg: &ModelConfig, layout: ExpertLayout, l: usize) -> Result<LayerWeights> {
-        let h = cfg.hidden_size;
-        let qd = cfg.num_attention_heads * cfg.head_dim();
-        let kvd = cfg.num_kv_heads() * cfg.head_dim();
-        let [inorm, q, k, v, o, pnorm] = names::attention_tensor_names(l);
-        let width = self.ffn_width(&names::expert_tensor_names(l, 0)[0], h)?;
-        let experts = (0..cfg.n_cluster)
-            .into_par_iter()
-            .map(|e| self.ffn(&names::expert_tensor_names(l, e), h, width))
+    fn linear(&mut self, part: PreGatePart) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.matrix(TensorRole::PreGate { part, bias: false })?,
+            bias: self.vector(TensorRole::PreGate { part, bias: true })?,
+        })
+    }
+
+    fn ffn(&mut self, role: impl Fn(FfnProj) -> TensorRole) -> Result<ExpertWeights> {
+        Ok(ExpertWeights {
+            gate: self.matrix(role(FfnProj::Gate))?,
+            up: self.matrix(role(FfnProj::Up))?,
+            down: self.matrix(role(FfnProj::Down))?,
+        })
+    }
+
+    fn layer(&mut self, plan: &ModelPlan, l: usize) -> Result<LayerWeights> {
+        let attn = |proj| TensorRole::Attention { layer: l, proj };
+        let moe = plan
+            .moe(l)
+            .ok_or_else(|| Error::Internal(format!("layer {l} has no experts")))?;
+        let experts = (0..moe.experts)
+            .map(|e| {
+                self.ffn(|proj| TensorRole::Expert {
+                    layer: l,
+                    expert: e,
+                    proj,
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
-        let shared = match layout {
-            ExpertLayout::Residual => {
-                let sn = names::shared_tensor_names(l);
-                let w = self.ffn_width(&sn[0], h)?;
-                Some(self.ffn(&sn, h, w)?)
-            }
-            _ => None,
+        let shared = match moe.shared {
+            Some(_) => Some(self.ffn(|proj| TensorRole::SharedExpert { layer: l, proj })?),
+            None => None,
         };
         Ok(LayerWeights {
-            input_norm: self.vector(&inorm, h)?,
-            q: self.matrix(&q, qd, h)?,
-            k: self.matrix(&k, kvd, h)?,
-            v: self.matrix(&v, kvd, h)?,
-            o: self.matrix(&o, h, qd)?,
-            post_norm: self.vector(&pnorm, h)?,
+            input_norm: self.vector(TensorRole::InputNorm { layer: l })?,
+            q: self.matrix(attn(AttnProj::Q))?,
+            k: self.matrix(attn(AttnProj::K))?,
+            v: self.matrix(attn(AttnProj::V))?,
+            o: self.matrix(attn(AttnProj::O))?,
+            post_norm: self.vector(TensorRole::PostAttentionNorm { layer: l })?,
             experts,
             shared,
         })
     }
 
-    fn router(&self, cfg: &ModelConfig) -> Result<RouterWeights> {
-        let d = cfg.embedding_dim;
-        let f = cfg.inter_dim;
+    fn router(&mut self, config: ReadMeRouterConfig) -> Result<RouterWeights> {
+        let norm = |part| TensorRole::PreGate { part, bias: false };
         Ok(RouterWeights {
-            embed: self.matrix(&names::router("embed.weight"), cfg.vocab_size, d)?,
-            input_norm: self.vector(&names::router("input_layernorm_0.weight"), d)?,
-            q: self.linear("q_proj_0", d, d)?,
-            k: self.linear("k_proj_0", d, d)?,
-            v: self.linear("v_proj_0", d, d)?,
-            o: self.linear("o_proj_0", d, d)?,
-            post_norm: self.vector(&names::router("post_attention_layernorm_0.weight"), d)?,
-            proj_1: self.linear("proj_1_0", f, d)?,
-            proj_2: self.linear("proj_2_0", d, f)?,
-            out_norm: self.vector(&names::router("out_layernorm.weight"), d)?,
-            proj_out: self.linear("proj_out", cfg.n_cluster, d)?,
+            embed: self.matrix(norm(PreGatePart::Embed))?,
+            input_norm: self.vector(norm(PreGatePart::InputNorm))?,
+            q: self.linear(PreGatePart::Q)?,
+            k: self.linear(PreGatePart::K)?,
+            v: self.linear(PreGatePart::V)?,
+            o: self.linear(PreGatePart::O)?,
+            post_norm: self.vector(norm(PreGatePart::PostNorm))?,
+            proj_1: self.linear(PreGatePart::Proj1)?,
+            proj_2: self.linear(PreGatePart::Proj2)?,
+            out_norm: self.vector(norm(PreGatePart::OutNorm))?,
+            proj_out: self.linear(PreGatePart::ProjOut)?,
+            config,
         })
     }
+}
 
-    fn model(&self, cfg: &ModelConfig, layout: ExpertLayout) -> Result<ModelWeights> {
-        let v = cfg.vocab_size;
-        let h = cfg.hidden_size;
-        let layers = (0..cfg.num_hidden_layers)
+impl<'a> Loader<'a> {
+    /// Reads every weight tensor of `inventory` to f32, in parallel, each with its exact shape.
+    fn read_all<'i>(&self, inventory: &'i Inventory) -> Result<Parts<'i>> {
+        let data = inventory
+            .weights()
+            .collect::<Vec<_>>()
             .into_par_iter()
-            .map(|l| self.layer(cfg, layout, l))
+            .map(|s| {
+                let t = self.ck.float_tensor(&s.name, &s.shape)?;
+                let v = t.to_f32()?;
+                self.progress.advance(t.data.len() as u64);
+                Ok((s.role, v))
+            })
+            .collect::<Result<HashMap<_, _>>>()?;
+        Ok(Parts { inventory, data })
+    }
+
+    fn router(&self, cfg: &ModelConfig) -> Result<RouterWeights> {
+        let config = cfg.router_config()?.clone();
+        let inventory = pre_gate_inventory(&config, cfg.vocab_size, cfg.num_experts());
+        self.read_all(&inventory)?.router(config)
+    }
+
+    fn model(&self, cfg: &ModelConfig, plan: &ModelPlan) -> Result<ModelWeights> {
+        let inventory = plan.inventory();
+        let mut parts = self.read_all(&inventory)?;
+        let layers = (0..plan.layers.len())
+            .map(|l| parts.layer(plan, l))
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(self.matrix(names::LM_HEAD, v, h)?)
+        let lm_head = match plan.tied_embeddings {
+            true => None,
+            false => Some(parts.matrix(TensorRole::LmHead)?),
         };
         Ok(ModelWeights {
-            embed: self.matrix(names::EMBED, v, h)?,
+            embed: parts.matrix(TensorRole::Embedding)?,
             layers,
-            norm: self.vector(names::FINAL_NORM, h)?,
+            norm: parts.vector(TensorRole::FinalNorm)?,
             lm_head,
-            router: self.router(cfg)?,
-            layout,
+            router: parts.router(cfg.router_config()?.clone())?,
+            layout: plan.layout,
         })
     }
 }

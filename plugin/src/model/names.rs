@@ -1,7 +1,7 @@
-//! Tensor names of a Read-ME checkpoint (see `plugin/docs/model-format.md`).
-//!
-//! The one place that spells them, shared by the loader, `convert`, `make-model` and the CUDA
-//! backend (which uploads an expert's raw bytes by these names).
+//! Tensor names of a Read-ME checkpoint (see `plugin/docs/model-format.md`): how each name is
+//! spelled. Which tensors a model has, and their shapes, is the inventory of
+//! [`family`](super::family), which spells them with these functions; `convert` and the name
+//! parsers (`layer_index`, `expert_index`) use them directly.
 
 /// The backbone's token embedding `[V, H]`.
 pub const EMBED: &str = "model.embed_tokens.weight";

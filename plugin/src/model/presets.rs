@@ -1,10 +1,12 @@
 //! Model shapes of `pregate make-model`: `tiny` (tests), `small` (the demo) and `readme-7b` (the
 //! real Read-ME shape, for GPU benchmarks).
 
-use crate::config::{ModelConfig, TokenIds};
+use crate::config::{ModelConfig, ReadMeRouterConfig, TokenIds};
 use crate::error::{Error, Result};
 
 use super::checkpoint::FloatDtype;
+use super::family::{FfnWidths, ModelPlan, TensorRole};
+use super::weights::ExpertLayout;
 use super::writer::DEFAULT_SHARD_BYTES;
 
 /// A named model shape.
@@ -140,29 +142,63 @@ pub struct ParamCounts {
 }
 
 impl ModelSpec {
-    /// Parameter counts of the fused layout of this shape.
-    pub fn param_counts(&self) -> ParamCounts {
-        let c = &self.config;
-        let (v, h, d, f, n) = (
-            c.vocab_size,
-            c.hidden_size,
-            c.embedding_dim,
-            c.inter_dim,
-            c.n_cluster,
-        );
-        let qd = c.num_attention_heads * c.head_dim();
-        let kvd = c.num_kv_heads() * c.head_dim();
-        let attn = 2 * h * qd + 2 * h * kvd + 2 * h;
-        let expert = 3 * h * self.expert_inter;
-        let router = v * d + 4 * (d * d + d) + (f * d + f) + (d * f + d) + 3 * d + (n * d + n);
-        let embeds = v * h * if c.tie_word_embeddings { 1 } else { 2 } + h;
-        let layers = c.num_hidden_layers;
-        ParamCounts {
-            total: embeds + router + layers * (attn + n * expert),
-            active: embeds + router + layers * (attn + c.router_top_k * expert),
-            router,
-            per_expert_layer: expert,
+    /// Each layer's stored FFN widths in `layout`: fused experts hold `expert_inter` channels;
+    /// residual ones `expert_inter - shared_inter` plus a shared part of `shared_inter`; the
+    /// masked layout stores the dense MLP of `intermediate_size`.
+    pub fn widths(&self, layout: ExpertLayout) -> FfnWidths {
+        match layout {
+            ExpertLayout::Fused => FfnWidths {
+                expert: self.expert_inter,
+                shared: 0,
+            },
+            ExpertLayout::Residual => FfnWidths {
+                expert: self.expert_inter.saturating_sub(self.shared_inter),
+                shared: self.shared_inter,
+            },
+            ExpertLayout::Masked => FfnWidths {
+                expert: self.config.intermediate_size,
+                shared: 0,
+            },
         }
+    }
+
+    /// The model's description in `layout`.
+    pub fn plan(&self, layout: ExpertLayout) -> Result<ModelPlan> {
+        let widths = vec![self.widths(layout); self.config.num_hidden_layers];
+        ModelPlan::new(&self.config, layout, &widths)
+    }
+
+    /// Parameter counts of the fused layout of this shape, from its tensor inventory.
+    pub fn param_counts(&self) -> Result<ParamCounts> {
+        let inventory = self.plan(ExpertLayout::Fused)?.inventory();
+        let sum = |keep: &dyn Fn(&TensorRole) -> bool| -> usize {
+            inventory
+                .weights()
+                .filter(|t| keep(&t.role))
+                .map(|t| t.numel())
+                .sum()
+        };
+        let total = sum(&|_| true);
+        let router = sum(&|r| matches!(r, TensorRole::PreGate { .. }));
+        let experts = sum(&|r| matches!(r, TensorRole::Expert { .. }));
+        let per_expert_layer = sum(&|r| {
+            matches!(
+                r,
+                TensorRole::Expert {
+                    layer: 0,
+                    expert: 0,
+                    ..
+                }
+            )
+        });
+        let c = &self.config;
+        let active_experts = experts / c.n_cluster.max(1) * c.router_top_k;
+        Ok(ParamCounts {
+            total,
+            active: total - experts + active_experts,
+            router,
+            per_expert_layer,
+        })
     }
 }
 
@@ -199,16 +235,18 @@ fn config(d: Dims) -> ModelConfig {
         bos_token_id: Some(1),
         eos_token_id: Some(TokenIds::One(2)),
         torch_dtype: Some(d.dtype.torch_name().into()),
-        add_cluster_predictor: true,
         n_cluster: d.experts,
-        embedding_dim: d.router_dim,
-        inter_dim: d.router_inter,
-        n_layer: 1,
-        n_head: d.router_heads,
-        normalizer: 1.0,
-        hidden_act_predictor: "silu".into(),
-        max_position_embeddings_predictor: d.positions,
-        nonautoregressive: false,
+        readme_router: Some(ReadMeRouterConfig {
+            add_cluster_predictor: true,
+            embedding_dim: d.router_dim,
+            inter_dim: d.router_inter,
+            n_layer: 1,
+            n_head: d.router_heads,
+            normalizer: 1.0,
+            hidden_act_predictor: "silu".into(),
+            max_position_embeddings_predictor: d.positions,
+            nonautoregressive: false,
+        }),
         router_top_k: 1,
     }
 }
@@ -226,12 +264,12 @@ mod tests {
             assert!(s.shared_inter < s.expert_inter);
             assert_eq!(Preset::parse(p.name()).unwrap(), p);
         }
-        let small = Preset::Small.spec().param_counts();
+        let small = Preset::Small.spec().param_counts().unwrap();
         assert!(
             (100_000_000..=150_000_000).contains(&small.total),
             "{small:?}"
         );
-        let big = Preset::Readme7b.spec().param_counts();
+        let big = Preset::Readme7b.spec().param_counts().unwrap();
         assert!(
             (17_000_000_000..18_000_000_000).contains(&big.total),
             "{big:?}"

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use super::checkpoint::FloatDtype;
+use super::family::{PreGatePart, TensorRole, TensorSpec as InventorySpec};
 use super::names;
 use super::presets::ModelSpec;
 use super::progress::{Finish, NoProgress, Progress};
@@ -131,75 +132,18 @@ fn encode(v: f32, dtype: FloatDtype, out: &mut [u8]) {
     }
 }
 
-/// The weight tensors of a spec in a layout, with their initialisations.
-fn plan(spec: &ModelSpec, layout: ExpertLayout) -> Vec<(TensorSpec, Init)> {
-    let c = &spec.config;
-    let dt = spec.dtype.safetensors();
-    let (v, h, d, f, n) = (
-        c.vocab_size,
-        c.hidden_size,
-        c.embedding_dim,
-        c.inter_dim,
-        c.n_cluster,
-    );
-    let qd = c.num_attention_heads * c.head_dim();
-    let kvd = c.num_kv_heads() * c.head_dim();
-    let mut out = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>, init: Init| {
-        out.push((TensorSpec::new(name, dt, shape), init));
-    };
-    push(names::EMBED.into(), vec![v, h], Init::std(1.0));
-    for l in 0..c.num_hidden_layers {
-        let [inorm, q, k, vv, o, pnorm] = names::attention_tensor_names(l);
-        push(inorm, vec![h], Init::NORM);
-        push(q, vec![qd, h], Init::fan_in(h));
-        push(k, vec![kvd, h], Init::fan_in(h));
-        push(vv, vec![kvd, h], Init::fan_in(h));
-        push(o, vec![h, qd], Init::fan_in(qd));
-        push(pnorm, vec![h], Init::NORM);
-        let mut ffn = |[g, u, dn]: [String; 3], width: usize| {
-            push(g, vec![width, h], Init::fan_in(h));
-            push(u, vec![width, h], Init::fan_in(h));
-            push(dn, vec![h, width], Init::fan_in(width));
-        };
-        match layout {
-            ExpertLayout::Fused => {
-                for e in 0..n {
-                    ffn(names::expert_tensor_names(l, e), spec.expert_inter);
-                }
-            }
-            ExpertLayout::Residual => {
-                ffn(names::shared_tensor_names(l), spec.shared_inter);
-                for e in 0..n {
-                    ffn(
-                        names::expert_tensor_names(l, e),
-                        spec.expert_inter - spec.shared_inter,
-                    );
-                }
-            }
-            ExpertLayout::Masked => ffn(names::dense_mlp_tensor_names(l), c.intermediate_size),
-        }
+/// How a tensor of the inventory is initialised.
+fn init_of(t: &InventorySpec) -> Init {
+    match t.role {
+        TensorRole::Embedding
+        | TensorRole::PreGate {
+            part: PreGatePart::Embed,
+            ..
+        } => Init::std(1.0),
+        TensorRole::PreGate { bias: true, .. } => Init::BIAS,
+        role if role.is_norm() => Init::NORM,
+        _ => Init::fan_in(t.shape.last().copied().unwrap_or(1)),
     }
-    push(names::FINAL_NORM.into(), vec![h], Init::NORM);
-    if !c.tie_word_embeddings {
-        push(names::LM_HEAD.into(), vec![v, h], Init::fan_in(h));
-    }
-    let r = names::router;
-    push(r("embed.weight"), vec![v, d], Init::std(1.0));
-    push(r("input_layernorm_0.weight"), vec![d], Init::NORM);
-    for p in ["q_proj_0", "k_proj_0", "v_proj_0", "o_proj_0"] {
-        push(r(&format!("{p}.weight")), vec![d, d], Init::fan_in(d));
-        push(r(&format!("{p}.bias")), vec![d], Init::BIAS);
-    }
-    push(r("post_attention_layernorm_0.weight"), vec![d], Init::NORM);
-    push(r("proj_1_0.weight"), vec![f, d], Init::fan_in(d));
-    push(r("proj_1_0.bias"), vec![f], Init::BIAS);
-    push(r("proj_2_0.weight"), vec![d, f], Init::fan_in(f));
-    push(r("proj_2_0.bias"), vec![d], Init::BIAS);
-    push(r("out_layernorm.weight"), vec![d], Init::NORM);
-    push(r("proj_out.weight"), vec![n, d], Init::fan_in(d));
-    push(r("proj_out.bias"), vec![n], Init::BIAS);
-    out
 }
 
 /// The masks of the masked layout, per layer: `(residual [I], expert [N, I])` as 0/1 bytes.
@@ -272,10 +216,13 @@ pub fn make_model_with_progress(
         )));
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let tensors = plan(spec, layout);
-    let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
-    let inits: std::collections::HashMap<&str, Init> =
-        tensors.iter().map(|(s, i)| (s.name.as_str(), *i)).collect();
+    let inventory = spec.plan(layout)?.inventory();
+    let dt = spec.dtype.safetensors();
+    let specs: Vec<TensorSpec> = inventory.weights().map(|t| t.with_dtype(dt)).collect();
+    let inits: std::collections::HashMap<&str, Init> = inventory
+        .weights()
+        .map(|t| (t.name.as_str(), init_of(t)))
+        .collect();
     let bytes: usize = specs.iter().map(TensorSpec::byte_len).sum();
     let params: usize = specs.iter().map(TensorSpec::numel).sum();
     let produce = |s: &TensorSpec| -> Result<Vec<u8>> {
@@ -291,22 +238,9 @@ pub fn make_model_with_progress(
         let _finish = Finish(progress);
         write_model(out, &specs, spec.max_shard_bytes, &produce, Some(progress))?
     };
-    if layout == ExpertLayout::Masked {
+    let mask_specs: Vec<TensorSpec> = inventory.masks().map(|t| t.with_dtype(Dtype::U8)).collect();
+    if !mask_specs.is_empty() {
         let path = out.join(MASKS_FILE);
-        let (i, n) = (spec.config.intermediate_size, spec.config.n_cluster);
-        let mut mask_specs = Vec::new();
-        for l in 0..spec.config.num_hidden_layers {
-            mask_specs.push(TensorSpec::new(
-                names::expert_mask_name(l),
-                Dtype::U8,
-                vec![n, i],
-            ));
-            mask_specs.push(TensorSpec::new(
-                names::residual_mask_name(l),
-                Dtype::U8,
-                vec![i],
-            ));
-        }
         let masks = |s: &TensorSpec| -> Result<Vec<u8>> {
             let l = names::layer_index(&s.name)
                 .ok_or_else(|| Error::Internal(format!("mask `{}`", s.name)))?;

@@ -114,6 +114,9 @@ pub struct RouterWeights {
     pub out_norm: Vec<f32>,
     /// `[N, D]`.
     pub proj_out: Linear,
+    /// The router's hyperparameters (heads, normalizer, context): they travel with its weights, so
+    /// a router built from them needs nothing else of a Read-ME config.
+    pub config: crate::config::ReadMeRouterConfig,
 }
 
 /// Which expert layout the checkpoint uses (see `plugin/docs/model-format.md`).

@@ -44,18 +44,19 @@ pub struct ReadMeRouter {
 }
 
 impl ReadMeRouter {
-    /// A router over `weights` for the model `cfg`.
+    /// A router over `weights` (which carry the router's own configuration) for the model `cfg`
+    /// (vocabulary, experts, top-k, RoPE base).
     pub fn new(weights: RouterWeights, cfg: &ModelConfig) -> Self {
-        let head_dim = cfg.router_head_dim();
+        let r = &weights.config;
+        let head_dim = r.head_dim();
         ReadMeRouter {
-            w: weights,
-            dim: cfg.embedding_dim,
+            dim: r.embedding_dim,
             shape: AttentionShape {
-                n_heads: cfg.n_head,
-                n_kv_heads: cfg.n_head,
+                n_heads: r.n_head,
+                n_kv_heads: r.n_head,
                 head_dim,
                 // Read-ME divides by `normalizer`, not by sqrt(head_dim).
-                scale: 1.0 / cfg.normalizer,
+                scale: 1.0 / r.normalizer,
             },
             top_k: cfg.router_top_k,
             n_experts: cfg.n_cluster,
@@ -63,8 +64,9 @@ impl ReadMeRouter {
             rope: RopeTable::new(
                 head_dim,
                 cfg.rope_theta,
-                cfg.max_position_embeddings_predictor,
+                r.max_position_embeddings_predictor,
             ),
+            w: weights,
         }
     }
 

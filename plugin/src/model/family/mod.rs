@@ -1,0 +1,348 @@
+//! What a model is, once: its family (from `config.json`), a per-layer plan of what the engine
+//! computes ([`ModelPlan`], [`LayerPlan`]) and the tensors it reads ([`inventory`]).
+//!
+//! Only Read-ME is served today (all three expert layouts). The plan is shaped for the real MoE
+//! families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): their attention switches (q/k/v bias, QK
+//! RMSNorm per head or over the full width), dense layers between MoE layers, a shared expert with a
+//! sigmoid gate, and routing inside the forward pass ([`GatingRule::SoftmaxTopK`]) are expressed
+//! here, so adding one is a detection rule, a plan builder and a name map.
+
+pub mod inventory;
+
+use super::checkpoint::Checkpoint;
+use super::names;
+use super::weights::ExpertLayout;
+use crate::config::{ModelConfig, ReadMeRouterConfig};
+use crate::error::{Error, Result};
+
+pub use inventory::{AttnProj, FfnProj, Inventory, PreGatePart, TensorRole, TensorSpec};
+
+/// A model family pregate knows how to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelFamily {
+    /// Read-ME: a Llama backbone whose MLPs are split into experts, routed by a pre-gating router
+    /// (`cluster_predictor`) that runs before the backbone.
+    ReadMe,
+}
+
+impl ModelFamily {
+    /// Every family served.
+    pub const ALL: [ModelFamily; 1] = [ModelFamily::ReadMe];
+
+    /// The family's name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelFamily::ReadMe => "Read-ME",
+        }
+    }
+
+    /// `architectures[0]` values of the family. `LlamaForCausalLM` is accepted because Read-ME's
+    /// released configs keep the Llama one.
+    pub fn architectures(self) -> &'static [&'static str] {
+        match self {
+            ModelFamily::ReadMe => &["ReadMEForCausalLM", "LlamaForCausalLM"],
+        }
+    }
+
+    /// `model_type` values of the family (used when `architectures` is absent).
+    pub fn model_types(self) -> &'static [&'static str] {
+        match self {
+            ModelFamily::ReadMe => &["llama", "readme"],
+        }
+    }
+
+    /// The family of a config: by `architectures[0]`, else by `model_type`; a config with neither
+    /// is Read-ME (pregate's own format). An unknown name is an error listing the supported ones.
+    pub fn detect(
+        architectures: &[String],
+        model_type: Option<&str>,
+    ) -> std::result::Result<Self, String> {
+        if let Some(arch) = architectures.first() {
+            return Self::ALL
+                .into_iter()
+                .find(|f| f.architectures().contains(&arch.as_str()))
+                .ok_or_else(|| {
+                    format!(
+                        "architectures[0] is `{arch}`, which pregate does not serve; supported: {}",
+                        Self::supported(Self::architectures)
+                    )
+                });
+        }
+        match model_type {
+            Some(t) => Self::ALL
+                .into_iter()
+                .find(|f| f.model_types().contains(&t))
+                .ok_or_else(|| {
+                    format!(
+                        "model_type `{t}` is not served by pregate; supported: {}",
+                        Self::supported(Self::model_types)
+                    )
+                }),
+            None => Ok(ModelFamily::ReadMe),
+        }
+    }
+
+    fn supported(names: fn(Self) -> &'static [&'static str]) -> String {
+        Self::ALL
+            .iter()
+            .flat_map(|f| {
+                names(*f)
+                    .iter()
+                    .map(move |n| format!("`{n}` ({})", f.name()))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// How a query/key RMSNorm is applied after the projection, before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    /// None (Llama, Read-ME, Mixtral, Qwen2-MoE).
+    None,
+    /// Over each head's `head_dim` values, weight `[head_dim]` (Qwen3-MoE).
+    PerHead,
+    /// Over the whole projected q / k vector, weights `[heads * head_dim]` (OLMoE).
+    Full,
+}
+
+/// One layer's self-attention: GQA with rotate-half RoPE, causal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionPlan {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (`heads` is a multiple of it).
+    pub kv_heads: usize,
+    /// Per-head size (may differ from `hidden / heads`, as in Qwen3-MoE).
+    pub head_dim: usize,
+    /// Whether q, k and v carry biases (Qwen2-MoE); o never does in the served families.
+    pub qkv_bias: bool,
+    /// Query/key normalisation.
+    pub qk_norm: QkNorm,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// Tokens a query sees (sliding window); `None` = the whole context.
+    pub sliding_window: Option<usize>,
+}
+
+/// How a layer's tokens are assigned to experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatingRule {
+    /// Read-ME: a router over the token ids alone decides every token's experts before the
+    /// backbone runs; the same routes serve every layer (`route::RouteScope::AllLayers`).
+    PreGate,
+    /// A per-layer router `[experts, hidden]` on the layer's normed hidden state: softmax over all
+    /// experts, top-k, and the k weights rescaled to sum to 1 when `renormalize` (Mixtral always,
+    /// Qwen by `norm_topk_prob`, OLMoE never). Described for the real families; not served yet.
+    SoftmaxTopK {
+        /// Whether the k selected weights are divided by their sum.
+        renormalize: bool,
+    },
+}
+
+/// An always-active expert added to every token's routed output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedExpertPlan {
+    /// Its intermediate width.
+    pub inter: usize,
+    /// Whether its output is scaled by `sigmoid(gate . x)` (Qwen2-MoE); Read-ME's is not.
+    pub gated: bool,
+}
+
+/// A mixture-of-experts feed-forward layer of SwiGLU experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoePlan {
+    /// Routed experts.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Channels of one routed expert as stored. For Read-ME's masked layout, the dense MLP width:
+    /// each expert is the subset of those channels its masks select.
+    pub expert_inter: usize,
+    /// The shared expert, if any.
+    pub shared: Option<SharedExpertPlan>,
+    /// How routes are made.
+    pub gating: GatingRule,
+}
+
+/// A layer's feed-forward part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FfnPlan {
+    /// One SwiGLU MLP (dense layers of Qwen2-MoE's `mlp_only_layers`, DeepSeek's first layers).
+    Dense {
+        /// Its intermediate width.
+        inter: usize,
+    },
+    /// Routed experts.
+    Moe(MoePlan),
+}
+
+/// What the engine computes in one decoder layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerPlan {
+    /// The attention.
+    pub attention: AttentionPlan,
+    /// The feed-forward part.
+    pub ffn: FfnPlan,
+}
+
+/// The FFN widths of one layer as a checkpoint stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FfnWidths {
+    /// Channels of each routed expert (masked layout: of the dense MLP).
+    pub expert: usize,
+    /// Channels of the shared part (Read-ME's residual layout; 0 = none).
+    pub shared: usize,
+}
+
+/// The whole model's description: built once per config, layout and expert widths.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelPlan {
+    /// The family.
+    pub family: ModelFamily,
+    /// How the experts are stored (Read-ME's layouts).
+    pub layout: ExpertLayout,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Backbone width.
+    pub hidden: usize,
+    /// Whether `lm_head` is the embedding.
+    pub tied_embeddings: bool,
+    /// Backbone RMSNorm epsilon.
+    pub rms_norm_eps: f32,
+    /// The decoder layers.
+    pub layers: Vec<LayerPlan>,
+    /// Read-ME's pre-gating router (present iff a layer's gating is [`GatingRule::PreGate`]).
+    pub pre_gate: Option<ReadMeRouterConfig>,
+}
+
+impl ModelPlan {
+    /// The plan of `cfg` with the expert layout `layout` and each layer's stored widths.
+    pub fn new(cfg: &ModelConfig, layout: ExpertLayout, widths: &[FfnWidths]) -> Result<Self> {
+        let family = cfg.family().map_err(|m| Error::config("config.json", m))?;
+        if widths.len() != cfg.num_hidden_layers {
+            return Err(Error::Internal(format!(
+                "{} layers of expert widths for {} layers",
+                widths.len(),
+                cfg.num_hidden_layers
+            )));
+        }
+        match family {
+            ModelFamily::ReadMe => readme_plan(cfg, layout, widths),
+        }
+    }
+
+    /// The plan of a checkpoint: the widths are read from layer `l`'s first expert (the dense MLP
+    /// for the masked layout) and shared part. A width tensor that is absent or not `[I, hidden]`
+    /// is an error naming it.
+    pub fn from_checkpoint(
+        cfg: &ModelConfig,
+        ck: &Checkpoint,
+        layout: ExpertLayout,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let widths = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let gate = match layout {
+                    ExpertLayout::Masked => names::dense_mlp_tensor_names(l),
+                    _ => names::expert_tensor_names(l, 0),
+                };
+                let shared = match layout {
+                    ExpertLayout::Residual => ffn_width(ck, &names::shared_tensor_names(l)[0], h)?,
+                    _ => 0,
+                };
+                Ok(FfnWidths {
+                    expert: ffn_width(ck, &gate[0], h)?,
+                    shared,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(cfg, layout, &widths)
+    }
+
+    /// Layer `l`'s plan.
+    pub fn layer(&self, l: usize) -> Option<&LayerPlan> {
+        self.layers.get(l)
+    }
+
+    /// Layer `l`'s MoE part, if it has one.
+    pub fn moe(&self, l: usize) -> Option<&MoePlan> {
+        match &self.layers.get(l)?.ffn {
+            FfnPlan::Moe(m) => Some(m),
+            FfnPlan::Dense { .. } => None,
+        }
+    }
+
+    /// Every tensor the model's files hold, in file order (see [`inventory`]).
+    pub fn inventory(&self) -> Inventory {
+        Inventory::of(self)
+    }
+}
+
+/// The intermediate width of a SwiGLU block, from its gate tensor `[I, H]`.
+fn ffn_width(ck: &Checkpoint, gate: &str, h: usize) -> Result<usize> {
+    let t = ck.tensor(gate)?;
+    match t.shape {
+        [i, hh] if *hh == h && *i > 0 => Ok(*i),
+        _ => Err(Error::Shape {
+            name: gate.into(),
+            expected: vec![t.shape.first().copied().unwrap_or(1).max(1), h],
+            found: t.shape.to_vec(),
+            path: t.path.into(),
+        }),
+    }
+}
+
+fn readme_plan(cfg: &ModelConfig, layout: ExpertLayout, widths: &[FfnWidths]) -> Result<ModelPlan> {
+    let router = cfg.router_config()?.clone();
+    let attention = AttentionPlan {
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_kv_heads(),
+        head_dim: cfg.head_dim(),
+        qkv_bias: false,
+        qk_norm: QkNorm::None,
+        rope_theta: cfg.rope_theta,
+        sliding_window: None,
+    };
+    let layers = widths
+        .iter()
+        .enumerate()
+        .map(|(l, w)| {
+            let shared = match layout {
+                ExpertLayout::Residual if w.shared == 0 => {
+                    return Err(Error::Internal(format!(
+                        "residual layout without a shared part in layer {l}"
+                    )))
+                }
+                ExpertLayout::Residual => Some(SharedExpertPlan {
+                    inter: w.shared,
+                    gated: false,
+                }),
+                _ => None,
+            };
+            Ok(LayerPlan {
+                attention: attention.clone(),
+                ffn: FfnPlan::Moe(MoePlan {
+                    experts: cfg.num_experts(),
+                    top_k: cfg.experts_per_token(),
+                    expert_inter: w.expert,
+                    shared,
+                    gating: GatingRule::PreGate,
+                }),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ModelPlan {
+        family: ModelFamily::ReadMe,
+        layout,
+        vocab: cfg.vocab_size,
+        hidden: cfg.hidden_size,
+        tied_embeddings: cfg.tie_word_embeddings,
+        rms_norm_eps: cfg.rms_norm_eps,
+        layers,
+        pre_gate: Some(router),
+    })
+}
+
+#[cfg(test)]
+mod tests;
