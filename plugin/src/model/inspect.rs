@@ -1,17 +1,70 @@
-//! `pregate inspect`: what a model directory holds, without converting any weight.
+//! `pregate inspect`: what a model directory holds, without converting any weight, and (by
+//! default) whether the engine could load it: every tensor it would read is checked for presence,
+//! dtype, shape and finite values against the loader's own list ([`expected_tensors`]).
 
 use std::path::Path;
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::checkpoint::Checkpoint;
 use super::convert::mask_bits;
-use super::load::{storage_dtypes, ModelDir};
+use super::load::{check_config, check_tensor, detect_layout, expected_tensors, storage_dtypes};
+use super::load::{ExpectedTensor, ModelDir};
 use super::names;
 use super::random::MASKS_FILE;
 use super::weights::ExpertLayout;
-use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::config::{config_path, ModelConfig};
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// How much of a model `inspect` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Check {
+    /// `config.json` and the safetensors headers only, stopping at the first problem: cheap for
+    /// huge checkpoints, but a model that passes may still fail to load.
+    Headers,
+    /// Also every tensor the engine reads: present, a float dtype, the shape the config implies
+    /// and every element finite; all problems are reported together.
+    #[default]
+    Full,
+}
+
+/// Every problem that keeps the engine from loading `model` or poisons its outputs: the config
+/// disagreeing with the tensors, and each tensor of [`expected_tensors`] missing, of another shape,
+/// not a float dtype or (with `values`) holding a NaN or an infinity. Empty for a sound model.
+/// Tensors are checked in parallel; the problems come back in the plan's order.
+pub fn validate(model: &ModelDir, values: bool) -> Vec<Error> {
+    let ck = &model.checkpoint;
+    let mut problems = Vec::new();
+    if let Err(e) = check_config(ck, &model.config, model.layout, &config_path(&model.dir)) {
+        problems.push(e);
+    }
+    let (plan, width_problems) = expected_tensors(ck, &model.config, model.layout);
+    problems.extend(width_problems);
+    let per_tensor: Vec<Vec<Error>> = plan
+        .par_iter()
+        .map(|t: &ExpectedTensor| check_tensor(ck, t, values))
+        .collect();
+    problems.extend(per_tensor.into_iter().flatten());
+    // The config check and the per-tensor checks can find the same missing tensor.
+    let mut seen = std::collections::HashSet::new();
+    problems.retain(|e| seen.insert(e.to_string()));
+    problems
+}
+
+/// The error `inspect` returns for a model with problems: all of them, one per line.
+fn problems_error(dir: &Path, problems: &[Error]) -> Error {
+    let n = problems.len();
+    let list: String = problems.iter().map(|p| format!("\n  - {p}")).collect();
+    Error::checkpoint(
+        dir,
+        format!(
+            "{n} problem{} found; the engine would refuse this model or compute garbage with it:{list}",
+            if n == 1 { "" } else { "s" }
+        ),
+    )
+}
 
 /// Parameter counts of a model directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -61,6 +114,9 @@ pub struct ModelReport {
     pub layers: Vec<LayerExperts>,
     /// `config.json`.
     pub config: ModelConfig,
+    /// How many tensors were checked in full (presence, dtype, shape, values): `None` when only
+    /// the headers were read ([`Check::Headers`]).
+    pub tensors_checked: Option<usize>,
 }
 
 fn numel(ck: &Checkpoint, name: &str) -> usize {
@@ -75,9 +131,46 @@ fn bytes(ck: &Checkpoint, names: &[String]) -> usize {
         .sum()
 }
 
-/// Inspects the model directory `dir`.
+/// Inspects the model directory `dir`, checking every tensor the engine reads ([`Check::Full`]).
+/// A model with problems is an error listing all of them.
 pub fn inspect(dir: &Path) -> Result<ModelReport> {
-    let model = ModelDir::open(dir)?;
+    inspect_with(dir, Check::Full)
+}
+
+/// Inspects the model directory `dir`, reading as much as `check` says.
+pub fn inspect_with(dir: &Path, check: Check) -> Result<ModelReport> {
+    let model = match check {
+        Check::Headers => ModelDir::open(dir)?,
+        Check::Full => {
+            // As `ModelDir::open`, but the config check joins the list of problems rather than
+            // ending the inspection.
+            let config = ModelConfig::from_file(&config_path(dir))?;
+            let checkpoint = Checkpoint::open(dir)?;
+            let layout = detect_layout(&checkpoint)?;
+            let tokenizer = Tokenizer::from_model_dir(dir, &config)?;
+            let model = ModelDir {
+                dir: dir.to_path_buf(),
+                config,
+                checkpoint,
+                layout,
+                tokenizer,
+            };
+            let problems = validate(&model, true);
+            if !problems.is_empty() {
+                return Err(problems_error(dir, &problems));
+            }
+            model
+        }
+    };
+    let checked = (check == Check::Full).then(|| {
+        expected_tensors(&model.checkpoint, &model.config, model.layout)
+            .0
+            .len()
+    });
+    report(dir, &model, checked)
+}
+
+fn report(dir: &Path, model: &ModelDir, tensors_checked: Option<usize>) -> Result<ModelReport> {
     let ck = &model.checkpoint;
     let cfg = &model.config;
     let all = ck.names();
@@ -142,6 +235,7 @@ pub fn inspect(dir: &Path) -> Result<ModelReport> {
         },
         layers,
         config: cfg.clone(),
+        tensors_checked,
     })
 }
 
@@ -263,6 +357,12 @@ impl ModelReport {
                 * c.n_cluster;
             line(format!("all experts  {}", human_bytes(all)));
         }
+        line(match self.tensors_checked {
+            Some(n) => format!(
+                "checked      all {n} tensors the engine reads: present, dtype, shape, finite values"
+            ),
+            None => "checked      config and headers only (tensor values not read)".into(),
+        });
         if self.layout == "masked" {
             line(
                 "note         masked training layout: run `pregate convert` before serving".into(),

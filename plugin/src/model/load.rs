@@ -2,10 +2,13 @@
 //!
 //! Order of checks: the layout is detected from the tensor names, then the configuration is checked
 //! against the tensors' shapes (a disagreement names the config field and the tensor), then every
-//! tensor is converted to f32 in parallel with its exact expected shape.
+//! tensor of [`expected_tensors`] (the one list of what the engine reads, with each shape) is
+//! converted to f32 in parallel.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -122,12 +125,18 @@ fn load_checked(
     if layout == ExpertLayout::Masked {
         return Err(masked_layout_error(ck.origin()));
     }
-    let loader = Loader::new(ck);
+    let (plan, problems) = expected_tensors(ck, config, layout);
+    if let Some(e) = problems.into_iter().next() {
+        return Err(e);
+    }
+    let loader = Loader::new(ck, &plan, true);
     let weights = loader.model(config, layout);
     if let Some(pb) = &loader.progress {
         pb.finish_and_clear();
     }
-    weights
+    let weights = weights?;
+    loader.all_read()?;
+    Ok(weights)
 }
 
 /// Names of a layer's routed expert tensors present in the checkpoint: the highest expert index
@@ -253,56 +262,296 @@ pub fn check_config(
     Ok(())
 }
 
+/// A tensor the engine reads, with the exact shape it must have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedTensor {
+    /// Its name in the checkpoint.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+}
+
+impl ExpectedTensor {
+    fn new(name: impl Into<String>, shape: &[usize]) -> Self {
+        ExpectedTensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+        }
+    }
+}
+
+/// The router's tensors (`cluster_predictor.*`) with their shapes.
+pub fn router_tensors(cfg: &ModelConfig) -> Vec<ExpectedTensor> {
+    let d = cfg.embedding_dim;
+    let f = cfg.inter_dim;
+    let mut v = vec![
+        ExpectedTensor::new(names::router("embed.weight"), &[cfg.vocab_size, d]),
+        ExpectedTensor::new(names::router("input_layernorm_0.weight"), &[d]),
+    ];
+    let mut linear = |prefix: &str, out: usize, inp: usize| {
+        v.push(ExpectedTensor::new(
+            names::router(&format!("{prefix}.weight")),
+            &[out, inp],
+        ));
+        v.push(ExpectedTensor::new(
+            names::router(&format!("{prefix}.bias")),
+            &[out],
+        ));
+    };
+    for p in ["q_proj_0", "k_proj_0", "v_proj_0", "o_proj_0"] {
+        linear(p, d, d);
+    }
+    linear("proj_1_0", f, d);
+    linear("proj_2_0", d, f);
+    linear("proj_out", cfg.n_cluster, d);
+    v.push(ExpectedTensor::new(
+        names::router("post_attention_layernorm_0.weight"),
+        &[d],
+    ));
+    v.push(ExpectedTensor::new(
+        names::router("out_layernorm.weight"),
+        &[d],
+    ));
+    v
+}
+
+/// The width of a layer's SwiGLU blocks: the row count most of the `gates` (`[I, H]`) share (the
+/// earliest on a tie), so that one odd gate is reported rather than every other one. When no gate
+/// has the form `[I, H]`, the error for the first.
+fn ffn_width(ck: &Checkpoint, gates: &[String], h: usize) -> Result<usize> {
+    let mut counts: Vec<(usize, usize)> = Vec::new();
+    let mut first_error = None;
+    for g in gates {
+        match ck.tensor(g) {
+            Ok(t) => match t.shape {
+                [i, hh] if *hh == h && *i > 0 => match counts.iter_mut().find(|(w, _)| w == i) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((*i, 1)),
+                },
+                _ => {
+                    first_error.get_or_insert(Error::Shape {
+                        name: g.clone(),
+                        expected: vec![t.shape.first().copied().unwrap_or(1).max(1), h],
+                        found: t.shape.to_vec(),
+                        path: t.path.into(),
+                    });
+                }
+            },
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let mut best: Option<(usize, usize)> = None;
+    for (w, n) in counts {
+        if best.is_none_or(|(_, bn)| n > bn) {
+            best = Some((w, n));
+        }
+    }
+    match (best, first_error) {
+        (Some((w, _)), _) => Ok(w),
+        (None, Some(e)) => Err(e),
+        (None, None) => Err(Error::Internal("a layer with no feed-forward gate".into())),
+    }
+}
+
+/// Every tensor the engine reads from a checkpoint of `layout` described by `cfg`, with the exact
+/// shape each must have: the one list both [`ModelDir::load_weights`] and `inspect` check against.
+/// For the masked layout, the tensors `convert` reads from the weights.
+///
+/// Shapes follow the configuration, except the width of each layer's feed-forward blocks, which
+/// only the checkpoint tells (see `ffn_width`). A layer whose width cannot be told adds an error to
+/// the second list and none of that block's tensors to the first.
+pub fn expected_tensors(
+    ck: &Checkpoint,
+    cfg: &ModelConfig,
+    layout: ExpertLayout,
+) -> (Vec<ExpectedTensor>, Vec<Error>) {
+    let v = cfg.vocab_size;
+    let h = cfg.hidden_size;
+    let qd = cfg.num_attention_heads * cfg.head_dim();
+    let kvd = cfg.num_kv_heads() * cfg.head_dim();
+    let mut out = vec![ExpectedTensor::new(names::EMBED, &[v, h])];
+    let mut problems = Vec::new();
+    let mut ffn = |out: &mut Vec<ExpectedTensor>, blocks: &[[String; 3]]| {
+        let gates: Vec<String> = blocks.iter().map(|b| b[0].clone()).collect();
+        match ffn_width(ck, &gates, h) {
+            Ok(i) => {
+                for [g, u, d] in blocks {
+                    out.push(ExpectedTensor::new(g, &[i, h]));
+                    out.push(ExpectedTensor::new(u, &[i, h]));
+                    out.push(ExpectedTensor::new(d, &[h, i]));
+                }
+            }
+            Err(e) => problems.push(e),
+        }
+    };
+    for l in 0..cfg.num_hidden_layers {
+        let [inorm, q, k, vv, o, pnorm] = names::attention_tensor_names(l);
+        out.push(ExpectedTensor::new(inorm, &[h]));
+        out.push(ExpectedTensor::new(q, &[qd, h]));
+        out.push(ExpectedTensor::new(k, &[kvd, h]));
+        out.push(ExpectedTensor::new(vv, &[kvd, h]));
+        out.push(ExpectedTensor::new(o, &[h, qd]));
+        out.push(ExpectedTensor::new(pnorm, &[h]));
+        match layout {
+            ExpertLayout::Fused | ExpertLayout::Residual => {
+                let experts: Vec<[String; 3]> = (0..cfg.n_cluster)
+                    .map(|e| names::expert_tensor_names(l, e))
+                    .collect();
+                ffn(&mut out, &experts);
+                if layout == ExpertLayout::Residual {
+                    ffn(&mut out, &[names::shared_tensor_names(l)]);
+                }
+            }
+            ExpertLayout::Masked => ffn(&mut out, &[names::dense_mlp_tensor_names(l)]),
+        }
+    }
+    out.push(ExpectedTensor::new(names::FINAL_NORM, &[h]));
+    if !cfg.tie_word_embeddings {
+        out.push(ExpectedTensor::new(names::LM_HEAD, &[v, h]));
+    }
+    out.extend(router_tensors(cfg));
+    (out, problems)
+}
+
+/// The non-finite values a tensor check reports: the first one, with where it is.
+fn non_finite_error(t: &TensorRef<'_>) -> Result<Option<Error>> {
+    let Some((i, value)) = t.first_non_finite()? else {
+        return Ok(None);
+    };
+    let mut rest = i;
+    let mut at = vec![0; t.shape.len()];
+    for (a, &n) in at.iter_mut().zip(t.shape).rev() {
+        if n > 0 {
+            *a = rest % n;
+            rest /= n;
+        }
+    }
+    Ok(Some(Error::checkpoint(
+        t.path,
+        format!(
+            "tensor `{}` holds a non-finite value ({value}) at flat index {i} (position {at:?} \
+             of shape {:?})",
+            t.name, t.shape
+        ),
+    )))
+}
+
+/// Checks one tensor of [`expected_tensors`] as the loader reads it: present under its name, of
+/// the expected shape and a float dtype, and, with `values`, every element finite (NaN and
+/// infinities poison every output they reach). Returns every problem found.
+pub fn check_tensor(ck: &Checkpoint, expected: &ExpectedTensor, values: bool) -> Vec<Error> {
+    let t = match ck.tensor(&expected.name) {
+        Ok(t) => t,
+        Err(e) => return vec![e],
+    };
+    let mut problems = Vec::new();
+    if let Err(e) = t.expect_shape(&expected.shape) {
+        problems.push(e);
+    }
+    match t.float_dtype() {
+        Err(e) => problems.push(e),
+        Ok(_) if values => match non_finite_error(&t) {
+            Ok(Some(e)) | Err(e) => problems.push(e),
+            Ok(None) => {}
+        },
+        Ok(_) => {}
+    }
+    problems
+}
+
 /// Converts tensors to f32 with shape checks, counting bytes on an optional progress bar.
 impl RouterWeights {
     /// Reads only the router's tensors (`cluster_predictor.*`), in f32: what a device backend keeps
     /// on the host, without converting the rest of the model.
     pub fn load(ck: &Checkpoint, cfg: &ModelConfig) -> Result<Self> {
-        Loader { ck, progress: None }.router(cfg)
+        let plan = router_tensors(cfg);
+        let loader = Loader::new(ck, &plan, false);
+        let router = loader.router()?;
+        loader.all_read()?;
+        Ok(router)
     }
 }
 
+/// Reads the tensors of a plan ([`expected_tensors`]): the loading code names each tensor where it
+/// goes, its shape comes from the plan alone, and every planned tensor must be read exactly once.
 struct Loader<'a> {
     ck: &'a Checkpoint,
+    shapes: HashMap<&'a str, &'a [usize]>,
+    reads: AtomicUsize,
     progress: Option<ProgressBar>,
 }
 
 impl<'a> Loader<'a> {
-    fn new(ck: &'a Checkpoint) -> Self {
+    fn new(ck: &'a Checkpoint, plan: &'a [ExpectedTensor], progress: bool) -> Self {
         let total = ck.data_bytes();
-        let progress = (total > PROGRESS_BYTES && std::io::stderr().is_terminal()).then(|| {
-            let pb = ProgressBar::new(total as u64);
-            if let Ok(style) = ProgressStyle::with_template(
-                "loading {bar:40} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-            ) {
-                pb.set_style(style);
-            }
-            pb
-        });
-        Loader { ck, progress }
+        let progress = (progress && total > PROGRESS_BYTES && std::io::stderr().is_terminal())
+            .then(|| {
+                let pb = ProgressBar::new(total as u64);
+                if let Ok(style) = ProgressStyle::with_template(
+                    "loading {bar:40} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+                ) {
+                    pb.set_style(style);
+                }
+                pb
+            });
+        Loader {
+            ck,
+            shapes: plan
+                .iter()
+                .map(|t| (t.name.as_str(), t.shape.as_slice()))
+                .collect(),
+            reads: AtomicUsize::new(0),
+            progress,
+        }
     }
 
-    fn read(&self, t: TensorRef<'_>) -> Result<Vec<f32>> {
+    /// Whether every planned tensor was read (the plan and the loading code agree).
+    fn all_read(&self) -> Result<()> {
+        let reads = self.reads.load(Ordering::Relaxed);
+        if reads == self.shapes.len() {
+            Ok(())
+        } else {
+            Err(Error::Internal(format!(
+                "the loader read {reads} tensors but the tensor plan lists {}",
+                self.shapes.len()
+            )))
+        }
+    }
+
+    fn read(&self, name: &str) -> Result<(Vec<f32>, &'a [usize])> {
+        let shape = self.shapes.get(name).copied().ok_or_else(|| {
+            Error::Internal(format!(
+                "the loader reads `{name}`, which the tensor plan does not list"
+            ))
+        })?;
+        let t = self.ck.float_tensor(name, shape)?;
         let v = t.to_f32()?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
         if let Some(pb) = &self.progress {
             pb.inc(t.data.len() as u64);
         }
-        Ok(v)
+        Ok((v, shape))
     }
 
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        self.read(self.ck.float_tensor(name, &[len])?)
+    fn vector(&self, name: &str) -> Result<Vec<f32>> {
+        Ok(self.read(name)?.0)
     }
 
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        let data = self.read(self.ck.float_tensor(name, &[rows, cols])?)?;
-        Ok(Matrix::new(rows, cols, data))
+    fn matrix(&self, name: &str) -> Result<Matrix> {
+        match self.read(name)? {
+            (data, &[rows, cols]) => Ok(Matrix::new(rows, cols, data)),
+            (_, shape) => Err(Error::Internal(format!(
+                "the tensor plan gives the matrix `{name}` the shape {shape:?}"
+            ))),
+        }
     }
 
-    fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
+    fn linear(&self, prefix: &str) -> Result<Linear> {
         let (weight, bias) = rayon::join(
-            || self.matrix(&names::router(&format!("{prefix}.weight")), out, inp),
-            || self.vector(&names::router(&format!("{prefix}.bias")), out),
+            || self.matrix(&names::router(&format!("{prefix}.weight"))),
+            || self.vector(&names::router(&format!("{prefix}.bias"))),
         );
         Ok(Linear {
             weight: weight?,
@@ -310,11 +559,10 @@ impl<'a> Loader<'a> {
         })
     }
 
-    /// A SwiGLU block whose width is read from the gate's rows (`width`, when given, must match).
-    fn ffn(&self, [gate, up, down]: &[String; 3], h: usize, width: usize) -> Result<ExpertWeights> {
+    fn ffn(&self, [gate, up, down]: &[String; 3]) -> Result<ExpertWeights> {
         let (g, (u, d)) = rayon::join(
-            || self.matrix(gate, width, h),
-            || rayon::join(|| self.matrix(up, width, h), || self.matrix(down, h, width)),
+            || self.matrix(gate),
+            || rayon::join(|| self.matrix(up), || self.matrix(down)),
         );
         Ok(ExpertWeights {
             gate: g?,
@@ -323,71 +571,45 @@ impl<'a> Loader<'a> {
         })
     }
 
-    /// The intermediate width of a SwiGLU block, from its gate tensor `[I, H]`.
-    fn ffn_width(&self, gate: &str, h: usize) -> Result<usize> {
-        let t = self.ck.tensor(gate)?;
-        match t.shape {
-            [i, hh] if *hh == h && *i > 0 => Ok(*i),
-            _ => Err(Error::Shape {
-                name: gate.into(),
-                expected: vec![t.shape.first().copied().unwrap_or(1).max(1), h],
-                found: t.shape.to_vec(),
-                path: t.path.into(),
-            }),
-        }
-    }
-
     fn layer(&self, cfg: &ModelConfig, layout: ExpertLayout, l: usize) -> Result<LayerWeights> {
-        let h = cfg.hidden_size;
-        let qd = cfg.num_attention_heads * cfg.head_dim();
-        let kvd = cfg.num_kv_heads() * cfg.head_dim();
         let [inorm, q, k, v, o, pnorm] = names::attention_tensor_names(l);
-        let width = self.ffn_width(&names::expert_tensor_names(l, 0)[0], h)?;
         let experts = (0..cfg.n_cluster)
             .into_par_iter()
-            .map(|e| self.ffn(&names::expert_tensor_names(l, e), h, width))
+            .map(|e| self.ffn(&names::expert_tensor_names(l, e)))
             .collect::<Result<Vec<_>>>()?;
         let shared = match layout {
-            ExpertLayout::Residual => {
-                let sn = names::shared_tensor_names(l);
-                let w = self.ffn_width(&sn[0], h)?;
-                Some(self.ffn(&sn, h, w)?)
-            }
+            ExpertLayout::Residual => Some(self.ffn(&names::shared_tensor_names(l))?),
             _ => None,
         };
         Ok(LayerWeights {
-            input_norm: self.vector(&inorm, h)?,
-            q: self.matrix(&q, qd, h)?,
-            k: self.matrix(&k, kvd, h)?,
-            v: self.matrix(&v, kvd, h)?,
-            o: self.matrix(&o, h, qd)?,
-            post_norm: self.vector(&pnorm, h)?,
+            input_norm: self.vector(&inorm)?,
+            q: self.matrix(&q)?,
+            k: self.matrix(&k)?,
+            v: self.matrix(&v)?,
+            o: self.matrix(&o)?,
+            post_norm: self.vector(&pnorm)?,
             experts,
             shared,
         })
     }
 
-    fn router(&self, cfg: &ModelConfig) -> Result<RouterWeights> {
-        let d = cfg.embedding_dim;
-        let f = cfg.inter_dim;
+    fn router(&self) -> Result<RouterWeights> {
         Ok(RouterWeights {
-            embed: self.matrix(&names::router("embed.weight"), cfg.vocab_size, d)?,
-            input_norm: self.vector(&names::router("input_layernorm_0.weight"), d)?,
-            q: self.linear("q_proj_0", d, d)?,
-            k: self.linear("k_proj_0", d, d)?,
-            v: self.linear("v_proj_0", d, d)?,
-            o: self.linear("o_proj_0", d, d)?,
-            post_norm: self.vector(&names::router("post_attention_layernorm_0.weight"), d)?,
-            proj_1: self.linear("proj_1_0", f, d)?,
-            proj_2: self.linear("proj_2_0", d, f)?,
-            out_norm: self.vector(&names::router("out_layernorm.weight"), d)?,
-            proj_out: self.linear("proj_out", cfg.n_cluster, d)?,
+            embed: self.matrix(&names::router("embed.weight"))?,
+            input_norm: self.vector(&names::router("input_layernorm_0.weight"))?,
+            q: self.linear("q_proj_0")?,
+            k: self.linear("k_proj_0")?,
+            v: self.linear("v_proj_0")?,
+            o: self.linear("o_proj_0")?,
+            post_norm: self.vector(&names::router("post_attention_layernorm_0.weight"))?,
+            proj_1: self.linear("proj_1_0")?,
+            proj_2: self.linear("proj_2_0")?,
+            out_norm: self.vector(&names::router("out_layernorm.weight"))?,
+            proj_out: self.linear("proj_out")?,
         })
     }
 
     fn model(&self, cfg: &ModelConfig, layout: ExpertLayout) -> Result<ModelWeights> {
-        let v = cfg.vocab_size;
-        let h = cfg.hidden_size;
         let layers = (0..cfg.num_hidden_layers)
             .into_par_iter()
             .map(|l| self.layer(cfg, layout, l))
@@ -395,14 +617,14 @@ impl<'a> Loader<'a> {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(self.matrix(names::LM_HEAD, v, h)?)
+            Some(self.matrix(names::LM_HEAD)?)
         };
         Ok(ModelWeights {
-            embed: self.matrix(names::EMBED, v, h)?,
+            embed: self.matrix(names::EMBED)?,
             layers,
-            norm: self.vector(names::FINAL_NORM, h)?,
+            norm: self.vector(names::FINAL_NORM)?,
             lm_head,
-            router: self.router(cfg)?,
+            router: self.router()?,
             layout,
         })
     }
