@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use pregate::error::{Error, Result};
-use pregate::model::inspect::inspect;
+use pregate::model::inspect::{inspect_with, Check};
 
 /// Flags of `pregate inspect`.
 #[derive(Debug, clap::Args)]
@@ -14,11 +14,19 @@ pub struct InspectArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Read only the config and the headers, not every tensor's dtype, shape and values.
+    #[arg(long)]
+    pub no_check: bool,
 }
 
 /// Runs `pregate inspect`.
 pub fn run(args: InspectArgs) -> Result<()> {
-    let report = inspect(&args.model)?;
+    let check = if args.no_check {
+        Check::Headers
+    } else {
+        Check::Full
+    };
+    let report = inspect_with(&args.model, check)?;
     if args.json {
         let text =
             serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;

@@ -182,3 +182,25 @@ fn bad_inputs_exit_non_zero_with_a_message() {
     ]);
     assert!(err.contains("missing"), "{err}");
 }
+
+#[test]
+fn inspect_fails_on_a_nan_weight_unless_told_to_read_headers_only() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("tiny");
+    ok(&["make-model", "--preset", "tiny", "--out", s(&m)]);
+    assert!(ok(&["inspect", "--model", s(&m)]).contains("checked      all"));
+    // The first f32 of the data section (8-byte length + header) is the first tensor's first
+    // element: make it a NaN.
+    let path = m.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = fails(&["inspect", "--model", s(&m)]);
+    assert!(
+        err.contains("1 problem found") && err.contains("(NaN) at flat index 0"),
+        "{err}"
+    );
+    let text = ok(&["inspect", "--model", s(&m), "--no-check"]);
+    assert!(text.contains("headers only"), "{text}");
+}

@@ -193,6 +193,37 @@ impl<'a> TensorRef<'a> {
         }
     }
 
+    /// The first element (in storage order) that is NaN or infinite, with its value as f32;
+    /// `None` when every element is finite. Reads the bits in place, in parallel for large
+    /// tensors, without converting the tensor.
+    pub fn first_non_finite(&self) -> Result<Option<(usize, f32)>> {
+        const CHUNK: usize = 1 << 16;
+        let dtype = self.float_dtype()?;
+        let size = dtype.size();
+        // An IEEE value is NaN or infinite exactly when its exponent bits are all ones.
+        let bad = |s: &[u8]| match dtype {
+            FloatDtype::F32 => {
+                u32::from_le_bytes([s[0], s[1], s[2], s[3]]) & 0x7f80_0000 == 0x7f80_0000
+            }
+            FloatDtype::BF16 => u16::from_le_bytes([s[0], s[1]]) & 0x7f80 == 0x7f80,
+            FloatDtype::F16 => u16::from_le_bytes([s[0], s[1]]) & 0x7c00 == 0x7c00,
+        };
+        let found = self
+            .data
+            .par_chunks(CHUNK * size)
+            .enumerate()
+            .find_map_first(|(c, chunk)| {
+                chunk
+                    .chunks_exact(size)
+                    .position(bad)
+                    .map(|i| c * CHUNK + i)
+            });
+        Ok(found.map(|i| {
+            let at = &self.data[i * size..(i + 1) * size];
+            (i, convert_to_f32(at, dtype)[0])
+        }))
+    }
+
     /// Converts the tensor to f32 (in parallel for large tensors).
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let dtype = self.float_dtype()?;
@@ -436,6 +467,68 @@ mod tests {
         for (a, b) in back.iter().zip(vals) {
             assert_eq!(*a, half::f16::from_f32(b).to_f32());
         }
+    }
+
+    #[test]
+    fn first_non_finite_finds_the_first_in_every_dtype() {
+        let path = Path::new("x.safetensors");
+        let n = (1 << 16) * 2 + 5;
+        for dtype in [FloatDtype::F32, FloatDtype::F16, FloatDtype::BF16] {
+            for (bad, at) in [
+                (f32::NAN, 3),
+                (f32::INFINITY, (1 << 16) + 7),
+                (f32::NEG_INFINITY, n - 1),
+            ] {
+                let mut vals: Vec<f32> = (0..n).map(|i| (i % 100) as f32 - 50.0).collect();
+                // A later one must not hide the first.
+                vals[(at + 1).min(n - 1)] = f32::NAN;
+                vals[at] = bad;
+                let bytes: Vec<u8> = vals
+                    .iter()
+                    .flat_map(|&v| match dtype {
+                        FloatDtype::F32 => v.to_le_bytes().to_vec(),
+                        FloatDtype::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+                        FloatDtype::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+                    })
+                    .collect();
+                let shape = [n];
+                let t = TensorRef {
+                    name: "t",
+                    dtype: dtype.safetensors(),
+                    shape: &shape,
+                    data: &bytes,
+                    path,
+                };
+                let (i, v) = t.first_non_finite().unwrap().unwrap();
+                assert_eq!(i, at, "{dtype:?}");
+                assert_eq!(v.is_nan(), bad.is_nan(), "{dtype:?}");
+                if !bad.is_nan() {
+                    assert_eq!(v, bad, "{dtype:?}");
+                }
+                let clean: Vec<u8> = bytes[..at * dtype.size()].to_vec();
+                let shape = [at];
+                let t = TensorRef {
+                    data: &clean,
+                    shape: &shape,
+                    ..t
+                };
+                assert_eq!(t.first_non_finite().unwrap(), None, "{dtype:?}");
+            }
+        }
+        // The largest finite values are not flagged.
+        let bytes: Vec<u8> = [f32::MAX, f32::MIN, 65504.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let shape = [3];
+        let t = TensorRef {
+            name: "t",
+            dtype: Dtype::F32,
+            shape: &shape,
+            data: &bytes,
+            path,
+        };
+        assert_eq!(t.first_non_finite().unwrap(), None);
     }
 
     #[test]

@@ -1,17 +1,116 @@
-//! `pregate inspect`: what a model directory holds, without converting any weight.
+//! `pregate inspect`: what a model directory holds, without converting any weight, and (by
+//! default) whether the engine could load it: every tensor it would read is checked for presence,
+//! dtype, shape and finite values against the model's tensor inventory (the loader's own list,
+//! [`crate::model::family::Inventory`]).
 
 use std::path::Path;
 
+use rayon::prelude::*;
 use serde::Serialize;
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, TensorRef};
 use super::convert::mask_bits;
-use super::load::{storage_dtypes, ModelDir};
+use super::family::TensorSpec;
+use super::load::{check_config, storage_dtypes, ModelDir};
 use super::names;
 use super::random::MASKS_FILE;
 use super::weights::ExpertLayout;
-use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::config::{config_path, ModelConfig};
+use crate::error::{Error, Result};
+
+/// How much of a model `inspect` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Check {
+    /// `config.json` and the safetensors headers only, stopping at the first problem: cheap for
+    /// huge checkpoints, but a model that passes may still fail to load.
+    Headers,
+    /// Also every tensor the engine reads: present, a float dtype, the shape the config implies
+    /// and every element finite; all problems are reported together.
+    #[default]
+    Full,
+}
+
+/// Every problem that keeps the engine from loading `model` or poisons its outputs: the config
+/// disagreeing with the tensors, and each weight of the model's inventory missing, of another
+/// shape, not a float dtype or (with `values`) holding a NaN or an infinity. Empty for a sound
+/// model. Tensors are checked in parallel; the problems come back in the inventory's order.
+pub fn validate(model: &ModelDir, values: bool) -> Vec<Error> {
+    let ck = &model.checkpoint;
+    let mut problems = Vec::new();
+    if let Err(e) = check_config(ck, &model.config, model.layout, &config_path(&model.dir)) {
+        problems.push(e);
+    }
+    let inventory = model.plan.inventory();
+    let specs: Vec<&TensorSpec> = inventory.weights().collect();
+    let per_tensor: Vec<Vec<Error>> = specs
+        .par_iter()
+        .map(|t| check_tensor(ck, t, values))
+        .collect();
+    problems.extend(per_tensor.into_iter().flatten());
+    // The config check and the per-tensor checks can find the same missing tensor.
+    let mut seen = std::collections::HashSet::new();
+    problems.retain(|e| seen.insert(e.to_string()));
+    problems
+}
+
+/// The first non-finite value of a tensor, with where it is.
+fn non_finite_error(t: &TensorRef<'_>) -> Result<Option<Error>> {
+    let Some((i, value)) = t.first_non_finite()? else {
+        return Ok(None);
+    };
+    let mut rest = i;
+    let mut at = vec![0; t.shape.len()];
+    for (a, &n) in at.iter_mut().zip(t.shape).rev() {
+        if n > 0 {
+            *a = rest % n;
+            rest /= n;
+        }
+    }
+    Ok(Some(Error::checkpoint(
+        t.path,
+        format!(
+            "tensor `{}` holds a non-finite value ({value}) at flat index {i} (position {at:?} \
+             of shape {:?})",
+            t.name, t.shape
+        ),
+    )))
+}
+
+/// Checks one tensor of the inventory as the loader reads it: present under its name, of the
+/// expected shape and a float dtype, and, with `values`, every element finite (NaN and infinities
+/// poison every output they reach). Returns every problem found.
+pub fn check_tensor(ck: &Checkpoint, expected: &TensorSpec, values: bool) -> Vec<Error> {
+    let t = match ck.tensor(&expected.name) {
+        Ok(t) => t,
+        Err(e) => return vec![e],
+    };
+    let mut problems = Vec::new();
+    if let Err(e) = t.expect_shape(&expected.shape) {
+        problems.push(e);
+    }
+    match t.float_dtype() {
+        Err(e) => problems.push(e),
+        Ok(_) if values => match non_finite_error(&t) {
+            Ok(Some(e)) | Err(e) => problems.push(e),
+            Ok(None) => {}
+        },
+        Ok(_) => {}
+    }
+    problems
+}
+
+/// The error `inspect` returns for a model with problems: all of them, one per line.
+fn problems_error(dir: &Path, problems: &[Error]) -> Error {
+    let n = problems.len();
+    let list: String = problems.iter().map(|p| format!("\n  - {p}")).collect();
+    Error::checkpoint(
+        dir,
+        format!(
+            "{n} problem{} found; the engine would refuse this model or compute garbage with it:{list}",
+            if n == 1 { "" } else { "s" }
+        ),
+    )
+}
 
 /// Parameter counts of a model directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -61,6 +160,9 @@ pub struct ModelReport {
     pub layers: Vec<LayerExperts>,
     /// `config.json`.
     pub config: ModelConfig,
+    /// How many tensors were checked in full (presence, dtype, shape, values): `None` when only
+    /// the headers were read ([`Check::Headers`]).
+    pub tensors_checked: Option<usize>,
 }
 
 fn numel(ck: &Checkpoint, name: &str) -> usize {
@@ -75,9 +177,32 @@ fn bytes(ck: &Checkpoint, names: &[String]) -> usize {
         .sum()
 }
 
-/// Inspects the model directory `dir`.
+/// Inspects the model directory `dir`, checking every tensor the engine reads ([`Check::Full`]).
+/// A model with problems is an error listing all of them.
 pub fn inspect(dir: &Path) -> Result<ModelReport> {
-    let model = ModelDir::open(dir)?;
+    inspect_with(dir, Check::Full)
+}
+
+/// Inspects the model directory `dir`, reading as much as `check` says.
+pub fn inspect_with(dir: &Path, check: Check) -> Result<ModelReport> {
+    let model = match check {
+        Check::Headers => ModelDir::open(dir)?,
+        Check::Full => {
+            // As `ModelDir::open`, but the config check joins the list of problems rather than
+            // ending the inspection.
+            let model = ModelDir::open_for_inspection(dir)?;
+            let problems = validate(&model, true);
+            if !problems.is_empty() {
+                return Err(problems_error(dir, &problems));
+            }
+            model
+        }
+    };
+    let checked = (check == Check::Full).then(|| model.plan.inventory().weights().count());
+    report(dir, &model, checked)
+}
+
+fn report(dir: &Path, model: &ModelDir, tensors_checked: Option<usize>) -> Result<ModelReport> {
     let ck = &model.checkpoint;
     let cfg = &model.config;
     let all = ck.names();
@@ -142,6 +267,7 @@ pub fn inspect(dir: &Path) -> Result<ModelReport> {
         },
         layers,
         config: cfg.clone(),
+        tensors_checked,
     })
 }
 
@@ -265,6 +391,12 @@ impl ModelReport {
                 * c.n_cluster;
             line(format!("all experts  {}", human_bytes(all)));
         }
+        line(match self.tensors_checked {
+            Some(n) => format!(
+                "checked      all {n} tensors the engine reads: present, dtype, shape, finite values"
+            ),
+            None => "checked      config and headers only (tensor values not read)".into(),
+        });
         if self.layout == "masked" {
             line(
                 "note         masked training layout: run `pregate convert` before serving".into(),

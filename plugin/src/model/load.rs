@@ -84,10 +84,22 @@ impl ModelDir {
     /// and checks the configuration against the tensor shapes. A masked layout is accepted here
     /// (for `inspect` and `convert`); [`ModelDir::load_weights`] rejects it.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_checked(dir, true)
+    }
+
+    /// [`ModelDir::open`] without the check of the configuration against the tensor shapes:
+    /// inspection reports that check's finding among all the others instead of stopping at it.
+    pub(crate) fn open_for_inspection(dir: &Path) -> Result<Self> {
+        Self::open_checked(dir, false)
+    }
+
+    fn open_checked(dir: &Path, check: bool) -> Result<Self> {
         let config = ModelConfig::from_file(&config_path(dir))?;
         let checkpoint = Checkpoint::open(dir)?;
         let layout = detect_layout(&checkpoint)?;
-        check_config(&checkpoint, &config, layout, &config_path(dir))?;
+        if check {
+            check_config(&checkpoint, &config, layout, &config_path(dir))?;
+        }
         let plan = ModelPlan::from_checkpoint(&config, &checkpoint, layout)?;
         let tokenizer = Tokenizer::from_model_dir(dir, &config)?;
         Ok(ModelDir {

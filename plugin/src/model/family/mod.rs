@@ -243,16 +243,20 @@ impl ModelPlan {
         let h = cfg.hidden_size;
         let widths = (0..cfg.num_hidden_layers)
             .map(|l| {
-                let gate = match layout {
-                    ExpertLayout::Masked => names::dense_mlp_tensor_names(l),
-                    _ => names::expert_tensor_names(l, 0),
+                let gates: Vec<String> = match layout {
+                    ExpertLayout::Masked => vec![names::dense_mlp_tensor_names(l)[0].clone()],
+                    _ => (0..cfg.n_cluster.max(1))
+                        .map(|e| names::expert_tensor_names(l, e)[0].clone())
+                        .collect(),
                 };
                 let shared = match layout {
-                    ExpertLayout::Residual => ffn_width(ck, &names::shared_tensor_names(l)[0], h)?,
+                    ExpertLayout::Residual => {
+                        ffn_width(ck, &[names::shared_tensor_names(l)[0].clone()], h)?
+                    }
                     _ => 0,
                 };
                 Ok(FfnWidths {
-                    expert: ffn_width(ck, &gate[0], h)?,
+                    expert: ffn_width(ck, &gates, h)?,
                     shared,
                 })
             })
@@ -280,16 +284,43 @@ impl ModelPlan {
 }
 
 /// The intermediate width of a SwiGLU block, from its gate tensor `[I, H]`.
-fn ffn_width(ck: &Checkpoint, gate: &str, h: usize) -> Result<usize> {
-    let t = ck.tensor(gate)?;
-    match t.shape {
-        [i, hh] if *hh == h && *i > 0 => Ok(*i),
-        _ => Err(Error::Shape {
-            name: gate.into(),
-            expected: vec![t.shape.first().copied().unwrap_or(1).max(1), h],
-            found: t.shape.to_vec(),
-            path: t.path.into(),
-        }),
+/// The width of a layer's SwiGLU blocks: the row count most of the `gates` (`[I, H]`) share (the
+/// earliest on a tie), so that one odd gate is reported by name (as a shape error of that tensor)
+/// rather than every other one. When no gate has the form `[I, H]`, the error for the first.
+fn ffn_width(ck: &Checkpoint, gates: &[String], h: usize) -> Result<usize> {
+    let mut counts: Vec<(usize, usize)> = Vec::new();
+    let mut first_error = None;
+    for g in gates {
+        match ck.tensor(g) {
+            Ok(t) => match t.shape {
+                [i, hh] if *hh == h && *i > 0 => match counts.iter_mut().find(|(w, _)| w == i) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((*i, 1)),
+                },
+                _ => {
+                    first_error.get_or_insert(Error::Shape {
+                        name: g.clone(),
+                        expected: vec![t.shape.first().copied().unwrap_or(1).max(1), h],
+                        found: t.shape.to_vec(),
+                        path: t.path.into(),
+                    });
+                }
+            },
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let mut best: Option<(usize, usize)> = None;
+    for (w, n) in counts {
+        if best.is_none_or(|(_, bn)| n > bn) {
+            best = Some((w, n));
+        }
+    }
+    match (best, first_error) {
+        (Some((w, _)), _) => Ok(w),
+        (None, Some(e)) => Err(e),
+        (None, None) => Err(Error::Internal("a layer with no feed-forward gate".into())),
     }
 }
 
