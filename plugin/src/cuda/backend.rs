@@ -15,7 +15,8 @@ use crate::cache::ExpertCache;
 use crate::config::ModelConfig;
 use crate::engine::{Backend, ForwardChunk, Lookahead, SeqId};
 use crate::error::{Error, Result};
-use crate::model::{names, ExpertLayout, ModelDir};
+use crate::model::family::{AttnProj, TensorRole};
+use crate::model::{ExpertLayout, ModelDir};
 use crate::moe::step_experts;
 use crate::route::TokenRoute;
 
@@ -73,24 +74,39 @@ impl<T: DeviceElem> CudaBackend<T> {
         let kernels = Arc::new(KernelSet::new(&ctx).map_err(dev)?);
         let blas = Blas::new(&stream).map_err(dev)?;
         let ck = &model.checkpoint;
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let h = cfg.hidden_size;
         let d = cfg.head_dim();
-        let (qd, kvd) = (cfg.num_attention_heads * d, cfg.num_kv_heads() * d);
-        let embed = upload::<T>(&stream, ck, names::EMBED, &[v, h])?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(upload::<T>(&stream, ck, names::LM_HEAD, &[v, h])?)
+        let kvd = cfg.num_kv_heads() * d;
+        // Every tensor by its role in the model's inventory (names and shapes listed once).
+        let inventory = model.plan.inventory();
+        let one = |role| -> Result<CudaSlice<T>> {
+            let t = inventory.require(role)?;
+            upload::<T>(&stream, ck, &t.name, &t.shape)
         };
-        let norm = upload::<T>(&stream, ck, names::FINAL_NORM, &[h])?;
+        let embed = one(TensorRole::Embedding)?;
+        let lm_head = match inventory.get(TensorRole::LmHead) {
+            Some(_) => Some(one(TensorRole::LmHead)?),
+            None => None,
+        };
+        let norm = one(TensorRole::FinalNorm)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.num_hidden_layers {
-            let [inorm, q, k, vv, o, pnorm] = names::attention_tensor_names(l);
+        for layer in 0..cfg.num_hidden_layers {
+            let attn = |proj| inventory.require(TensorRole::Attention { layer, proj });
+            let [q, k, vv] = [attn(AttnProj::Q)?, attn(AttnProj::K)?, attn(AttnProj::V)?];
+            let rows = |t: &crate::model::family::TensorSpec| t.shape[0];
+            let qkv = [
+                (&*q.name, rows(q)),
+                (&*k.name, rows(k)),
+                (&*vv.name, rows(vv)),
+            ];
             layers.push(LayerWeights {
-                input_norm: upload::<T>(&stream, ck, &inorm, &[h])?,
-                qkv: upload_stacked::<T>(&stream, ck, &[(&q, qd), (&k, kvd), (&vv, kvd)], h)?,
-                o: upload::<T>(&stream, ck, &o, &[h, qd])?,
-                post_norm: upload::<T>(&stream, ck, &pnorm, &[h])?,
+                input_norm: one(TensorRole::InputNorm { layer })?,
+                qkv: upload_stacked::<T>(&stream, ck, &qkv, h)?,
+                o: one(TensorRole::Attention {
+                    layer,
+                    proj: AttnProj::O,
+                })?,
+                post_norm: one(TensorRole::PostAttentionNorm { layer })?,
             });
         }
         let setup = ExpertSetup {

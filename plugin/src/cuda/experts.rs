@@ -26,7 +26,7 @@ use crate::cache::{
     PrefetchPlanner, StepExperts, Unit,
 };
 use crate::error::{Error, Result};
-use crate::model::{names, ExpertLayout, ModelDir};
+use crate::model::ModelDir;
 use crate::moe::{run_waves, MoeShape, RuntimeStats};
 use crate::route::TokenRoute;
 
@@ -101,25 +101,29 @@ impl<T: DeviceElem> CudaExperts<T> {
         let ctx = stream.context().clone();
         let (h, nl, ne) = (cfg.hidden_size, cfg.num_hidden_layers, cfg.n_cluster);
         let elem = std::mem::size_of::<T>();
+        // Widths from the model's plan, tensors by their role in its inventory.
+        let inventory = model.plan.inventory();
         let mut units = Vec::with_capacity(nl);
         let mut shared = Vec::with_capacity(nl);
         let mut shared_inter = 0;
         for l in 0..nl {
-            let gate = ck.tensor(&names::expert_tensor_names(l, 0)[0])?;
-            let inter = gate.shape.first().copied().unwrap_or(0);
+            let moe = model.plan.moe(l).ok_or_else(|| {
+                Error::InvalidArgument(format!("layer {l} has no experts for the expert runtime"))
+            })?;
             units.push(UnitShape {
                 hidden: h,
-                inter,
+                inter: moe.expert_inter,
                 elem,
             });
-            shared.push(if model.layout == ExpertLayout::Residual {
-                let sn = names::shared_tensor_names(l);
-                let ir = ck.tensor(&sn[0])?.shape[0];
-                shared_inter = shared_inter.max(ir);
-                let gu = upload_stacked::<T>(stream, ck, &[(&sn[0], ir), (&sn[1], ir)], h)?;
-                Some((gu, upload::<T>(stream, ck, &sn[2], &[h, ir])?))
-            } else {
-                None
+            shared.push(match inventory.shared_expert(l) {
+                Some([gate, up, down]) => {
+                    let ir = gate.shape[0];
+                    shared_inter = shared_inter.max(ir);
+                    let parts = [(&*gate.name, ir), (&*up.name, ir)];
+                    let gu = upload_stacked::<T>(stream, ck, &parts, h)?;
+                    Some((gu, upload::<T>(stream, ck, &down.name, &down.shape)?))
+                }
+                None => None,
             });
         }
         let copy = ctx.new_stream().map_err(dev)?;
@@ -136,7 +140,7 @@ impl<T: DeviceElem> CudaExperts<T> {
             for (l, &unit) in units.iter().enumerate() {
                 one.0.resize(unit.bytes(), 0);
                 for e in 0..ne {
-                    pack_ffn::<T>(ck, &names::expert_tensor_names(l, e), unit, &mut one.0)?;
+                    pack_ffn::<T>(ck, inventory.expert(l, e)?, unit, &mut one.0)?;
                     let u = Unit::new(l, e as u16);
                     store.cache_mut().prefetch(u)?;
                     let slot = store
@@ -148,7 +152,7 @@ impl<T: DeviceElem> CudaExperts<T> {
             }
             None
         } else {
-            Some(PinnedExperts::new::<T>(&ctx, ck, cfg, &units)?)
+            Some(PinnedExperts::new::<T>(&ctx, ck, &inventory, ne, &units)?)
         };
         copy.synchronize().map_err(dev)?;
         stream.synchronize().map_err(dev)?;

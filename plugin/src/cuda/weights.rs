@@ -12,10 +12,9 @@ use rayon::prelude::*;
 
 use super::dev;
 use crate::cache::{ExpertSource, Unit};
-use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::convert_to_f32;
-use crate::model::names;
+use crate::model::family::{Inventory, TensorSpec};
 use crate::model::{Checkpoint, FloatDtype, TensorRef};
 
 /// A storage type of the CUDA backend, convertible from every checkpoint dtype.
@@ -133,19 +132,20 @@ impl UnitShape {
     }
 }
 
-/// Packs the expert tensors `[gate, up, down]` into `out` (`shape.bytes()` bytes).
+/// Packs the expert tensors `[gate, up, down]` (as the model's inventory lists them) into `out`
+/// (`shape.bytes()` bytes).
 pub(super) fn pack_ffn<T: DeviceElem>(
     ck: &Checkpoint,
-    names3: &[String; 3],
+    [gate, up, down]: [&TensorSpec; 3],
     shape: UnitShape,
     out: &mut [u8],
 ) -> Result<()> {
     let (h, i, s) = (shape.hidden, shape.inter, shape.elem);
     let (g, rest) = out.split_at_mut(i * h * s);
     let (u, d) = rest.split_at_mut(i * h * s);
-    T::encode(&ck.float_tensor(&names3[0], &[i, h])?, g)?;
-    T::encode(&ck.float_tensor(&names3[1], &[i, h])?, u)?;
-    T::encode(&ck.float_tensor(&names3[2], &[h, i])?, d)
+    T::encode(&ck.float_tensor(&gate.name, &[i, h])?, g)?;
+    T::encode(&ck.float_tensor(&up.name, &[i, h])?, u)?;
+    T::encode(&ck.float_tensor(&down.name, &[h, i])?, d)
 }
 
 /// Every routed expert of the model, packed, in one page-locked host buffer: the source of the
@@ -165,10 +165,11 @@ impl PinnedExperts {
     pub fn new<T: DeviceElem>(
         ctx: &Arc<CudaContext>,
         ck: &Checkpoint,
-        cfg: &ModelConfig,
+        inventory: &Inventory,
+        experts: usize,
         shapes: &[UnitShape],
     ) -> Result<Self> {
-        let (layers, experts) = (cfg.num_hidden_layers, cfg.n_cluster);
+        let layers = shapes.len();
         let unit_bytes = shapes
             .iter()
             .map(UnitShape::bytes)
@@ -187,8 +188,8 @@ impl PinnedExperts {
             .enumerate()
             .try_for_each(|(i, out)| {
                 let shape = shapes[i / experts];
-                let names3 = names::expert_tensor_names(i / experts, i % experts);
-                pack_ffn::<T>(ck, &names3, shape, &mut out[..shape.bytes()])
+                let specs = inventory.expert(i / experts, i % experts)?;
+                pack_ffn::<T>(ck, specs, shape, &mut out[..shape.bytes()])
             })?;
         Ok(PinnedExperts {
             buf,
