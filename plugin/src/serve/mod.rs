@@ -10,7 +10,9 @@
 //! - a cancelled request (its [`RequestHandle`] or [`ResponseSink::is_cancelled`]) stops at the
 //!   next step boundary and its KV space and batch slot are freed;
 //! - a failing or panicking step fails only the requests it scheduled (error events) and the loop
-//!   goes on; a panicking sink is treated as a client that went away;
+//!   goes on; a request whose own computation fails (its logits are NaN, its new token cannot be
+//!   routed) fails alone with its error, and the step's other requests get their tokens; a
+//!   panicking sink is treated as a client that went away;
 //! - with [`ServeConfig::max_queue_wait`], a request the batcher has not admitted (no free batch
 //!   slot or KV memory) within that time fails with [`Error::Overloaded`]; requests already
 //!   admitted are not touched.
@@ -490,7 +492,14 @@ impl LoopState {
         }
         self.record_metrics(&plan);
         match result {
-            Ok(Ok(events)) => self.deliver(events),
+            Ok(Ok(out)) => {
+                // A request whose own sampling or routing failed ends alone, with its error;
+                // the engine has already dropped it.
+                for (seq, e) in out.failed {
+                    self.end(seq, Outcome::Failed(e));
+                }
+                self.deliver(out.events);
+            }
             Ok(Err(e)) => {
                 // Shared, so that every request keeps the step's error and its code.
                 let e = Arc::new(e);

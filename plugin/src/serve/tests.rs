@@ -82,7 +82,14 @@ fn reference(m: &ModelDir, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut out = Vec::new();
     while !e.is_empty() {
         let s = e.schedule_all();
-        out.extend(e.step(&s).unwrap().into_iter().map(|ev| ev.token));
+        out.extend(
+            e.step(&s)
+                .unwrap()
+                .into_events()
+                .unwrap()
+                .into_iter()
+                .map(|ev| ev.token),
+        );
     }
     out
 }
@@ -635,5 +642,79 @@ fn a_step_failing_for_capacity_fails_its_requests_as_unavailable() {
             o => panic!("{o:?}"),
         }
     }
+    s.shutdown();
+}
+
+/// The CPU backend, except that the logits of one sequence are NaN.
+struct NanFor(Box<dyn crate::engine::Backend>, SeqId);
+
+impl crate::engine::Backend for NanFor {
+    fn device_name(&self) -> String {
+        self.0.device_name()
+    }
+    fn config(&self) -> &crate::config::ModelConfig {
+        self.0.config()
+    }
+    fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
+        self.0.add_sequence(seq, max_len)
+    }
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.0.remove_sequence(seq)
+    }
+    fn forward(&mut self, chunks: &[crate::engine::ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        let mut rows = self.0.forward(chunks)?;
+        let with_logits = chunks.iter().filter(|c| c.want_logits);
+        for (c, row) in with_logits.zip(rows.iter_mut()) {
+            if c.seq == self.1 {
+                row.fill(f32::NAN);
+            }
+        }
+        Ok(rows)
+    }
+}
+
+#[test]
+fn a_request_with_nan_logits_fails_alone_and_the_others_complete() {
+    let (_d, m) = tiny();
+    let w = m.load_weights().unwrap();
+    let router = crate::router::ReadMeRouter::new(w.router, &m.config);
+    let (backbone, _) = crate::engine::cpu::BackboneWeights::split(m.load_weights().unwrap());
+    let cpu = crate::engine::cpu::CpuBackend::new(m.config.clone(), backbone).unwrap();
+    let router = Box::new(crate::router::HostReadMeRouter::new(router));
+    // Sequence ids follow submission order from 1: the fourth request is poisoned.
+    let engine = Engine::new(Box::new(NanFor(Box::new(cpu), 4)), router);
+    let s = Server::start(engine, None, ServeConfig::default()).unwrap();
+    let n = 9;
+    let prompt = |i: u32| vec![1, 5 + i, 9 + 2 * i];
+    let rxs: Vec<_> = (0..n)
+        .map(|i| {
+            let mut r = ServeRequest::greedy(Prompt::Ids(prompt(i)), 5);
+            r.ignore_eos = true;
+            submit(&s, r, None)
+        })
+        .collect();
+    for (i, rx) in rxs.iter().enumerate() {
+        let (toks, done) = collect(rx);
+        if i == 3 {
+            assert!(toks.is_empty());
+            match done.outcome {
+                Outcome::Failed(e) => {
+                    assert!(matches!(e, Error::ModelData(_)), "{e:?}");
+                    assert_eq!(e.code(), crate::error::ErrorCode::ModelData);
+                }
+                o => panic!("{o:?}"),
+            }
+        } else {
+            let want = reference(&m, &prompt(i as u32), 5);
+            assert_eq!(toks.iter().map(|t| t.token).collect::<Vec<_>>(), want);
+            assert!(matches!(
+                done.outcome,
+                Outcome::Finished(FinishReason::Length)
+            ));
+        }
+    }
+    let st = s.stats();
+    assert_eq!((st.finished, st.failed), (n as u64 - 1, 1));
+    assert!(st.max_step_requests >= 2, "{st:?}");
     s.shutdown();
 }
