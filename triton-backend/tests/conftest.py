@@ -116,6 +116,9 @@ def work(tmp_path_factory, tools):
     # One slot and at most 300 ms of waiting for it: a request behind a long one is refused.
     write_model(str(repo), "queue1", {"model_dir": w / "small", "max_running": 1,
                                       "max_queue_wait_ms": 300})
+    # One slot and room for one waiting request (the default 30 s wait): a third is refused at once.
+    write_model(str(repo), "full1", {"model_dir": w / "small", "max_running": 1,
+                                     "max_waiting_requests": 1})
     write_model(str(repo), "bad_dir", {"model_dir": w / "does-not-exist"})
     write_model(str(repo), "bad_param", {"model_dir": w / "tiny", "max_batch_tokens": "many"})
     write_model(str(repo), "bad_queue_wait", {"model_dir": w / "tiny", "max_queue_wait_ms": -5})
@@ -131,6 +134,7 @@ def server(work, tools):
             tools["server"], f"--model-repository={work / 'repo'}",
             f"--backend-directory={work / 'backends'}", "--model-control-mode=explicit",
             "--load-model=tiny", "--load-model=small1", "--load-model=queue1",
+            "--load-model=full1",
             "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={http}",
             f"--grpc-port={grpc}", f"--metrics-port={metrics}", "--exit-timeout-secs=5",
         ],

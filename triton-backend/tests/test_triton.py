@@ -220,6 +220,40 @@ def test_a_request_waiting_past_max_queue_wait_fails_as_overloaded(server):
     assert server.metric("pregate_admission_timeouts_total", model="queue1") == before + 1
 
 
+def test_a_request_beyond_the_waiting_bound_is_refused_at_once_as_unavailable(server):
+    """full1 admits one request at a time and lets one more wait: a third is refused at once
+    (not after the 30 s queue wait) with UNAVAILABLE's message, and the waiting one is unaffected."""
+    c1, q1 = grpc_start(server, "Once upon a time", 1500, "full1")
+    result, error = q1.get(timeout=120)
+    assert error is None, error
+    c2, q2 = grpc_start(server, "waiting its turn", 4, "full1")
+    deadline = time.time() + 30
+    while server.metric("pregate_requests_waiting", model="full1") < 1:
+        assert time.time() < deadline, "the second request never waited"
+        time.sleep(0.05)
+    t = time.time()
+    r = requests.post(f"{server.url}/v2/models/full1/generate_stream",
+                      json=gen_body("one too many", 4), stream=True, timeout=60)
+    assert time.time() - t < 5
+    # tritonserver 2.51 answers an error of any code (here UNAVAILABLE) on generate_stream with
+    # HTTP 400 and one SSE event carrying the message, which tells overload apart.
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert r.text.startswith("data: "), r.text
+    err = json.loads(r.text[len("data: "):])["error"]
+    assert "server overloaded: 1 requests already wait for admission (max_waiting 1)" in err, err
+    c1.stop_stream(cancel_requests=True)
+    ids = []
+    while True:
+        result, error = q2.get(timeout=120)
+        assert error is None, error
+        out = result.as_numpy("output_ids")
+        ids.extend(int(x) for x in (out if out is not None else []))
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    assert len(ids) == 4
+    c2.stop_stream()
+
+
 def test_bad_requests_get_errors_and_the_server_keeps_serving(server):
     bad = [
         ({"stream": True}, "text_input"),

@@ -718,3 +718,130 @@ fn a_request_with_nan_logits_fails_alone_and_the_others_complete() {
     assert!(st.max_step_requests >= 2, "{st:?}");
     s.shutdown();
 }
+
+#[test]
+fn admission_is_bounded_by_default() {
+    let cfg = ServeConfig::default();
+    assert_eq!(cfg.max_queue_wait, Some(Duration::from_secs(30)));
+    assert_eq!(cfg.max_queue_wait, Some(DEFAULT_MAX_QUEUE_WAIT));
+    assert_eq!(cfg.max_waiting, Some(1024));
+    assert_eq!(cfg.max_waiting, Some(DEFAULT_MAX_WAITING));
+    let (_d, m) = tiny();
+    let zero = ServeConfig {
+        max_waiting: Some(0),
+        ..ServeConfig::default()
+    };
+    let e = Server::start(open_engine(&m, Device::Cpu).unwrap(), None, zero)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("max_waiting"), "{e}");
+}
+
+/// Starts `n` tokens of a request on `s` whose first token holds the engine thread until the
+/// returned sender is used (or dropped); returns once that token is out.
+fn hold_the_loop(s: &Server, n: usize) -> (mpsc::Sender<()>, mpsc::Receiver<Ev>) {
+    let (tx, rx) = mpsc::channel();
+    let (open, gate) = mpsc::channel();
+    let mut r = ServeRequest::greedy(Prompt::Ids(vec![1, 5, 6]), n);
+    r.ignore_eos = true;
+    s.submit(
+        r,
+        Box::new(GateSink {
+            inner: ChanSink {
+                tx,
+                stop_after: None,
+            },
+            gate: Some(gate),
+        }),
+    );
+    match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+        Ev::Tok(t) => assert_eq!(t.index, 0),
+        Ev::Done(d) => panic!("{:?}", d.outcome),
+    }
+    (open, rx)
+}
+
+#[test]
+fn a_full_admission_queue_refuses_new_requests_at_once() {
+    let (_d, m) = tiny();
+    let cfg = ServeConfig {
+        batcher: BatcherConfig {
+            max_running: 1,
+            ..BatcherConfig::default()
+        },
+        max_waiting: Some(2),
+        ..ServeConfig::default()
+    };
+    let s = Server::start(open_engine(&m, Device::Cpu).unwrap(), None, cfg).unwrap();
+    // The only slot is taken and the loop is held: the next four requests arrive together.
+    let (open, busy) = hold_the_loop(&s, 6);
+    let t0 = Instant::now();
+    let request = || {
+        let mut r = ServeRequest::greedy(Prompt::Ids(vec![1, 7]), 3);
+        r.ignore_eos = true;
+        r
+    };
+    let rxs: Vec<_> = (0..4).map(|_| submit(&s, request(), None)).collect();
+    open.send(()).unwrap();
+    for rx in &rxs[2..] {
+        let (toks, done) = collect(rx);
+        assert!(toks.is_empty());
+        match done.outcome {
+            Outcome::Failed(e) => {
+                assert!(matches!(e, Error::Overloaded(_)), "{e:?}");
+                assert_eq!(e.code(), crate::error::ErrorCode::Unavailable);
+                let msg = e.to_string();
+                assert!(msg.contains("2 requests already wait"), "{msg}");
+                assert!(msg.contains("max_waiting 2"), "{msg}");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+    // Refused at once, not after the default 30 s queue wait.
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    let (toks, done) = collect(&busy);
+    assert_eq!(toks.len(), 5);
+    assert!(matches!(done.outcome, Outcome::Finished(_)));
+    for rx in &rxs[..2] {
+        let (toks, done) = collect(rx);
+        assert_eq!(toks.len(), 3);
+        assert!(matches!(done.outcome, Outcome::Finished(_)));
+    }
+    let st = s.stats();
+    assert_eq!((st.finished, st.failed), (3, 2));
+    s.shutdown();
+}
+
+#[test]
+fn a_request_waiting_past_the_default_bound_fails_as_overloaded() {
+    let (_d, m) = tiny();
+    let cfg = ServeConfig {
+        batcher: BatcherConfig {
+            max_running: 1,
+            ..BatcherConfig::default()
+        },
+        ..ServeConfig::default()
+    };
+    let s = Server::start(open_engine(&m, Device::Cpu).unwrap(), None, cfg).unwrap();
+    // The only slot is held, with the loop, past the default bound.
+    let (open, busy) = hold_the_loop(&s, 3);
+    let t0 = Instant::now();
+    let queued = submit(&s, ServeRequest::greedy(Prompt::Ids(vec![1, 7]), 2), None);
+    std::thread::sleep(DEFAULT_MAX_QUEUE_WAIT + Duration::from_millis(200));
+    open.send(()).unwrap();
+    let (toks, done) = collect(&queued);
+    assert!(toks.is_empty());
+    match done.outcome {
+        Outcome::Failed(e) => {
+            assert!(matches!(e, Error::Overloaded(_)), "{e:?}");
+            assert_eq!(e.code(), crate::error::ErrorCode::Unavailable);
+            assert!(e.to_string().contains("max_queue_wait 30 s"), "{e}");
+        }
+        o => panic!("{o:?}"),
+    }
+    assert!(t0.elapsed() >= DEFAULT_MAX_QUEUE_WAIT);
+    let (toks, done) = collect(&busy);
+    assert_eq!(toks.len(), 2);
+    assert!(matches!(done.outcome, Outcome::Finished(_)));
+    s.shutdown();
+}
