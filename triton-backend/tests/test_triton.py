@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import requests
 import tritonclient.grpc as grpcclient
-from conftest import reference
+from conftest import NAN_TOKEN, reference
 
 PROMPTS = ["Once upon a time", "The capital of France is", "experts", "What is the weather like"]
 
@@ -252,6 +252,55 @@ def test_a_request_beyond_the_waiting_bound_is_refused_at_once_as_unavailable(se
             break
     assert len(ids) == 4
     c2.stop_stream()
+
+
+def grpc_ids_start(server, ids, n, model):
+    """Sends token ids on a new gRPC bidirectional stream; returns (client, queue)."""
+    q = queue.Queue()
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    x = grpcclient.InferInput("input_ids", [len(ids)], "INT32")
+    x.set_data_from_numpy(np.array(ids, dtype=np.int32))
+    sp = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+    sp.set_data_from_numpy(
+        np.array([json.dumps({"max_tokens": n, "ignore_eos": True}).encode()], dtype=np.object_))
+    c.async_stream_infer(model, [x, sp], enable_empty_final_response=True)
+    return c, q
+
+
+def grpc_ids_finish(c, q):
+    """Reads a stream started by grpc_ids_start to its end; returns (ids, error)."""
+    ids, err = [], None
+    while True:
+        result, error = q.get(timeout=120)
+        if error is not None:
+            err = str(error)
+            break
+        out = result.as_numpy("output_ids")
+        ids.extend(int(x) for x in (out if out is not None else []))
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    c.stop_stream()
+    c.close()
+    return ids, err
+
+
+def test_a_request_with_nan_logits_fails_alone(server):
+    """tiny_nan has NaN in one token's embedding: of requests sent together, the one whose prompt
+    holds that token fails with the model-data error, and the others get the tokens the clean
+    model gives them."""
+    prompts = [[1, 20, 30], [1, 21, NAN_TOKEN, 31], [1, 22, 32], [1, 23, 33, 43]]
+    started = [grpc_ids_start(server, p, 8, "tiny_nan") for p in prompts]
+    results = [grpc_ids_finish(c, q) for c, q in started]
+    for i, (ids, err) in enumerate(results):
+        if i == 1:
+            assert err is not None and "logits are empty or NaN" in err, err
+            assert ids == []
+        else:
+            assert err is None, (i, err)
+            want, want_err = grpc_ids_finish(*grpc_ids_start(server, prompts[i], 8, "tiny"))
+            assert want_err is None and len(want) == 8
+            assert ids == want, i
 
 
 def test_bad_requests_get_errors_and_the_server_keeps_serving(server):
