@@ -37,13 +37,19 @@ fn decoding_engine(dir: &Path, batch: usize) -> Engine {
         engine.add_request(req).expect("request");
     }
     let all = engine.schedule_all();
-    engine.step(&all).expect("prefill");
+    engine
+        .step(&all)
+        .and_then(pregate::StepOutput::into_events)
+        .expect("prefill");
     engine
 }
 
 fn step(engine: &mut Engine) {
     let s = engine.schedule_all();
-    engine.step(&s).expect("decode step");
+    engine
+        .step(&s)
+        .and_then(pregate::StepOutput::into_events)
+        .expect("decode step");
 }
 
 /// Weight bytes (f32, as the CPU backend holds them) one decode step reads: dense weights once,

@@ -442,7 +442,7 @@ fn step(e: &mut Engine) -> Res<usize> {
     e.prepare(&Lookahead {
         steps: plan.into_iter().collect(),
     })?;
-    Ok(e.step(&sched)?.len())
+    Ok(e.step(&sched)?.into_events()?.len())
 }
 
 /// End-to-end decode with the router on the host and on the device (`PREGATE_BENCH_ROUTERS`,

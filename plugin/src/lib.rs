@@ -25,6 +25,6 @@ pub mod serve;
 pub mod tokenizer;
 
 pub use config::ModelConfig;
-pub use engine::{Engine, GenerationRequest, StepEvent};
+pub use engine::{Engine, GenerationRequest, StepEvent, StepOutput};
 pub use error::{Error, ErrorCode, Result};
 pub use route::{RoutePlan, TokenRoute};

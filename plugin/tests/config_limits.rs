@@ -30,7 +30,14 @@ fn generate(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut out = Vec::new();
     while !e.is_empty() {
         let s = e.schedule_all();
-        out.extend(e.step(&s).unwrap().into_iter().map(|ev| ev.token));
+        out.extend(
+            e.step(&s)
+                .unwrap()
+                .into_events()
+                .unwrap()
+                .into_iter()
+                .map(|ev| ev.token),
+        );
     }
     out
 }
@@ -70,5 +77,5 @@ fn a_request_for_a_huge_generation_reserves_nothing_up_front() {
     req.ignore_eos = true;
     e.add_request(req).unwrap();
     let s = e.schedule_all();
-    assert_eq!(e.step(&s).unwrap().len(), 1);
+    assert_eq!(e.step(&s).unwrap().into_events().unwrap().len(), 1);
 }

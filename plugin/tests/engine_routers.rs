@@ -118,7 +118,7 @@ fn run(e: &mut Engine, passes: Option<&AtomicUsize>) -> Vec<(u64, u32, Vec<u16>)
         }
         let s = e.schedule_all();
         let before = passes.map(|p| p.load(Ordering::SeqCst));
-        let events = e.step(&s).unwrap();
+        let events = e.step(&s).unwrap().into_events().unwrap();
         if let (Some(p), Some(b)) = (passes, before) {
             // All of a step's sampled tokens are routed in one pass.
             assert_eq!(p.load(Ordering::SeqCst), b + 1, "step {step}");
@@ -162,18 +162,55 @@ fn a_routing_error_admits_nothing_and_loses_nothing() {
     let mut done = HashMap::new();
     while !e.is_empty() {
         let s = e.schedule_all();
-        for ev in e.step(&s).unwrap() {
+        for ev in e.step(&s).unwrap().into_events().unwrap() {
             *done.entry(ev.seq).or_insert(0) += 1;
         }
     }
     assert_eq!(done[&a], 4);
     assert_eq!(done[&b], 4);
     assert!(passes.load(Ordering::SeqCst) >= 2 + 3);
-    // A step whose routing fails is an error, not a panic.
+    // A sequence whose routing fails fails alone, not with a panic, and is gone with its router
+    // state.
     let c = e.add_request(req(&[9, 9, 9], 3)).unwrap();
     fail.store(true, Ordering::SeqCst);
     let s = e.schedule_all();
-    let err = e.step(&s).unwrap_err().to_string();
+    let out = e.step(&s).unwrap();
+    assert!(out.events.is_empty());
+    assert_eq!(out.failed.len(), 1);
+    assert_eq!(out.failed[0].0, c);
+    let err = out.failed[0].1.to_string();
     assert!(err.contains("injected router failure"), "{err}");
-    assert!(e.remove(c));
+    assert!(!e.remove(c));
+    assert_eq!(h.live.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_failed_routing_pass_is_retried_per_sequence() {
+    // The batched pass fails once; each sequence routed alone then succeeds, so nobody fails and
+    // the tokens and routes are those of a run without the failure.
+    let (mut clean, _) = routing_engine();
+    let want = run(&mut clean, None);
+    let (mut e, h) = routing_engine();
+    let mut got = Vec::new();
+    let mut step = 0;
+    let prompts: [(&[u32], usize); 2] = [(&[5, 17, 29, 41, 53], 9), (&[300, 7], 6)];
+    for (p, n) in prompts {
+        e.add_request(req(p, n)).unwrap();
+    }
+    while !e.is_empty() {
+        if step == 1 {
+            h.fail.store(true, Ordering::SeqCst);
+        }
+        let s = e.schedule_all();
+        let out = e.step(&s).unwrap();
+        assert!(out.failed.is_empty(), "{:?}", out.failed);
+        for ev in out.events {
+            got.push((ev.seq, ev.token, ev.route.experts().to_vec()));
+        }
+        step += 1;
+    }
+    let first_two: Vec<_> = want.iter().filter(|w| w.0 <= 2).cloned().collect();
+    assert_eq!(got.len(), 9 + 6);
+    // The third request of `run` joins at step 2 and does not change the others' tokens.
+    assert_eq!(got, first_two[..got.len()].to_vec());
 }

@@ -27,7 +27,7 @@ fn req(prompt: &[u32], n: usize) -> GenerationRequest {
 fn drain(e: &mut Engine, out: &mut HashMap<u64, Vec<u32>>) {
     while !e.is_empty() {
         let s = e.schedule_all();
-        for ev in e.step(&s).unwrap() {
+        for ev in e.step(&s).unwrap().into_events().unwrap() {
             out.entry(ev.seq).or_default().push(ev.token);
         }
     }
@@ -58,7 +58,7 @@ fn sequences_joining_and_leaving_between_steps_do_not_disturb_each_other() {
         }
         let s = e.schedule_all();
         assert!(s.iter().all(|&(seq, _)| seq != c || step < 3));
-        for ev in e.step(&s).unwrap() {
+        for ev in e.step(&s).unwrap().into_events().unwrap() {
             out.entry(ev.seq).or_default().push(ev.token);
         }
     }
@@ -82,7 +82,7 @@ fn stop_ids_eos_and_length_end_sequences() {
     let mut n = 0;
     while !e.is_empty() {
         let s = e.schedule_all();
-        for ev in e.step(&s).unwrap() {
+        for ev in e.step(&s).unwrap().into_events().unwrap() {
             assert_eq!(ev.seq, id);
             n += 1;
             last = ev.finished;
@@ -97,7 +97,14 @@ fn stop_ids_eos_and_length_end_sequences() {
     let mut reasons = vec![];
     while !e.is_empty() {
         let s = e.schedule_all();
-        reasons.extend(e.step(&s).unwrap().into_iter().filter_map(|ev| ev.finished));
+        reasons.extend(
+            e.step(&s)
+                .unwrap()
+                .into_events()
+                .unwrap()
+                .into_iter()
+                .filter_map(|ev| ev.finished),
+        );
     }
     assert_eq!(reasons.len(), 1);
     assert!(matches!(
@@ -182,8 +189,8 @@ fn misuse_is_an_error_and_changes_nothing() {
     }
     // Chunked prefill still works after the rejected schedules: nothing advanced.
     assert_eq!(e.pending().next().unwrap().tokens.len(), 3);
-    assert!(e.step(&[(id, 2)]).unwrap().is_empty());
-    let evs = e.step(&[(id, 1)]).unwrap();
+    assert!(e.step(&[(id, 2)]).unwrap().events.is_empty());
+    let evs = e.step(&[(id, 1)]).unwrap().into_events().unwrap();
     assert_eq!(evs.len(), 1);
     assert_eq!(evs[0].token, solo(&[5, 6, 7], 3)[0]);
 }

@@ -127,7 +127,7 @@ fn run(e: &mut Engine, reqs: &[GenerationRequest], chunk: usize) -> Vec<(Vec<u32
             steps: plan.into_iter().collect(),
         })
         .unwrap();
-        for ev in e.step(&sched).unwrap() {
+        for ev in e.step(&sched).unwrap().into_events().unwrap() {
             let o = out.entry(ev.seq).or_default();
             o.0.push(ev.token);
             o.1.push(ev.logits.unwrap());

@@ -103,7 +103,7 @@ fn run_batched(engine: &mut Engine, cases: &[Case], chunk: usize) -> Vec<Run> {
             .pending()
             .map(|p| (p.seq, p.tokens.len().min(chunk)))
             .collect();
-        for ev in engine.step(&schedule).unwrap() {
+        for ev in engine.step(&schedule).unwrap().into_events().unwrap() {
             let run = &mut runs[ids.iter().position(|&i| i == ev.seq).unwrap()];
             run.output.push(ev.token);
             run.logits.extend(ev.logits.unwrap());

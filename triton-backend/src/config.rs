@@ -6,13 +6,14 @@ use std::time::Duration;
 use pregate::batcher::{BatchPolicy, BatcherConfig};
 use pregate::cache::EvictionPolicy;
 use pregate::engine::{Device, EngineOptions, ExpertCacheOptions, ExpertCapacity};
+use pregate::serve::{DEFAULT_MAX_QUEUE_WAIT, DEFAULT_MAX_WAITING};
 use serde_json::Value;
 
 use crate::bridge::kind;
 
 /// Every `parameters` key the backend reads; any other key fails the load (a typo must not be
 /// silently ignored).
-pub const PARAMETERS: [&str; 11] = [
+pub const PARAMETERS: [&str; 12] = [
     "model_dir",
     "device",
     "max_batch_tokens",
@@ -21,6 +22,7 @@ pub const PARAMETERS: [&str; 11] = [
     "batching_policy",
     "max_wait_ms",
     "max_queue_wait_ms",
+    "max_waiting_requests",
     "cache_capacity",
     "cache_policy",
     "metrics",
@@ -35,8 +37,12 @@ pub struct ModelParams {
     pub device: Device,
     /// The batcher's configuration.
     pub batcher: BatcherConfig,
-    /// Longest a request waits for admission before it fails as overloaded (`None`: unbounded).
+    /// Longest a request waits for admission before it fails as overloaded (`None`: unbounded;
+    /// unset: [`DEFAULT_MAX_QUEUE_WAIT`]).
     pub max_queue_wait: Option<Duration>,
+    /// Most requests waiting for admission at once; more are refused at once as overloaded
+    /// (`None`: unbounded; unset: [`DEFAULT_MAX_WAITING`]).
+    pub max_waiting: Option<usize>,
     /// Expert cache size: CUDA, its device slots; CPU, an accounting cache (the same decisions,
     /// weights staying in host memory). `None`: the backend's default (CUDA: `PREGATE_EXPERT_CACHE`
     /// or every expert; CPU: no cache).
@@ -130,10 +136,16 @@ pub fn parse_model_config(json: &str, repository: &Path) -> Result<ModelParams, 
     batcher
         .validate()
         .map_err(|e| format!("batcher parameters: {e}"))?;
-    let max_queue_wait = get("max_queue_wait_ms")
-        .map(|s| parse_queue_wait(&s))
-        .transpose()?
-        .flatten();
+    let max_queue_wait = match get("max_queue_wait_ms") {
+        Some(s) => parse_queue_wait(&s)?,
+        None => Some(DEFAULT_MAX_QUEUE_WAIT),
+    };
+    // 0 lifts the bound, as for the waits.
+    let max_waiting = match num("max_waiting_requests")? {
+        Some(0) => None,
+        Some(n) => Some(n),
+        None => Some(DEFAULT_MAX_WAITING),
+    };
     let cache_capacity = get("cache_capacity")
         .map(|s| parse_capacity(&s))
         .transpose()?;
@@ -157,6 +169,7 @@ pub fn parse_model_config(json: &str, repository: &Path) -> Result<ModelParams, 
         device,
         batcher,
         max_queue_wait,
+        max_waiting,
         cache_capacity,
         cache_policy,
         metrics,
@@ -260,6 +273,7 @@ mod tests {
             p("batching_policy", "fcfs"),
             p("max_wait_ms", "50"),
             p("max_queue_wait_ms", "2500"),
+            p("max_waiting_requests", "16"),
             p("cache_capacity", "3"),
             p("cache_policy", "lru"),
             p("metrics", "false"),
@@ -273,6 +287,7 @@ mod tests {
         assert_eq!(m.batcher.policy, BatchPolicy::Fcfs);
         assert_eq!(m.batcher.max_wait, Some(0.05));
         assert_eq!(m.max_queue_wait, Some(Duration::from_millis(2500)));
+        assert_eq!(m.max_waiting, Some(16));
         assert_eq!(m.cache_capacity, Some(ExpertCapacity::PerLayer(3)));
         assert_eq!(m.cache_policy, EvictionPolicy::Lru);
         let cache = m.engine_options().expert_cache.unwrap();
@@ -318,14 +333,23 @@ mod tests {
     }
 
     #[test]
-    fn queue_wait_is_off_by_default_and_at_zero() {
-        let unset = cfg(&p("model_dir", "/m"));
-        assert_eq!(
-            parse_model_config(&unset, Path::new("/"))
-                .unwrap()
-                .max_queue_wait,
-            None
-        );
+    fn admission_is_bounded_by_default_and_unbounded_at_zero() {
+        let unset = parse_model_config(&cfg(&p("model_dir", "/m")), Path::new("/")).unwrap();
+        assert_eq!(unset.max_queue_wait, Some(Duration::from_secs(30)));
+        assert_eq!(unset.max_waiting, Some(1024));
+        let zero = cfg(&[
+            p("model_dir", "/m"),
+            p("max_queue_wait_ms", "0"),
+            p("max_waiting_requests", "0"),
+        ]
+        .join(","));
+        let zero = parse_model_config(&zero, Path::new("/")).unwrap();
+        assert_eq!((zero.max_queue_wait, zero.max_waiting), (None, None));
+        for v in ["-1", "many", "1.5"] {
+            let bad = cfg(&[p("model_dir", "/m"), p("max_waiting_requests", v)].join(","));
+            let e = parse_model_config(&bad, Path::new("/")).unwrap_err();
+            assert!(e.contains("max_waiting_requests"), "{v}: {e}");
+        }
         assert_eq!(parse_queue_wait("0"), Ok(None));
         assert_eq!(
             parse_queue_wait("0.5"),

@@ -282,6 +282,7 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
             metrics: ms.library_metrics.as_ref().map(|(m, _)| m.clone()),
             thread_name: format!("pregate-{iname}"),
             max_queue_wait: ms.params.max_queue_wait,
+            max_waiting: ms.params.max_waiting,
             ..ServeConfig::default()
         };
         ffi::log_message(

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import requests
 
@@ -38,6 +39,20 @@ def write_model(repo, name, params):
         lines.append(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}')
     with open(os.path.join(repo, name, "config.pbtxt"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+# The token whose embedding row `tiny_nan` holds NaN.
+NAN_TOKEN = 7
+
+
+def poison_embedding(src, dst, token: int) -> None:
+    """Copies the model at `src` to `dst` with NaN in the embedding row of `token`."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(src / "model.safetensors"))
+    weights["model.embed_tokens.weight"][token, :] = np.nan
+    save_file(weights, str(dst / "model.safetensors"))
 
 
 def free_port():
@@ -103,6 +118,7 @@ def work(tmp_path_factory, tools):
             [tools["pregate"], "make-model", "--preset", preset, "--out", str(w / preset)],
             check=True, capture_output=True,
         )
+    poison_embedding(w / "tiny", w / "tiny_nan", NAN_TOKEN)
     backends = w / "backends" / "pregate"
     backends.mkdir(parents=True)
     shutil.copy(tools["lib"], backends / "libtriton_pregate.so")
@@ -116,6 +132,11 @@ def work(tmp_path_factory, tools):
     # One slot and at most 300 ms of waiting for it: a request behind a long one is refused.
     write_model(str(repo), "queue1", {"model_dir": w / "small", "max_running": 1,
                                       "max_queue_wait_ms": 300})
+    # One slot and room for one waiting request (the default 30 s wait): a third is refused at once.
+    write_model(str(repo), "full1", {"model_dir": w / "small", "max_running": 1,
+                                     "max_waiting_requests": 1})
+    # The tiny model with NaN in the embedding of one token: a request with it fails alone.
+    write_model(str(repo), "tiny_nan", {"model_dir": w / "tiny_nan"})
     write_model(str(repo), "bad_dir", {"model_dir": w / "does-not-exist"})
     write_model(str(repo), "bad_param", {"model_dir": w / "tiny", "max_batch_tokens": "many"})
     write_model(str(repo), "bad_queue_wait", {"model_dir": w / "tiny", "max_queue_wait_ms": -5})
@@ -131,6 +152,7 @@ def server(work, tools):
             tools["server"], f"--model-repository={work / 'repo'}",
             f"--backend-directory={work / 'backends'}", "--model-control-mode=explicit",
             "--load-model=tiny", "--load-model=small1", "--load-model=queue1",
+            "--load-model=full1", "--load-model=tiny_nan",
             "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={http}",
             f"--grpc-port={grpc}", f"--metrics-port={metrics}", "--exit-timeout-secs=5",
         ],

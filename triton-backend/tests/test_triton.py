@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import requests
 import tritonclient.grpc as grpcclient
-from conftest import reference
+from conftest import NAN_TOKEN, reference
 
 PROMPTS = ["Once upon a time", "The capital of France is", "experts", "What is the weather like"]
 
@@ -218,6 +218,89 @@ def test_a_request_waiting_past_max_queue_wait_fails_as_overloaded(server):
     assert err is None, err
     assert len(ids_of(events)) == 4
     assert server.metric("pregate_admission_timeouts_total", model="queue1") == before + 1
+
+
+def test_a_request_beyond_the_waiting_bound_is_refused_at_once_as_unavailable(server):
+    """full1 admits one request at a time and lets one more wait: a third is refused at once
+    (not after the 30 s queue wait) with UNAVAILABLE's message, and the waiting one is unaffected."""
+    c1, q1 = grpc_start(server, "Once upon a time", 1500, "full1")
+    result, error = q1.get(timeout=120)
+    assert error is None, error
+    c2, q2 = grpc_start(server, "waiting its turn", 4, "full1")
+    deadline = time.time() + 30
+    while server.metric("pregate_requests_waiting", model="full1") < 1:
+        assert time.time() < deadline, "the second request never waited"
+        time.sleep(0.05)
+    t = time.time()
+    r = requests.post(f"{server.url}/v2/models/full1/generate_stream",
+                      json=gen_body("one too many", 4), stream=True, timeout=60)
+    assert time.time() - t < 5
+    # tritonserver 2.51 answers an error of any code (here UNAVAILABLE) on generate_stream with
+    # HTTP 400 and one SSE event carrying the message, which tells overload apart.
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert r.text.startswith("data: "), r.text
+    err = json.loads(r.text[len("data: "):])["error"]
+    assert "server overloaded: 1 requests already wait for admission (max_waiting 1)" in err, err
+    c1.stop_stream(cancel_requests=True)
+    ids = []
+    while True:
+        result, error = q2.get(timeout=120)
+        assert error is None, error
+        out = result.as_numpy("output_ids")
+        ids.extend(int(x) for x in (out if out is not None else []))
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    assert len(ids) == 4
+    c2.stop_stream()
+
+
+def grpc_ids_start(server, ids, n, model):
+    """Sends token ids on a new gRPC bidirectional stream; returns (client, queue)."""
+    q = queue.Queue()
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    x = grpcclient.InferInput("input_ids", [len(ids)], "INT32")
+    x.set_data_from_numpy(np.array(ids, dtype=np.int32))
+    sp = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+    sp.set_data_from_numpy(
+        np.array([json.dumps({"max_tokens": n, "ignore_eos": True}).encode()], dtype=np.object_))
+    c.async_stream_infer(model, [x, sp], enable_empty_final_response=True)
+    return c, q
+
+
+def grpc_ids_finish(c, q):
+    """Reads a stream started by grpc_ids_start to its end; returns (ids, error)."""
+    ids, err = [], None
+    while True:
+        result, error = q.get(timeout=120)
+        if error is not None:
+            err = str(error)
+            break
+        out = result.as_numpy("output_ids")
+        ids.extend(int(x) for x in (out if out is not None else []))
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    c.stop_stream()
+    c.close()
+    return ids, err
+
+
+def test_a_request_with_nan_logits_fails_alone(server):
+    """tiny_nan has NaN in one token's embedding: of requests sent together, the one whose prompt
+    holds that token fails with the model-data error, and the others get the tokens the clean
+    model gives them."""
+    prompts = [[1, 20, 30], [1, 21, NAN_TOKEN, 31], [1, 22, 32], [1, 23, 33, 43]]
+    started = [grpc_ids_start(server, p, 8, "tiny_nan") for p in prompts]
+    results = [grpc_ids_finish(c, q) for c, q in started]
+    for i, (ids, err) in enumerate(results):
+        if i == 1:
+            assert err is not None and "logits are empty or NaN" in err, err
+            assert ids == []
+        else:
+            assert err is None, (i, err)
+            want, want_err = grpc_ids_finish(*grpc_ids_start(server, prompts[i], 8, "tiny"))
+            assert want_err is None and len(want) == 8
+            assert ids == want, i
 
 
 def test_bad_requests_get_errors_and_the_server_keeps_serving(server):

@@ -152,7 +152,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if schedule.is_empty() {
             break;
         }
-        for ev in engine.step(&schedule)? {
+        for ev in engine.step(&schedule)?.into_events()? {
             output.push(ev.token);
             experts.push(ev.route.experts().to_vec());
             if let Some(l) = ev.logits {

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{Engine, Lookahead, SeqId, StepEvent};
+use super::{Engine, Lookahead, SeqId, StepOutput};
 use crate::batcher::{LookaheadBatcher, PendingView, RequestDesc, StepPlan};
 use crate::error::Result;
 use crate::route::RoutePlan;
@@ -86,8 +86,9 @@ impl StepDriver {
         Ok(plan)
     }
 
-    /// Runs `plan` on the engine: prepares the backend with the lookahead, then steps.
-    pub fn run(&self, engine: &mut Engine, plan: &StepPlan) -> Result<Vec<StepEvent>> {
+    /// Runs `plan` on the engine: prepares the backend with the lookahead, then steps (see
+    /// [`Engine::step`] for sequences that fail on their own).
+    pub fn run(&self, engine: &mut Engine, plan: &StepPlan) -> Result<StepOutput> {
         let lookahead = self.lookahead(engine, plan);
         engine.prepare(&lookahead)?;
         engine.step(&plan.entries())

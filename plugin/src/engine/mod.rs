@@ -97,6 +97,27 @@ pub struct StepEvent {
     pub logits: Option<Vec<f32>>,
 }
 
+/// What a step produced: a token for each sequence that advanced, and the sequences that failed.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// The new tokens, in schedule order.
+    pub events: Vec<StepEvent>,
+    /// Sequences whose own sampling or routing failed, with their errors; they are gone from the
+    /// engine (KV space and router state freed).
+    pub failed: Vec<(SeqId, Error)>,
+}
+
+impl StepOutput {
+    /// The events, or the first sequence's error when any failed: for callers that treat a
+    /// failed sequence as a failed run.
+    pub fn into_events(self) -> Result<Vec<StepEvent>> {
+        match self.failed.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(self.events),
+        }
+    }
+}
+
 /// A sequence's tokens not yet computed, as a scheduler sees them.
 #[derive(Debug, Clone, Copy)]
 pub struct PendingWork<'a> {
@@ -330,8 +351,9 @@ impl Engine {
     /// Samples each row's token with its sequence's sampler, the sequences in parallel: a sampled
     /// (non-greedy) token over a 32000-entry vocabulary costs the host a few hundred microseconds,
     /// which for a large batch would otherwise add up between two device steps. Each sampler has
-    /// its own random stream, so the result does not depend on the threads.
-    fn sample_rows(&mut self, rows: Vec<(SeqId, Vec<f32>)>) -> Result<Vec<(SeqId, u32, Vec<f32>)>> {
+    /// its own random stream, so the result does not depend on the threads. A row that cannot be
+    /// sampled (NaN or empty logits) fails only its own sequence.
+    fn sample_rows(&mut self, rows: Vec<(SeqId, Vec<f32>)>) -> Vec<(SeqId, Result<u32>, Vec<f32>)> {
         let ids: Vec<SeqId> = rows.iter().map(|(seq, _)| *seq).collect();
         let tokens: Vec<Result<u32>> = in_order(&mut self.seqs, &ids, |s| &mut s.sampler)
             .into_par_iter()
@@ -340,34 +362,58 @@ impl Engine {
             .collect();
         rows.into_iter()
             .zip(tokens)
-            .map(|((seq, row), t)| Ok((seq, t?, row)))
+            .map(|((seq, row), t)| (seq, t, row))
             .collect()
     }
 
-    /// Routes each sampled token (one per sequence) in one pass, wherever the router runs: one
-    /// row of routes per token (one route, or one per layer).
-    fn route_sampled(
-        &mut self,
-        sampled: &[(SeqId, u32, Vec<f32>)],
-    ) -> Result<Vec<Vec<TokenRoute>>> {
-        let tokens: Vec<[u32; 1]> = sampled.iter().map(|&(_, t, _)| [t]).collect();
+    /// Routes each sampled token (one per sequence), wherever the router runs: one row of routes
+    /// per token (one route, or one per layer), or the error of that sequence's routing. All
+    /// tokens go in one pass; only when that pass fails is each sequence routed alone, to tell
+    /// the sequence at fault from the others (a failed pass advances no router state).
+    fn route_sampled(&mut self, sampled: &[(SeqId, u32)]) -> Vec<Result<Vec<TokenRoute>>> {
+        let tokens: Vec<[u32; 1]> = sampled.iter().map(|&(_, t)| [t]).collect();
         let lists: Vec<&[u32]> = tokens.iter().map(|t| t.as_slice()).collect();
-        let ids: Vec<SeqId> = sampled.iter().map(|&(seq, ..)| seq).collect();
-        let routes = self.router.route(&ids, &lists)?;
-        if routes.len() != sampled.len() {
-            return Err(Error::Internal(format!(
-                "the router returned {} route lists for {} sequences",
-                routes.len(),
-                sampled.len()
-            )));
+        let ids: Vec<SeqId> = sampled.iter().map(|&(seq, _)| seq).collect();
+        let checked = |routes: Vec<Vec<TokenRoute>>, n: usize| {
+            if routes.len() == n {
+                Ok(routes)
+            } else {
+                Err(Error::Internal(format!(
+                    "the router returned {} route lists for {n} sequences",
+                    routes.len()
+                )))
+            }
+        };
+        if ids.is_empty() {
+            return Vec::new();
         }
-        Ok(routes)
+        match self
+            .router
+            .route(&ids, &lists)
+            .and_then(|r| checked(r, ids.len()))
+        {
+            Ok(routes) => routes.into_iter().map(Ok).collect(),
+            Err(_) if ids.len() > 1 => ids
+                .iter()
+                .zip(&lists)
+                .map(|(&seq, &list)| {
+                    self.router
+                        .route(&[seq], &[list])
+                        .and_then(|r| checked(r, 1))
+                        .map(|mut r| r.remove(0))
+                })
+                .collect(),
+            Err(e) => vec![Err(e)],
+        }
     }
 
     /// Runs one step: for each `(seq, n)` computes the next `n` pending tokens of `seq`; samples a
     /// token for every sequence whose pending tokens are then all computed. Sequences may appear at
-    /// most once. On error no sequence has advanced past its KV cache.
-    pub fn step(&mut self, schedule: &[(SeqId, usize)]) -> Result<Vec<StepEvent>> {
+    /// most once. On error (a bad schedule, the backend's forward pass) no sequence has advanced
+    /// past its KV cache. A sequence whose own sampling or routing fails (NaN logits give
+    /// [`Error::ModelData`]) is listed in [`StepOutput::failed`] and removed from the engine; the
+    /// other sequences of the step go on.
+    pub fn step(&mut self, schedule: &[(SeqId, usize)]) -> Result<StepOutput> {
         for (i, &(seq, n)) in schedule.iter().enumerate() {
             let s = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq))?;
             let pending = s.tokens.len() - s.computed;
@@ -383,7 +429,7 @@ impl Engine {
             }
         }
         if schedule.is_empty() {
-            return Ok(Vec::new());
+            return Ok(StepOutput::default());
         }
         let logits = {
             let chunks: Vec<ForwardChunk<'_>> = schedule
@@ -420,17 +466,37 @@ impl Engine {
             rows.push((seq, row));
         }
         let t0 = std::time::Instant::now();
-        let sampled = self.sample_rows(rows)?;
+        let mut failed: Vec<(SeqId, Error)> = Vec::new();
+        let mut sampled: Vec<(SeqId, u32)> = Vec::new();
+        let mut kept: Vec<Vec<f32>> = Vec::new();
+        for (seq, token, row) in self.sample_rows(rows) {
+            match token {
+                Ok(t) => {
+                    sampled.push((seq, t));
+                    kept.push(row);
+                }
+                Err(e) => failed.push((seq, e)),
+            }
+        }
         let t1 = std::time::Instant::now();
-        let routes = self.route_sampled(&sampled)?;
+        let routes = self.route_sampled(&sampled);
         self.host.sampling += (t1 - t0).as_secs_f64();
         self.host.routing += t1.elapsed().as_secs_f64();
         let mut events = Vec::new();
-        for ((seq, token, row), rows) in sampled.into_iter().zip(routes) {
+        for (((seq, token), row), rows) in sampled.into_iter().zip(kept).zip(routes) {
             let s = self.seqs.get_mut(&seq).expect("validated above");
-            if !rows.is_empty() {
-                s.routes.push(&rows)?;
-            }
+            let rows = match rows.and_then(|rows| {
+                if !rows.is_empty() {
+                    s.routes.push(&rows)?;
+                }
+                Ok(rows)
+            }) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    failed.push((seq, e));
+                    continue;
+                }
+            };
             let route = rows.first().copied().unwrap_or(TokenRoute::single(0));
             s.tokens.push(token);
             let finished = if !s.request.ignore_eos && self.eos.contains(&token) {
@@ -456,6 +522,10 @@ impl Engine {
                 self.remove(e.seq);
             }
         }
-        Ok(events)
+        // A failed sequence cannot go on (its KV holds tokens it has no next token for).
+        for (seq, _) in &failed {
+            self.remove(*seq);
+        }
+        Ok(StepOutput { events, failed })
     }
 }

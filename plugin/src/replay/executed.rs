@@ -144,7 +144,7 @@ pub fn run(
         }
         let misses = cache_misses(&engine);
         let t0 = Instant::now();
-        let events = driver.run(&mut engine, &plan)?;
+        let events = driver.run(&mut engine, &plan)?.into_events()?;
         let compute = t0.elapsed().as_secs_f64();
         let stall = (cache_misses(&engine) - misses) as f64 * load_s;
         let end = now + compute + stall;

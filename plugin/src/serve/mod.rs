@@ -10,10 +10,15 @@
 //! - a cancelled request (its [`RequestHandle`] or [`ResponseSink::is_cancelled`]) stops at the
 //!   next step boundary and its KV space and batch slot are freed;
 //! - a failing or panicking step fails only the requests it scheduled (error events) and the loop
-//!   goes on; a panicking sink is treated as a client that went away;
-//! - with [`ServeConfig::max_queue_wait`], a request the batcher has not admitted (no free batch
-//!   slot or KV memory) within that time fails with [`Error::Overloaded`]; requests already
-//!   admitted are not touched.
+//!   goes on; a request whose own computation fails (its logits are NaN, its new token cannot be
+//!   routed) fails alone with its error, and the step's other requests get their tokens; a
+//!   panicking sink is treated as a client that went away;
+//! - overload is bounded: a request the batcher has not admitted (no free batch slot or KV memory)
+//!   within [`ServeConfig::max_queue_wait`] ([`DEFAULT_MAX_QUEUE_WAIT`] by default) fails with
+//!   [`Error::Overloaded`], and a request arriving while [`ServeConfig::max_waiting`]
+//!   ([`DEFAULT_MAX_WAITING`] by default) requests already wait for admission is refused at once
+//!   with it; requests already admitted are not touched. [`Error::Overloaded`] has the code
+//!   [`crate::ErrorCode::Unavailable`]: the same request may succeed later.
 //!
 //! Each step, the loop passes the backend's expert residency ([`Engine::expert_cache`]: experts
 //! resident at every layer) to the batcher, builds a lookahead from what is queued ([`crate::engine::StepDriver`]: the step
@@ -69,10 +74,23 @@ pub struct ServeConfig {
     pub metrics: Option<ModelMetrics>,
     /// Longest a request may wait, from its submission, to be admitted by the batcher; past it the
     /// request fails as overloaded instead of queueing without bound while the server cannot keep
-    /// up (`None`: unbounded). Checked once per loop iteration, so the failure comes at most one
-    /// step late.
+    /// up (`None`: unbounded; default [`DEFAULT_MAX_QUEUE_WAIT`]). Checked once per loop
+    /// iteration, so the failure comes at most one step late.
     pub max_queue_wait: Option<Duration>,
+    /// Most requests that may wait for admission at once; a request arriving when that many
+    /// wait is refused at once as overloaded rather than queued behind work the server may not
+    /// reach within `max_queue_wait` (`None`: unbounded; default [`DEFAULT_MAX_WAITING`]). New
+    /// requests are taken in between steps, so the refusal comes at most one step after
+    /// submission.
+    pub max_waiting: Option<usize>,
 }
+
+/// The default [`ServeConfig::max_queue_wait`]: 30 s, long enough for any burst a server keeps
+/// up with on average, short enough that a client of an overloaded server hears so.
+pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_secs(30);
+
+/// The default [`ServeConfig::max_waiting`]: 1024 requests waiting for admission.
+pub const DEFAULT_MAX_WAITING: usize = 1024;
 
 impl std::fmt::Debug for ServeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -84,6 +102,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("lookahead_steps", &self.lookahead_steps)
             .field("metrics", &self.metrics.is_some())
             .field("max_queue_wait", &self.max_queue_wait)
+            .field("max_waiting", &self.max_waiting)
             .finish()
     }
 }
@@ -97,7 +116,8 @@ impl Default for ServeConfig {
             thread_name: "pregate-engine".into(),
             lookahead_steps: 4,
             metrics: None,
-            max_queue_wait: None,
+            max_queue_wait: Some(DEFAULT_MAX_QUEUE_WAIT),
+            max_waiting: Some(DEFAULT_MAX_WAITING),
         }
     }
 }
@@ -161,6 +181,11 @@ impl Server {
         if cfg.max_queue_wait.is_some_and(|d| d.is_zero()) {
             return Err(Error::InvalidArgument(
                 "max_queue_wait must be positive (None: unbounded)".into(),
+            ));
+        }
+        if cfg.max_waiting == Some(0) {
+            return Err(Error::InvalidArgument(
+                "max_waiting must be at least 1 (None: unbounded)".into(),
             ));
         }
         let batcher = LookaheadBatcher::new(cfg.batcher.clone())?;
@@ -389,7 +414,14 @@ impl LoopState {
         }
         self.record_metrics(&plan);
         match result {
-            Ok(Ok(events)) => self.deliver(events),
+            Ok(Ok(out)) => {
+                // A request whose own sampling or routing failed ends alone, with its error;
+                // the engine has already dropped it.
+                for (seq, e) in out.failed {
+                    self.end(seq, Outcome::Failed(e));
+                }
+                self.deliver(out.events);
+            }
             Ok(Err(e)) => {
                 // Shared, so that every request keeps the step's error and its code.
                 let e = Arc::new(e);
@@ -477,6 +509,15 @@ impl LoopState {
         let prompt_len = prompt.len();
         if self.closed {
             let e = Error::Internal("the model is being unloaded".into());
+            self.count_failed();
+            finish_sink(&mut sink, Outcome::Failed(e), prompt_len, 0);
+            return;
+        }
+        let waiting = self.driver.batcher().waiting();
+        if let Some(max) = self.cfg.max_waiting.filter(|&max| waiting >= max) {
+            let e = Error::Overloaded(format!(
+                "{waiting} requests already wait for admission (max_waiting {max})"
+            ));
             self.count_failed();
             finish_sink(&mut sink, Outcome::Failed(e), prompt_len, 0);
             return;

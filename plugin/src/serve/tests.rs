@@ -82,7 +82,14 @@ fn reference(m: &ModelDir, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut out = Vec::new();
     while !e.is_empty() {
         let s = e.schedule_all();
-        out.extend(e.step(&s).unwrap().into_iter().map(|ev| ev.token));
+        out.extend(
+            e.step(&s)
+                .unwrap()
+                .into_events()
+                .unwrap()
+                .into_iter()
+                .map(|ev| ev.token),
+        );
     }
     out
 }
@@ -635,5 +642,206 @@ fn a_step_failing_for_capacity_fails_its_requests_as_unavailable() {
             o => panic!("{o:?}"),
         }
     }
+    s.shutdown();
+}
+
+/// The CPU backend, except that the logits of one sequence are NaN.
+struct NanFor(Box<dyn crate::engine::Backend>, SeqId);
+
+impl crate::engine::Backend for NanFor {
+    fn device_name(&self) -> String {
+        self.0.device_name()
+    }
+    fn config(&self) -> &crate::config::ModelConfig {
+        self.0.config()
+    }
+    fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
+        self.0.add_sequence(seq, max_len)
+    }
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.0.remove_sequence(seq)
+    }
+    fn forward(&mut self, chunks: &[crate::engine::ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        let mut rows = self.0.forward(chunks)?;
+        let with_logits = chunks.iter().filter(|c| c.want_logits);
+        for (c, row) in with_logits.zip(rows.iter_mut()) {
+            if c.seq == self.1 {
+                row.fill(f32::NAN);
+            }
+        }
+        Ok(rows)
+    }
+}
+
+#[test]
+fn a_request_with_nan_logits_fails_alone_and_the_others_complete() {
+    let (_d, m) = tiny();
+    let w = m.load_weights().unwrap();
+    let router = crate::router::ReadMeRouter::new(w.router, &m.config);
+    let (backbone, _) = crate::engine::cpu::BackboneWeights::split(m.load_weights().unwrap());
+    let cpu = crate::engine::cpu::CpuBackend::new(m.config.clone(), backbone).unwrap();
+    let router = Box::new(crate::router::HostReadMeRouter::new(router));
+    // Sequence ids follow submission order from 1: the fourth request is poisoned.
+    let engine = Engine::new(Box::new(NanFor(Box::new(cpu), 4)), router);
+    let s = Server::start(engine, None, ServeConfig::default()).unwrap();
+    let n = 9;
+    let prompt = |i: u32| vec![1, 5 + i, 9 + 2 * i];
+    let rxs: Vec<_> = (0..n)
+        .map(|i| {
+            let mut r = ServeRequest::greedy(Prompt::Ids(prompt(i)), 5);
+            r.ignore_eos = true;
+            submit(&s, r, None)
+        })
+        .collect();
+    for (i, rx) in rxs.iter().enumerate() {
+        let (toks, done) = collect(rx);
+        if i == 3 {
+            assert!(toks.is_empty());
+            match done.outcome {
+                Outcome::Failed(e) => {
+                    assert!(matches!(e, Error::ModelData(_)), "{e:?}");
+                    assert_eq!(e.code(), crate::error::ErrorCode::ModelData);
+                }
+                o => panic!("{o:?}"),
+            }
+        } else {
+            let want = reference(&m, &prompt(i as u32), 5);
+            assert_eq!(toks.iter().map(|t| t.token).collect::<Vec<_>>(), want);
+            assert!(matches!(
+                done.outcome,
+                Outcome::Finished(FinishReason::Length)
+            ));
+        }
+    }
+    let st = s.stats();
+    assert_eq!((st.finished, st.failed), (n as u64 - 1, 1));
+    assert!(st.max_step_requests >= 2, "{st:?}");
+    s.shutdown();
+}
+
+#[test]
+fn admission_is_bounded_by_default() {
+    let cfg = ServeConfig::default();
+    assert_eq!(cfg.max_queue_wait, Some(Duration::from_secs(30)));
+    assert_eq!(cfg.max_queue_wait, Some(DEFAULT_MAX_QUEUE_WAIT));
+    assert_eq!(cfg.max_waiting, Some(1024));
+    assert_eq!(cfg.max_waiting, Some(DEFAULT_MAX_WAITING));
+    let (_d, m) = tiny();
+    let zero = ServeConfig {
+        max_waiting: Some(0),
+        ..ServeConfig::default()
+    };
+    let e = Server::start(open_engine(&m, Device::Cpu).unwrap(), None, zero)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("max_waiting"), "{e}");
+}
+
+/// Starts `n` tokens of a request on `s` whose first token holds the engine thread until the
+/// returned sender is used (or dropped); returns once that token is out.
+fn hold_the_loop(s: &Server, n: usize) -> (mpsc::Sender<()>, mpsc::Receiver<Ev>) {
+    let (tx, rx) = mpsc::channel();
+    let (open, gate) = mpsc::channel();
+    let mut r = ServeRequest::greedy(Prompt::Ids(vec![1, 5, 6]), n);
+    r.ignore_eos = true;
+    s.submit(
+        r,
+        Box::new(GateSink {
+            inner: ChanSink {
+                tx,
+                stop_after: None,
+            },
+            gate: Some(gate),
+        }),
+    );
+    match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+        Ev::Tok(t) => assert_eq!(t.index, 0),
+        Ev::Done(d) => panic!("{:?}", d.outcome),
+    }
+    (open, rx)
+}
+
+#[test]
+fn a_full_admission_queue_refuses_new_requests_at_once() {
+    let (_d, m) = tiny();
+    let cfg = ServeConfig {
+        batcher: BatcherConfig {
+            max_running: 1,
+            ..BatcherConfig::default()
+        },
+        max_waiting: Some(2),
+        ..ServeConfig::default()
+    };
+    let s = Server::start(open_engine(&m, Device::Cpu).unwrap(), None, cfg).unwrap();
+    // The only slot is taken and the loop is held: the next four requests arrive together.
+    let (open, busy) = hold_the_loop(&s, 6);
+    let t0 = Instant::now();
+    let request = || {
+        let mut r = ServeRequest::greedy(Prompt::Ids(vec![1, 7]), 3);
+        r.ignore_eos = true;
+        r
+    };
+    let rxs: Vec<_> = (0..4).map(|_| submit(&s, request(), None)).collect();
+    open.send(()).unwrap();
+    for rx in &rxs[2..] {
+        let (toks, done) = collect(rx);
+        assert!(toks.is_empty());
+        match done.outcome {
+            Outcome::Failed(e) => {
+                assert!(matches!(e, Error::Overloaded(_)), "{e:?}");
+                assert_eq!(e.code(), crate::error::ErrorCode::Unavailable);
+                let msg = e.to_string();
+                assert!(msg.contains("2 requests already wait"), "{msg}");
+                assert!(msg.contains("max_waiting 2"), "{msg}");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+    // Refused at once, not after the default 30 s queue wait.
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    let (toks, done) = collect(&busy);
+    assert_eq!(toks.len(), 5);
+    assert!(matches!(done.outcome, Outcome::Finished(_)));
+    for rx in &rxs[..2] {
+        let (toks, done) = collect(rx);
+        assert_eq!(toks.len(), 3);
+        assert!(matches!(done.outcome, Outcome::Finished(_)));
+    }
+    let st = s.stats();
+    assert_eq!((st.finished, st.failed), (3, 2));
+    s.shutdown();
+}
+
+#[test]
+fn a_request_waiting_past_the_default_bound_fails_as_overloaded() {
+    let (_d, m) = tiny();
+    let cfg = ServeConfig {
+        batcher: BatcherConfig {
+            max_running: 1,
+            ..BatcherConfig::default()
+        },
+        ..ServeConfig::default()
+    };
+    let s = Server::start(open_engine(&m, Device::Cpu).unwrap(), None, cfg).unwrap();
+    // The only slot is held, with the loop, past the default bound.
+    let (open, busy) = hold_the_loop(&s, 3);
+    let t0 = Instant::now();
+    let queued = submit(&s, ServeRequest::greedy(Prompt::Ids(vec![1, 7]), 2), None);
+    std::thread::sleep(DEFAULT_MAX_QUEUE_WAIT + Duration::from_millis(200));
+    open.send(()).unwrap();
+    let (toks, done) = collect(&queued);
+    assert!(toks.is_empty());
+    match done.outcome {
+        Outcome::Failed(e) => {
+            assert!(matches!(e, Error::Overloaded(_)), "{e:?}");
+            assert_eq!(e.code(), crate::error::ErrorCode::Unavailable);
+            assert!(e.to_string().contains("max_queue_wait 30 s"), "{e}");
+        }
+        o => panic!("{o:?}"),
+    }
+    assert!(t0.elapsed() >= DEFAULT_MAX_QUEUE_WAIT);
+    let (toks, done) = collect(&busy);
+    assert_eq!(toks.len(), 2);
+    assert!(matches!(done.outcome, Outcome::Finished(_)));
     s.shutdown();
 }
