@@ -49,7 +49,12 @@ impl Tokenizer {
     /// Loads a `tokenizer.json`.
     pub fn from_file(path: &Path, bos: Option<u32>) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_str(&text)
+        Self::from_json(&text, path, bos)
+    }
+
+    /// Parses the text of a `tokenizer.json`; `path` is used in error messages only.
+    pub fn from_json(text: &str, path: &Path, bos: Option<u32>) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_str(text)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Self::new(inner, bos))
     }

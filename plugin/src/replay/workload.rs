@@ -118,8 +118,13 @@ fn sorted(mut v: Vec<TraceRequest>) -> Vec<TraceRequest> {
 /// Reads a JSON-lines trace (see the module documentation).
 pub fn read_jsonl(path: &Path) -> Result<Vec<TraceRequest>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    parse_jsonl(BufReader::new(file), path)
+}
+
+/// Parses a JSON-lines trace from `reader`; `path` is used in error messages only.
+pub fn parse_jsonl(reader: impl BufRead, path: &Path) -> Result<Vec<TraceRequest>> {
     let mut out = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
+    for (i, line) in reader.lines().enumerate() {
         let n = i + 1;
         let line = line.map_err(|e| trace_err(path, n, e.to_string()))?;
         let text = line.trim();
@@ -208,7 +213,12 @@ fn parse_timestamp(s: &str) -> Option<f64> {
 /// Reads an Azure LLM inference trace CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`).
 pub fn read_azure_csv(path: &Path) -> Result<Vec<TraceRequest>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut lines = BufReader::new(file).lines();
+    parse_azure_csv(BufReader::new(file), path)
+}
+
+/// Parses an Azure trace CSV from `reader`; `path` is used in error messages only.
+pub fn parse_azure_csv(reader: impl BufRead, path: &Path) -> Result<Vec<TraceRequest>> {
+    let mut lines = reader.lines();
     let header = match lines.next() {
         Some(h) => h.map_err(|e| trace_err(path, 1, e.to_string()))?,
         None => return Err(trace_err(path, 1, "empty file")),
