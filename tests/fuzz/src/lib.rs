@@ -133,7 +133,11 @@ pub fn trace(data: &[u8]) {
             assert!(w[0].arrival <= w[1].arrival, "a trace is sorted by arrival");
         }
         for r in &reqs {
-            assert!(r.arrival.is_finite() && r.arrival >= 0.0, "arrival {}", r.arrival);
+            assert!(
+                r.arrival.is_finite() && r.arrival >= 0.0,
+                "arrival {}",
+                r.arrival
+            );
             assert!(!r.prompt.is_empty() && r.output_len >= 1);
         }
         let mut scaled = reqs;

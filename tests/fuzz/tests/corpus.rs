@@ -17,7 +17,11 @@ fn every_target_accepts_its_seeds_and_past_crashes() {
                 let path = entry.unwrap().path();
                 let data = std::fs::read(&path).unwrap();
                 let outcome = std::panic::catch_unwind(|| target(&data));
-                assert!(outcome.is_ok(), "target `{name}` panicked on {}", path.display());
+                assert!(
+                    outcome.is_ok(),
+                    "target `{name}` panicked on {}",
+                    path.display()
+                );
                 inputs += 1;
             }
         }
@@ -34,15 +38,25 @@ fn the_seeds_reach_past_the_parsers() {
     let config = pregate::ModelConfig::from_json(&text("config/tiny.json"), Path::new("c"));
     assert!(config.is_ok(), "{config:?}");
     for f in ["wordlevel.json", "tiny.json"] {
-        let t = pregate::tokenizer::Tokenizer::from_json(&text(&format!("tokenizer/{f}")), Path::new(f), None);
+        let t = pregate::tokenizer::Tokenizer::from_json(
+            &text(&format!("tokenizer/{f}")),
+            Path::new(f),
+            None,
+        );
         assert!(t.is_ok(), "{f}: {t:?}");
     }
-    let jsonl = pregate::replay::workload::parse_jsonl(&read("trace/tokens.jsonl")[..], Path::new("t"));
+    let jsonl =
+        pregate::replay::workload::parse_jsonl(&read("trace/tokens.jsonl")[..], Path::new("t"));
     assert_eq!(jsonl.unwrap().len(), 2);
-    let csv = pregate::replay::workload::parse_azure_csv(&read("trace/azure.csv")[..], Path::new("t"));
+    let csv =
+        pregate::replay::workload::parse_azure_csv(&read("trace/azure.csv")[..], Path::new("t"));
     assert_eq!(csv.unwrap().len(), 3);
     let dir = tempfile_dir();
-    for f in ["dtypes.safetensors", "masks.safetensors", "tiny-one.safetensors"] {
+    for f in [
+        "dtypes.safetensors",
+        "masks.safetensors",
+        "tiny-one.safetensors",
+    ] {
         let path = dir.join(f);
         std::fs::write(&path, read(&format!("safetensors/{f}"))).unwrap();
         let ck = pregate::model::Checkpoint::open_file(&path);
