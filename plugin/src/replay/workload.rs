@@ -191,7 +191,12 @@ fn parse_timestamp(s: &str) -> Option<f64> {
     let (date, time) = s.trim().split_once([' ', 'T'])?;
     let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
     let (y, mo, da) = (d.next()??, d.next()??, d.next()??);
-    if d.next().is_some() || !(1..=12).contains(&mo) || !(1..=31).contains(&da) {
+    // A four-digit year: a larger one overflows the seconds (and is no trace's).
+    if d.next().is_some()
+        || !(1..=9999).contains(&y)
+        || !(1..=12).contains(&mo)
+        || !(1..=31).contains(&da)
+    {
         return None;
     }
     let mut t = time.split(':');
@@ -504,6 +509,22 @@ mod tests {
             let err = read_trace(f.path()).unwrap_err().to_string();
             assert!(err.contains(":2:") && err.contains(needle), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn an_azure_timestamp_outside_four_digit_years_is_an_error() {
+        // Found by fuzzing: the year 2023333333333 overflowed the seconds since the epoch.
+        let data = "TIMESTAMP,ContextTokens,GeneratedTokens\n\
+                    2023333333333-11-16 18:15:46.68,377,44\n";
+        let err = parse_azure_csv(data.as_bytes(), Path::new("t.csv")).unwrap_err();
+        assert!(err.to_string().contains("bad TIMESTAMP"), "{err}");
+        let ok = "TIMESTAMP,ContextTokens,GeneratedTokens\n9999-12-31 23:59:59,1,1\n";
+        assert_eq!(
+            parse_azure_csv(ok.as_bytes(), Path::new("t.csv"))
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
