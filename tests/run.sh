@@ -4,7 +4,7 @@
 # the kernel compile check, and a real tritonserver from PyPI for the backend's end-to-end tests.
 #
 #   tests/run.sh            everything
-#   tests/run.sh rust       one suite: rust, reference, nvrtc, triton-headers, triton
+#   tests/run.sh rust       one suite: rust, reference, nvrtc, triton-headers, triton, fuzz
 #
 # GPU tests skip with a message on a machine without a CUDA device; run kernels/gpu-check.sh on one.
 set -uo pipefail
@@ -47,6 +47,8 @@ suite reference python3 -m pytest -q tests/reference
 suite nvrtc bash kernels/ci-nvrtc.sh
 suite triton-headers bash triton-backend/scripts/check-headers.sh
 suite triton bash triton-backend/tests/run.sh
+# Each parser's fuzz target briefly under AFL++ (installs cargo-afl; tests/fuzz/run.sh 600 is the long run).
+suite fuzz bash tests/fuzz/run.sh "${FUZZ_SECONDS:-15}"
 
 [ "$failed" = 0 ] || echo "failed suites: ${failures[*]}"
 echo "suites: $passed passed, $failed failed"

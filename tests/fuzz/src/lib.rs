@@ -8,6 +8,8 @@
 //! (`tests/corpus.rs`) runs them in the normal test suite; `src/bin/` wraps each in `afl::fuzz!`.
 //! `tests/fuzz/run.sh` builds and runs them.
 
+#![warn(missing_docs)]
+
 use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -19,8 +21,11 @@ use pregate::ModelConfig;
 use triton_pregate::bridge::dtype;
 use triton_pregate::request::{self, RawInput};
 
+/// A fuzz target: any bytes in, a panic on a bug.
+pub type Target = fn(&[u8]);
+
 /// The targets, by name (the binaries are `fuzz_<name>`; seeds are in `seeds/<name>/`).
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("safetensors", safetensors),
     ("config", config),
     ("tokenizer", tokenizer),

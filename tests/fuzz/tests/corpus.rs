@@ -51,6 +51,12 @@ fn the_seeds_reach_past_the_parsers() {
     let csv =
         pregate::replay::workload::parse_azure_csv(&read("trace/azure.csv")[..], Path::new("t"));
     assert_eq!(csv.unwrap().len(), 3);
+    let model_config = read("request/model_config.bin");
+    let parsed = triton_pregate::config::parse_model_config(
+        std::str::from_utf8(&model_config[1..]).unwrap(),
+        Path::new("/models/pregate"),
+    );
+    assert!(parsed.is_ok(), "{parsed:?}");
     let dir = tempfile_dir();
     for f in [
         "dtypes.safetensors",
