@@ -49,8 +49,20 @@ impl Tokenizer {
     /// Loads a `tokenizer.json`.
     pub fn from_file(path: &Path, bos: Option<u32>) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_str(&text)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Self::from_json(&text, path, bos)
+    }
+
+    /// Parses the text of a `tokenizer.json`; `path` is used in error messages only.
+    pub fn from_json(text: &str, path: &Path, bos: Option<u32>) -> Result<Self> {
+        let err = |msg: String| Error::Tokenizer(format!("{}: {msg}", path.display()));
+        // The `tokenizers` crate panics (`expect`) on a syntax error inside the `decoder` object, and
+        // on a `Precompiled` normalizer whose fields do not parse: so the syntax is checked here
+        // first, and a panic that the library still raises on well-formed JSON becomes an error.
+        let json: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+        let parsed = std::panic::catch_unwind(|| serde_json::from_value(json))
+            .map_err(|_| err("rejected by the tokenizers library (it panicked)".into()))?;
+        let inner: tokenizers::Tokenizer = parsed.map_err(|e| err(e.to_string()))?;
         Ok(Self::new(inner, bos))
     }
 
@@ -326,6 +338,37 @@ mod tests {
 
     fn tok(n: usize) -> Tokenizer {
         Tokenizer::new(synthetic_tokenizer(n).unwrap(), Some(1))
+    }
+
+    /// A word-level `tokenizer.json` with `decoder` and `normalizer` spliced in.
+    fn word_level(decoder: &str, normalizer: &str) -> String {
+        format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":{normalizer},"pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,
+            "decoder":{decoder},"model":{{"type":"WordLevel","vocab":{{"<unk>":0,"hi":1}},"unk_token":"<unk>"}}}}"#
+        )
+    }
+
+    #[test]
+    fn a_well_formed_file_loads() {
+        let t = Tokenizer::from_json(&word_level("null", "null"), Path::new("t.json"), None);
+        assert_eq!(t.unwrap().encode("hi hi", false).unwrap(), vec![1, 1]);
+    }
+
+    #[test]
+    fn a_syntax_error_in_the_decoder_is_an_error_not_a_panic() {
+        // Found by fuzzing: the `tokenizers` crate `expect`s the decoder object to parse.
+        let text = word_level(r#"{Btype":"ByteLevel"}"#, "null");
+        let e = Tokenizer::from_json(&text, Path::new("t.json"), None).unwrap_err();
+        assert!(e.to_string().contains("not valid JSON"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_precompiled_normalizer_is_an_error_not_a_panic() {
+        // Well-formed JSON that the `tokenizers` crate `expect`s to be a valid Precompiled normalizer.
+        let text = word_level("null", r#"{"type":"Precompiled","precompiled_charsmap":5}"#);
+        let e = Tokenizer::from_json(&text, Path::new("t.json"), None).unwrap_err();
+        assert!(e.to_string().contains("t.json"), "{e}");
     }
 
     const TEXTS: [&str; 5] = [

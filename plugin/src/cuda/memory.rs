@@ -8,7 +8,7 @@
 //! eviction can never overwrite weights a queued kernel has yet to read, whatever the cache's
 //! bookkeeping decided (pins only make evictions efficient; these events make them safe).
 //!
-//! Copies come from wherever the [`ExpertSource`](super::ExpertSource) keeps the bytes: the CUDA
+//! Copies come from wherever the [`ExpertSource`](crate::cache::ExpertSource) keeps the bytes: the CUDA
 //! backend keeps every expert in one page-locked (pinned) host buffer, so copies run at the PCIe
 //! link's speed and asynchronously; a pageable source is also correct (the driver stages it before
 //! `load` returns) but about five times slower.

@@ -234,6 +234,9 @@ pub unsafe fn borrow_stream(ctx: &Arc<CudaContext>, raw: u64) -> Arc<cudarc::dri
     unsafe { ctx.wrap_borrowed_stream(raw as cudarc::driver::sys::CUstream) }
 }
 
+/// A CUDA engine's parts before they are joined: the backend, the router, the backend's handle.
+type OpenedParts = (Box<dyn Backend>, Box<dyn Router>, Arc<CudaHandle>);
+
 /// Opens the model in `model` on the GPU and returns an engine, plus a handle on the backend.
 /// The router runs where `opts.router` says: on the host, or on this device.
 pub fn open_cuda_engine(model: &ModelDir, opts: &CudaOptions) -> Result<(Engine, Arc<CudaHandle>)> {
@@ -242,7 +245,7 @@ pub fn open_cuda_engine(model: &ModelDir, opts: &CudaOptions) -> Result<(Engine,
         model: &ModelDir,
         opts: &CudaOptions,
         weights: crate::model::RouterWeights,
-    ) -> Result<(Box<dyn Backend>, Box<dyn Router>, Arc<CudaHandle>)> {
+    ) -> Result<OpenedParts> {
         let b = CudaBackend::<T>::new(model, opts)?;
         let router: Box<dyn Router> = match opts.router {
             RouterPlacement::Host => Box::new(HostReadMeRouter::new(ReadMeRouter::new(

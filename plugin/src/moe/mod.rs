@@ -4,7 +4,7 @@
 //! hands the runtime one layer at a time: the layer's normed hidden states and each token's route
 //! at that layer (experts and weights). The runtime owns everything about the experts:
 //!
-//! - the **expert store**: the [`ExpertCache`](crate::cache::ExpertCache) bookkeeping over memory
+//! - the **expert store**: the `ExpertCache` bookkeeping over memory
 //!   slots, and the source every unit is (re)loaded from (page-locked host memory on CUDA);
 //! - the **plan** of coming steps ([`StepExperts`], nearest first): Belady's next uses and the
 //!   exact prefetch loads, issued ahead of use (on CUDA, on the runtime's copy stream);

@@ -118,8 +118,13 @@ fn sorted(mut v: Vec<TraceRequest>) -> Vec<TraceRequest> {
 /// Reads a JSON-lines trace (see the module documentation).
 pub fn read_jsonl(path: &Path) -> Result<Vec<TraceRequest>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    parse_jsonl(BufReader::new(file), path)
+}
+
+/// Parses a JSON-lines trace from `reader`; `path` is used in error messages only.
+pub fn parse_jsonl(reader: impl BufRead, path: &Path) -> Result<Vec<TraceRequest>> {
     let mut out = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
+    for (i, line) in reader.lines().enumerate() {
         let n = i + 1;
         let line = line.map_err(|e| trace_err(path, n, e.to_string()))?;
         let text = line.trim();
@@ -186,7 +191,12 @@ fn parse_timestamp(s: &str) -> Option<f64> {
     let (date, time) = s.trim().split_once([' ', 'T'])?;
     let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
     let (y, mo, da) = (d.next()??, d.next()??, d.next()??);
-    if d.next().is_some() || !(1..=12).contains(&mo) || !(1..=31).contains(&da) {
+    // A four-digit year: a larger one overflows the seconds (and is no trace's).
+    if d.next().is_some()
+        || !(1..=9999).contains(&y)
+        || !(1..=12).contains(&mo)
+        || !(1..=31).contains(&da)
+    {
         return None;
     }
     let mut t = time.split(':');
@@ -208,7 +218,12 @@ fn parse_timestamp(s: &str) -> Option<f64> {
 /// Reads an Azure LLM inference trace CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`).
 pub fn read_azure_csv(path: &Path) -> Result<Vec<TraceRequest>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut lines = BufReader::new(file).lines();
+    parse_azure_csv(BufReader::new(file), path)
+}
+
+/// Parses an Azure trace CSV from `reader`; `path` is used in error messages only.
+pub fn parse_azure_csv(reader: impl BufRead, path: &Path) -> Result<Vec<TraceRequest>> {
+    let mut lines = reader.lines();
     let header = match lines.next() {
         Some(h) => h.map_err(|e| trace_err(path, 1, e.to_string()))?,
         None => return Err(trace_err(path, 1, "empty file")),
@@ -494,6 +509,22 @@ mod tests {
             let err = read_trace(f.path()).unwrap_err().to_string();
             assert!(err.contains(":2:") && err.contains(needle), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn an_azure_timestamp_outside_four_digit_years_is_an_error() {
+        // Found by fuzzing: the year 2023333333333 overflowed the seconds since the epoch.
+        let data = "TIMESTAMP,ContextTokens,GeneratedTokens\n\
+                    2023333333333-11-16 18:15:46.68,377,44\n";
+        let err = parse_azure_csv(data.as_bytes(), Path::new("t.csv")).unwrap_err();
+        assert!(err.to_string().contains("bad TIMESTAMP"), "{err}");
+        let ok = "TIMESTAMP,ContextTokens,GeneratedTokens\n9999-12-31 23:59:59,1,1\n";
+        assert_eq!(
+            parse_azure_csv(ok.as_bytes(), Path::new("t.csv"))
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
