@@ -13,12 +13,11 @@ use super::weights::{upload, upload_stacked, DeviceElem};
 use super::{dev, CacheSetup, CudaHandle, CudaOptions};
 use crate::cache::ExpertCache;
 use crate::config::ModelConfig;
-use crate::engine::{Backend, ForwardChunk, Lookahead, SeqId};
+use crate::engine::{Backend, ForwardChunk, Lookahead, SeqId, StepRoutes};
 use crate::error::{Error, Result};
 use crate::model::family::{AttnProj, TensorRole};
 use crate::model::{ExpertLayout, ModelDir};
 use crate::moe::step_experts;
-use crate::route::TokenRoute;
 
 /// Per-layer dense weights.
 struct LayerWeights<T> {
@@ -274,24 +273,9 @@ impl<T: DeviceElem> CudaBackend<T> {
         let qkv_w = qd + 2 * kvd;
         // Each layer's routes, checked before anything is enqueued; Read-ME's shared routes are
         // built once.
-        let shared_scope = chunks
-            .iter()
-            .all(|c| c.routes.scope() == crate::route::RouteScope::AllLayers);
-        let layer_routes = |l: usize| -> Vec<TokenRoute> {
-            chunks
-                .iter()
-                .flat_map(|c| {
-                    (0..c.tokens.len()).map(move |i| *c.routes.route(c.route_offset + i, l))
-                })
-                .collect()
-        };
-        let routes: Vec<Vec<TokenRoute>> = if shared_scope {
-            vec![layer_routes(0)]
-        } else {
-            (0..nl).map(layer_routes).collect()
-        };
+        let routes = StepRoutes::of(chunks, nl);
         for l in 0..nl {
-            self.experts.check(l, &routes[l.min(routes.len() - 1)])?;
+            self.experts.check(l, routes.layer(l))?;
         }
 
         // Host-side step description, uploaded in three copies.
@@ -418,9 +402,8 @@ impl<T: DeviceElem> CudaBackend<T> {
             kk.rmsnorm::<T>(s, &ws.x, &lw.post_norm, &mut ws.h, n, h, eps)
                 .map_err(dev)?;
             // The layer's experts, added into the residual stream, on this backend's stream.
-            let r = &routes[l.min(routes.len() - 1)];
             self.experts
-                .forward_layer(l, &ws.h, r, &mut ws.x, true, &self.stream)?;
+                .forward_layer(l, &ws.h, routes.layer(l), &mut ws.x, true, &self.stream)?;
         }
         for c in chunks {
             if let Some(sb) = self.kv.seqs.get_mut(&c.seq) {

@@ -7,7 +7,7 @@
 use crate::cache::ExpertCache;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::route::RoutePlan;
+use crate::route::{RoutePlan, RouteScope, TokenRoute};
 
 /// An engine-wide sequence id.
 pub type SeqId = u64;
@@ -58,6 +58,39 @@ impl ForwardChunk<'_> {
             )));
         }
         Ok(())
+    }
+}
+
+/// The routes of a step's tokens (every chunk's, in order), per layer: one list when every chunk's
+/// routes serve all layers (Read-ME), else one list per layer. [`StepRoutes::layer`] gives the list
+/// a layer uses; both backends hand it to their expert runtime.
+#[derive(Debug, Clone)]
+pub struct StepRoutes(Vec<Vec<TokenRoute>>);
+
+impl StepRoutes {
+    /// The routes of `chunks` for a model of `layers` layers.
+    pub fn of(chunks: &[ForwardChunk<'_>], layers: usize) -> Self {
+        let at = |l: usize| -> Vec<TokenRoute> {
+            chunks
+                .iter()
+                .flat_map(|c| {
+                    (0..c.tokens.len()).map(move |i| *c.routes.route(c.route_offset + i, l))
+                })
+                .collect()
+        };
+        let shared = chunks
+            .iter()
+            .all(|c| c.routes.scope() == RouteScope::AllLayers);
+        StepRoutes(if shared || layers == 0 {
+            vec![at(0)]
+        } else {
+            (0..layers).map(at).collect()
+        })
+    }
+
+    /// The routes layer `layer` uses, one per token of the step.
+    pub fn layer(&self, layer: usize) -> &[TokenRoute] {
+        &self.0[layer.min(self.0.len() - 1)]
     }
 }
 

@@ -9,14 +9,13 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use super::backend::{Backend, ForwardChunk, Lookahead, SeqId};
+use super::backend::{Backend, ForwardChunk, Lookahead, SeqId, StepRoutes};
 use crate::cache::{EvictionPolicy, ExpertCache, ExpertCapacity};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::weights::{LayerWeights, Matrix};
 use crate::moe::{step_experts, CpuExperts};
 use crate::ops::{attention, matmul_t, rms_norm, AttentionShape, RopeTable};
-use crate::route::TokenRoute;
 
 /// One sequence's keys and values, per layer `[len, n_kv_heads * head_dim]`.
 struct SeqKv {
@@ -152,16 +151,9 @@ impl Backend for CpuBackend {
             c.check(kv.len(), kv.max_len, vocab)?;
         }
         // Every layer's routes are checked before any KV cache changes.
-        let layer_routes = |l: usize| -> Vec<TokenRoute> {
-            chunks
-                .iter()
-                .flat_map(|c| {
-                    (0..c.tokens.len()).map(move |i| *c.routes.route(c.route_offset + i, l))
-                })
-                .collect()
-        };
+        let routes = StepRoutes::of(chunks, self.w.layers.len());
         for l in 0..self.w.layers.len() {
-            self.experts.check(l, &layer_routes(l))?;
+            self.experts.check(l, routes.layer(l))?;
         }
         let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let mut x = Vec::with_capacity(total * hdim);
@@ -223,7 +215,7 @@ impl Backend for CpuBackend {
             crate::ops::add_assign(&mut x, &o);
             rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps, &mut h);
             self.experts
-                .forward_layer(l, &h, &layer_routes(l), &mut o, false)?;
+                .forward_layer(l, &h, routes.layer(l), &mut o, false)?;
             crate::ops::add_assign(&mut x, &o);
         }
         self.experts.end_step();

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 pub use crate::cache::ExpertCapacity;
 pub use crate::cuda::{CudaDtype, RouterPlacement};
-pub use backend::{check_max_len, Backend, ForwardChunk, Lookahead, SeqId};
+pub use backend::{check_max_len, Backend, ForwardChunk, Lookahead, SeqId, StepRoutes};
 pub use device::{open_engine, open_engine_with, Device};
 pub use driver::{StepDriver, ViewOrder};
 pub use options::{EngineOptions, EnvVar, ExpertCacheOptions, ExpertFfn, ENVIRONMENT};
