@@ -2,12 +2,14 @@
 //! shape and a non-finite value are each reported by name, all of them at once, and a sound model
 //! passes. The header-only mode stays available and reads no values.
 
+mod common;
+use common::rewrite;
 use std::path::Path;
 
 use pregate::model::checkpoint::FloatDtype;
 use pregate::model::inspect::{inspect, inspect_with, validate, Check};
 use pregate::model::names;
-use pregate::model::writer::{write_model, TensorSpec};
+use pregate::model::writer::TensorSpec;
 use pregate::model::{make_model, Checkpoint, ExpertLayout, ModelDir, Preset};
 use pregate::Error;
 use safetensors::Dtype;
@@ -18,32 +20,6 @@ fn model_dir(dtype: FloatDtype, layout: ExpertLayout) -> tempfile::TempDir {
     spec.dtype = dtype;
     make_model(&spec, layout, 1, dir.path()).unwrap();
     dir
-}
-
-/// Rewrites `dir`'s weights as one file through `edit`, which may drop (None) or replace a tensor.
-fn rewrite(dir: &Path, edit: impl Fn(&TensorSpec, Vec<u8>) -> Option<(TensorSpec, Vec<u8>)>) {
-    let tensors: Vec<(TensorSpec, Vec<u8>)> = {
-        let ck = Checkpoint::open(dir).unwrap();
-        ck.names()
-            .iter()
-            .filter_map(|n| {
-                let t = ck.tensor(n).unwrap();
-                edit(
-                    &TensorSpec::new(*n, t.dtype, t.shape.to_vec()),
-                    t.data.to_vec(),
-                )
-            })
-            .collect()
-    };
-    let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
-    let produce = |s: &TensorSpec| {
-        Ok(tensors
-            .iter()
-            .find(|(t, _)| t.name == s.name)
-            .map(|(_, b)| b.clone())
-            .unwrap())
-    };
-    write_model(dir, &specs, usize::MAX, &produce, None).unwrap();
 }
 
 /// The bytes of `value` in `dtype`.

@@ -1,11 +1,13 @@
 //! Bad model directories: every one gives a clear error naming the file, tensor or value, and none
 //! panics.
 
+mod common;
+use common::rewrite;
 use std::path::Path;
 
 use pregate::model::checkpoint::FloatDtype;
 use pregate::model::names;
-use pregate::model::writer::{write_model, TensorSpec};
+use pregate::model::writer::TensorSpec;
 use pregate::model::{make_model, Checkpoint, ExpertLayout, ModelDir, Preset};
 use pregate::Error;
 use safetensors::Dtype;
@@ -18,32 +20,6 @@ fn tiny_dir(max_shard_bytes: Option<usize>) -> tempfile::TempDir {
     }
     make_model(&spec, ExpertLayout::Fused, 1, dir.path()).unwrap();
     dir
-}
-
-/// Rewrites `dir`'s weights as one file through `edit`, which may drop (None) or replace a tensor.
-fn rewrite(dir: &Path, edit: impl Fn(&TensorSpec, Vec<u8>) -> Option<(TensorSpec, Vec<u8>)>) {
-    let tensors: Vec<(TensorSpec, Vec<u8>)> = {
-        let ck = Checkpoint::open(dir).unwrap();
-        ck.names()
-            .iter()
-            .filter_map(|n| {
-                let t = ck.tensor(n).unwrap();
-                edit(
-                    &TensorSpec::new(*n, t.dtype, t.shape.to_vec()),
-                    t.data.to_vec(),
-                )
-            })
-            .collect()
-    };
-    let specs: Vec<TensorSpec> = tensors.iter().map(|(s, _)| s.clone()).collect();
-    let produce = |s: &TensorSpec| {
-        Ok(tensors
-            .iter()
-            .find(|(t, _)| t.name == s.name)
-            .map(|(_, b)| b.clone())
-            .unwrap())
-    };
-    write_model(dir, &specs, usize::MAX, &produce, None).unwrap();
 }
 
 fn load_err(dir: &Path) -> Error {
