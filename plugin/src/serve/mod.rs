@@ -31,6 +31,7 @@
 //! ([`crate::metrics`]): expert cache counters and resident slots, stall time, per-step unique
 //! experts and tokens, queue waits, waiting and running requests.
 
+mod config;
 mod request;
 mod stats;
 mod stop;
@@ -43,84 +44,15 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use config::{ServeConfig, StepObserver, DEFAULT_MAX_QUEUE_WAIT, DEFAULT_MAX_WAITING};
 pub use request::{Completion, Outcome, Prompt, ResponseSink, ServeRequest, TokenDelta};
 pub use stats::ServeStats;
 
-use crate::batcher::{BatcherConfig, LookaheadBatcher, RequestDesc, StepPlan};
+use crate::batcher::{LookaheadBatcher, RequestDesc, StepPlan};
 use crate::engine::{Engine, FinishReason, GenerationRequest, SeqId, StepEvent};
 use crate::engine::{StepDriver, ViewOrder};
 use crate::error::{Error, Result};
-use crate::metrics::ModelMetrics;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
-
-/// A callback with a metrics snapshot, called on the engine thread after every step.
-pub type StepObserver = Arc<dyn Fn(&ServeStats) + Send + Sync>;
-
-/// How the serving loop runs.
-#[derive(Clone)]
-pub struct ServeConfig {
-    /// The batcher's policy and guards.
-    pub batcher: BatcherConfig,
-    /// How often an idle loop with live but unschedulable requests polls for cancellation.
-    pub idle_poll: Duration,
-    /// Called with a stats snapshot after every step (and after admissions and finishes).
-    pub on_step: Option<StepObserver>,
-    /// The thread's name.
-    pub thread_name: String,
-    /// Steps after the one about to run that the lookahead passed to [`Engine::prepare`] covers
-    /// (pending tokens are known; tokens not yet sampled are not).
-    pub lookahead_steps: usize,
-    /// The library metrics to record into (a model's labelled handles), if any.
-    pub metrics: Option<ModelMetrics>,
-    /// Longest a request may wait, from its submission, to be admitted by the batcher; past it the
-    /// request fails as overloaded instead of queueing without bound while the server cannot keep
-    /// up (`None`: unbounded; default [`DEFAULT_MAX_QUEUE_WAIT`]). Checked once per loop
-    /// iteration, so the failure comes at most one step late.
-    pub max_queue_wait: Option<Duration>,
-    /// Most requests that may wait for admission at once; a request arriving when that many
-    /// wait is refused at once as overloaded rather than queued behind work the server may not
-    /// reach within `max_queue_wait` (`None`: unbounded; default [`DEFAULT_MAX_WAITING`]). New
-    /// requests are taken in between steps, so the refusal comes at most one step after
-    /// submission.
-    pub max_waiting: Option<usize>,
-}
-
-/// The default [`ServeConfig::max_queue_wait`]: 30 s, long enough for any burst a server keeps
-/// up with on average, short enough that a client of an overloaded server hears so.
-pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_secs(30);
-
-/// The default [`ServeConfig::max_waiting`]: 1024 requests waiting for admission.
-pub const DEFAULT_MAX_WAITING: usize = 1024;
-
-impl std::fmt::Debug for ServeConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServeConfig")
-            .field("batcher", &self.batcher)
-            .field("idle_poll", &self.idle_poll)
-            .field("on_step", &self.on_step.is_some())
-            .field("thread_name", &self.thread_name)
-            .field("lookahead_steps", &self.lookahead_steps)
-            .field("metrics", &self.metrics.is_some())
-            .field("max_queue_wait", &self.max_queue_wait)
-            .field("max_waiting", &self.max_waiting)
-            .finish()
-    }
-}
-
-impl Default for ServeConfig {
-    fn default() -> Self {
-        ServeConfig {
-            batcher: BatcherConfig::default(),
-            idle_poll: Duration::from_millis(2),
-            on_step: None,
-            thread_name: "pregate-engine".into(),
-            lookahead_steps: 4,
-            metrics: None,
-            max_queue_wait: Some(DEFAULT_MAX_QUEUE_WAIT),
-            max_waiting: Some(DEFAULT_MAX_WAITING),
-        }
-    }
-}
 
 /// A submitted request: its id and a way to cancel it.
 #[derive(Debug, Clone)]

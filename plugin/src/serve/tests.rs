@@ -1,6 +1,7 @@
 use std::sync::mpsc;
 
 use super::*;
+use crate::batcher::BatcherConfig;
 use crate::engine::Lookahead;
 use crate::engine::{open_engine, Device};
 use crate::model::{make_model, ExpertLayout, ModelDir, Preset};
