@@ -371,7 +371,7 @@ impl<T: DeviceElem> CudaExperts<T> {
         let (source, measure) = (self.source.as_ref(), self.setup.measure_stalls);
         let (blas, ctx, stalls) = (&mut self.blas, &self.ctx, &mut self.stalls);
         let (cache, memory) = self.store.parts_mut();
-        let waves = run_waves(cache, layer, &used, |cache, wave, lookups| {
+        let waves = run_waves(cache, layer, &used, |wave, lookups| {
             let mut slots = Vec::with_capacity(wave.len());
             for (&u, lookup) in wave.iter().zip(lookups) {
                 let slot = match *lookup {
@@ -387,7 +387,6 @@ impl<T: DeviceElem> CudaExperts<T> {
                 acquire(memory, ctx, stream, slot, measure, stalls)?;
                 slots.push(slot);
             }
-            let _ = cache;
             let views = slots
                 .iter()
                 .map(|&s| memory.view::<T>(s, unit.gate_up_len() + unit.down_len()))

@@ -164,7 +164,7 @@ impl CpuExperts {
     ) -> Result<()> {
         let used = self.shape.check_layer(layer, routes, x.len(), out.len())?;
         if let Some(cache) = self.cache.as_mut() {
-            self.stats.waves += run_waves(cache, layer, &used, |_, _, _| Ok(()))?;
+            self.stats.waves += run_waves(cache, layer, &used, |_, _| Ok(()))?;
         } else {
             self.stats.waves += 1;
         }

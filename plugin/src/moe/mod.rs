@@ -140,7 +140,7 @@ pub fn run_waves(
     cache: &mut ExpertCache,
     layer: usize,
     used: &ExpertSet,
-    mut run: impl FnMut(&mut ExpertCache, &[Unit], &[crate::cache::Lookup]) -> Result<()>,
+    mut run: impl FnMut(&[Unit], &[crate::cache::Lookup]) -> Result<()>,
 ) -> Result<u64> {
     let room = wave_room(cache);
     let units: Vec<Unit> = used.iter().map(|e| Unit::new(layer, e)).collect();
@@ -163,7 +163,7 @@ pub fn run_waves(
             };
             lookups.push(lookup);
         }
-        run(cache, wave, &lookups)?;
+        run(wave, &lookups)?;
         waves += 1;
     }
     Ok(waves)
