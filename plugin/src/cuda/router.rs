@@ -24,7 +24,7 @@ use crate::engine::SeqId;
 use crate::error::{Error, Result};
 use crate::model::weights::{Linear, RouterWeights};
 use crate::route::TokenRoute;
-use crate::router::{check_tokens, select_top_k, Router, RouterKind, ROUTER_EPS};
+use crate::router::{check_tokens, routes_per_sequence, Router, RouterKind, ROUTER_EPS};
 
 /// A linear layer on the device: `[out, in]` weight and `[out]` bias.
 struct DeviceLinear {
@@ -445,12 +445,12 @@ impl Router for CudaReadMeRouter {
 
     fn route(&mut self, seqs: &[SeqId], tokens: &[&[u32]]) -> Result<Vec<Vec<TokenRoute>>> {
         let logits = self.logits(seqs, tokens)?;
-        let n = self.router.n_experts;
-        let mut rows = logits.chunks_exact(n).map(|l| select_top_k(l, self.top_k));
-        Ok(tokens
-            .iter()
-            .map(|t| rows.by_ref().take(t.len()).collect())
-            .collect())
+        Ok(routes_per_sequence(
+            &logits,
+            self.router.n_experts,
+            self.top_k,
+            tokens,
+        ))
     }
 }
 

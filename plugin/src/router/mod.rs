@@ -131,18 +131,13 @@ fn states_in_order<'a, S>(
     if let Some(&missing) = seqs.iter().find(|s| !states.contains_key(s)) {
         return Err(Error::UnknownSequence(missing));
     }
-    let order: HashMap<SeqId, usize> = seqs.iter().enumerate().map(|(i, &s)| (s, i)).collect();
-    if order.len() != seqs.len() {
+    let found = crate::engine::in_order(states.iter_mut(), seqs);
+    if found.len() != seqs.len() {
         return Err(Error::InvalidArgument(
             "a sequence is routed twice in one call".into(),
         ));
     }
-    let mut found: Vec<(usize, &'a mut S)> = states
-        .iter_mut()
-        .filter_map(|(s, st)| order.get(s).map(|&i| (i, st)))
-        .collect();
-    found.sort_unstable_by_key(|&(i, _)| i);
-    Ok(found.into_iter().map(|(_, s)| s).collect())
+    Ok(found)
 }
 
 /// The DSelect-k static gate as a pre-gate router: its selectors and mixing weights are
@@ -191,6 +186,24 @@ impl Router for StaticGateRouter {
     fn route(&mut self, _seqs: &[SeqId], tokens: &[&[u32]]) -> Result<Vec<Vec<TokenRoute>>> {
         Ok(tokens.iter().map(|t| vec![self.route; t.len()]).collect())
     }
+}
+
+/// Routes a pass's router logits (`[sum T_i, n_experts]`, the sequences' rows in order): one list
+/// of top-`k` routes per sequence, `tokens[i]` naming how many rows sequence `i` has. The one
+/// selection of every Read-ME router, wherever its logits were computed.
+pub fn routes_per_sequence(
+    logits: &[f32],
+    n_experts: usize,
+    k: usize,
+    tokens: &[&[u32]],
+) -> Vec<Vec<TokenRoute>> {
+    let mut rows = logits
+        .chunks_exact(n_experts.max(1))
+        .map(|l| select_top_k(l, k));
+    tokens
+        .iter()
+        .map(|t| rows.by_ref().take(t.len()).collect())
+        .collect()
 }
 
 /// Routes one token from its router logits: top-1 (argmax, weight 1) or top-k with softmax weights

@@ -205,7 +205,7 @@ impl ReadMeRouter {
     }
 
     /// One route per row of router logits (`[T, N]`): the top-k experts with softmax weights
-    /// (top-1 with weight 1 by default). Shared with routers that run on a device.
+    /// (top-1 with weight 1 by default).
     pub fn routes_from_logits(&self, logits: &[f32]) -> Vec<TokenRoute> {
         logits
             .chunks_exact(self.n_experts)
@@ -220,13 +220,13 @@ impl ReadMeRouter {
         states: &mut [&mut RouterState],
         tokens: &[&[u32]],
     ) -> Result<Vec<Vec<TokenRoute>>> {
-        let mut routes = self
-            .routes_from_logits(&self.logits_batch(states, tokens)?)
-            .into_iter();
-        Ok(tokens
-            .iter()
-            .map(|toks| routes.by_ref().take(toks.len()).collect())
-            .collect())
+        let logits = self.logits_batch(states, tokens)?;
+        Ok(super::routes_per_sequence(
+            &logits,
+            self.n_experts,
+            self.top_k,
+            tokens,
+        ))
     }
 }
 
