@@ -124,7 +124,14 @@ fn run(e: &mut Engine, passes: Option<&AtomicUsize>) -> Vec<(u64, u32, Vec<u16>)
             assert_eq!(p.load(Ordering::SeqCst), b + 1, "step {step}");
         }
         for ev in events {
-            out.push((ev.seq, ev.token, ev.route.experts().to_vec()));
+            out.push((
+                ev.seq,
+                ev.token,
+                ev.route
+                    .expect("a pre-gate router's route")
+                    .experts()
+                    .to_vec(),
+            ));
         }
         step += 1;
     }
@@ -205,7 +212,14 @@ fn a_failed_routing_pass_is_retried_per_sequence() {
         let out = e.step(&s).unwrap();
         assert!(out.failed.is_empty(), "{:?}", out.failed);
         for ev in out.events {
-            got.push((ev.seq, ev.token, ev.route.experts().to_vec()));
+            got.push((
+                ev.seq,
+                ev.token,
+                ev.route
+                    .expect("a pre-gate router's route")
+                    .experts()
+                    .to_vec(),
+            ));
         }
         step += 1;
     }

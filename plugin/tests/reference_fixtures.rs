@@ -107,8 +107,10 @@ fn run_batched(engine: &mut Engine, cases: &[Case], chunk: usize) -> Vec<Run> {
             let run = &mut runs[ids.iter().position(|&i| i == ev.seq).unwrap()];
             run.output.push(ev.token);
             run.logits.extend(ev.logits.unwrap());
-            run.experts
-                .push((ev.route.experts().to_vec(), ev.route.weights().to_vec()));
+            run.experts.push({
+                let r = ev.route.expect("a pre-gate router's route");
+                (r.experts().to_vec(), r.weights().to_vec())
+            });
         }
     }
     runs

@@ -154,7 +154,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         for ev in engine.step(&schedule)?.into_events()? {
             output.push(ev.token);
-            experts.push(ev.route.experts().to_vec());
+            experts.push(ev.route.map_or_else(Vec::new, |r| r.experts().to_vec()));
             if let Some(l) = ev.logits {
                 logits.extend(l);
             }

@@ -89,8 +89,9 @@ pub struct StepEvent {
     pub seq: SeqId,
     /// The new token.
     pub token: u32,
-    /// Its route (already computed by the router, for the next step).
-    pub route: TokenRoute,
+    /// Its route (already computed by a pre-gate router, for the next step; with one route per
+    /// layer, layer 0's). `None` for an in-model router, whose routes are made as layers run.
+    pub route: Option<TokenRoute>,
     /// Set when the sequence finished with this token; it is then gone from the engine.
     pub finished: Option<FinishReason>,
     /// The logits the token was sampled from, when the request asked to keep them.
@@ -150,17 +151,16 @@ impl Sequence {
     }
 }
 
-/// One field of several sequences at once, mutably, in the order of `ids` (each id once, all
-/// present): a step samples and routes its sequences together.
-fn in_order<'a, T>(
-    seqs: &'a mut BTreeMap<SeqId, Sequence>,
+/// The values of `entries` (a map's `iter_mut`) whose ids are in `ids`, mutably, in the order of
+/// `ids`: a step samples and routes its sequences together. Ids missing from `entries` are
+/// skipped, so a caller that needs all of them compares the lengths.
+pub(crate) fn in_order<'a, T: 'a>(
+    entries: impl Iterator<Item = (&'a SeqId, &'a mut T)>,
     ids: &[SeqId],
-    field: impl Fn(&'a mut Sequence) -> &'a mut T,
 ) -> Vec<&'a mut T> {
     let order: BTreeMap<SeqId, usize> = ids.iter().enumerate().map(|(i, &s)| (s, i)).collect();
-    let mut v: Vec<(usize, &'a mut T)> = seqs
-        .iter_mut()
-        .filter_map(|(seq, s)| order.get(seq).map(|&i| (i, field(s))))
+    let mut v: Vec<(usize, &'a mut T)> = entries
+        .filter_map(|(seq, s)| order.get(seq).map(|&i| (i, s)))
         .collect();
     v.sort_unstable_by_key(|&(i, _)| i);
     v.into_iter().map(|(_, t)| t).collect()
@@ -355,7 +355,10 @@ impl Engine {
     /// sampled (NaN or empty logits) fails only its own sequence.
     fn sample_rows(&mut self, rows: Vec<(SeqId, Vec<f32>)>) -> Vec<(SeqId, Result<u32>, Vec<f32>)> {
         let ids: Vec<SeqId> = rows.iter().map(|(seq, _)| *seq).collect();
-        let tokens: Vec<Result<u32>> = in_order(&mut self.seqs, &ids, |s| &mut s.sampler)
+        let tokens: Vec<Result<u32>> = in_order(self.seqs.iter_mut(), &ids)
+            .into_iter()
+            .map(|s| &mut s.sampler)
+            .collect::<Vec<_>>()
             .into_par_iter()
             .zip(rows.par_iter())
             .map(|(sampler, (_, row))| sampler.sample(row))
@@ -370,10 +373,13 @@ impl Engine {
     /// per token (one route, or one per layer), or the error of that sequence's routing. All
     /// tokens go in one pass; only when that pass fails is each sequence routed alone, to tell
     /// the sequence at fault from the others (a failed pass advances no router state).
-    fn route_sampled(&mut self, sampled: &[(SeqId, u32)]) -> Vec<Result<Vec<TokenRoute>>> {
-        let tokens: Vec<[u32; 1]> = sampled.iter().map(|&(_, t)| [t]).collect();
+    fn route_sampled(
+        &mut self,
+        sampled: &[(SeqId, u32, Vec<f32>)],
+    ) -> Vec<Result<Vec<TokenRoute>>> {
+        let tokens: Vec<[u32; 1]> = sampled.iter().map(|&(_, t, _)| [t]).collect();
         let lists: Vec<&[u32]> = tokens.iter().map(|t| t.as_slice()).collect();
-        let ids: Vec<SeqId> = sampled.iter().map(|&(seq, _)| seq).collect();
+        let ids: Vec<SeqId> = sampled.iter().map(|&(seq, ..)| seq).collect();
         let checked = |routes: Vec<Vec<TokenRoute>>, n: usize| {
             if routes.len() == n {
                 Ok(routes)
@@ -467,14 +473,10 @@ impl Engine {
         }
         let t0 = std::time::Instant::now();
         let mut failed: Vec<(SeqId, Error)> = Vec::new();
-        let mut sampled: Vec<(SeqId, u32)> = Vec::new();
-        let mut kept: Vec<Vec<f32>> = Vec::new();
+        let mut sampled: Vec<(SeqId, u32, Vec<f32>)> = Vec::new();
         for (seq, token, row) in self.sample_rows(rows) {
             match token {
-                Ok(t) => {
-                    sampled.push((seq, t));
-                    kept.push(row);
-                }
+                Ok(t) => sampled.push((seq, t, row)),
                 Err(e) => failed.push((seq, e)),
             }
         }
@@ -483,7 +485,7 @@ impl Engine {
         self.host.sampling += (t1 - t0).as_secs_f64();
         self.host.routing += t1.elapsed().as_secs_f64();
         let mut events = Vec::new();
-        for (((seq, token), row), rows) in sampled.into_iter().zip(kept).zip(routes) {
+        for ((seq, token, row), rows) in sampled.into_iter().zip(routes) {
             let s = self.seqs.get_mut(&seq).expect("validated above");
             let rows = match rows.and_then(|rows| {
                 if !rows.is_empty() {
@@ -497,7 +499,7 @@ impl Engine {
                     continue;
                 }
             };
-            let route = rows.first().copied().unwrap_or(TokenRoute::single(0));
+            let route = rows.first().copied();
             s.tokens.push(token);
             let finished = if !s.request.ignore_eos && self.eos.contains(&token) {
                 Some(FinishReason::Eos)
