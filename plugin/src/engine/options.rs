@@ -141,17 +141,20 @@ impl EngineOptions {
     /// The options `var` sets (a variable lookup: the environment, or a test's map).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let var = |k: &str| var(k).filter(|v| !v.trim().is_empty());
-        let named = |k: &str, e: Error| Error::InvalidArgument(format!("{k}: {e}"));
-        let parse = |k: &str| -> Result<Option<String>> { Ok(var(k)) };
+        // A set variable parsed by its type's `FromStr`, an error naming the variable.
+        fn parsed<T: std::str::FromStr<Err = Error>>(
+            k: &str,
+            v: Option<String>,
+        ) -> Result<Option<T>> {
+            v.map(|v| v.parse())
+                .transpose()
+                .map_err(|e| Error::InvalidArgument(format!("{k}: {e}")))
+        }
         let mut o = EngineOptions::default();
-        let capacity = parse("PREGATE_EXPERT_CACHE")?
-            .map(|v| v.parse::<ExpertCapacity>())
-            .transpose()
-            .map_err(|e| named("PREGATE_EXPERT_CACHE", e))?;
-        let policy = parse("PREGATE_CACHE_POLICY")?
-            .map(|v| v.parse::<EvictionPolicy>())
-            .transpose()
-            .map_err(|e| named("PREGATE_CACHE_POLICY", e))?;
+        let capacity: Option<ExpertCapacity> =
+            parsed("PREGATE_EXPERT_CACHE", var("PREGATE_EXPERT_CACHE"))?;
+        let policy: Option<EvictionPolicy> =
+            parsed("PREGATE_CACHE_POLICY", var("PREGATE_CACHE_POLICY"))?;
         if capacity.is_some() || policy.is_some() {
             o.expert_cache = Some(ExpertCacheOptions {
                 capacity: capacity.unwrap_or(ExpertCapacity::All),
@@ -169,18 +172,9 @@ impl EngineOptions {
                 }
             });
         }
-        o.cuda_dtype = var("PREGATE_CUDA_DTYPE")
-            .map(|v| v.parse())
-            .transpose()
-            .map_err(|e| named("PREGATE_CUDA_DTYPE", e))?;
-        o.router = var("PREGATE_ROUTER")
-            .map(|v| v.parse())
-            .transpose()
-            .map_err(|e| named("PREGATE_ROUTER", e))?;
-        o.expert_ffn = var("PREGATE_EXPERT_FFN")
-            .map(|v| v.parse())
-            .transpose()
-            .map_err(|e| named("PREGATE_EXPERT_FFN", e))?;
+        o.cuda_dtype = parsed("PREGATE_CUDA_DTYPE", var("PREGATE_CUDA_DTYPE"))?;
+        o.router = parsed("PREGATE_ROUTER", var("PREGATE_ROUTER"))?;
+        o.expert_ffn = parsed("PREGATE_EXPERT_FFN", var("PREGATE_EXPERT_FFN"))?;
         if let Some(v) = var("PREGATE_KV_TOKENS") {
             let n: usize = v.trim().parse().ok().filter(|&n| n > 0).ok_or_else(|| {
                 Error::InvalidArgument(format!(
