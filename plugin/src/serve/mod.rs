@@ -430,29 +430,31 @@ impl LoopState {
         }
     }
 
+    /// Ends a request that was not admitted: counted as failed, its sink finished with `e`.
+    fn refuse(&self, mut sink: Box<dyn ResponseSink>, e: Error, prompt_len: usize) {
+        self.count_failed();
+        finish_sink(&mut sink, Outcome::Failed(e), prompt_len, 0);
+    }
+
     fn admit(&mut self, s: Submitted) {
         let Submitted {
             at,
             prompt,
             req,
-            mut sink,
+            sink,
             cancel,
         } = s;
         let prompt_len = prompt.len();
         if self.closed {
             let e = Error::Internal("the model is being unloaded".into());
-            self.count_failed();
-            finish_sink(&mut sink, Outcome::Failed(e), prompt_len, 0);
-            return;
+            return self.refuse(sink, e, prompt_len);
         }
         let waiting = self.driver.batcher().waiting();
         if let Some(max) = self.cfg.max_waiting.filter(|&max| waiting >= max) {
             let e = Error::Overloaded(format!(
                 "{waiting} requests already wait for admission (max_waiting {max})"
             ));
-            self.count_failed();
-            finish_sink(&mut sink, Outcome::Failed(e), prompt_len, 0);
-            return;
+            return self.refuse(sink, e, prompt_len);
         }
         let decoder = IncrementalDecoder::new(&prompt);
         let greq = GenerationRequest {
@@ -467,11 +469,7 @@ impl LoopState {
             .unwrap_or_else(|p| Err(Error::Internal(format!("panic: {}", panic_message(&p)))));
         let seq = match added {
             Ok(seq) => seq,
-            Err(e) => {
-                self.count_failed();
-                finish_sink(&mut sink, Outcome::Failed(e), prompt_len, 0);
-                return;
-            }
+            Err(e) => return self.refuse(sink, e, prompt_len),
         };
         let arrival = at.saturating_duration_since(self.epoch).as_secs_f64();
         let desc = RequestDesc {
@@ -484,9 +482,7 @@ impl LoopState {
         };
         if let Err(e) = self.driver.submit(desc) {
             self.engine.remove(seq);
-            self.count_failed();
-            finish_sink(&mut sink, Outcome::Failed(e), prompt_len, 0);
-            return;
+            return self.refuse(sink, e, prompt_len);
         }
         if let Ok(mut st) = self.stats.lock() {
             st.prompt_tokens += prompt_len as u64;

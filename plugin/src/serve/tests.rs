@@ -591,36 +591,58 @@ fn a_zero_max_queue_wait_is_refused() {
     assert!(e.contains("max_queue_wait"), "{e}");
 }
 
-/// The CPU backend, except that every forward fails for lack of capacity.
-struct OutOfCapacity(Box<dyn crate::engine::Backend>);
+/// What a [`Faulty`] backend's forward does instead of the plain one's.
+type Fault = Box<
+    dyn FnMut(
+            &mut dyn crate::engine::Backend,
+            &[crate::engine::ForwardChunk<'_>],
+        ) -> Result<Vec<Vec<f32>>>
+        + Send,
+>;
 
-impl crate::engine::Backend for OutOfCapacity {
+/// The CPU backend, except that its forward goes through a fault: failing, or poisoning logits.
+struct Faulty {
+    inner: Box<dyn crate::engine::Backend>,
+    fault: Fault,
+}
+
+impl crate::engine::Backend for Faulty {
     fn device_name(&self) -> String {
-        self.0.device_name()
+        self.inner.device_name()
     }
     fn config(&self) -> &crate::config::ModelConfig {
-        self.0.config()
+        self.inner.config()
     }
     fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
-        self.0.add_sequence(seq, max_len)
+        self.inner.add_sequence(seq, max_len)
     }
     fn remove_sequence(&mut self, seq: SeqId) {
-        self.0.remove_sequence(seq)
+        self.inner.remove_sequence(seq)
     }
-    fn forward(&mut self, _: &[crate::engine::ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>> {
-        Err(Error::Capacity("no free expert slot".into()))
+    fn forward(&mut self, chunks: &[crate::engine::ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        (self.fault)(self.inner.as_mut(), chunks)
     }
 }
 
-#[test]
-fn a_step_failing_for_capacity_fails_its_requests_as_unavailable() {
-    let (_d, m) = tiny();
+/// An engine over `m`'s CPU backend whose forward goes through `fault`.
+fn faulty_engine(m: &ModelDir, fault: Fault) -> Engine {
     let w = m.load_weights().unwrap();
     let router = crate::router::ReadMeRouter::new(w.router, &m.config);
     let (backbone, _) = crate::engine::cpu::BackboneWeights::split(m.load_weights().unwrap());
     let cpu = crate::engine::cpu::CpuBackend::new(m.config.clone(), backbone).unwrap();
     let router = Box::new(crate::router::HostReadMeRouter::new(router));
-    let engine = Engine::new(Box::new(OutOfCapacity(Box::new(cpu))), router);
+    let inner = Box::new(cpu);
+    Engine::new(Box::new(Faulty { inner, fault }), router)
+}
+
+#[test]
+fn a_step_failing_for_capacity_fails_its_requests_as_unavailable() {
+    let (_d, m) = tiny();
+    // Every forward fails for lack of capacity.
+    let engine = faulty_engine(
+        &m,
+        Box::new(|_, _| Err(Error::Capacity("no free expert slot".into()))),
+    );
     let s = Server::start(engine, None, ServeConfig::default()).unwrap();
     let rxs: Vec<_> = (0..2)
         .map(|i| {
@@ -646,44 +668,23 @@ fn a_step_failing_for_capacity_fails_its_requests_as_unavailable() {
     s.shutdown();
 }
 
-/// The CPU backend, except that the logits of one sequence are NaN.
-struct NanFor(Box<dyn crate::engine::Backend>, SeqId);
-
-impl crate::engine::Backend for NanFor {
-    fn device_name(&self) -> String {
-        self.0.device_name()
-    }
-    fn config(&self) -> &crate::config::ModelConfig {
-        self.0.config()
-    }
-    fn add_sequence(&mut self, seq: SeqId, max_len: usize) -> Result<()> {
-        self.0.add_sequence(seq, max_len)
-    }
-    fn remove_sequence(&mut self, seq: SeqId) {
-        self.0.remove_sequence(seq)
-    }
-    fn forward(&mut self, chunks: &[crate::engine::ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>> {
-        let mut rows = self.0.forward(chunks)?;
-        let with_logits = chunks.iter().filter(|c| c.want_logits);
-        for (c, row) in with_logits.zip(rows.iter_mut()) {
-            if c.seq == self.1 {
-                row.fill(f32::NAN);
-            }
-        }
-        Ok(rows)
-    }
-}
-
 #[test]
 fn a_request_with_nan_logits_fails_alone_and_the_others_complete() {
     let (_d, m) = tiny();
-    let w = m.load_weights().unwrap();
-    let router = crate::router::ReadMeRouter::new(w.router, &m.config);
-    let (backbone, _) = crate::engine::cpu::BackboneWeights::split(m.load_weights().unwrap());
-    let cpu = crate::engine::cpu::CpuBackend::new(m.config.clone(), backbone).unwrap();
-    let router = Box::new(crate::router::HostReadMeRouter::new(router));
-    // Sequence ids follow submission order from 1: the fourth request is poisoned.
-    let engine = Engine::new(Box::new(NanFor(Box::new(cpu), 4)), router);
+    // Sequence ids follow submission order from 1: the fourth request's logits are NaN.
+    let engine = faulty_engine(
+        &m,
+        Box::new(|inner, chunks| {
+            let mut rows = inner.forward(chunks)?;
+            let with_logits = chunks.iter().filter(|c| c.want_logits);
+            for (c, row) in with_logits.zip(rows.iter_mut()) {
+                if c.seq == 4 {
+                    row.fill(f32::NAN);
+                }
+            }
+            Ok(rows)
+        }),
+    );
     let s = Server::start(engine, None, ServeConfig::default()).unwrap();
     let n = 9;
     let prompt = |i: u32| vec![1, 5 + i, 9 + 2 * i];
