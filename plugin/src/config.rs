@@ -1,4 +1,5 @@
-//! `config.json`: a Hugging Face LlamaConfig plus, for Read-ME, its router fields.
+//! `config.json`: a Hugging Face config of a served family (Read-ME's LlamaConfig plus its router
+//! fields; Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE as transformers writes them).
 //!
 //! The format is documented in `plugin/docs/model-format.md`. Parsing is lenient about fields pregate
 //! does not use and strict about the ones it does: every inconsistency is reported with the file's path.
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::family::ModelFamily;
+use crate::model::family::{ModelFamily, QkNorm};
 
 /// `eos_token_id` may be one id or a list of ids.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +200,65 @@ where
     }))
 }
 
+/// The fields of the Hugging Face MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), each as
+/// transformers names it; absent ones take the family's transformers default (see the
+/// accessors of [`ModelConfig`]). Written back only when set, so a Read-ME config stays as it was.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FamilyFields {
+    /// The MLP activation; only `silu` is served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    /// Mixtral's experts per layer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_local_experts: Option<usize>,
+    /// Qwen's and OLMoE's experts per layer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_experts: Option<usize>,
+    /// Experts each token is routed to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_experts_per_tok: Option<usize>,
+    /// Qwen's routed expert width (`intermediate_size` is then the dense layers').
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moe_intermediate_size: Option<usize>,
+    /// Qwen2-MoE's shared expert width.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// Whether the top-k weights are renormalised to sum to 1 (Qwen, OLMoE).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_topk_prob: Option<bool>,
+    /// Qwen: layer `l` is MoE iff `(l + 1) % decoder_sparse_step == 0` (and not in `mlp_only_layers`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoder_sparse_step: Option<usize>,
+    /// Qwen: layers with a dense MLP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mlp_only_layers: Option<Vec<usize>>,
+    /// Qwen2-MoE: q, k and v carry biases.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qkv_bias: Option<bool>,
+    /// Qwen3-MoE, OLMoE: q, k, v and o carry biases.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    /// OLMoE: q, k and v are clamped to `[-clip_qkv, clip_qkv]` after their projection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_qkv: Option<f32>,
+    /// Mixtral: sliding-window attention when set; Qwen: the window when `use_sliding_window`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Qwen: whether sliding-window attention is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    /// transformers v5: each layer's attention kind (`full_attention`, `sliding_attention`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// RoPE scaling (transformers v4 key); only none is served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Llama's MLP bias; only false is served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
+}
+
 /// The model configuration, as read from `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -256,6 +316,9 @@ pub struct ModelConfig {
     /// pregate: experts per token (1 = Read-ME's argmax routing).
     #[serde(default = "default_one")]
     pub router_top_k: usize,
+    /// The Hugging Face MoE families' fields.
+    #[serde(flatten)]
+    pub moe: FamilyFields,
 }
 
 impl ModelConfig {
@@ -280,7 +343,10 @@ impl ModelConfig {
             })
             .unwrap_or_default();
         let model_type = value.get("model_type").and_then(|v| v.as_str());
-        ModelFamily::detect(&architectures, model_type).map_err(|m| Error::config(path, m))?;
+        let family =
+            ModelFamily::detect(&architectures, model_type).map_err(|m| Error::config(path, m))?;
+        let mut value = value;
+        normalize_hf_keys(&mut value, family).map_err(|m| Error::config(path, m))?;
         let cfg: ModelConfig =
             serde_json::from_value(value).map_err(|e| Error::config(path, e.to_string()))?;
         cfg.validate(path)?;
@@ -292,14 +358,236 @@ impl ModelConfig {
         ModelFamily::detect(&self.architectures, self.model_type.as_deref())
     }
 
-    /// Routed experts per layer.
-    pub fn num_experts(&self) -> usize {
-        self.n_cluster
+    fn family_or_readme(&self) -> ModelFamily {
+        self.family().unwrap_or(ModelFamily::ReadMe)
     }
 
-    /// Experts each token is routed to.
+    /// Routed experts per layer (Read-ME's `N_cluster`, Mixtral's `num_local_experts`, the
+    /// others' `num_experts`; transformers' default when absent).
+    pub fn num_experts(&self) -> usize {
+        let m = &self.moe;
+        match self.family_or_readme() {
+            ModelFamily::ReadMe => self.n_cluster,
+            ModelFamily::Mixtral => m.num_local_experts.unwrap_or(8),
+            ModelFamily::Qwen2Moe => m.num_experts.unwrap_or(60),
+            ModelFamily::Qwen3Moe => m.num_experts.unwrap_or(128),
+            ModelFamily::Olmoe => m.num_experts.unwrap_or(64),
+        }
+    }
+
+    /// The config field [`ModelConfig::num_experts`] reads, for messages.
+    fn experts_field(&self) -> &'static str {
+        match self.family_or_readme() {
+            ModelFamily::ReadMe => "N_cluster",
+            ModelFamily::Mixtral => "num_local_experts",
+            _ => "num_experts",
+        }
+    }
+
+    /// Experts each token is routed to (Read-ME's `router_top_k`, the others'
+    /// `num_experts_per_tok`).
     pub fn experts_per_token(&self) -> usize {
-        self.router_top_k
+        let k = self.moe.num_experts_per_tok;
+        match self.family_or_readme() {
+            ModelFamily::ReadMe => self.router_top_k,
+            ModelFamily::Mixtral => k.unwrap_or(2),
+            ModelFamily::Qwen2Moe => k.unwrap_or(4),
+            ModelFamily::Qwen3Moe | ModelFamily::Olmoe => k.unwrap_or(8),
+        }
+    }
+
+    /// The config field [`ModelConfig::experts_per_token`] reads, for messages.
+    fn top_k_field(&self) -> &'static str {
+        match self.family_or_readme() {
+            ModelFamily::ReadMe => "router_top_k",
+            _ => "num_experts_per_tok",
+        }
+    }
+
+    /// Channels of one routed expert of an in-model-routed family (Qwen's
+    /// `moe_intermediate_size`, else `intermediate_size`), with the field's name. Read-ME's
+    /// widths are read from its checkpoint instead.
+    pub fn expert_intermediate_size(&self) -> (usize, &'static str) {
+        match self.family_or_readme() {
+            ModelFamily::Qwen2Moe => (
+                self.moe.moe_intermediate_size.unwrap_or(1408),
+                "moe_intermediate_size",
+            ),
+            ModelFamily::Qwen3Moe => (
+                self.moe.moe_intermediate_size.unwrap_or(768),
+                "moe_intermediate_size",
+            ),
+            _ => (self.intermediate_size, "intermediate_size"),
+        }
+    }
+
+    /// Qwen2-MoE's shared expert width (its output scaled by a sigmoid gate); `None` for the
+    /// families without one.
+    pub fn gated_shared_expert_size(&self) -> Option<usize> {
+        match self.family_or_readme() {
+            ModelFamily::Qwen2Moe => Some(self.moe.shared_expert_intermediate_size.unwrap_or(5632)),
+            _ => None,
+        }
+    }
+
+    /// Whether an in-model router divides the top-k weights by their sum: always for Mixtral,
+    /// by `norm_topk_prob` for Qwen and OLMoE (default false).
+    pub fn renormalize_top_k(&self) -> bool {
+        match self.family_or_readme() {
+            ModelFamily::Mixtral => true,
+            _ => self.moe.norm_topk_prob.unwrap_or(false),
+        }
+    }
+
+    /// Whether layer `l` has routed experts; the others have a dense MLP of
+    /// `intermediate_size` (Qwen's `mlp_only_layers` and `decoder_sparse_step`).
+    pub fn is_moe_layer(&self, l: usize) -> bool {
+        match self.family_or_readme() {
+            ModelFamily::Qwen2Moe | ModelFamily::Qwen3Moe => {
+                let step = self.moe.decoder_sparse_step.unwrap_or(1).max(1);
+                let dense = self.moe.mlp_only_layers.as_deref().unwrap_or(&[]);
+                !dense.contains(&l) && (l + 1) % step == 0
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether q, k and v carry biases (Qwen2-MoE's `qkv_bias`, default true).
+    pub fn qkv_bias(&self) -> bool {
+        match self.family_or_readme() {
+            ModelFamily::Qwen2Moe => self.moe.qkv_bias.unwrap_or(true),
+            _ => false,
+        }
+    }
+
+    /// How queries and keys are RMS-normalised before RoPE.
+    pub fn qk_norm(&self) -> QkNorm {
+        match self.family_or_readme() {
+            ModelFamily::Qwen3Moe => QkNorm::PerHead,
+            ModelFamily::Olmoe => QkNorm::Full,
+            _ => QkNorm::None,
+        }
+    }
+
+    /// OLMoE's clamp of q, k and v after their projection (and the QK norm), if set.
+    pub fn clip_qkv(&self) -> Option<f32> {
+        match self.family_or_readme() {
+            ModelFamily::Olmoe => self.moe.clip_qkv,
+            _ => None,
+        }
+    }
+
+    /// Checks the Hugging Face MoE families' fields: every feature a config asks for that pregate
+    /// does not compute is refused, naming the field.
+    fn validate_family(&self, family: ModelFamily) -> std::result::Result<(), String> {
+        let m = &self.moe;
+        if let Some(act) = &m.hidden_act {
+            if act != "silu" {
+                return Err(format!(
+                    "hidden_act `{act}` is not served (only `silu`: SwiGLU experts)"
+                ));
+            }
+        }
+        if m.mlp_bias == Some(true) {
+            return Err("mlp_bias true is not served (the MLPs have no biases)".into());
+        }
+        if family == ModelFamily::ReadMe {
+            return Ok(());
+        }
+        let (experts, k) = (self.num_experts(), self.experts_per_token());
+        let (ef, kf) = (self.experts_field(), self.top_k_field());
+        if experts == 0 || experts > crate::route::MAX_EXPERTS {
+            return Err(format!(
+                "{ef} {experts} must be 1..={} experts per layer",
+                crate::route::MAX_EXPERTS
+            ));
+        }
+        if k == 0 || k > crate::route::MAX_TOP_K {
+            return Err(format!(
+                "{kf} {k} must be 1..={} (the most experts per token pregate serves)",
+                crate::route::MAX_TOP_K
+            ));
+        }
+        if k > experts {
+            return Err(format!("{kf} {k} exceeds {ef} {experts}"));
+        }
+        let (width, wf) = self.expert_intermediate_size();
+        if width == 0 {
+            return Err(format!("`{wf}` (the expert width) must be positive"));
+        }
+        if self.gated_shared_expert_size() == Some(0) {
+            return Err("`shared_expert_intermediate_size` must be positive".into());
+        }
+        if m.decoder_sparse_step == Some(0) {
+            return Err("`decoder_sparse_step` must be positive".into());
+        }
+        let layers = self.num_hidden_layers;
+        if !(0..layers).any(|l| self.is_moe_layer(l)) {
+            return Err(
+                "no layer has experts (mlp_only_layers / decoder_sparse_step): not an MoE model"
+                    .into(),
+            );
+        }
+        if (0..layers).any(|l| !self.is_moe_layer(l)) && self.intermediate_size == 0 {
+            return Err("`intermediate_size` (the dense layers' width) must be positive".into());
+        }
+        for (what, width) in [
+            ("expert", width),
+            ("shared expert", self.gated_shared_expert_size().unwrap_or(0)),
+            ("dense MLP", self.intermediate_size),
+        ] {
+            if width
+                .checked_mul(self.hidden_size)
+                .and_then(|n| n.checked_mul(experts.max(1) * 12))
+                .is_none_or(|n| n > isize::MAX as usize)
+            {
+                return Err(format!(
+                    "the {what} width {width} x hidden_size is too large for any tensor"
+                ));
+            }
+        }
+        match family {
+            ModelFamily::Mixtral => {
+                if let Some(w) = m.sliding_window {
+                    if w < self.max_position_embeddings {
+                        return Err(format!(
+                            "sliding_window {w} (< max_position_embeddings {}) asks for                              sliding-window attention, which pregate does not implement",
+                            self.max_position_embeddings
+                        ));
+                    }
+                }
+            }
+            ModelFamily::Qwen2Moe | ModelFamily::Qwen3Moe => {
+                if m.use_sliding_window == Some(true) {
+                    return Err(
+                        "use_sliding_window true asks for sliding-window attention, which                          pregate does not implement"
+                            .into(),
+                    );
+                }
+            }
+            _ => {}
+        }
+        if let Some(t) = m
+            .layer_types
+            .iter()
+            .flatten()
+            .find(|t| t.as_str() != "full_attention")
+        {
+            return Err(format!(
+                "layer_types has `{t}`: only `full_attention` layers are served"
+            ));
+        }
+        if matches!(family, ModelFamily::Qwen3Moe | ModelFamily::Olmoe)
+            && m.attention_bias == Some(true)
+        {
+            return Err("attention_bias true is not served (q/k/v/o without biases)".into());
+        }
+        if let Some(c) = self.clip_qkv() {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(format!("clip_qkv {c} must be positive"));
+            }
+        }
+        Ok(())
     }
 
     /// Read-ME's router configuration, or the error a Read-ME model without one gets.
@@ -326,16 +614,17 @@ impl ModelConfig {
                 return bad(format!("`{name}` must be positive"));
             }
         }
-        match family {
-            ModelFamily::ReadMe => {
-                if self.n_cluster == 0 {
-                    return bad("Read-ME needs `N_cluster` (experts per layer), positive".into());
-                }
-                match &self.readme_router {
-                    Some(router) => router.validate(path)?,
-                    None => return bad(missing_router()),
-                }
+        if family == ModelFamily::ReadMe {
+            if self.n_cluster == 0 {
+                return bad("Read-ME needs `N_cluster` (experts per layer), positive".into());
             }
+            match &self.readme_router {
+                Some(router) => router.validate(path)?,
+                None => return bad(missing_router()),
+            }
+        }
+        if let Err(m) = self.validate_family(family) {
+            return bad(m);
         }
         if self.vocab_size > u32::MAX as usize {
             return bad(format!("vocab_size {} is too large", self.vocab_size));
@@ -354,7 +643,7 @@ impl ModelConfig {
                 crate::route::MAX_TOP_K
             ));
         }
-        if self.router_top_k > self.n_cluster {
+        if family == ModelFamily::ReadMe && self.router_top_k > self.n_cluster {
             return bad(format!(
                 "router_top_k {} exceeds N_cluster {}",
                 self.router_top_k, self.n_cluster
@@ -485,6 +774,106 @@ impl ModelConfig {
             serde_json::to_string_pretty(self).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
     }
+}
+
+/// transformers' defaults of the fields a family's `config.json` may leave out, where they differ
+/// from Read-ME's (the serde defaults): `rope_theta`, `rms_norm_eps`, `num_key_value_heads`.
+fn family_defaults(family: ModelFamily) -> [(&'static str, serde_json::Value); 3] {
+    use serde_json::json;
+    let null = serde_json::Value::Null;
+    match family {
+        ModelFamily::ReadMe => [("", null.clone()), ("", null.clone()), ("", null)],
+        ModelFamily::Mixtral => [
+            ("rope_theta", json!(1e6)),
+            ("rms_norm_eps", json!(1e-5)),
+            ("num_key_value_heads", json!(8)),
+        ],
+        ModelFamily::Qwen2Moe => [
+            ("rope_theta", json!(1e4)),
+            ("rms_norm_eps", json!(1e-6)),
+            ("num_key_value_heads", json!(16)),
+        ],
+        ModelFamily::Qwen3Moe => [
+            ("rope_theta", json!(1e4)),
+            ("rms_norm_eps", json!(1e-6)),
+            ("num_key_value_heads", json!(4)),
+        ],
+        ModelFamily::Olmoe => [
+            ("rope_theta", json!(1e4)),
+            ("rms_norm_eps", json!(1e-5)),
+            ("", null),
+        ],
+    }
+}
+
+/// Checks a RoPE description (`rope_parameters` of transformers v5, `rope_scaling` of v4): only
+/// plain RoPE is served; any other type or parameter is refused naming `field.key`.
+fn plain_rope(field: &str, v: &serde_json::Value) -> std::result::Result<Option<f64>, String> {
+    let Some(obj) = v.as_object() else {
+        return match v.is_null() {
+            true => Ok(None),
+            false => Err(format!("`{field}` must be an object, got {v}")),
+        };
+    };
+    let mut theta = None;
+    for (k, val) in obj {
+        match k.as_str() {
+            "rope_type" | "type" if val.as_str() == Some("default") => {}
+            "rope_type" | "type" => {
+                return Err(format!(
+                    "{field}.{k} {val} is not served: pregate implements plain RoPE (`default`)"
+                ))
+            }
+            "rope_theta" if field == "rope_parameters" => match val.as_f64() {
+                Some(t) => theta = Some(t),
+                None => return Err(format!("{field}.rope_theta {val} is not a number")),
+            },
+            _ => {
+                return Err(format!(
+                    "{field}.{k} is not served: pregate implements plain RoPE (`default`)"
+                ))
+            }
+        }
+    }
+    Ok(theta)
+}
+
+/// Brings the two spellings transformers writes to one: `dtype` (v5) is `torch_dtype` (v4);
+/// `rope_parameters.rope_theta` (v5) is `rope_theta` (v4), with any RoPE scaling refused; and
+/// the family's defaults fill the fields its config may omit.
+fn normalize_hf_keys(
+    value: &mut serde_json::Value,
+    family: ModelFamily,
+) -> std::result::Result<(), String> {
+    let Some(obj) = value.as_object_mut() else {
+        return Ok(());
+    };
+    if let Some(d) = obj.remove("dtype") {
+        obj.entry("torch_dtype").or_insert(d);
+    }
+    if let Some(scaling) = obj.get("rope_scaling") {
+        plain_rope("rope_scaling", scaling)?;
+    }
+    if let Some(params) = obj.remove("rope_parameters") {
+        if let Some(theta) = plain_rope("rope_parameters", &params)? {
+            match obj.get("rope_theta").and_then(|t| t.as_f64()) {
+                Some(top) if top != theta => {
+                    return Err(format!(
+                        "rope_theta {top} disagrees with rope_parameters.rope_theta {theta}"
+                    ))
+                }
+                _ => {
+                    obj.insert("rope_theta".into(), serde_json::json!(theta));
+                }
+            }
+        }
+    }
+    for (key, default) in family_defaults(family) {
+        if !key.is_empty() && obj.get(key).is_none_or(|v| v.is_null()) {
+            obj.insert(key.into(), default);
+        }
+    }
+    Ok(())
 }
 
 /// The error of a Read-ME config without its router fields.

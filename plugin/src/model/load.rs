@@ -13,12 +13,17 @@ use std::collections::HashMap;
 
 use super::checkpoint::{Checkpoint, FloatDtype};
 use super::family::inventory::pre_gate_inventory;
-use super::family::{AttnProj, FfnProj, Inventory, ModelPlan, PreGatePart, TensorRole, TensorSpec};
+use super::family::{
+    hub, AttnProj, ExpertStorage, FfnPlan, FfnProj, GatingRule, Inventory, ModelFamily, ModelPlan,
+    PreGatePart, QkNorm, StackedProj, TensorRole, TensorSpec,
+};
 use super::names;
 use super::progress::{Finish, NoProgress, Progress};
 use super::weights::{
-    ExpertLayout, ExpertWeights, LayerWeights, Linear, Matrix, ModelWeights, RouterWeights,
+    ExpertLayout, ExpertWeights, LayerExtras, LayerWeights, Linear, Matrix, ModelWeights,
+    RouterWeights,
 };
+use crate::engine::cpu::BackboneWeights;
 use crate::config::{config_path, ModelConfig, ReadMeRouterConfig};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -96,7 +101,7 @@ impl ModelDir {
     fn open_checked(dir: &Path, check: bool) -> Result<Self> {
         let config = ModelConfig::from_file(&config_path(dir))?;
         let checkpoint = Checkpoint::open(dir)?;
-        let layout = detect_layout(&checkpoint)?;
+        let layout = layout_of(&checkpoint, &config)?;
         if check {
             check_config(&checkpoint, &config, layout, &config_path(dir))?;
         }
@@ -120,10 +125,40 @@ impl ModelDir {
         self
     }
 
-    /// Converts every weight to f32.
+    /// Converts every weight to f32 (Read-ME: the backbone and its pre-gating router; a family
+    /// routed in the model has no such router, see [`ModelDir::load_backbone`]).
     pub fn load_weights(&self) -> Result<ModelWeights> {
+        let (backbone, router) = self.load_backbone()?;
+        let router = router.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{} routes inside the model: it has no pre-gating router to load                  (ModelDir::load_backbone loads its weights)",
+                self.plan.family.name()
+            ))
+        })?;
+        Ok(ModelWeights {
+            embed: backbone.embed,
+            layers: backbone.layers,
+            norm: backbone.norm,
+            lm_head: backbone.lm_head,
+            router,
+            layout: self.plan.layout,
+        })
+    }
+
+    /// Converts every weight to f32: the backbone, and the pre-gating router when the family has
+    /// one (Read-ME; `None` for the families whose layers route themselves).
+    pub fn load_backbone(&self) -> Result<(BackboneWeights, Option<RouterWeights>)> {
         let progress = self.progress.as_deref().unwrap_or(&NoProgress);
         load_checked(&self.checkpoint, &self.config, &self.plan, progress)
+    }
+}
+
+/// The expert layout of a checkpoint: detected from Read-ME's names, or whole SwiGLU experts (as
+/// Read-ME's fused layout) for the families routed in the model.
+fn layout_of(ck: &Checkpoint, config: &ModelConfig) -> Result<ExpertLayout> {
+    match config.family() {
+        Ok(f) if f.routes_in_model() => Ok(ExpertLayout::Fused),
+        _ => detect_layout(ck),
     }
 }
 
@@ -137,13 +172,27 @@ impl ModelWeights {
     /// Loads the weights from an opened checkpoint (errors about the config name
     /// `<checkpoint dir>/config.json`).
     pub fn from_checkpoint(ck: &Checkpoint, config: &ModelConfig) -> Result<Self> {
-        let layout = detect_layout(ck)?;
+        let layout = layout_of(ck, config)?;
         check_config(ck, config, layout, &config_path(ck.origin()))?;
         if layout == ExpertLayout::Masked {
             return Err(masked_layout_error(ck.origin()));
         }
         let plan = ModelPlan::from_checkpoint(config, ck, layout)?;
-        load_checked(ck, config, &plan, &NoProgress)
+        let (backbone, router) = load_checked(ck, config, &plan, &NoProgress)?;
+        let router = router.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{} routes inside the model: it has no pre-gating router to load",
+                plan.family.name()
+            ))
+        })?;
+        Ok(ModelWeights {
+            embed: backbone.embed,
+            layers: backbone.layers,
+            norm: backbone.norm,
+            lm_head: backbone.lm_head,
+            router,
+            layout,
+        })
     }
 }
 
@@ -152,7 +201,7 @@ fn load_checked(
     config: &ModelConfig,
     plan: &ModelPlan,
     progress: &dyn Progress,
-) -> Result<ModelWeights> {
+) -> Result<(BackboneWeights, Option<RouterWeights>)> {
     if plan.layout == ExpertLayout::Masked {
         return Err(masked_layout_error(ck.origin()));
     }
@@ -222,6 +271,11 @@ pub fn check_config(
         "num_key_value_heads * head_dim",
         cfg.num_kv_heads() * cfg.head_dim(),
     )?;
+    let family = cfg.family().map_err(|m| Error::config(cfg_path, m))?;
+    if family.routes_in_model() {
+        check_layer_count(ck, cfg, cfg_path)?;
+        return check_family_config(ck, cfg, cfg_path, &agree);
+    }
     agree(
         &names::router("embed.weight"),
         0,
@@ -248,6 +302,26 @@ pub fn check_config(
         cfg.n_cluster,
     )?;
 
+    check_layer_count(ck, cfg, cfg_path)?;
+    if layout != ExpertLayout::Masked {
+        let experts = experts_in_checkpoint(ck);
+        if experts > cfg.n_cluster {
+            return Err(Error::config(
+                cfg_path,
+                format!(
+                    "N_cluster = {} but the checkpoint has expert tensors up to `{}` in {}",
+                    cfg.n_cluster,
+                    names::expert_tensor_names(0, experts - 1)[0],
+                    ck.origin().display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The checkpoint's layers (the highest `model.layers.{l}.` plus one) must be the config's.
+fn check_layer_count(ck: &Checkpoint, cfg: &ModelConfig, cfg_path: &Path) -> Result<()> {
     let layers = ck
         .names()
         .iter()
@@ -268,19 +342,49 @@ pub fn check_config(
             ),
         ));
     }
-    if layout != ExpertLayout::Masked {
-        let experts = experts_in_checkpoint(ck);
-        if experts > cfg.n_cluster {
-            return Err(Error::config(
-                cfg_path,
-                format!(
-                    "N_cluster = {} but the checkpoint has expert tensors up to `{}` in {}",
-                    cfg.n_cluster,
-                    names::expert_tensor_names(0, experts - 1)[0],
-                    ck.origin().display()
-                ),
-            ));
-        }
+    Ok(())
+}
+
+/// A Hugging Face family's config against its first MoE layer: the router's rows are the
+/// experts, the first expert's rows its width, and no expert index beyond the config's.
+fn check_family_config(
+    ck: &Checkpoint,
+    cfg: &ModelConfig,
+    cfg_path: &Path,
+    agree: &dyn Fn(&str, usize, &str, usize) -> Result<()>,
+) -> Result<()> {
+    let family = cfg.family().map_err(|m| Error::config(cfg_path, m))?;
+    let Some(l) = (0..cfg.num_hidden_layers).find(|&l| cfg.is_moe_layer(l)) else {
+        return Ok(());
+    };
+    let experts = cfg.num_experts();
+    let experts_field = match family {
+        ModelFamily::Mixtral => "num_local_experts",
+        _ => "num_experts",
+    };
+    agree(&hub::gate_name(family, l), 0, experts_field, experts)?;
+    let (width, width_field) = cfg.expert_intermediate_size();
+    let per_expert = hub::expert_names(family, l, 0);
+    if ck.contains(&per_expert[0]) {
+        agree(&per_expert[0], 0, width_field, width)?;
+    } else if ck.contains(&hub::stacked_expert_names(l)[0]) {
+        agree(&hub::stacked_expert_names(l)[0], 0, experts_field, experts)?;
+        agree(&hub::stacked_expert_names(l)[1], 2, width_field, width)?;
+    }
+    let names = ck.names();
+    let beyond = names
+        .iter()
+        .filter(|n| n.contains(".experts.") && !n.contains("shared_expert"))
+        .filter_map(|n| Some((n, hub::expert_index(n)?)))
+        .find(|(_, e)| *e >= experts);
+    if let Some((name, _)) = beyond {
+        return Err(Error::config(
+            cfg_path,
+            format!(
+                "{experts_field} = {experts} but the checkpoint has `{name}` in {}",
+                ck.origin().display()
+            ),
+        ));
     }
     Ok(())
 }
@@ -348,22 +452,52 @@ impl Parts<'_> {
 
     fn layer(&mut self, plan: &ModelPlan, l: usize) -> Result<LayerWeights> {
         let attn = |proj| TensorRole::Attention { layer: l, proj };
-        let moe = plan
-            .moe(l)
-            .ok_or_else(|| Error::Internal(format!("layer {l} has no experts")))?;
-        let experts = (0..moe.experts)
-            .map(|e| {
-                self.ffn(|proj| TensorRole::Expert {
-                    layer: l,
-                    expert: e,
-                    proj,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let shared = match moe.shared {
-            Some(_) => Some(self.ffn(|proj| TensorRole::SharedExpert { layer: l, proj })?),
-            None => None,
-        };
+        let lp = plan
+            .layer(l)
+            .ok_or_else(|| Error::Internal(format!("no plan for layer {l}")))?;
+        let (mut experts, mut shared, mut extra) = (Vec::new(), None, LayerExtras::default());
+        match &lp.ffn {
+            FfnPlan::Dense { .. } => {
+                extra.dense = Some(self.ffn(|proj| TensorRole::DenseMlp { layer: l, proj })?);
+            }
+            FfnPlan::Moe(moe) => {
+                experts = match plan.expert_storage {
+                    ExpertStorage::PerExpert => (0..moe.experts)
+                        .map(|e| {
+                            self.ffn(|proj| TensorRole::Expert {
+                                layer: l,
+                                expert: e,
+                                proj,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?,
+                    ExpertStorage::Stacked => self.stacked_experts(l, moe.experts)?,
+                };
+                if moe.shared.is_some() {
+                    shared = Some(self.ffn(|proj| TensorRole::SharedExpert { layer: l, proj })?);
+                }
+                if moe.shared.is_some_and(|s| s.gated) {
+                    extra.shared_gate = Some(self.vector(TensorRole::SharedExpertGate { layer: l })?);
+                }
+                if matches!(moe.gating, GatingRule::SoftmaxTopK { .. }) {
+                    extra.gate = Some(self.matrix(TensorRole::Gate { layer: l })?);
+                }
+            }
+        }
+        if lp.attention.qkv_bias {
+            let bias = |proj| TensorRole::AttentionBias { layer: l, proj };
+            extra.qkv_bias = Some([
+                self.vector(bias(AttnProj::Q))?,
+                self.vector(bias(AttnProj::K))?,
+                self.vector(bias(AttnProj::V))?,
+            ]);
+        }
+        if lp.attention.qk_norm != QkNorm::None {
+            extra.qk_norm = Some([
+                self.vector(TensorRole::QueryNorm { layer: l })?,
+                self.vector(TensorRole::KeyNorm { layer: l })?,
+            ]);
+        }
         Ok(LayerWeights {
             input_norm: self.vector(TensorRole::InputNorm { layer: l })?,
             q: self.matrix(attn(AttnProj::Q))?,
@@ -373,7 +507,31 @@ impl Parts<'_> {
             post_norm: self.vector(TensorRole::PostAttentionNorm { layer: l })?,
             experts,
             shared,
+            extra,
         })
+    }
+
+    /// Layer `l`'s experts sliced out of its stacked `gate_up_proj [E, 2I, H]` (each expert's
+    /// gate rows, then its up rows) and `down_proj [E, H, I]`.
+    fn stacked_experts(&mut self, l: usize, n: usize) -> Result<Vec<ExpertWeights>> {
+        let stacked = |proj| TensorRole::StackedExperts { layer: l, proj };
+        let (gate_up, spec) = self.take(stacked(StackedProj::GateUp))?;
+        let (i, h) = match spec.shape[..] {
+            [_, two_i, h] => (two_i / 2, h),
+            _ => return Err(Error::Internal(format!("`{}` is not 3-D", spec.name))),
+        };
+        let (down, _) = self.take(stacked(StackedProj::Down))?;
+        let block = i * h;
+        Ok((0..n)
+            .map(|e| {
+                let gu = &gate_up[e * 2 * block..(e + 1) * 2 * block];
+                ExpertWeights {
+                    gate: Matrix::new(i, h, gu[..block].to_vec()),
+                    up: Matrix::new(i, h, gu[block..].to_vec()),
+                    down: Matrix::new(h, i, down[e * block..(e + 1) * block].to_vec()),
+                }
+            })
+            .collect())
     }
 
     fn router(&mut self, config: ReadMeRouterConfig) -> Result<RouterWeights> {
@@ -403,7 +561,10 @@ impl<'a> Loader<'a> {
             .collect::<Vec<_>>()
             .into_par_iter()
             .map(|s| {
-                let t = self.ck.float_tensor(&s.name, &s.shape)?;
+                let t = self
+                    .ck
+                    .float_tensor(&s.name, &s.shape)
+                    .map_err(|e| name_the_expert(e, s))?;
                 let v = t.to_f32()?;
                 self.progress.advance(t.data.len() as u64);
                 Ok((s.role, v))
@@ -418,7 +579,11 @@ impl<'a> Loader<'a> {
         self.read_all(&inventory)?.router(config)
     }
 
-    fn model(&self, cfg: &ModelConfig, plan: &ModelPlan) -> Result<ModelWeights> {
+    fn model(
+        &self,
+        cfg: &ModelConfig,
+        plan: &ModelPlan,
+    ) -> Result<(BackboneWeights, Option<RouterWeights>)> {
         let inventory = plan.inventory();
         let mut parts = self.read_all(&inventory)?;
         let layers = (0..plan.layers.len())
@@ -428,14 +593,37 @@ impl<'a> Loader<'a> {
             true => None,
             false => Some(parts.matrix(TensorRole::LmHead)?),
         };
-        Ok(ModelWeights {
+        let router = match plan.pre_gate {
+            Some(_) => Some(parts.router(cfg.router_config()?.clone())?),
+            None => None,
+        };
+        let backbone = BackboneWeights {
             embed: parts.matrix(TensorRole::Embedding)?,
             layers,
             norm: parts.vector(TensorRole::FinalNorm)?,
             lm_head,
-            router: parts.router(cfg.router_config()?.clone())?,
-            layout: plan.layout,
-        })
+        };
+        Ok((backbone, router))
+    }
+}
+
+/// A missing routed-expert tensor is reported with its layer and expert, so a checkpoint cut
+/// short (a lost shard) says which experts it lacks.
+fn name_the_expert(e: Error, spec: &TensorSpec) -> Error {
+    match (e, spec.role) {
+        (Error::MissingTensor { name, dir }, TensorRole::Expert { layer, expert, .. }) => {
+            Error::checkpoint(
+                dir,
+                format!("layer {layer}, expert {expert}: tensor `{name}` is missing"),
+            )
+        }
+        (Error::MissingTensor { name, dir }, TensorRole::StackedExperts { layer, .. }) => {
+            Error::checkpoint(
+                dir,
+                format!("layer {layer}: the experts' tensor `{name}` is missing"),
+            )
+        }
+        (e, _) => e,
     }
 }
 

@@ -248,6 +248,7 @@ fn config(d: Dims) -> ModelConfig {
             nonautoregressive: false,
         }),
         router_top_k: 1,
+        moe: Default::default(),
     }
 }
 

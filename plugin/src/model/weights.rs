@@ -85,8 +85,26 @@ pub struct LayerWeights {
     pub post_norm: Vec<f32>,
     /// The routed experts, `N_cluster` of them.
     pub experts: Vec<ExpertWeights>,
-    /// The always-active shared part (residual layout only).
+    /// The always-active shared part (Read-ME's residual layout, Qwen2-MoE's shared expert).
     pub shared: Option<ExpertWeights>,
+    /// What the Hugging Face MoE families add (all absent for Read-ME).
+    pub extra: LayerExtras,
+}
+
+/// A layer's tensors beyond Read-ME's: the attention extras, the in-model router, the shared
+/// expert's gate and a dense layer's MLP.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerExtras {
+    /// q, k and v biases `[nH*d]`, `[nKV*d]`, `[nKV*d]` (Qwen2-MoE).
+    pub qkv_bias: Option<[Vec<f32>; 3]>,
+    /// Query and key RMSNorm weights: `[d]` each (per head) or `[nH*d]` and `[nKV*d]` (full width).
+    pub qk_norm: Option<[Vec<f32>; 2]>,
+    /// The layer's router `[N, H]` (an in-model gate).
+    pub gate: Option<Matrix>,
+    /// The shared expert's gate `[H]`: its output is scaled by `sigmoid(gate . x)`.
+    pub shared_gate: Option<Vec<f32>>,
+    /// A dense layer's MLP (then `experts` is empty).
+    pub dense: Option<ExpertWeights>,
 }
 
 /// The pre-gating router's weights (`cluster_predictor.*`).

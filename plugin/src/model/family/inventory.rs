@@ -3,13 +3,14 @@
 //! `make-model` writes exactly these, and `inspect` checks a directory against them; a device
 //! backend looks its uploads up by role.
 //!
-//! Names are spelled by [`names`] (Read-ME's Hugging Face Llama names). A family with other names
-//! (Mixtral's `block_sparse_moe.experts.{e}.w1`, Qwen's `mlp.experts.{e}.gate_proj`) adds a name
-//! map here; the roles stay the same, so the loader and the backends do not change.
+//! Names are spelled by [`names`] (Read-ME's Hugging Face Llama names) and, for the MoE block and
+//! the attention extras of the Hugging Face families, by [`hub`] (Mixtral's
+//! `block_sparse_moe.experts.{e}.w1`, Qwen's `mlp.experts.{e}.gate_proj`); the roles are shared,
+//! so the loader and the backends read every family the same way.
 
 use std::collections::HashMap;
 
-use super::{FfnPlan, ModelPlan};
+use super::{hub, ExpertStorage, FfnPlan, ModelPlan, QkNorm};
 use crate::config::ReadMeRouterConfig;
 use crate::error::{Error, Result};
 use crate::model::names;
@@ -42,6 +43,15 @@ pub enum FfnProj {
 impl FfnProj {
     /// Gate, up, down: the order of the `[String; 3]` name triples.
     pub const ALL: [FfnProj; 3] = [FfnProj::Gate, FfnProj::Up, FfnProj::Down];
+}
+
+/// One of the two tensors holding every expert of a layer (transformers v5's stacked form).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StackedProj {
+    /// `gate_up_proj [E, 2I, H]`: each expert's gate rows, then its up rows.
+    GateUp,
+    /// `down_proj [E, H, I]`.
+    Down,
 }
 
 /// A part of Read-ME's pre-gating router (`cluster_predictor.*`).
@@ -97,6 +107,41 @@ pub enum TensorRole {
         /// Which projection.
         proj: AttnProj,
     },
+    /// A layer's q, k or v bias (Qwen2-MoE).
+    AttentionBias {
+        /// The layer.
+        layer: usize,
+        /// Which projection (Q, K or V).
+        proj: AttnProj,
+    },
+    /// A layer's query RMSNorm weight: `[head_dim]` (per head) or `[heads * head_dim]`.
+    QueryNorm {
+        /// The layer.
+        layer: usize,
+    },
+    /// A layer's key RMSNorm weight: `[head_dim]` (per head) or `[kv_heads * head_dim]`.
+    KeyNorm {
+        /// The layer.
+        layer: usize,
+    },
+    /// A layer's in-model router `[experts, H]`.
+    Gate {
+        /// The layer.
+        layer: usize,
+    },
+    /// A layer's shared expert gate `[1, H]` (Qwen2-MoE): the shared output is scaled by
+    /// `sigmoid(gate . x)`.
+    SharedExpertGate {
+        /// The layer.
+        layer: usize,
+    },
+    /// Every routed expert of a layer in one tensor (transformers v5's stacked form).
+    StackedExperts {
+        /// The layer.
+        layer: usize,
+        /// Which of the two.
+        proj: StackedProj,
+    },
     /// A routed expert's matrix: the unit of the expert cache is `(layer, expert)`.
     Expert {
         /// The layer.
@@ -150,7 +195,13 @@ impl TensorRole {
             | TensorRole::SharedExpert { layer, .. }
             | TensorRole::DenseMlp { layer, .. }
             | TensorRole::ResidualMask { layer }
-            | TensorRole::ExpertMask { layer } => Some(layer),
+            | TensorRole::ExpertMask { layer }
+            | TensorRole::AttentionBias { layer, .. }
+            | TensorRole::QueryNorm { layer }
+            | TensorRole::KeyNorm { layer }
+            | TensorRole::Gate { layer }
+            | TensorRole::SharedExpertGate { layer }
+            | TensorRole::StackedExperts { layer, .. } => Some(layer),
             _ => None,
         }
     }
@@ -170,6 +221,8 @@ impl TensorRole {
             TensorRole::FinalNorm
                 | TensorRole::InputNorm { .. }
                 | TensorRole::PostAttentionNorm { .. }
+                | TensorRole::QueryNorm { .. }
+                | TensorRole::KeyNorm { .. }
                 | TensorRole::PreGate {
                     part: PreGatePart::InputNorm | PreGatePart::PostNorm | PreGatePart::OutNorm,
                     ..
@@ -240,8 +293,27 @@ impl Inventory {
             push(vv, vec![kvd, h], attn(AttnProj::V));
             push(o, vec![h, qd], attn(AttnProj::O));
             push(pnorm, vec![h], TensorRole::PostAttentionNorm { layer: l });
-            let mut ffn =
-                |names3: [String; 3], width: usize, role: &dyn Fn(FfnProj) -> TensorRole| {
+            if a.qkv_bias {
+                let [bq, bk, bv] = hub::qkv_bias_names(l);
+                let bias = |proj| TensorRole::AttentionBias { layer: l, proj };
+                push(bq, vec![qd], bias(AttnProj::Q));
+                push(bk, vec![kvd], bias(AttnProj::K));
+                push(bv, vec![kvd], bias(AttnProj::V));
+            }
+            let norms = match a.qk_norm {
+                QkNorm::None => None,
+                QkNorm::PerHead => Some((a.head_dim, a.head_dim)),
+                QkNorm::Full => Some((qd, kvd)),
+            };
+            if let Some((qn, kn)) = norms {
+                let [nq, nk] = hub::qk_norm_names(l);
+                push(nq, vec![qn], TensorRole::QueryNorm { layer: l });
+                push(nk, vec![kn], TensorRole::KeyNorm { layer: l });
+            }
+            let ffn = |push: &mut dyn FnMut(String, Vec<usize>, TensorRole),
+                       names3: [String; 3],
+                       width: usize,
+                       role: &dyn Fn(FfnProj) -> TensorRole| {
                     for (name, proj) in names3.into_iter().zip(FfnProj::ALL) {
                         let shape = match proj {
                             FfnProj::Down => vec![h, width],
@@ -259,18 +331,58 @@ impl Inventory {
                     }),
                     ExpertLayout::Masked,
                 ) => {
-                    ffn(names::dense_mlp_tensor_names(l), *inter, &|proj| {
+                    ffn(&mut push, names::dense_mlp_tensor_names(l), *inter, &|proj| {
                         TensorRole::DenseMlp { layer: l, proj }
                     });
                 }
+                (FfnPlan::Moe(m), _) if plan.family.routes_in_model() => {
+                    let f = plan.family;
+                    push(
+                        hub::gate_name(f, l),
+                        vec![m.experts, h],
+                        TensorRole::Gate { layer: l },
+                    );
+                    if let Some(s) = &m.shared {
+                        ffn(&mut push, hub::shared_expert_names(l), s.inter, &|proj| {
+                            TensorRole::SharedExpert { layer: l, proj }
+                        });
+                        if s.gated {
+                            push(
+                                hub::shared_expert_gate_name(l),
+                                vec![1, h],
+                                TensorRole::SharedExpertGate { layer: l },
+                            );
+                        }
+                    }
+                    match plan.expert_storage {
+                        ExpertStorage::PerExpert => {
+                            for e in 0..m.experts {
+                                ffn(&mut push, hub::expert_names(f, l, e), m.expert_inter, &|proj| {
+                                    TensorRole::Expert {
+                                        layer: l,
+                                        expert: e,
+                                        proj,
+                                    }
+                                });
+                            }
+                        }
+                        ExpertStorage::Stacked => {
+                            let [gu, down] = hub::stacked_expert_names(l);
+                            let i = m.expert_inter;
+                            let stacked = |proj| TensorRole::StackedExperts { layer: l, proj };
+                            push(gu, vec![m.experts, 2 * i, h], stacked(StackedProj::GateUp));
+                            push(down, vec![m.experts, h, i], stacked(StackedProj::Down));
+                        }
+                    }
+                }
                 (FfnPlan::Moe(m), _) => {
                     if let Some(s) = &m.shared {
-                        ffn(names::shared_tensor_names(l), s.inter, &|proj| {
+                        ffn(&mut push, names::shared_tensor_names(l), s.inter, &|proj| {
                             TensorRole::SharedExpert { layer: l, proj }
                         });
                     }
                     for e in 0..m.experts {
-                        ffn(names::expert_tensor_names(l, e), m.expert_inter, &|proj| {
+                        ffn(&mut push, names::expert_tensor_names(l, e), m.expert_inter, &|proj| {
                             TensorRole::Expert {
                                 layer: l,
                                 expert: e,

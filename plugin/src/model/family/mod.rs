@@ -1,12 +1,13 @@
 //! What a model is, once: its family (from `config.json`), a per-layer plan of what the engine
 //! computes ([`ModelPlan`], [`LayerPlan`]) and the tensors it reads ([`inventory`]).
 //!
-//! Only Read-ME is served today (all three expert layouts). The plan is shaped for the real MoE
-//! families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): their attention switches (q/k/v bias, QK
-//! RMSNorm per head or over the full width), dense layers between MoE layers, a shared expert with a
-//! sigmoid gate, and routing inside the forward pass ([`GatingRule::SoftmaxTopK`]) are expressed
-//! here, so adding one is a detection rule, a plan builder and a name map.
+//! Read-ME (all three expert layouts) and the Hugging Face MoE families Mixtral, Qwen2-MoE,
+//! Qwen3-MoE and OLMoE are served. Their attention switches (q/k/v bias, QK RMSNorm per head or
+//! over the full width), dense layers between MoE layers, a shared expert with a sigmoid gate, and
+//! routing inside the forward pass ([`GatingRule::SoftmaxTopK`]) are expressed here, so adding a
+//! family is a detection rule, a plan builder and a name map ([`hub`]).
 
+pub mod hub;
 pub mod inventory;
 
 use super::checkpoint::Checkpoint;
@@ -15,7 +16,9 @@ use super::weights::ExpertLayout;
 use crate::config::{ModelConfig, ReadMeRouterConfig};
 use crate::error::{Error, Result};
 
-pub use inventory::{AttnProj, FfnProj, Inventory, PreGatePart, TensorRole, TensorSpec};
+pub use inventory::{
+    AttnProj, FfnProj, Inventory, PreGatePart, StackedProj, TensorRole, TensorSpec,
+};
 
 /// A model family pregate knows how to serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -23,16 +26,35 @@ pub enum ModelFamily {
     /// Read-ME: a Llama backbone whose MLPs are split into experts, routed by a pre-gating router
     /// (`cluster_predictor`) that runs before the backbone.
     ReadMe,
+    /// Mixtral (`MixtralForCausalLM`): every layer MoE, softmax top-k always renormalised.
+    Mixtral,
+    /// Qwen2-MoE (`Qwen2MoeForCausalLM`): q/k/v biases, a sigmoid-gated shared expert, optional
+    /// dense layers.
+    Qwen2Moe,
+    /// Qwen3-MoE (`Qwen3MoeForCausalLM`): per-head QK RMSNorm, explicit `head_dim`.
+    Qwen3Moe,
+    /// OLMoE (`OlmoeForCausalLM`): full-width QK RMSNorm, optional `clip_qkv`.
+    Olmoe,
 }
 
 impl ModelFamily {
     /// Every family served.
-    pub const ALL: [ModelFamily; 1] = [ModelFamily::ReadMe];
+    pub const ALL: [ModelFamily; 5] = [
+        ModelFamily::ReadMe,
+        ModelFamily::Mixtral,
+        ModelFamily::Qwen2Moe,
+        ModelFamily::Qwen3Moe,
+        ModelFamily::Olmoe,
+    ];
 
     /// The family's name in messages.
     pub fn name(self) -> &'static str {
         match self {
             ModelFamily::ReadMe => "Read-ME",
+            ModelFamily::Mixtral => "Mixtral",
+            ModelFamily::Qwen2Moe => "Qwen2-MoE",
+            ModelFamily::Qwen3Moe => "Qwen3-MoE",
+            ModelFamily::Olmoe => "OLMoE",
         }
     }
 
@@ -41,6 +63,10 @@ impl ModelFamily {
     pub fn architectures(self) -> &'static [&'static str] {
         match self {
             ModelFamily::ReadMe => &["ReadMEForCausalLM", "LlamaForCausalLM"],
+            ModelFamily::Mixtral => &["MixtralForCausalLM"],
+            ModelFamily::Qwen2Moe => &["Qwen2MoeForCausalLM"],
+            ModelFamily::Qwen3Moe => &["Qwen3MoeForCausalLM"],
+            ModelFamily::Olmoe => &["OlmoeForCausalLM"],
         }
     }
 
@@ -48,7 +74,17 @@ impl ModelFamily {
     pub fn model_types(self) -> &'static [&'static str] {
         match self {
             ModelFamily::ReadMe => &["llama", "readme"],
+            ModelFamily::Mixtral => &["mixtral"],
+            ModelFamily::Qwen2Moe => &["qwen2_moe"],
+            ModelFamily::Qwen3Moe => &["qwen3_moe"],
+            ModelFamily::Olmoe => &["olmoe"],
         }
+    }
+
+    /// Whether each layer routes its own hidden state (an in-model gate), rather than a router
+    /// running before the backbone (Read-ME).
+    pub fn routes_in_model(self) -> bool {
+        self != ModelFamily::ReadMe
     }
 
     /// The family of a config: by `architectures[0]`, else by `model_type`; a config with neither
@@ -132,8 +168,8 @@ pub enum GatingRule {
     /// backbone runs; the same routes serve every layer (`route::RouteScope::AllLayers`).
     PreGate,
     /// A per-layer router `[experts, hidden]` on the layer's normed hidden state: softmax over all
-    /// experts, top-k, and the k weights rescaled to sum to 1 when `renormalize` (Mixtral always,
-    /// Qwen by `norm_topk_prob`, OLMoE never). Described for the real families; not served yet.
+    /// experts (f32), top-k (ties to the lower index), and the k weights rescaled to sum to 1 when
+    /// `renormalize` (Mixtral always, Qwen and OLMoE by `norm_topk_prob`).
     SoftmaxTopK {
         /// Whether the k selected weights are divided by their sum.
         renormalize: bool,
@@ -195,6 +231,17 @@ pub struct FfnWidths {
     pub shared: usize,
 }
 
+/// How a checkpoint stores an in-model-routed family's experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertStorage {
+    /// One gate, up and down matrix per expert (the Hub's names; Read-ME's split layouts).
+    PerExpert,
+    /// Every expert of a layer in two 3-D tensors, as transformers v5 holds them in memory:
+    /// `mlp.experts.gate_up_proj [E, 2I, H]` (gate rows, then up rows) and
+    /// `mlp.experts.down_proj [E, H, I]`; sliced per expert at load.
+    Stacked,
+}
+
 /// The whole model's description: built once per config, layout and expert widths.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelPlan {
@@ -214,6 +261,8 @@ pub struct ModelPlan {
     pub layers: Vec<LayerPlan>,
     /// Read-ME's pre-gating router (present iff a layer's gating is [`GatingRule::PreGate`]).
     pub pre_gate: Option<ReadMeRouterConfig>,
+    /// How the routed experts are stored.
+    pub expert_storage: ExpertStorage,
 }
 
 impl ModelPlan {
@@ -229,6 +278,7 @@ impl ModelPlan {
         }
         match family {
             ModelFamily::ReadMe => readme_plan(cfg, layout, widths),
+            _ => hf_plan(cfg, family, ExpertStorage::PerExpert),
         }
     }
 
@@ -240,6 +290,16 @@ impl ModelPlan {
         ck: &Checkpoint,
         layout: ExpertLayout,
     ) -> Result<Self> {
+        let family = cfg.family().map_err(|m| Error::config("config.json", m))?;
+        if family.routes_in_model() {
+            let stacked = (0..cfg.num_hidden_layers)
+                .any(|l| ck.contains(&hub::stacked_expert_names(l)[0]));
+            let storage = match stacked {
+                true => ExpertStorage::Stacked,
+                false => ExpertStorage::PerExpert,
+            };
+            return hf_plan(cfg, family, storage);
+        }
         let h = cfg.hidden_size;
         let widths = (0..cfg.num_hidden_layers)
             .map(|l| {
@@ -372,6 +432,54 @@ fn readme_plan(cfg: &ModelConfig, layout: ExpertLayout, widths: &[FfnWidths]) ->
         rms_norm_eps: cfg.rms_norm_eps,
         layers,
         pre_gate: Some(router),
+        expert_storage: ExpertStorage::PerExpert,
+    })
+}
+
+/// The plan of a Hugging Face MoE family: everything from the config (each family's fields as
+/// transformers reads them), nothing from the checkpoint but how its experts are stored.
+fn hf_plan(cfg: &ModelConfig, family: ModelFamily, storage: ExpertStorage) -> Result<ModelPlan> {
+    let attention = AttentionPlan {
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_kv_heads(),
+        head_dim: cfg.head_dim(),
+        qkv_bias: cfg.qkv_bias(),
+        qk_norm: cfg.qk_norm(),
+        rope_theta: cfg.rope_theta,
+        sliding_window: None,
+    };
+    let moe = MoePlan {
+        experts: cfg.num_experts(),
+        top_k: cfg.experts_per_token(),
+        expert_inter: cfg.expert_intermediate_size().0,
+        shared: cfg
+            .gated_shared_expert_size()
+            .map(|inter| SharedExpertPlan { inter, gated: true }),
+        gating: GatingRule::SoftmaxTopK {
+            renormalize: cfg.renormalize_top_k(),
+        },
+    };
+    let layers = (0..cfg.num_hidden_layers)
+        .map(|l| LayerPlan {
+            attention: attention.clone(),
+            ffn: match cfg.is_moe_layer(l) {
+                true => FfnPlan::Moe(moe),
+                false => FfnPlan::Dense {
+                    inter: cfg.intermediate_size,
+                },
+            },
+        })
+        .collect();
+    Ok(ModelPlan {
+        family,
+        layout: ExpertLayout::Fused,
+        vocab: cfg.vocab_size,
+        hidden: cfg.hidden_size,
+        tied_embeddings: cfg.tie_word_embeddings,
+        rms_norm_eps: cfg.rms_norm_eps,
+        layers,
+        pre_gate: None,
+        expert_storage: storage,
     })
 }
 
