@@ -240,6 +240,12 @@ type OpenedParts = (Box<dyn Backend>, Box<dyn Router>, Arc<CudaHandle>);
 /// Opens the model in `model` on the GPU and returns an engine, plus a handle on the backend.
 /// The router runs where `opts.router` says: on the host, or on this device.
 pub fn open_cuda_engine(model: &ModelDir, opts: &CudaOptions) -> Result<(Engine, Arc<CudaHandle>)> {
+    if model.plan.family.routes_in_model() {
+        return Err(Error::InvalidArgument(format!(
+            "the CUDA backend serves Read-ME models only; {} runs on the CPU backend (--device cpu)",
+            model.plan.family.name()
+        )));
+    }
     let weights = crate::model::RouterWeights::load(&model.checkpoint, &model.config)?;
     fn parts<T: DeviceElem>(
         model: &ModelDir,

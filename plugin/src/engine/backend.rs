@@ -34,6 +34,19 @@ impl ForwardChunk<'_> {
     /// cache, room reserved for `reserved`, and a vocabulary of `vocab` ids. Every backend calls it
     /// for every chunk before touching any KV cache, so a bad chunk changes nothing.
     pub fn check(&self, cached: usize, reserved: usize, vocab: usize) -> Result<()> {
+        self.check_tokens(cached, reserved, vocab)?;
+        if self.routes.len() < self.route_offset + self.tokens.len() {
+            return Err(Error::Internal(format!(
+                "sequence {}: routes missing",
+                self.seq
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`ForwardChunk::check`] without the routes: what a backend whose layers route themselves
+    /// (an in-model gate) checks, since no route is known before its forward pass.
+    pub fn check_tokens(&self, cached: usize, reserved: usize, vocab: usize) -> Result<()> {
         if cached != self.start_pos {
             return Err(Error::Internal(format!(
                 "sequence {}: chunk starts at {} but {cached} tokens are cached",
@@ -43,12 +56,6 @@ impl ForwardChunk<'_> {
         if self.start_pos + self.tokens.len() > reserved {
             return Err(Error::Capacity(format!(
                 "sequence {} would exceed its {reserved} reserved tokens",
-                self.seq
-            )));
-        }
-        if self.routes.len() < self.route_offset + self.tokens.len() {
-            return Err(Error::Internal(format!(
-                "sequence {}: routes missing",
                 self.seq
             )));
         }
@@ -92,6 +99,19 @@ impl StepRoutes {
     pub fn layer(&self, layer: usize) -> &[TokenRoute] {
         &self.0[layer.min(self.0.len() - 1)]
     }
+}
+
+/// The experts an in-model gate chose for one chunk's tokens, at every layer: what a backend
+/// traces (see [`Backend::trace_routes`]) so that every token's experts can be compared with a
+/// reference implementation's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkRoutes {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Position of the chunk's first token.
+    pub start_pos: usize,
+    /// `layers[l][i]`: the route of token `start_pos + i` at layer `l`; empty for a dense layer.
+    pub layers: Vec<Vec<TokenRoute>>,
 }
 
 /// Refuses a sequence longer than the model's positions: every backend checks a reservation
@@ -149,6 +169,24 @@ pub trait Backend: Send {
     /// not measure it, or performs no loads (the CPU backend's cache is accounting only).
     fn expert_stall_seconds(&self) -> f64 {
         0.0
+    }
+
+    /// Starts (or stops) recording the routes an in-model gate makes in each forward pass, for
+    /// [`Backend::take_route_trace`]. An error for a backend that does not route in the model.
+    fn trace_routes(&mut self, on: bool) -> Result<()> {
+        match on {
+            false => Ok(()),
+            true => Err(Error::InvalidArgument(format!(
+                "backend {} makes no in-model routes to trace",
+                self.device_name()
+            ))),
+        }
+    }
+
+    /// The routes the last forward pass made inside the model, one entry per chunk in order, when
+    /// tracing is on (empty otherwise); taking them clears them.
+    fn take_route_trace(&mut self) -> Vec<ChunkRoutes> {
+        Vec::new()
     }
 
     /// Whether the backend runs the router itself, on its device ([`Backend::route_logits`]);

@@ -9,13 +9,15 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use super::backend::{Backend, ForwardChunk, Lookahead, SeqId, StepRoutes};
+use super::backend::{Backend, ChunkRoutes, ForwardChunk, Lookahead, SeqId, StepRoutes};
 use crate::cache::{EvictionPolicy, ExpertCache, ExpertCapacity};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::weights::{LayerWeights, Matrix};
 use crate::moe::{step_experts, CpuExperts};
-use crate::ops::{attention, matmul_t, rms_norm, AttentionShape, RopeTable};
+use crate::model::family::QkNorm;
+use crate::ops::{attention, matmul_t, rms_norm, swiglu_ffn, AttentionShape, RopeTable};
+use crate::router::in_model::route_hidden;
 
 /// One sequence's keys and values, per layer `[len, n_kv_heads * head_dim]`.
 struct SeqKv {
@@ -57,6 +59,13 @@ impl BackboneWeights {
     }
 }
 
+/// How a model's own gates route (the Hugging Face MoE families).
+#[derive(Debug, Clone, Copy)]
+struct InModelGating {
+    top_k: usize,
+    renormalize: bool,
+}
+
 /// The CPU backend.
 pub struct CpuBackend {
     cfg: ModelConfig,
@@ -65,10 +74,19 @@ pub struct CpuBackend {
     shape: AttentionShape,
     kv: HashMap<SeqId, SeqKv>,
     experts: CpuExperts,
+    /// Each decoder layer's index in the expert runtime; `None` for a dense layer.
+    moe_index: Vec<Option<usize>>,
+    /// Set when every MoE layer routes its own hidden state.
+    in_model: Option<InModelGating>,
+    clip_qkv: Option<f32>,
+    /// The routes of the last forward pass, when tracing.
+    trace: Option<Vec<ChunkRoutes>>,
 }
 
 impl CpuBackend {
     /// A backend over `weights` for `cfg`; the layers' experts move into the expert runtime.
+    /// A layer with routed experts is an MoE layer (routed by its own gate when it has one, else by
+    /// the chunks' routes); a layer without is dense and must carry its MLP.
     pub fn new(cfg: ModelConfig, mut weights: BackboneWeights) -> Result<Self> {
         let d = cfg.head_dim();
         let shape = AttentionShape {
@@ -77,21 +95,52 @@ impl CpuBackend {
             head_dim: d,
             scale: 1.0 / (d as f32).sqrt(),
         };
+        check_layer_extras(&cfg, &weights)?;
         let rope = RopeTable::new(d, cfg.rope_theta, cfg.max_position_embeddings);
-        let routed = weights
+        let mut moe_index = Vec::with_capacity(weights.layers.len());
+        let (mut routed, mut shared, mut gates) = (Vec::new(), Vec::new(), Vec::new());
+        for layer in weights.layers.iter_mut() {
+            if layer.experts.is_empty() {
+                moe_index.push(None);
+                continue;
+            }
+            moe_index.push(Some(routed.len()));
+            routed.push(std::mem::take(&mut layer.experts));
+            shared.push(layer.shared.take());
+            gates.push(layer.extra.shared_gate.take());
+        }
+        let gated = weights
             .layers
-            .iter_mut()
-            .map(|l| std::mem::take(&mut l.experts))
-            .collect();
-        let shared = weights.layers.iter_mut().map(|l| l.shared.take()).collect();
-        let experts = CpuExperts::new(routed, shared, cfg.hidden_size, cfg.router_top_k.max(1))?;
+            .iter()
+            .zip(&moe_index)
+            .filter(|(_, m)| m.is_some())
+            .map(|(l, _)| l.extra.gate.is_some())
+            .collect::<Vec<_>>();
+        let in_model = match (gated.iter().all(|&g| g), gated.iter().any(|&g| g)) {
+            (true, true) => Some(InModelGating {
+                top_k: cfg.experts_per_token(),
+                renormalize: cfg.renormalize_top_k(),
+            }),
+            (_, false) => None,
+            (false, true) => {
+                return Err(Error::InvalidArgument(
+                    "some MoE layers have an in-model gate and others not".into(),
+                ))
+            }
+        };
+        let experts = CpuExperts::new(routed, shared, cfg.hidden_size, cfg.experts_per_token())?
+            .with_shared_gates(gates)?;
         Ok(CpuBackend {
+            clip_qkv: cfg.clip_qkv(),
             cfg,
             w: weights,
             rope,
             shape,
             kv: HashMap::new(),
             experts,
+            moe_index,
+            in_model,
+            trace: None,
         })
     }
 
@@ -110,6 +159,65 @@ impl CpuBackend {
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.cfg.num_hidden_layers * self.shape.n_kv_heads * self.shape.head_dim * 4
     }
+}
+
+/// Checks the family tensors of every layer against the config, so that a forward pass cannot
+/// meet a vector of the wrong length: q/k/v biases, QK norms (per head or full width), a dense
+/// layer's MLP, an in-model gate of `[experts, H]` and a shared gate of `[H]`.
+fn check_layer_extras(cfg: &ModelConfig, w: &BackboneWeights) -> Result<()> {
+    let (h, d) = (cfg.hidden_size, cfg.head_dim());
+    let (qd, kvd) = (cfg.num_attention_heads * d, cfg.num_kv_heads() * d);
+    let bad = |l: usize, what: String| Err(Error::InvalidArgument(format!("layer {l}: {what}")));
+    for (l, layer) in w.layers.iter().enumerate() {
+        let x = &layer.extra;
+        if let Some([bq, bk, bv]) = &x.qkv_bias {
+            if (bq.len(), bk.len(), bv.len()) != (qd, kvd, kvd) {
+                return bad(l, format!("q/k/v biases of {}, {}, {} values", bq.len(), bk.len(), bv.len()));
+            }
+        }
+        if let Some([nq, nk]) = &x.qk_norm {
+            let ok = match cfg.qk_norm() {
+                QkNorm::PerHead => nq.len() == d && nk.len() == d,
+                QkNorm::Full => nq.len() == qd && nk.len() == kvd,
+                QkNorm::None => false,
+            };
+            if !ok {
+                return bad(l, format!("q/k norms of {} and {} values", nq.len(), nk.len()));
+            }
+        } else if cfg.qk_norm() != QkNorm::None {
+            return bad(l, "the q/k norms are missing".into());
+        }
+        if layer.experts.is_empty() && x.dense.is_none() {
+            return bad(l, "neither routed experts nor a dense MLP".into());
+        }
+        if let Some(g) = &x.gate {
+            if (g.rows, g.cols) != (layer.experts.len(), h) {
+                return bad(l, format!("a gate of [{}, {}] for {} experts", g.rows, g.cols, layer.experts.len()));
+            }
+        }
+        if let Some(dense) = &x.dense {
+            let i = dense.inter();
+            if (dense.gate.cols, dense.up.rows, dense.up.cols, dense.down.rows, dense.down.cols)
+                != (h, i, h, h, i)
+            {
+                return bad(l, "a dense MLP that is no FFN of the hidden width".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds `bias` to each `bias.len()`-wide row of `x`.
+fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len().max(1)) {
+        crate::ops::add_assign(row, bias);
+    }
+}
+
+/// RMSNorm in place over rows of `w.len()` (a head, or the whole projected width).
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let input = x.to_vec();
+    rms_norm(&input, w, eps, x);
 }
 
 impl Backend for CpuBackend {
@@ -148,12 +256,34 @@ impl Backend for CpuBackend {
         // Validate everything before touching any KV cache, so a bad chunk changes nothing.
         for c in chunks {
             let kv = self.kv.get(&c.seq).ok_or(Error::UnknownSequence(c.seq))?;
-            c.check(kv.len(), kv.max_len, vocab)?;
+            match self.in_model {
+                Some(_) => c.check_tokens(kv.len(), kv.max_len, vocab)?,
+                None => c.check(kv.len(), kv.max_len, vocab)?,
+            }
         }
-        // Every layer's routes are checked before any KV cache changes.
-        let routes = StepRoutes::of(chunks, self.w.layers.len());
-        for l in 0..self.w.layers.len() {
-            self.experts.check(l, routes.layer(l))?;
+        // Routes known ahead (a pre-gate router) are checked before any KV cache changes; an
+        // in-model gate makes each layer's routes as the layer runs.
+        let known = match self.in_model {
+            Some(_) => None,
+            None => {
+                let routes = StepRoutes::of(chunks, self.w.layers.len());
+                for (l, m) in self.moe_index.iter().enumerate() {
+                    if let Some(m) = m {
+                        self.experts.check(*m, routes.layer(l))?;
+                    }
+                }
+                Some(routes)
+            }
+        };
+        if let Some(trace) = self.trace.as_mut() {
+            *trace = chunks
+                .iter()
+                .map(|c| ChunkRoutes {
+                    seq: c.seq,
+                    start_pos: c.start_pos,
+                    layers: vec![Vec::new(); self.w.layers.len()],
+                })
+                .collect();
         }
         let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let mut x = Vec::with_capacity(total * hdim);
@@ -162,6 +292,7 @@ impl Backend for CpuBackend {
                 x.extend_from_slice(self.w.embed.row(t as usize));
             }
         }
+        let eps = cfg.rms_norm_eps;
         let mut h = vec![0.0f32; total * hdim];
         let mut q = vec![0.0f32; total * q_width];
         let mut k = vec![0.0f32; total * kv_width];
@@ -169,10 +300,26 @@ impl Backend for CpuBackend {
         let mut att = vec![0.0f32; total * q_width];
         let mut o = vec![0.0f32; total * hdim];
         for (l, layer) in self.w.layers.iter().enumerate() {
-            rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps, &mut h);
+            rms_norm(&x, &layer.input_norm, eps, &mut h);
             matmul_t(&h, total, &layer.q, &mut q);
             matmul_t(&h, total, &layer.k, &mut k);
             matmul_t(&h, total, &layer.v, &mut v);
+            if let Some([bq, bk, bv]) = &layer.extra.qkv_bias {
+                add_bias(&mut q, bq);
+                add_bias(&mut k, bk);
+                add_bias(&mut v, bv);
+            }
+            // Per head (a weight of head_dim) or over the full width: rows of the weight's length.
+            if let Some([nq, nk]) = &layer.extra.qk_norm {
+                rms_norm_in_place(&mut q, nq, eps);
+                rms_norm_in_place(&mut k, nk, eps);
+            }
+            // OLMoE clamps after the norm, before RoPE.
+            if let Some(c) = self.clip_qkv {
+                for val in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
+                    *val = val.clamp(-c, c);
+                }
+            }
             let mut row = 0;
             for c in chunks {
                 for i in 0..c.tokens.len() {
@@ -213,9 +360,33 @@ impl Backend for CpuBackend {
             });
             matmul_t(&att, total, &layer.o, &mut o);
             crate::ops::add_assign(&mut x, &o);
-            rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps, &mut h);
-            self.experts
-                .forward_layer(l, &h, routes.layer(l), &mut o, false)?;
+            rms_norm(&x, &layer.post_norm, eps, &mut h);
+            match (self.moe_index[l], &layer.extra.dense) {
+                (None, Some(dense)) => swiglu_ffn(&h, total, dense, &mut o),
+                (None, None) => {
+                    return Err(Error::Internal(format!("layer {l} has no feed-forward part")))
+                }
+                (Some(m), _) => {
+                    let made;
+                    let routes = match (&known, self.in_model, &layer.extra.gate) {
+                        (Some(known), _, _) => known.layer(l),
+                        (None, Some(g), Some(gate)) => {
+                            made = route_hidden(&h, gate, g.top_k, g.renormalize)?;
+                            &made[..]
+                        }
+                        _ => return Err(Error::Internal(format!("layer {l} has no routes"))),
+                    };
+                    if let Some(trace) = self.trace.as_mut() {
+                        let mut at = 0;
+                        for (entry, c) in trace.iter_mut().zip(chunks) {
+                            let n = c.tokens.len();
+                            entry.layers[l] = routes[at..at + n].to_vec();
+                            at += n;
+                        }
+                    }
+                    self.experts.forward_layer(m, &h, routes, &mut o, false)?;
+                }
+            }
             crate::ops::add_assign(&mut x, &o);
         }
         self.experts.end_step();
@@ -230,7 +401,7 @@ impl Backend for CpuBackend {
         }
         let m = last.len() / hdim;
         let mut normed = vec![0.0f32; last.len()];
-        rms_norm(&last, &self.w.norm, cfg.rms_norm_eps, &mut normed);
+        rms_norm(&last, &self.w.norm, eps, &mut normed);
         let head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
         let mut logits = vec![0.0f32; m * vocab];
         matmul_t(&normed, m, head, &mut logits);
@@ -238,12 +409,28 @@ impl Backend for CpuBackend {
     }
 
     fn prepare(&mut self, lookahead: &Lookahead) -> Result<()> {
-        let layers = self.cfg.num_hidden_layers;
+        let layers = self.experts.shape().layers;
         self.experts.plan(&step_experts(&lookahead.steps, layers))
     }
 
     fn expert_cache(&self) -> Option<&ExpertCache> {
         self.experts.cache()
+    }
+
+    fn trace_routes(&mut self, on: bool) -> Result<()> {
+        if on && self.in_model.is_none() {
+            return Err(Error::InvalidArgument(
+                "this model is routed before the backbone (its routes are the engine's): there \
+                 are no in-model routes to trace"
+                    .into(),
+            ));
+        }
+        self.trace = on.then(Vec::new);
+        Ok(())
+    }
+
+    fn take_route_trace(&mut self) -> Vec<ChunkRoutes> {
+        self.trace.as_mut().map(std::mem::take).unwrap_or_default()
     }
 }
 

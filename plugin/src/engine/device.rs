@@ -6,11 +6,11 @@ use std::str::FromStr;
 use crate::error::{Error, Result};
 use crate::model::ModelDir;
 
-use super::cpu::{BackboneWeights, CpuBackend};
+use super::cpu::CpuBackend;
 use super::options::EngineOptions;
 use super::Engine;
 use crate::cuda::{open_cuda_engine, CudaOptions};
-use crate::router::{HostReadMeRouter, ReadMeRouter};
+use crate::router::{HostReadMeRouter, InModelRouter, ReadMeRouter, Router};
 
 /// A device a model can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -89,13 +89,17 @@ fn log_once(msg: &str) {
 }
 
 fn open_cpu(model: &ModelDir, opts: &EngineOptions) -> Result<Engine> {
-    let (backbone, router) = BackboneWeights::split(model.load_weights()?);
-    let router = HostReadMeRouter::new(ReadMeRouter::new(router, &model.config));
+    let (backbone, router) = model.load_backbone()?;
+    let cfg = &model.config;
+    let router: Box<dyn Router> = match router {
+        Some(r) => Box::new(HostReadMeRouter::new(ReadMeRouter::new(r, cfg))),
+        None => Box::new(InModelRouter::new(cfg.num_experts(), cfg.experts_per_token())),
+    };
     let mut backend = CpuBackend::new(model.config.clone(), backbone)?;
     if let Some(c) = opts.expert_cache {
         backend = backend.with_expert_cache(c.capacity, c.policy)?;
     }
-    Ok(Engine::new(Box::new(backend), Box::new(router)))
+    Ok(Engine::new(Box::new(backend), router))
 }
 
 /// Loads the model in `dir` onto `device` with the backend's default options and returns an

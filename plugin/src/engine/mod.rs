@@ -19,7 +19,9 @@ use rayon::prelude::*;
 
 pub use crate::cache::ExpertCapacity;
 pub use crate::cuda::{CudaDtype, RouterPlacement};
-pub use backend::{check_max_len, Backend, ForwardChunk, Lookahead, SeqId, StepRoutes};
+pub use backend::{
+    check_max_len, Backend, ChunkRoutes, ForwardChunk, Lookahead, SeqId, StepRoutes,
+};
 pub use device::{open_engine, open_engine_with, Device};
 pub use driver::{StepDriver, ViewOrder};
 pub use options::{EngineOptions, EnvVar, ExpertCacheOptions, ExpertFfn, ENVIRONMENT};
@@ -106,6 +108,9 @@ pub struct StepOutput {
     /// Sequences whose own sampling or routing failed, with their errors; they are gone from the
     /// engine (KV space and router state freed).
     pub failed: Vec<(SeqId, Error)>,
+    /// The routes the model's own gates made for every chunk of the step, when tracing is on
+    /// ([`Engine::trace_routes`]); empty otherwise.
+    pub routes: Vec<ChunkRoutes>,
 }
 
 impl StepOutput {
@@ -213,6 +218,13 @@ impl Engine {
     /// The router.
     pub fn router(&self) -> &dyn Router {
         self.router.as_ref()
+    }
+
+    /// Records the routes an in-model router's gates make in every step (every layer's experts
+    /// of every computed token) in [`StepOutput::routes`]: a debugging and parity aid. An error
+    /// when the backend makes no in-model routes.
+    pub fn trace_routes(&mut self, on: bool) -> Result<()> {
+        self.backend.trace_routes(on)
     }
 
     /// Checks a request against the model without admitting it.
@@ -455,6 +467,7 @@ impl Engine {
                 .collect();
             self.backend.forward(&chunks)?
         };
+        let traced = self.backend.take_route_trace();
         let mut logits = logits.into_iter();
         // Sample every sequence that completed, then route all the new tokens in one pass: the
         // router's weights are read once per step instead of once per sequence, and the next step
@@ -528,6 +541,10 @@ impl Engine {
         for (seq, _) in &failed {
             self.remove(*seq);
         }
-        Ok(StepOutput { events, failed })
+        Ok(StepOutput {
+            events,
+            failed,
+            routes: traced,
+        })
     }
 }

@@ -1,5 +1,8 @@
 //! Model shapes of `pregate make-model`: `tiny` (tests), `small` (the demo) and `readme-7b` (the
-//! real Read-ME shape, for GPU benchmarks).
+//! real Read-ME shape, for GPU benchmarks); per Hugging Face family a tiny shape for tests
+//! (`mixtral-tiny`, `qwen2-moe-tiny`, `qwen3-moe-tiny`, `olmoe-tiny`) and the real shapes of
+//! `mixtral-8x7b`, `qwen2-moe-a2.7b`, `qwen3-30b-a3b` and `olmoe-1b-7b` (random weights, Hub
+//! tensor names; fewer layers with [`ModelSpec::with_layers`]).
 
 use crate::config::{ModelConfig, ReadMeRouterConfig, TokenIds};
 use crate::error::{Error, Result};
@@ -18,11 +21,42 @@ pub enum Preset {
     Small,
     /// Read-ME on Llama-2-7B: 32 layers, 7 experts of 5504 channels, about 17.6 B parameters, bf16.
     Readme7b,
+    /// Mixtral, 2 layers of 4 experts, top-2, f32: for tests.
+    MixtralTiny,
+    /// Qwen2-MoE, 3 layers (the middle one dense), 4 experts top-2, a gated shared expert, q/k/v
+    /// biases, f32: for tests.
+    Qwen2MoeTiny,
+    /// Qwen3-MoE, 2 layers of 8 experts top-2 renormalised, head_dim 32 != hidden/heads, per-head
+    /// QK norm, f32: for tests.
+    Qwen3MoeTiny,
+    /// OLMoE, 2 layers of 8 experts top-2 (not renormalised), full-width QK norm, `clip_qkv`, f32:
+    /// for tests.
+    OlmoeTiny,
+    /// Mixtral-8x7B: 32 layers of 8 experts of 14336 channels, top-2, about 46.7 B parameters.
+    Mixtral8x7b,
+    /// Qwen1.5-MoE-A2.7B: 24 layers of 60 experts of 1408 channels, top-4, a shared expert of 5632.
+    Qwen2MoeA27b,
+    /// Qwen3-30B-A3B: 48 layers of 128 experts of 768 channels, top-8, head_dim 128.
+    Qwen3_30bA3b,
+    /// OLMoE-1B-7B: 16 layers of 64 experts of 1024 channels, top-8.
+    Olmoe1b7b,
 }
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 3] = [Preset::Tiny, Preset::Small, Preset::Readme7b];
+    pub const ALL: [Preset; 11] = [
+        Preset::Tiny,
+        Preset::Small,
+        Preset::Readme7b,
+        Preset::MixtralTiny,
+        Preset::Qwen2MoeTiny,
+        Preset::Qwen3MoeTiny,
+        Preset::OlmoeTiny,
+        Preset::Mixtral8x7b,
+        Preset::Qwen2MoeA27b,
+        Preset::Qwen3_30bA3b,
+        Preset::Olmoe1b7b,
+    ];
 
     /// The name the CLI uses.
     pub fn name(self) -> &'static str {
@@ -30,6 +64,14 @@ impl Preset {
             Preset::Tiny => "tiny",
             Preset::Small => "small",
             Preset::Readme7b => "readme-7b",
+            Preset::MixtralTiny => "mixtral-tiny",
+            Preset::Qwen2MoeTiny => "qwen2-moe-tiny",
+            Preset::Qwen3MoeTiny => "qwen3-moe-tiny",
+            Preset::OlmoeTiny => "olmoe-tiny",
+            Preset::Mixtral8x7b => "mixtral-8x7b",
+            Preset::Qwen2MoeA27b => "qwen2-moe-a2.7b",
+            Preset::Qwen3_30bA3b => "qwen3-30b-a3b",
+            Preset::Olmoe1b7b => "olmoe-1b-7b",
         }
     }
 
@@ -39,14 +81,19 @@ impl Preset {
             .into_iter()
             .find(|p| p.name() == name)
             .ok_or_else(|| {
+                let all: Vec<&str> = Self::ALL.iter().map(|p| p.name()).collect();
                 Error::InvalidArgument(format!(
-                    "unknown preset `{name}`: expected one of tiny, small, readme-7b"
+                    "unknown preset `{name}`: expected one of {}",
+                    all.join(", ")
                 ))
             })
     }
 
     /// The preset's full shape.
     pub fn spec(self) -> ModelSpec {
+        if let Some(spec) = hf_spec(self) {
+            return spec;
+        }
         match self {
             Preset::Tiny => ModelSpec {
                 config: config(Dims {
@@ -108,6 +155,7 @@ impl Preset {
                 shared_inter: 1376,
                 max_shard_bytes: DEFAULT_SHARD_BYTES,
             },
+            _ => unreachable!("every Hugging Face preset has an hf_spec"),
         }
     }
 }
@@ -162,6 +210,19 @@ impl ModelSpec {
         }
     }
 
+    /// The same shape with `layers` decoder layers (a real shape cut short for a test or a
+    /// benchmark); Qwen's dense layers beyond it are dropped.
+    pub fn with_layers(mut self, layers: usize) -> Result<Self> {
+        if layers == 0 {
+            return Err(Error::InvalidArgument("a model needs at least one layer".into()));
+        }
+        self.config.num_hidden_layers = layers;
+        if let Some(dense) = self.config.moe.mlp_only_layers.as_mut() {
+            dense.retain(|&l| l < layers);
+        }
+        Ok(self)
+    }
+
     /// The model's description in `layout`.
     pub fn plan(&self, layout: ExpertLayout) -> Result<ModelPlan> {
         let widths = vec![self.widths(layout); self.config.num_hidden_layers];
@@ -192,7 +253,7 @@ impl ModelSpec {
             )
         });
         let c = &self.config;
-        let active_experts = experts / c.n_cluster.max(1) * c.router_top_k;
+        let active_experts = experts / c.num_experts().max(1) * c.experts_per_token();
         Ok(ParamCounts {
             total,
             active: total - experts + active_experts,
@@ -200,6 +261,258 @@ impl ModelSpec {
             per_expert_layer,
         })
     }
+}
+
+/// The shape of a Hugging Face family preset: the family's config fields (as its Hub config
+/// spells them), `None` for Read-ME's presets.
+fn hf_spec(p: Preset) -> Option<ModelSpec> {
+    use crate::config::FamilyFields;
+    struct Hf {
+        arch: &'static str,
+        model_type: &'static str,
+        vocab: usize,
+        hidden: usize,
+        inter: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        positions: usize,
+        rope_theta: f32,
+        eps: f32,
+        dtype: FloatDtype,
+        moe: FamilyFields,
+    }
+    let tiny = FloatDtype::F32;
+    let bf16 = FloatDtype::BF16;
+    let fields = FamilyFields {
+        hidden_act: Some("silu".into()),
+        ..Default::default()
+    };
+    let hf = match p {
+        Preset::MixtralTiny => Hf {
+            arch: "MixtralForCausalLM",
+            model_type: "mixtral",
+            vocab: 512,
+            hidden: 64,
+            inter: 96,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            positions: 512,
+            rope_theta: 1e6,
+            eps: 1e-5,
+            dtype: tiny,
+            moe: FamilyFields {
+                num_local_experts: Some(4),
+                num_experts_per_tok: Some(2),
+                ..fields
+            },
+        },
+        Preset::Qwen2MoeTiny => Hf {
+            arch: "Qwen2MoeForCausalLM",
+            model_type: "qwen2_moe",
+            vocab: 512,
+            hidden: 64,
+            inter: 128,
+            layers: 3,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            positions: 512,
+            rope_theta: 1e4,
+            eps: 1e-6,
+            dtype: tiny,
+            moe: FamilyFields {
+                num_experts: Some(4),
+                num_experts_per_tok: Some(2),
+                moe_intermediate_size: Some(48),
+                shared_expert_intermediate_size: Some(80),
+                norm_topk_prob: Some(false),
+                decoder_sparse_step: Some(1),
+                mlp_only_layers: Some(vec![1]),
+                qkv_bias: Some(true),
+                use_sliding_window: Some(false),
+                ..fields
+            },
+        },
+        Preset::Qwen3MoeTiny => Hf {
+            arch: "Qwen3MoeForCausalLM",
+            model_type: "qwen3_moe",
+            vocab: 512,
+            hidden: 64,
+            inter: 128,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 32,
+            positions: 512,
+            rope_theta: 1e6,
+            eps: 1e-6,
+            dtype: tiny,
+            moe: FamilyFields {
+                num_experts: Some(8),
+                num_experts_per_tok: Some(2),
+                moe_intermediate_size: Some(32),
+                norm_topk_prob: Some(true),
+                decoder_sparse_step: Some(1),
+                mlp_only_layers: Some(vec![]),
+                attention_bias: Some(false),
+                use_sliding_window: Some(false),
+                ..fields
+            },
+        },
+        Preset::OlmoeTiny => Hf {
+            arch: "OlmoeForCausalLM",
+            model_type: "olmoe",
+            vocab: 512,
+            hidden: 64,
+            inter: 32,
+            layers: 2,
+            heads: 4,
+            kv_heads: 4,
+            head_dim: 16,
+            positions: 512,
+            rope_theta: 1e4,
+            eps: 1e-5,
+            dtype: tiny,
+            moe: FamilyFields {
+                num_experts: Some(8),
+                num_experts_per_tok: Some(2),
+                norm_topk_prob: Some(false),
+                clip_qkv: Some(3.0),
+                attention_bias: Some(false),
+                ..fields
+            },
+        },
+        Preset::Mixtral8x7b => Hf {
+            arch: "MixtralForCausalLM",
+            model_type: "mixtral",
+            vocab: 32000,
+            hidden: 4096,
+            inter: 14336,
+            layers: 32,
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            positions: 32768,
+            rope_theta: 1e6,
+            eps: 1e-5,
+            dtype: bf16,
+            moe: FamilyFields {
+                num_local_experts: Some(8),
+                num_experts_per_tok: Some(2),
+                ..fields
+            },
+        },
+        Preset::Qwen2MoeA27b => Hf {
+            arch: "Qwen2MoeForCausalLM",
+            model_type: "qwen2_moe",
+            vocab: 151936,
+            hidden: 2048,
+            inter: 5632,
+            layers: 24,
+            heads: 16,
+            kv_heads: 16,
+            head_dim: 128,
+            positions: 8192,
+            rope_theta: 1e6,
+            eps: 1e-6,
+            dtype: bf16,
+            moe: FamilyFields {
+                num_experts: Some(60),
+                num_experts_per_tok: Some(4),
+                moe_intermediate_size: Some(1408),
+                shared_expert_intermediate_size: Some(5632),
+                norm_topk_prob: Some(false),
+                decoder_sparse_step: Some(1),
+                mlp_only_layers: Some(vec![]),
+                qkv_bias: Some(true),
+                use_sliding_window: Some(false),
+                ..fields
+            },
+        },
+        Preset::Qwen3_30bA3b => Hf {
+            arch: "Qwen3MoeForCausalLM",
+            model_type: "qwen3_moe",
+            vocab: 151936,
+            hidden: 2048,
+            inter: 6144,
+            layers: 48,
+            heads: 32,
+            kv_heads: 4,
+            head_dim: 128,
+            positions: 40960,
+            rope_theta: 1e6,
+            eps: 1e-6,
+            dtype: bf16,
+            moe: FamilyFields {
+                num_experts: Some(128),
+                num_experts_per_tok: Some(8),
+                moe_intermediate_size: Some(768),
+                norm_topk_prob: Some(true),
+                decoder_sparse_step: Some(1),
+                mlp_only_layers: Some(vec![]),
+                attention_bias: Some(false),
+                use_sliding_window: Some(false),
+                ..fields
+            },
+        },
+        Preset::Olmoe1b7b => Hf {
+            arch: "OlmoeForCausalLM",
+            model_type: "olmoe",
+            vocab: 50304,
+            hidden: 2048,
+            inter: 1024,
+            layers: 16,
+            heads: 16,
+            kv_heads: 16,
+            head_dim: 128,
+            positions: 4096,
+            rope_theta: 1e4,
+            eps: 1e-5,
+            dtype: bf16,
+            moe: FamilyFields {
+                num_experts: Some(64),
+                num_experts_per_tok: Some(8),
+                norm_topk_prob: Some(false),
+                attention_bias: Some(false),
+                ..fields
+            },
+        },
+        Preset::Tiny | Preset::Small | Preset::Readme7b => return None,
+    };
+    let config = ModelConfig {
+        architectures: vec![hf.arch.into()],
+        model_type: Some(hf.model_type.into()),
+        vocab_size: hf.vocab,
+        hidden_size: hf.hidden,
+        intermediate_size: hf.inter,
+        num_hidden_layers: hf.layers,
+        num_attention_heads: hf.heads,
+        num_key_value_heads: Some(hf.kv_heads),
+        head_dim: Some(hf.head_dim),
+        rms_norm_eps: hf.eps,
+        rope_theta: hf.rope_theta,
+        max_position_embeddings: hf.positions,
+        tie_word_embeddings: false,
+        bos_token_id: Some(1),
+        eos_token_id: Some(TokenIds::One(2)),
+        torch_dtype: Some(hf.dtype.torch_name().into()),
+        n_cluster: 0,
+        readme_router: None,
+        router_top_k: 1,
+        moe: hf.moe,
+    };
+    let (expert_inter, _) = config.expert_intermediate_size();
+    Some(ModelSpec {
+        config,
+        dtype: hf.dtype,
+        expert_inter,
+        shared_inter: 0,
+        max_shard_bytes: DEFAULT_SHARD_BYTES,
+    })
 }
 
 struct Dims {
@@ -265,6 +578,20 @@ mod tests {
             assert!(s.shared_inter < s.expert_inter);
             assert_eq!(Preset::parse(p.name()).unwrap(), p);
         }
+        // The real shapes of the Hugging Face families, as their Hub models publish them.
+        for (p, lo, hi, expert_bf16) in [
+            (Preset::Mixtral8x7b, 46_000_000_000, 47_500_000_000, 352_321_536),
+            (Preset::Qwen3_30bA3b, 30_000_000_000, 31_000_000_000, 9_437_184),
+            (Preset::Olmoe1b7b, 6_800_000_000, 7_000_000_000, 12_582_912),
+            (Preset::Qwen2MoeA27b, 14_000_000_000, 14_500_000_000, 17_301_504),
+        ] {
+            let c = p.spec().param_counts().unwrap();
+            assert!((lo..hi).contains(&c.total), "{p:?}: {c:?}");
+            assert_eq!(c.per_expert_layer * 2, expert_bf16, "{p:?}");
+        }
+        let cut = Preset::Qwen2MoeTiny.spec().with_layers(1).unwrap();
+        assert_eq!(cut.config.num_hidden_layers, 1);
+        assert_eq!(cut.config.moe.mlp_only_layers, Some(vec![]));
         let small = Preset::Small.spec().param_counts().unwrap();
         assert!(
             (100_000_000..=150_000_000).contains(&small.total),

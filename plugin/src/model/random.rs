@@ -140,7 +140,7 @@ fn init_of(t: &InventorySpec) -> Init {
             part: PreGatePart::Embed,
             ..
         } => Init::std(1.0),
-        TensorRole::PreGate { bias: true, .. } => Init::BIAS,
+        TensorRole::PreGate { bias: true, .. } | TensorRole::AttentionBias { .. } => Init::BIAS,
         role if role.is_norm() => Init::NORM,
         _ => Init::fan_in(t.shape.last().copied().unwrap_or(1)),
     }
@@ -215,8 +215,16 @@ pub fn make_model_with_progress(
             spec.shared_inter, spec.expert_inter
         )));
     }
+    let plan = spec.plan(layout)?;
+    if plan.family.routes_in_model() && layout != ExpertLayout::Fused {
+        return Err(Error::InvalidArgument(format!(
+            "the {} layout is Read-ME's; {} models are written with their Hub tensor names              (layout fused)",
+            layout.as_str(),
+            plan.family.name()
+        )));
+    }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let inventory = spec.plan(layout)?.inventory();
+    let inventory = plan.inventory();
     let dt = spec.dtype.safetensors();
     let specs: Vec<TensorSpec> = inventory.weights().map(|t| t.with_dtype(dt)).collect();
     let inits: std::collections::HashMap<&str, Init> = inventory

@@ -11,7 +11,8 @@ use crate::cache::{prefetch, EvictionPolicy, ExpertCache, ExpertCapacity, HostMe
 use crate::cache::{MemoryBackend, StepExperts};
 use crate::error::{Error, Result};
 use crate::model::weights::ExpertWeights;
-use crate::ops::moe_layer;
+use crate::ops::matmul::dot;
+use crate::ops::{moe_layer, swiglu_ffn};
 use crate::route::TokenRoute;
 
 /// The routed (and shared) experts of every MoE layer, on the host.
@@ -19,6 +20,7 @@ pub struct CpuExperts {
     shape: MoeShape,
     experts: Vec<Vec<ExpertWeights>>,
     shared: Vec<Option<ExpertWeights>>,
+    shared_gates: Vec<Option<Vec<f32>>>,
     cache: Option<ExpertCache>,
     stats: RuntimeStats,
 }
@@ -80,6 +82,7 @@ impl CpuExperts {
                 hidden,
             },
             experts,
+            shared_gates: vec![None; shared.len()],
             shared,
             cache: None,
             stats: RuntimeStats::default(),
@@ -107,6 +110,44 @@ impl CpuExperts {
         )?;
         self.cache = Some(cache);
         Ok(self)
+    }
+
+    /// Scales each layer's shared expert by `sigmoid(gate . x)` per token, where that layer's
+    /// gate `[H]` is given (Qwen2-MoE's `shared_expert_gate`); `gates` has one entry per layer,
+    /// and a gate only where the layer has a shared expert.
+    pub fn with_shared_gates(mut self, gates: Vec<Option<Vec<f32>>>) -> Result<Self> {
+        if gates.len() != self.shape.layers {
+            return Err(Error::InvalidArgument(format!(
+                "{} shared expert gates for {} layers",
+                gates.len(),
+                self.shape.layers
+            )));
+        }
+        for (l, g) in gates.iter().enumerate() {
+            match (g, &self.shared[l]) {
+                (Some(g), Some(_)) if g.len() == self.shape.hidden => {}
+                (None, _) => {}
+                (Some(g), shared) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "layer {l}: a shared expert gate of {} values (hidden {}){}",
+                        g.len(),
+                        self.shape.hidden,
+                        if shared.is_none() {
+                            " for a layer without a shared expert"
+                        } else {
+                            ""
+                        }
+                    )))
+                }
+            }
+        }
+        self.shared_gates = gates;
+        Ok(self)
+    }
+
+    /// The gate of `layer`'s shared expert, if its output is gated.
+    pub fn shared_gate(&self, layer: usize) -> Option<&[f32]> {
+        self.shared_gates.get(layer)?.as_deref()
     }
 
     /// Expert `expert` of `layer`.
@@ -152,8 +193,8 @@ impl CpuExperts {
     }
 
     /// The experts of `layer` for `routes.len()` tokens: `out[t] = sum_j w_j FFN_{e_j}(x[t])`
-    /// (plus the layer's shared expert), overwriting `out` or, with `accumulate`, adding to it
-    /// (a residual stream). `x` and `out` are `[T, H]`.
+    /// (plus the layer's shared expert, scaled by `sigmoid(gate . x[t])` when gated), overwriting
+    /// `out` or, with `accumulate`, adding to it (a residual stream). `x` and `out` are `[T, H]`.
     pub fn forward_layer(
         &mut self,
         layer: usize,
@@ -169,7 +210,12 @@ impl CpuExperts {
             self.stats.waves += 1;
         }
         let experts = &self.experts[layer];
-        let shared = self.shared[layer].as_ref();
+        let gate = self.shared_gates[layer].as_deref();
+        // A gated shared expert is added after the routed sum, as transformers does.
+        let (shared, gated) = match gate {
+            Some(g) => (None, self.shared[layer].as_ref().map(|s| (s, g))),
+            None => (self.shared[layer].as_ref(), None),
+        };
         let h = self.shape.hidden;
         if accumulate {
             let mut y = vec![0.0f32; out.len()];
@@ -177,6 +223,21 @@ impl CpuExperts {
             crate::ops::add_assign(out, &y);
         } else {
             moe_layer(x, h, routes, |e| &experts[e as usize], shared, out);
+        }
+        if let Some((s, g)) = gated {
+            let t = routes.len();
+            let mut y = vec![0.0f32; t * h];
+            swiglu_ffn(x, t, s, &mut y);
+            for ((xt, yt), ot) in x
+                .chunks_exact(h)
+                .zip(y.chunks_exact(h))
+                .zip(out.chunks_exact_mut(h))
+            {
+                let scale = 1.0 / (1.0 + (-dot(g, xt)).exp());
+                for (o, v) in ot.iter_mut().zip(yt) {
+                    *o += scale * v;
+                }
+            }
         }
         self.stats.layer_calls += 1;
         Ok(())

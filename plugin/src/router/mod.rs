@@ -15,9 +15,11 @@
 //! the same trait.
 
 pub mod dselect;
+pub mod in_model;
 mod readme;
 
 pub(crate) use readme::{check_tokens, ROUTER_EPS};
+pub use in_model::InModelRouter;
 pub use readme::{ReadMeRouter, RouterState};
 
 use std::collections::HashMap;
