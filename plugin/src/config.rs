@@ -368,18 +368,24 @@ impl ModelConfig {
         let m = &self.moe;
         match self.family_or_readme() {
             ModelFamily::ReadMe => self.n_cluster,
-            ModelFamily::Mixtral => m.num_local_experts.unwrap_or(8),
-            ModelFamily::Qwen2Moe => m.num_experts.unwrap_or(60),
-            ModelFamily::Qwen3Moe => m.num_experts.unwrap_or(128),
-            ModelFamily::Olmoe => m.num_experts.unwrap_or(64),
+            // transformers v5 maps either name onto the other (Qwen3-MoE saves
+            // `num_local_experts`), so both are read in every family.
+            f => m.num_experts.or(m.num_local_experts).unwrap_or(match f {
+                ModelFamily::Mixtral => 8,
+                ModelFamily::Qwen2Moe => 60,
+                ModelFamily::Qwen3Moe => 128,
+                _ => 64,
+            }),
         }
     }
 
     /// The config field [`ModelConfig::num_experts`] reads, for messages.
-    fn experts_field(&self) -> &'static str {
+    pub fn experts_field(&self) -> &'static str {
         match self.family_or_readme() {
             ModelFamily::ReadMe => "N_cluster",
+            _ if self.moe.num_experts.is_some() => "num_experts",
             ModelFamily::Mixtral => "num_local_experts",
+            _ if self.moe.num_local_experts.is_some() => "num_local_experts",
             _ => "num_experts",
         }
     }
@@ -815,15 +821,21 @@ fn plain_rope(field: &str, v: &serde_json::Value) -> std::result::Result<Option<
             false => Err(format!("`{field}` must be an object, got {v}")),
         };
     };
-    let mut theta = None;
-    for (k, val) in obj {
-        match k.as_str() {
-            "rope_type" | "type" if val.as_str() == Some("default") => {}
-            "rope_type" | "type" => {
+    // The type first: it names what is asked for better than the parameters it comes with.
+    for k in ["rope_type", "type"] {
+        match obj.get(k) {
+            Some(val) if val.as_str() != Some("default") => {
                 return Err(format!(
                     "{field}.{k} {val} is not served: pregate implements plain RoPE (`default`)"
                 ))
             }
+            _ => {}
+        }
+    }
+    let mut theta = None;
+    for (k, val) in obj {
+        match k.as_str() {
+            "rope_type" | "type" => {}
             "rope_theta" if field == "rope_parameters" => match val.as_f64() {
                 Some(t) => theta = Some(t),
                 None => return Err(format!("{field}.rope_theta {val} is not a number")),
@@ -1067,24 +1079,161 @@ mod tests {
 
     #[test]
     fn an_unknown_architecture_lists_the_supported_ones() {
-        // A Mixtral config: none of the Read-ME keys, so the family is what must be reported.
+        // A gpt-oss config: the family is what must be reported, not a missing field.
         let v = serde_json::json!({
-            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
             "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "max_position_embeddings": 128,
             "num_local_experts": 8, "num_experts_per_tok": 2
         });
         let err = parse(&v).unwrap_err().to_string();
         for needle in [
-            "MixtralForCausalLM",
+            "GptOssForCausalLM",
             "ReadMEForCausalLM",
-            "LlamaForCausalLM",
+            "MixtralForCausalLM",
+            "Qwen2MoeForCausalLM",
+            "Qwen3MoeForCausalLM",
+            "OlmoeForCausalLM",
         ] {
             assert!(err.contains(needle), "{err}");
         }
-        let err = parse(&serde_json::json!({"model_type": "olmoe"}))
+        let err = parse(&serde_json::json!({"model_type": "deepseek_v3"}))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("olmoe") && err.contains("`llama`"), "{err}");
+        assert!(
+            err.contains("deepseek_v3") && err.contains("`olmoe`") && err.contains("`llama`"),
+            "{err}"
+        );
+    }
+
+    /// A Qwen3-MoE config as transformers v5 writes it (`rope_parameters`, `dtype`).
+    fn qwen3() -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "max_position_embeddings": 256, "intermediate_size": 96,
+            "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2,
+            "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+            "dtype": "bfloat16", "eos_token_id": [2, 3], "hidden_act": "silu",
+            "use_sliding_window": false, "sliding_window": null, "rms_norm_eps": 1e-6
+        })
+    }
+
+    #[test]
+    fn both_transformers_conventions_read_the_same() {
+        let v5 = parse(&qwen3()).unwrap();
+        let mut v4 = qwen3();
+        let o = v4.as_object_mut().unwrap();
+        o.remove("rope_parameters");
+        o.remove("dtype");
+        o.insert("rope_theta".into(), serde_json::json!(1e6));
+        o.insert("torch_dtype".into(), serde_json::json!("bfloat16"));
+        let v4 = parse(&v4).unwrap();
+        assert_eq!(v5, v4);
+        assert_eq!(v5.rope_theta, 1e6);
+        assert_eq!(v5.torch_dtype.as_deref(), Some("bfloat16"));
+        assert_eq!(v5.head_dim(), 32);
+        assert_eq!(v5.eos_token_ids(), vec![2, 3]);
+        assert_eq!(v5.family(), Ok(ModelFamily::Qwen3Moe));
+        assert_eq!((v5.num_experts(), v5.experts_per_token()), (8, 2));
+        assert_eq!(v5.expert_intermediate_size(), (32, "moe_intermediate_size"));
+        assert!(v5.renormalize_top_k());
+        assert_eq!(v5.qk_norm(), QkNorm::PerHead);
+        // transformers v5 saves Qwen3-MoE's expert count as `num_local_experts`.
+        let mut local = qwen3();
+        local.as_object_mut().unwrap().remove("num_experts");
+        local["num_local_experts"] = serde_json::json!(8);
+        assert_eq!(parse(&local).unwrap().num_experts(), 8);
+    }
+
+    #[test]
+    fn family_fields_and_defaults_follow_transformers() {
+        let mixtral = parse(&serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 16, "max_position_embeddings": 128,
+            "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "sliding_window": null
+        }))
+        .unwrap();
+        // Mixtral's defaults: rope_theta 1e6, eps 1e-5, 8 KV heads; always renormalised.
+        assert_eq!(mixtral.rope_theta, 1e6);
+        assert_eq!(mixtral.rms_norm_eps, 1e-5);
+        assert_eq!(mixtral.num_kv_heads(), 8);
+        assert!(mixtral.renormalize_top_k());
+        assert_eq!(mixtral.num_experts(), 4);
+        let mut q2 = qwen3();
+        q2["architectures"] = serde_json::json!(["Qwen2MoeForCausalLM"]);
+        q2["model_type"] = serde_json::json!("qwen2_moe");
+        q2["mlp_only_layers"] = serde_json::json!([1]);
+        q2["norm_topk_prob"] = serde_json::json!(false);
+        q2["shared_expert_intermediate_size"] = serde_json::json!(48);
+        let q2 = parse(&q2).unwrap();
+        assert!(q2.qkv_bias(), "qkv_bias defaults to true");
+        assert!(q2.is_moe_layer(0) && !q2.is_moe_layer(1));
+        assert_eq!(q2.gated_shared_expert_size(), Some(48));
+        assert!(!q2.renormalize_top_k());
+        assert_eq!(q2.qk_norm(), QkNorm::None);
+        // A written config reads back unchanged.
+        let back = serde_json::to_value(&q2).unwrap();
+        assert_eq!(parse(&back).unwrap(), q2);
+    }
+
+    #[test]
+    fn unsupported_features_are_refused_naming_the_field() {
+        for (field, value, needle) in [
+            ("num_experts_per_tok", serde_json::json!(9), "num_experts_per_tok 9"),
+            ("num_experts_per_tok", serde_json::json!(9), "1..=8"),
+            ("num_experts", serde_json::json!(1), "exceeds num_experts 1"),
+            ("num_experts", serde_json::json!(300), "num_experts 300"),
+            ("hidden_act", serde_json::json!("gelu"), "hidden_act `gelu`"),
+            ("use_sliding_window", serde_json::json!(true), "use_sliding_window"),
+            (
+                "rope_scaling",
+                serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+                "rope_scaling.rope_type",
+            ),
+            (
+                "rope_parameters",
+                serde_json::json!({"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}),
+                "rope_parameters.",
+            ),
+            (
+                "layer_types",
+                serde_json::json!(["full_attention", "sliding_attention"]),
+                "sliding_attention",
+            ),
+            ("attention_bias", serde_json::json!(true), "attention_bias"),
+            ("moe_intermediate_size", serde_json::json!(0), "moe_intermediate_size"),
+            ("mlp_only_layers", serde_json::json!([0, 1]), "no layer has experts"),
+            ("decoder_sparse_step", serde_json::json!(0), "decoder_sparse_step"),
+            ("rope_theta", serde_json::json!(5.0), "disagrees with rope_parameters"),
+        ] {
+            let mut v = qwen3();
+            v[field] = value;
+            let err = parse(&v).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(needle), "{field}: {msg}");
+            assert_eq!(err.code(), crate::error::ErrorCode::InvalidArgument, "{msg}");
+        }
+        // Mixtral's sliding window is in use when shorter than the context.
+        let mixtral = serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128,
+            "intermediate_size": 32, "sliding_window": 64
+        });
+        let err = parse(&mixtral).unwrap_err().to_string();
+        assert!(err.contains("sliding_window 64"), "{err}");
+        let mut long = mixtral.clone();
+        long["sliding_window"] = serde_json::json!(4096);
+        assert!(parse(&long).is_ok(), "a window longer than the context is never used");
+        // OLMoE's clamp must be positive.
+        let olmoe = serde_json::json!({
+            "architectures": ["OlmoeForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128,
+            "intermediate_size": 32, "num_experts": 8, "clip_qkv": -1.0
+        });
+        assert!(parse(&olmoe).unwrap_err().to_string().contains("clip_qkv"));
     }
 }

@@ -1,74 +1,13 @@
 //! The engine against the independent NumPy reference (tests/reference): logits, greedy tokens and
 //! the router's experts of every token, for every expert layout, alone and batched.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use pregate::engine::{open_engine, Device, Engine, GenerationRequest};
+use std::path::Path;
+
+use common::fixtures::{check_tokens_and_logits, fixture_dir, read_cases, request, Case};
+use pregate::engine::{open_engine, Device, Engine};
 use pregate::model::ModelDir;
-use safetensors::SafeTensors;
-
-struct Case {
-    prompt: Vec<u32>,
-    output: Vec<u32>,
-    logits: Vec<f32>,
-    experts: Vec<i64>,
-    weights: Vec<f32>,
-    k: usize,
-}
-
-fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-fn read_cases(name: &str) -> Vec<Case> {
-    let bytes = std::fs::read(fixture_dir(name).join("expected.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let i64s = |n: &str| -> Vec<i64> {
-        st.tensor(n)
-            .unwrap()
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-            .collect()
-    };
-    let f32s = |n: &str| -> Vec<f32> {
-        st.tensor(n)
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
-    };
-    (0..3)
-        .map(|c| {
-            let experts = i64s(&format!("case{c}.experts"));
-            let k = st.tensor(&format!("case{c}.experts")).unwrap().shape()[1];
-            Case {
-                prompt: i64s(&format!("case{c}.prompt_ids"))
-                    .into_iter()
-                    .map(|v| v as u32)
-                    .collect(),
-                output: i64s(&format!("case{c}.output_ids"))
-                    .into_iter()
-                    .map(|v| v as u32)
-                    .collect(),
-                logits: f32s(&format!("case{c}.logits")),
-                experts,
-                weights: f32s(&format!("case{c}.expert_weights")),
-                k,
-            }
-        })
-        .collect()
-}
-
-fn request(case: &Case) -> GenerationRequest {
-    let mut r = GenerationRequest::greedy(case.prompt.clone(), case.output.len());
-    r.ignore_eos = true;
-    r.keep_logits = true;
-    r
-}
 
 struct Run {
     output: Vec<u32>,
@@ -117,30 +56,12 @@ fn run_batched(engine: &mut Engine, cases: &[Case], chunk: usize) -> Vec<Run> {
 }
 
 fn check(name: &str, case: &Case, run: &Run) {
-    assert_eq!(run.output, case.output, "{name}: greedy tokens");
-    let scale = case.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let max_diff = run
-        .logits
-        .iter()
-        .zip(&case.logits)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert_eq!(run.logits.len(), case.logits.len());
-    assert!(
-        max_diff <= 1e-4 * scale,
-        "{name}: max |logit diff| {max_diff} vs scale {scale}"
-    );
-    assert_eq!(run.experts.len() * case.k, case.experts.len(), "{name}");
+    check_tokens_and_logits(name, case, &run.output, &run.logits, 1e-4);
+    assert_eq!(run.experts.len(), case.fed(), "{name}");
     for (t, (experts, weights)) in run.experts.iter().enumerate() {
-        let want: Vec<u16> = case.experts[t * case.k..(t + 1) * case.k]
-            .iter()
-            .map(|&e| e as u16)
-            .collect();
+        let want: Vec<u16> = case.experts_at(0, t).iter().map(|&e| e as u16).collect();
         assert_eq!(experts, &want, "{name}: experts of token {t}");
-        for (w, r) in weights
-            .iter()
-            .zip(&case.weights[t * case.k..(t + 1) * case.k])
-        {
+        for (w, r) in weights.iter().zip(case.weights_at(0, t)) {
             assert!(
                 (w - r).abs() < 1e-5,
                 "{name}: weight of token {t}: {w} vs {r}"

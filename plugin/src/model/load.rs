@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use super::checkpoint::{Checkpoint, FloatDtype};
 use super::family::inventory::pre_gate_inventory;
 use super::family::{
-    hub, AttnProj, ExpertStorage, FfnPlan, FfnProj, GatingRule, Inventory, ModelFamily, ModelPlan,
+    hub, AttnProj, ExpertStorage, FfnPlan, FfnProj, GatingRule, Inventory, ModelPlan,
     PreGatePart, QkNorm, StackedProj, TensorRole, TensorSpec,
 };
 use super::names;
@@ -358,10 +358,7 @@ fn check_family_config(
         return Ok(());
     };
     let experts = cfg.num_experts();
-    let experts_field = match family {
-        ModelFamily::Mixtral => "num_local_experts",
-        _ => "num_experts",
-    };
+    let experts_field = cfg.experts_field();
     agree(&hub::gate_name(family, l), 0, experts_field, experts)?;
     let (width, width_field) = cfg.expert_intermediate_size();
     let per_expert = hub::expert_names(family, l, 0);

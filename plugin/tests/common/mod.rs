@@ -31,3 +31,5 @@ pub fn rewrite(dir: &Path, edit: impl Fn(&TensorSpec, Vec<u8>) -> Option<(Tensor
     };
     write_model(dir, &specs, usize::MAX, &produce, None).unwrap();
 }
+
+pub mod fixtures;

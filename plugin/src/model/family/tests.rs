@@ -19,19 +19,86 @@ fn families_are_detected_and_unknown_ones_list_the_supported() {
     ] {
         assert_eq!(ModelFamily::detect(&archs, mt), Ok(ModelFamily::ReadMe));
     }
-    let err = ModelFamily::detect(&arch("MixtralForCausalLM"), Some("mixtral")).unwrap_err();
+    for f in [
+        ModelFamily::Mixtral,
+        ModelFamily::Qwen2Moe,
+        ModelFamily::Qwen3Moe,
+        ModelFamily::Olmoe,
+    ] {
+        assert_eq!(ModelFamily::detect(&arch(f.architectures()[0]), None), Ok(f));
+        assert_eq!(ModelFamily::detect(&[], Some(f.model_types()[0])), Ok(f));
+        assert!(f.routes_in_model());
+    }
+    let err = ModelFamily::detect(&arch("GptOssForCausalLM"), Some("gpt_oss")).unwrap_err();
     for needle in [
-        "MixtralForCausalLM",
+        "GptOssForCausalLM",
         "ReadMEForCausalLM",
         "LlamaForCausalLM",
+        "MixtralForCausalLM",
+        "OlmoeForCausalLM",
     ] {
         assert!(err.contains(needle), "{err}");
     }
-    let err = ModelFamily::detect(&[], Some("qwen3_moe")).unwrap_err();
+    let err = ModelFamily::detect(&[], Some("deepseek_v3")).unwrap_err();
     assert!(
-        err.contains("qwen3_moe") && err.contains("`llama`"),
+        err.contains("deepseek_v3") && err.contains("`llama`") && err.contains("`qwen3_moe`"),
         "{err}"
     );
+}
+
+#[test]
+fn family_plans_and_inventories_use_the_hub_names() {
+    let plan = |p: Preset| p.spec().plan(ExpertLayout::Fused).unwrap();
+    let q2 = plan(Preset::Qwen2MoeTiny);
+    assert!(q2.pre_gate.is_none());
+    assert_eq!(q2.layers[1].ffn, FfnPlan::Dense { inter: 128 });
+    let moe = q2.moe(0).unwrap();
+    assert_eq!(moe.shared, Some(SharedExpertPlan { inter: 80, gated: true }));
+    assert_eq!(moe.gating, GatingRule::SoftmaxTopK { renormalize: false });
+    assert!(q2.layers[0].attention.qkv_bias);
+    let inv = q2.inventory();
+    let shape = |inv: &Inventory, name: &str| {
+        inv.tensors()
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.shape.clone())
+    };
+    assert_eq!(shape(&inv, "model.layers.0.mlp.gate.weight"), Some(vec![4, 64]));
+    assert_eq!(
+        shape(&inv, "model.layers.0.mlp.shared_expert_gate.weight"),
+        Some(vec![1, 64])
+    );
+    assert_eq!(
+        shape(&inv, "model.layers.2.mlp.experts.3.down_proj.weight"),
+        Some(vec![64, 48])
+    );
+    assert_eq!(shape(&inv, "model.layers.1.mlp.up_proj.weight"), Some(vec![128, 64]));
+    assert_eq!(shape(&inv, "model.layers.1.self_attn.k_proj.bias"), Some(vec![32]));
+    assert!(shape(&inv, "model.layers.1.mlp.gate.weight").is_none());
+    let q3 = plan(Preset::Qwen3MoeTiny).inventory();
+    assert_eq!(shape(&q3, "model.layers.0.self_attn.q_norm.weight"), Some(vec![32]));
+    assert_eq!(shape(&q3, "model.layers.0.self_attn.q_proj.weight"), Some(vec![128, 64]));
+    let olmoe = plan(Preset::OlmoeTiny).inventory();
+    assert_eq!(shape(&olmoe, "model.layers.1.self_attn.q_norm.weight"), Some(vec![64]));
+    assert_eq!(shape(&olmoe, "model.layers.1.self_attn.k_norm.weight"), Some(vec![64]));
+    let mixtral = plan(Preset::MixtralTiny).inventory();
+    assert_eq!(
+        shape(&mixtral, "model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+        Some(vec![64, 96])
+    );
+    assert_eq!(
+        shape(&mixtral, "model.layers.0.block_sparse_moe.gate.weight"),
+        Some(vec![4, 64])
+    );
+    let mut stacked = plan(Preset::MixtralTiny);
+    stacked.expert_storage = ExpertStorage::Stacked;
+    let inv = stacked.inventory();
+    assert_eq!(
+        shape(&inv, "model.layers.0.mlp.experts.gate_up_proj"),
+        Some(vec![4, 192, 64])
+    );
+    assert_eq!(shape(&inv, "model.layers.0.mlp.experts.down_proj"), Some(vec![4, 64, 96]));
+    assert!(inv.get(TensorRole::Expert { layer: 0, expert: 0, proj: FfnProj::Gate }).is_none());
 }
 
 #[test]

