@@ -1220,7 +1220,7 @@ mod tests {
         // Mixtral's sliding window is in use when shorter than the context.
         let mixtral = serde_json::json!({
             "architectures": ["MixtralForCausalLM"], "vocab_size": 100, "hidden_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 8, "max_position_embeddings": 128,
             "intermediate_size": 32, "sliding_window": 64
         });
         let err = parse(&mixtral).unwrap_err().to_string();

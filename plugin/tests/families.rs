@@ -180,3 +180,156 @@ fn family_presets_load_and_generate_with_in_model_routes() {
         assert_eq!(tokens, 6, "{preset:?}");
     }
 }
+
+/// A copy of fixture `name`'s model directory, rewritten by `edit` (see `common::rewrite`).
+fn edited_fixture(
+    name: &str,
+    edit: impl Fn(
+        &pregate::model::writer::TensorSpec,
+        Vec<u8>,
+    ) -> Option<(pregate::model::writer::TensorSpec, Vec<u8>)>,
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture_dir(name).join("model");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    common::rewrite(dir.path(), edit);
+    dir
+}
+
+fn open_err(dir: &Path) -> pregate::Error {
+    let r = std::panic::catch_unwind(|| {
+        ModelDir::open(dir).and_then(|m| open_engine(&m, Device::Cpu).map(|_| ()))
+    });
+    match r {
+        Ok(Ok(())) => panic!("opened a bad model"),
+        Ok(Err(e)) => e,
+        Err(_) => panic!("the loader panicked"),
+    }
+}
+
+#[test]
+fn stacked_experts_as_transformers_v5_holds_them_give_the_same_results() {
+    // Qwen3-MoE's per-expert tensors merged into `gate_up_proj [E, 2I, H]` (gate rows, then up
+    // rows) and `down_proj [E, H, I]`, as transformers v5 keeps them in memory.
+    let name = "qwen3_moe_bf16";
+    let src = ModelDir::open(&fixture_dir(name).join("model")).unwrap();
+    let experts = src.config.num_experts();
+    let ck = &src.checkpoint;
+    let bytes = |n: &str| ck.tensor(n).unwrap().data.to_vec();
+    let per_expert = |l: usize, e: usize, p: &str| format!("model.layers.{l}.mlp.experts.{e}.{p}.weight");
+    let dir = edited_fixture(name, |s, b| {
+        let Some(rest) = s.name.strip_prefix("model.layers.") else {
+            return Some((s.clone(), b));
+        };
+        let l: usize = rest.split('.').next().unwrap().parse().unwrap();
+        if s.name == per_expert(l, 0, "gate_proj") {
+            let mut data = Vec::new();
+            for e in 0..experts {
+                data.extend(bytes(&per_expert(l, e, "gate_proj")));
+                data.extend(bytes(&per_expert(l, e, "up_proj")));
+            }
+            let (i, h) = (s.shape[0], s.shape[1]);
+            let spec = pregate::model::writer::TensorSpec::new(
+                format!("model.layers.{l}.mlp.experts.gate_up_proj"),
+                s.dtype,
+                vec![experts, 2 * i, h],
+            );
+            Some((spec, data))
+        } else if s.name == per_expert(l, 0, "down_proj") {
+            let data = (0..experts)
+                .flat_map(|e| bytes(&per_expert(l, e, "down_proj")))
+                .collect();
+            let spec = pregate::model::writer::TensorSpec::new(
+                format!("model.layers.{l}.mlp.experts.down_proj"),
+                s.dtype,
+                vec![experts, s.shape[0], s.shape[1]],
+            );
+            Some((spec, data))
+        } else if s.name.contains(".mlp.experts.") {
+            None
+        } else {
+            Some((s.clone(), b))
+        }
+    });
+    let model = ModelDir::open(dir.path()).unwrap();
+    assert_eq!(
+        model.plan.expert_storage,
+        pregate::model::family::ExpertStorage::Stacked
+    );
+    let cases = read_cases(name);
+    let mut engine = engine_for(dir.path());
+    let runs = run_batched(&mut engine, &cases, 5);
+    for (case, run) in cases.iter().zip(&runs) {
+        check(&format!("{name} stacked"), case, run, 1e-4, 1e-5);
+    }
+}
+
+#[test]
+fn a_missing_expert_names_its_layer_and_expert() {
+    let gone = "model.layers.2.mlp.experts.3.up_proj.weight";
+    let dir = edited_fixture("qwen2_moe_f32", |s, b| (s.name != gone).then(|| (s.clone(), b)));
+    let msg = open_err(dir.path()).to_string();
+    assert!(msg.contains("layer 2, expert 3") && msg.contains(gone), "{msg}");
+}
+
+#[test]
+fn shapes_that_disagree_with_the_config_are_named() {
+    // The router of layer 0 has 3 rows where the config says 4 experts.
+    let gate = "model.layers.0.mlp.gate.weight";
+    let dir = edited_fixture("qwen2_moe_f32", |s, b| {
+        Some(match s.name == gate {
+            true => {
+                let row = b.len() / s.shape[0];
+                let spec = pregate::model::writer::TensorSpec::new(gate, s.dtype, vec![3, 64]);
+                (spec, b[..3 * row].to_vec())
+            }
+            false => (s.clone(), b),
+        })
+    });
+    let msg = open_err(dir.path()).to_string();
+    assert!(msg.contains("num_experts = 4") && msg.contains(gate), "{msg}");
+    // An expert's down projection of the wrong width: the tensor, expected and found shapes.
+    let down = "model.layers.1.block_sparse_moe.experts.6.w2.weight";
+    let dir = edited_fixture("mixtral_f32_sharded", |s, b| {
+        Some(match s.name == down {
+            true => {
+                let spec = pregate::model::writer::TensorSpec::new(down, s.dtype, vec![32, 64]);
+                (spec, b)
+            }
+            false => (s.clone(), b),
+        })
+    });
+    match open_err(dir.path()) {
+        pregate::Error::Shape {
+            name,
+            expected,
+            found,
+            ..
+        } => {
+            assert_eq!(name, down);
+            assert_eq!((expected, found), (vec![64, 32], vec![32, 64]));
+        }
+        e => panic!("{e}"),
+    }
+    // More experts in the checkpoint than the config has.
+    let dir = edited_fixture("olmoe_f32", |s, b| Some((s.clone(), b)));
+    let cfg_path = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(&cfg_path, text.replace("\"num_experts\": 8", "\"num_experts\": 6")).unwrap();
+    let msg = open_err(dir.path()).to_string();
+    assert!(msg.contains("num_experts = 6"), "{msg}");
+}
+
+#[test]
+fn the_cuda_backend_refuses_these_families_clearly() {
+    let model = ModelDir::open(&fixture_dir("olmoe_f32").join("model")).unwrap();
+    // Without a GPU the device itself is refused first; with one, the family is.
+    let err = open_engine(&model, Device::Cuda(0)).err().unwrap().to_string();
+    assert!(err.contains("cuda") || err.contains("CUDA"), "{err}");
+    // `auto` falls back to the CPU either way.
+    let engine = open_engine(&model, Device::Auto).unwrap();
+    assert_eq!(engine.device_name(), "cpu");
+}

@@ -604,11 +604,14 @@ impl<'a> Loader<'a> {
     }
 }
 
-/// A missing routed-expert tensor is reported with its layer and expert, so a checkpoint cut
-/// short (a lost shard) says which experts it lacks.
+/// A missing routed-expert tensor of a Hugging Face family is reported with its layer and
+/// expert, so a checkpoint cut short (a lost shard) says which experts it lacks. (Read-ME's keep
+/// [`Error::MissingTensor`], whose name ends in the expert's index.)
 fn name_the_expert(e: Error, spec: &TensorSpec) -> Error {
     match (e, spec.role) {
-        (Error::MissingTensor { name, dir }, TensorRole::Expert { layer, expert, .. }) => {
+        (Error::MissingTensor { name, dir }, TensorRole::Expert { layer, expert, .. })
+            if hub::expert_index(&name).is_some() =>
+        {
             Error::checkpoint(
                 dir,
                 format!("layer {layer}, expert {expert}: tensor `{name}` is missing"),
