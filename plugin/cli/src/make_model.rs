@@ -12,7 +12,9 @@ use crate::progress::Bar;
 #[derive(Debug, clap::Args)]
 pub struct MakeModelArgs {
     /// Model shape: tiny (tests, a few MB), small (demo, ~142 M params), readme-7b (Read-ME's
-    /// real shape, ~17.6 B params, 35 GB).
+    /// real shape, ~17.6 B params, 35 GB); per Hugging Face family a test shape (mixtral-tiny,
+    /// qwen2-moe-tiny, qwen3-moe-tiny, olmoe-tiny) and the real one (mixtral-8x7b,
+    /// qwen2-moe-a2.7b, qwen3-30b-a3b, olmoe-1b-7b; with --layers to cut it short).
     #[arg(long)]
     pub preset: String,
     /// Output directory (created if needed).
@@ -30,6 +32,9 @@ pub struct MakeModelArgs {
     /// Shard the weights into files of at most this many MiB (default 4096).
     #[arg(long)]
     pub max_shard_mib: Option<usize>,
+    /// Decoder layers instead of the preset's (a real shape with fewer layers).
+    #[arg(long)]
+    pub layers: Option<usize>,
 }
 
 fn parse_dtype(s: &str) -> Result<FloatDtype> {
@@ -50,6 +55,9 @@ pub fn run(args: MakeModelArgs) -> Result<()> {
     let mut spec = preset.spec();
     if let Some(d) = &args.dtype {
         spec.dtype = parse_dtype(d)?;
+    }
+    if let Some(layers) = args.layers {
+        spec = spec.with_layers(layers)?;
     }
     if let Some(mib) = args.max_shard_mib {
         if mib == 0 {

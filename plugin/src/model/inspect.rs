@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::checkpoint::{Checkpoint, TensorRef};
 use super::convert::mask_bits;
-use super::family::TensorSpec;
+use super::family::{GatingRule, QkNorm, TensorRole, TensorSpec};
 use super::load::{check_config, storage_dtypes, ModelDir};
 use super::names;
 use super::random::MASKS_FILE;
@@ -135,6 +135,8 @@ pub struct LayerExperts {
     pub shared_inter: usize,
     /// Bytes of one routed expert in this layer (gate + up + down) in the storage dtype.
     pub bytes_per_expert: usize,
+    /// `moe`, or `dense` for a layer with one MLP (then the widths above are 0).
+    pub kind: String,
 }
 
 /// Everything `inspect` reports.
@@ -142,6 +144,12 @@ pub struct LayerExperts {
 pub struct ModelReport {
     /// The directory.
     pub dir: String,
+    /// The model family (`Read-ME`, `Mixtral`, `Qwen2-MoE`, `Qwen3-MoE`, `OLMoE`).
+    pub family: String,
+    /// How tokens are routed: `pre-gate` (before the backbone) or the in-model gate's rule.
+    pub routing: String,
+    /// The attention's extras beyond Llama's (`q/k/v bias`, `QK norm per head`, ...), or none.
+    pub attention_extras: Vec<String>,
     /// `fused`, `residual` or `masked`.
     pub layout: String,
     /// Storage dtypes found (`BF16`, `F16`, `F32`, ...).
@@ -215,10 +223,50 @@ fn report(dir: &Path, model: &ModelDir, tensors_checked: Option<usize>) -> Resul
     let is_ffn = |n: &str| n.contains(".moe.") || n.contains(".mlp.");
     let experts: usize = all.iter().filter(|n| is_ffn(n)).map(|n| numel(ck, n)).sum();
     let h = cfg.hidden_size;
-    let k = cfg.router_top_k;
+    let k = cfg.experts_per_token();
     let mut layers = Vec::new();
     let mut active = Some(total - experts);
-    for l in 0..cfg.num_hidden_layers {
+    let plan = &model.plan;
+    let in_model = plan.family.routes_in_model();
+    if in_model {
+        // Everything but the routed experts is read by every token of its layer.
+        let inventory = plan.inventory();
+        let routed: usize = inventory
+            .weights()
+            .filter(|t| {
+                matches!(
+                    t.role,
+                    TensorRole::Expert { .. } | TensorRole::StackedExperts { .. }
+                )
+            })
+            .map(|t| t.numel())
+            .sum();
+        active = Some(total - routed);
+    }
+    for l in (0..cfg.num_hidden_layers).filter(|_| in_model) {
+        let Some(m) = plan.moe(l) else {
+            layers.push(LayerExperts {
+                expert_inter: 0,
+                shared_inter: 0,
+                bytes_per_expert: 0,
+                kind: "dense".into(),
+            });
+            continue;
+        };
+        let inventory = plan.inventory();
+        let elem = inventory
+            .get(TensorRole::Gate { layer: l })
+            .and_then(|g| ck.tensor(&g.name).ok())
+            .map_or(2, |t| t.dtype.bitsize() / 8);
+        active = active.map(|a| a + 3 * h * k * m.expert_inter);
+        layers.push(LayerExperts {
+            expert_inter: m.expert_inter,
+            shared_inter: m.shared.map_or(0, |s| s.inter),
+            bytes_per_expert: 3 * h * m.expert_inter * elem,
+            kind: "moe".into(),
+        });
+    }
+    for l in (0..cfg.num_hidden_layers).filter(|_| !in_model) {
         let (expert_inter, shared_inter, bytes_per_expert) = match model.layout {
             ExpertLayout::Fused | ExpertLayout::Residual => {
                 let e0 = names::expert_tensor_names(l, 0);
@@ -249,9 +297,43 @@ fn report(dir: &Path, model: &ModelDir, tensors_checked: Option<usize>) -> Resul
             expert_inter,
             shared_inter,
             bytes_per_expert,
+            kind: "moe".into(),
         });
     }
+    let routing = match plan.moe(0).or_else(|| (0..plan.layers.len()).find_map(|l| plan.moe(l))) {
+        Some(m) => match m.gating {
+            GatingRule::PreGate => "pre-gate (Read-ME router, before the backbone)".to_string(),
+            GatingRule::SoftmaxTopK { renormalize } => format!(
+                "in-model gate per layer: softmax over {} experts, top-{}{}{}",
+                m.experts,
+                m.top_k,
+                if renormalize { ", renormalised" } else { "" },
+                match m.shared {
+                    Some(s) if s.gated => format!(", sigmoid-gated shared expert of {}", s.inter),
+                    _ => String::new(),
+                }
+            ),
+        },
+        None => "none".into(),
+    };
+    let mut attention_extras = Vec::new();
+    if let Some(a) = plan.layers.first().map(|l| &l.attention) {
+        if a.qkv_bias {
+            attention_extras.push("q/k/v bias".to_string());
+        }
+        match a.qk_norm {
+            QkNorm::None => {}
+            QkNorm::PerHead => attention_extras.push("QK RMSNorm per head".into()),
+            QkNorm::Full => attention_extras.push("QK RMSNorm over the full width".into()),
+        }
+        if let Some(c) = cfg.clip_qkv() {
+            attention_extras.push(format!("clip_qkv {c}"));
+        }
+    }
     Ok(ModelReport {
+        family: plan.family.name().into(),
+        routing,
+        attention_extras,
         dir: dir.display().to_string(),
         layout: model.layout.as_str().into(),
         dtypes: storage_dtypes(ck),
@@ -314,7 +396,7 @@ impl ModelReport {
             s.push_str(&t);
             s.push('\n');
         };
-        line(format!("model        {}", self.dir));
+        line(format!("model        {} ({})", self.dir, self.family));
         line(format!(
             "layout       {} ({} weight file{}, {}, {})",
             self.layout,
@@ -342,6 +424,22 @@ impl ModelReport {
             c.rope_theta,
             c.tie_word_embeddings
         ));
+        if !self.attention_extras.is_empty() {
+            line(format!("attention    {}", self.attention_extras.join(", ")));
+        }
+        line(format!("routing      {}", self.routing));
+        let dense: Vec<String> = (self.layers.iter().enumerate())
+            .filter(|(_, l)| l.kind == "dense")
+            .map(|(i, _)| i.to_string())
+            .collect();
+        if !dense.is_empty() {
+            line(format!(
+                "layers       {} MoE, dense (one MLP of {}): {}",
+                self.layers.len() - dense.len(),
+                c.intermediate_size,
+                dense.join(", ")
+            ));
+        }
         if let Some(r) = &c.readme_router {
             line(format!(
                 "router       width {}, {} heads, mlp {}, {} experts, top-{}, normalizer {}",
@@ -357,14 +455,15 @@ impl ModelReport {
             human(self.params.router),
             human(self.params.experts)
         ));
-        let widths: Vec<usize> = self.layers.iter().map(|l| l.expert_inter).collect();
+        let moe: Vec<&LayerExperts> = self.layers.iter().filter(|l| l.kind == "moe").collect();
+        let widths: Vec<usize> = moe.iter().map(|l| l.expert_inter).collect();
         let same = widths.windows(2).all(|w| w[0] == w[1]);
-        if let Some(first) = self.layers.first() {
+        if let Some(first) = moe.first() {
             if same {
                 line(format!(
                     "experts      {} per layer x {} layers, {} channels{} each; one expert-layer = {}",
-                    c.n_cluster,
-                    self.layers.len(),
+                    c.num_experts(),
+                    moe.len(),
                     first.expert_inter,
                     if first.shared_inter > 0 {
                         format!(" + shared part of {}", first.shared_inter)
@@ -388,7 +487,7 @@ impl ModelReport {
                 .iter()
                 .map(|l| l.bytes_per_expert)
                 .sum::<usize>()
-                * c.n_cluster;
+                * c.num_experts();
             line(format!("all experts  {}", human_bytes(all)));
         }
         line(match self.tensors_checked {
