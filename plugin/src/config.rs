@@ -539,7 +539,10 @@ impl ModelConfig {
         }
         for (what, width) in [
             ("expert", width),
-            ("shared expert", self.gated_shared_expert_size().unwrap_or(0)),
+            (
+                "shared expert",
+                self.gated_shared_expert_size().unwrap_or(0),
+            ),
             ("dense MLP", self.intermediate_size),
         ] {
             if width
@@ -1183,12 +1186,20 @@ mod tests {
     #[test]
     fn unsupported_features_are_refused_naming_the_field() {
         for (field, value, needle) in [
-            ("num_experts_per_tok", serde_json::json!(9), "num_experts_per_tok 9"),
+            (
+                "num_experts_per_tok",
+                serde_json::json!(9),
+                "num_experts_per_tok 9",
+            ),
             ("num_experts_per_tok", serde_json::json!(9), "1..=8"),
             ("num_experts", serde_json::json!(1), "exceeds num_experts 1"),
             ("num_experts", serde_json::json!(300), "num_experts 300"),
             ("hidden_act", serde_json::json!("gelu"), "hidden_act `gelu`"),
-            ("use_sliding_window", serde_json::json!(true), "use_sliding_window"),
+            (
+                "use_sliding_window",
+                serde_json::json!(true),
+                "use_sliding_window",
+            ),
             (
                 "rope_scaling",
                 serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
@@ -1205,17 +1216,37 @@ mod tests {
                 "sliding_attention",
             ),
             ("attention_bias", serde_json::json!(true), "attention_bias"),
-            ("moe_intermediate_size", serde_json::json!(0), "moe_intermediate_size"),
-            ("mlp_only_layers", serde_json::json!([0, 1]), "no layer has experts"),
-            ("decoder_sparse_step", serde_json::json!(0), "decoder_sparse_step"),
-            ("rope_theta", serde_json::json!(5.0), "disagrees with rope_parameters"),
+            (
+                "moe_intermediate_size",
+                serde_json::json!(0),
+                "moe_intermediate_size",
+            ),
+            (
+                "mlp_only_layers",
+                serde_json::json!([0, 1]),
+                "no layer has experts",
+            ),
+            (
+                "decoder_sparse_step",
+                serde_json::json!(0),
+                "decoder_sparse_step",
+            ),
+            (
+                "rope_theta",
+                serde_json::json!(5.0),
+                "disagrees with rope_parameters",
+            ),
         ] {
             let mut v = qwen3();
             v[field] = value;
             let err = parse(&v).unwrap_err();
             let msg = err.to_string();
             assert!(msg.contains(needle), "{field}: {msg}");
-            assert_eq!(err.code(), crate::error::ErrorCode::InvalidArgument, "{msg}");
+            assert_eq!(
+                err.code(),
+                crate::error::ErrorCode::InvalidArgument,
+                "{msg}"
+            );
         }
         // Mixtral's sliding window is in use when shorter than the context.
         let mixtral = serde_json::json!({
@@ -1227,7 +1258,10 @@ mod tests {
         assert!(err.contains("sliding_window 64"), "{err}");
         let mut long = mixtral.clone();
         long["sliding_window"] = serde_json::json!(4096);
-        assert!(parse(&long).is_ok(), "a window longer than the context is never used");
+        assert!(
+            parse(&long).is_ok(),
+            "a window longer than the context is never used"
+        );
         // OLMoE's clamp must be positive.
         let olmoe = serde_json::json!({
             "architectures": ["OlmoeForCausalLM"], "vocab_size": 100, "hidden_size": 64,

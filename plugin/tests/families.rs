@@ -63,7 +63,10 @@ fn run_batched(engine: &mut Engine, cases: &[Case], chunk: usize) -> Vec<Run> {
             }
         }
         for ev in out.into_events().unwrap() {
-            assert!(ev.route.is_none(), "an in-model router routes nothing ahead");
+            assert!(
+                ev.route.is_none(),
+                "an in-model router routes nothing ahead"
+            );
             let run = &mut runs[ids.iter().position(|&i| i == ev.seq).unwrap()];
             run.output.push(ev.token);
             run.logits.extend(ev.logits.unwrap());
@@ -85,7 +88,11 @@ fn check(name: &str, case: &Case, run: &Run, tol: f32, weight_tol: f32) {
         for (t, r) in row.iter().enumerate() {
             let r = r.unwrap_or_else(|| panic!("{name}: layer {l}, token {t} not routed"));
             let want: Vec<u16> = case.experts_at(l, t).iter().map(|&e| e as u16).collect();
-            assert_eq!(r.experts(), &want[..], "{name}: experts of layer {l}, token {t}");
+            assert_eq!(
+                r.experts(),
+                &want[..],
+                "{name}: experts of layer {l}, token {t}"
+            );
             for (w, want) in r.weights().iter().zip(case.weights_at(l, t)) {
                 assert!(
                     (w - want).abs() <= weight_tol,
@@ -108,7 +115,10 @@ fn check_fixture(name: &str, family: ModelFamily) {
         let run = run_batched(&mut engine, std::slice::from_ref(case), usize::MAX);
         check(&format!("{name} alone"), case, &run[0], tol, weight_tol);
     }
-    for (chunk, what) in [(usize::MAX, "batched"), (5, "batched, prefill in chunks of 5")] {
+    for (chunk, what) in [
+        (usize::MAX, "batched"),
+        (5, "batched, prefill in chunks of 5"),
+    ] {
         let mut engine = engine_for(&dir);
         let runs = run_batched(&mut engine, &cases, chunk);
         for (case, run) in cases.iter().zip(&runs) {
@@ -163,7 +173,11 @@ fn family_presets_load_and_generate_with_in_model_routes() {
             let out = engine.step(&engine.schedule_all()).unwrap();
             for chunk in &out.routes {
                 for (l, routes) in chunk.layers.iter().enumerate() {
-                    assert_eq!(routes.is_empty(), !spec.config.is_moe_layer(l), "{preset:?}");
+                    assert_eq!(
+                        routes.is_empty(),
+                        !spec.config.is_moe_layer(l),
+                        "{preset:?}"
+                    );
                     for r in routes {
                         assert_eq!(r.experts().len(), k);
                         let sum: f32 = r.weights().iter().sum();
@@ -219,7 +233,8 @@ fn stacked_experts_as_transformers_v5_holds_them_give_the_same_results() {
     let experts = src.config.num_experts();
     let ck = &src.checkpoint;
     let bytes = |n: &str| ck.tensor(n).unwrap().data.to_vec();
-    let per_expert = |l: usize, e: usize, p: &str| format!("model.layers.{l}.mlp.experts.{e}.{p}.weight");
+    let per_expert =
+        |l: usize, e: usize, p: &str| format!("model.layers.{l}.mlp.experts.{e}.{p}.weight");
     let dir = edited_fixture(name, |s, b| {
         let Some(rest) = s.name.strip_prefix("model.layers.") else {
             return Some((s.clone(), b));
@@ -270,9 +285,14 @@ fn stacked_experts_as_transformers_v5_holds_them_give_the_same_results() {
 #[test]
 fn a_missing_expert_names_its_layer_and_expert() {
     let gone = "model.layers.2.mlp.experts.3.up_proj.weight";
-    let dir = edited_fixture("qwen2_moe_f32", |s, b| (s.name != gone).then(|| (s.clone(), b)));
+    let dir = edited_fixture("qwen2_moe_f32", |s, b| {
+        (s.name != gone).then(|| (s.clone(), b))
+    });
     let msg = open_err(dir.path()).to_string();
-    assert!(msg.contains("layer 2, expert 3") && msg.contains(gone), "{msg}");
+    assert!(
+        msg.contains("layer 2, expert 3") && msg.contains(gone),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -290,7 +310,10 @@ fn shapes_that_disagree_with_the_config_are_named() {
         })
     });
     let msg = open_err(dir.path()).to_string();
-    assert!(msg.contains("num_experts = 4") && msg.contains(gate), "{msg}");
+    assert!(
+        msg.contains("num_experts = 4") && msg.contains(gate),
+        "{msg}"
+    );
     // An expert's down projection of the wrong width: the tensor, expected and found shapes.
     let down = "model.layers.1.block_sparse_moe.experts.6.w2.weight";
     let dir = edited_fixture("mixtral_f32_sharded", |s, b| {
@@ -318,7 +341,11 @@ fn shapes_that_disagree_with_the_config_are_named() {
     let dir = edited_fixture("olmoe_f32", |s, b| Some((s.clone(), b)));
     let cfg_path = dir.path().join("config.json");
     let text = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, text.replace("\"num_experts\": 8", "\"num_experts\": 6")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        text.replace("\"num_experts\": 8", "\"num_experts\": 6"),
+    )
+    .unwrap();
     let msg = open_err(dir.path()).to_string();
     assert!(msg.contains("num_experts = 6"), "{msg}");
 }
@@ -327,9 +354,78 @@ fn shapes_that_disagree_with_the_config_are_named() {
 fn the_cuda_backend_refuses_these_families_clearly() {
     let model = ModelDir::open(&fixture_dir("olmoe_f32").join("model")).unwrap();
     // Without a GPU the device itself is refused first; with one, the family is.
-    let err = open_engine(&model, Device::Cuda(0)).err().unwrap().to_string();
+    let err = open_engine(&model, Device::Cuda(0))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("cuda") || err.contains("CUDA"), "{err}");
     // `auto` falls back to the CPU either way.
     let engine = open_engine(&model, Device::Auto).unwrap();
     assert_eq!(engine.device_name(), "cpu");
+}
+
+#[test]
+fn the_step_driver_serves_an_in_model_router_with_an_expert_cache() {
+    // The batcher (expert-aware, falling back to decode-first as no route is known ahead) and an
+    // expert cache of 2 experts per layer (Belady, without next uses: LRU) around the CPU engine:
+    // the tokens are still transformers' greedy ones, prefill chunked by the batcher.
+    use pregate::batcher::{BatchPolicy, BatcherConfig, LookaheadBatcher, RequestDesc};
+    use pregate::cache::EvictionPolicy;
+    use pregate::engine::{
+        EngineOptions, ExpertCacheOptions, ExpertCapacity, StepDriver, ViewOrder,
+    };
+    let name = "mixtral_f32_sharded";
+    let model = ModelDir::open(&fixture_dir(name).join("model")).unwrap();
+    let opts = EngineOptions {
+        expert_cache: Some(ExpertCacheOptions {
+            capacity: ExpertCapacity::PerLayer(2),
+            policy: EvictionPolicy::Belady,
+        }),
+        ..EngineOptions::default()
+    };
+    let mut engine = pregate::engine::open_engine_with(&model, Device::Cpu, &opts).unwrap();
+    let batcher = LookaheadBatcher::new(BatcherConfig {
+        policy: BatchPolicy::ExpertAware,
+        max_batch_tokens: 8,
+        max_prefill_chunk: 4,
+        ..BatcherConfig::default()
+    })
+    .unwrap();
+    let mut driver = StepDriver::new(batcher, 4, ViewOrder::Admission);
+    let cases = read_cases(name);
+    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); cases.len()];
+    let mut ids = Vec::new();
+    for case in &cases {
+        let id = engine.add_request(request(case)).unwrap();
+        driver
+            .submit(RequestDesc {
+                id,
+                arrival: 0.0,
+                prompt_len: case.prompt.len(),
+                output_len: Some(case.output.len()),
+                deadline: None,
+                kv_bytes: 0,
+            })
+            .unwrap();
+        ids.push(id);
+    }
+    let mut now = 0.0;
+    while !engine.is_empty() {
+        let plan = driver.schedule(&engine, now).unwrap();
+        assert!(plan.experts.is_empty(), "no expert is known before a step");
+        let out = driver.run(&mut engine, &plan).unwrap();
+        driver.step_done(now, now + 1.0);
+        now += 1.0;
+        for ev in out.into_events().unwrap() {
+            outputs[ids.iter().position(|&i| i == ev.seq).unwrap()].push(ev.token);
+            if ev.finished.is_some() {
+                driver.finish(ev.seq);
+            }
+        }
+    }
+    for (case, out) in cases.iter().zip(&outputs) {
+        assert_eq!(out, &case.output, "{name} through the step driver");
+    }
+    let stats = engine.expert_cache().unwrap().stats();
+    assert!(stats.misses > 0 && stats.evictions > 0, "{stats:?}");
 }

@@ -13,9 +13,9 @@ use super::backend::{Backend, ChunkRoutes, ForwardChunk, Lookahead, SeqId, StepR
 use crate::cache::{EvictionPolicy, ExpertCache, ExpertCapacity};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::model::family::QkNorm;
 use crate::model::weights::{LayerWeights, Matrix};
 use crate::moe::{step_experts, CpuExperts};
-use crate::model::family::QkNorm;
 use crate::ops::{attention, matmul_t, rms_norm, swiglu_ffn, AttentionShape, RopeTable};
 use crate::router::in_model::route_hidden;
 
@@ -172,7 +172,15 @@ fn check_layer_extras(cfg: &ModelConfig, w: &BackboneWeights) -> Result<()> {
         let x = &layer.extra;
         if let Some([bq, bk, bv]) = &x.qkv_bias {
             if (bq.len(), bk.len(), bv.len()) != (qd, kvd, kvd) {
-                return bad(l, format!("q/k/v biases of {}, {}, {} values", bq.len(), bk.len(), bv.len()));
+                return bad(
+                    l,
+                    format!(
+                        "q/k/v biases of {}, {}, {} values",
+                        bq.len(),
+                        bk.len(),
+                        bv.len()
+                    ),
+                );
             }
         }
         if let Some([nq, nk]) = &x.qk_norm {
@@ -182,7 +190,10 @@ fn check_layer_extras(cfg: &ModelConfig, w: &BackboneWeights) -> Result<()> {
                 QkNorm::None => false,
             };
             if !ok {
-                return bad(l, format!("q/k norms of {} and {} values", nq.len(), nk.len()));
+                return bad(
+                    l,
+                    format!("q/k norms of {} and {} values", nq.len(), nk.len()),
+                );
             }
         } else if cfg.qk_norm() != QkNorm::None {
             return bad(l, "the q/k norms are missing".into());
@@ -192,13 +203,26 @@ fn check_layer_extras(cfg: &ModelConfig, w: &BackboneWeights) -> Result<()> {
         }
         if let Some(g) = &x.gate {
             if (g.rows, g.cols) != (layer.experts.len(), h) {
-                return bad(l, format!("a gate of [{}, {}] for {} experts", g.rows, g.cols, layer.experts.len()));
+                return bad(
+                    l,
+                    format!(
+                        "a gate of [{}, {}] for {} experts",
+                        g.rows,
+                        g.cols,
+                        layer.experts.len()
+                    ),
+                );
             }
         }
         if let Some(dense) = &x.dense {
             let i = dense.inter();
-            if (dense.gate.cols, dense.up.rows, dense.up.cols, dense.down.rows, dense.down.cols)
-                != (h, i, h, h, i)
+            if (
+                dense.gate.cols,
+                dense.up.rows,
+                dense.up.cols,
+                dense.down.rows,
+                dense.down.cols,
+            ) != (h, i, h, h, i)
             {
                 return bad(l, "a dense MLP that is no FFN of the hidden width".into());
             }
@@ -364,7 +388,9 @@ impl Backend for CpuBackend {
             match (self.moe_index[l], &layer.extra.dense) {
                 (None, Some(dense)) => swiglu_ffn(&h, total, dense, &mut o),
                 (None, None) => {
-                    return Err(Error::Internal(format!("layer {l} has no feed-forward part")))
+                    return Err(Error::Internal(format!(
+                        "layer {l} has no feed-forward part"
+                    )))
                 }
                 (Some(m), _) => {
                     let made;

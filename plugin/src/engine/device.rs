@@ -93,7 +93,10 @@ fn open_cpu(model: &ModelDir, opts: &EngineOptions) -> Result<Engine> {
     let cfg = &model.config;
     let router: Box<dyn Router> = match router {
         Some(r) => Box::new(HostReadMeRouter::new(ReadMeRouter::new(r, cfg))),
-        None => Box::new(InModelRouter::new(cfg.num_experts(), cfg.experts_per_token())),
+        None => Box::new(InModelRouter::new(
+            cfg.num_experts(),
+            cfg.experts_per_token(),
+        )),
     };
     let mut backend = CpuBackend::new(model.config.clone(), backbone)?;
     if let Some(c) = opts.expert_cache {

@@ -300,7 +300,10 @@ fn report(dir: &Path, model: &ModelDir, tensors_checked: Option<usize>) -> Resul
             kind: "moe".into(),
         });
     }
-    let routing = match plan.moe(0).or_else(|| (0..plan.layers.len()).find_map(|l| plan.moe(l))) {
+    let routing = match plan
+        .moe(0)
+        .or_else(|| (0..plan.layers.len()).find_map(|l| plan.moe(l)))
+    {
         Some(m) => match m.gating {
             GatingRule::PreGate => "pre-gate (Read-ME router, before the backbone)".to_string(),
             GatingRule::SoftmaxTopK { renormalize } => format!(

@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use super::checkpoint::{Checkpoint, FloatDtype};
 use super::family::inventory::pre_gate_inventory;
 use super::family::{
-    hub, AttnProj, ExpertStorage, FfnPlan, FfnProj, GatingRule, Inventory, ModelPlan,
-    PreGatePart, QkNorm, StackedProj, TensorRole, TensorSpec,
+    hub, AttnProj, ExpertStorage, FfnPlan, FfnProj, GatingRule, Inventory, ModelPlan, PreGatePart,
+    QkNorm, StackedProj, TensorRole, TensorSpec,
 };
 use super::names;
 use super::progress::{Finish, NoProgress, Progress};
@@ -23,8 +23,8 @@ use super::weights::{
     ExpertLayout, ExpertWeights, LayerExtras, LayerWeights, Linear, Matrix, ModelWeights,
     RouterWeights,
 };
-use crate::engine::cpu::BackboneWeights;
 use crate::config::{config_path, ModelConfig, ReadMeRouterConfig};
+use crate::engine::cpu::BackboneWeights;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -474,7 +474,8 @@ impl Parts<'_> {
                     shared = Some(self.ffn(|proj| TensorRole::SharedExpert { layer: l, proj })?);
                 }
                 if moe.shared.is_some_and(|s| s.gated) {
-                    extra.shared_gate = Some(self.vector(TensorRole::SharedExpertGate { layer: l })?);
+                    extra.shared_gate =
+                        Some(self.vector(TensorRole::SharedExpertGate { layer: l })?);
                 }
                 if matches!(moe.gating, GatingRule::SoftmaxTopK { .. }) {
                     extra.gate = Some(self.matrix(TensorRole::Gate { layer: l })?);

@@ -214,7 +214,9 @@ impl ModelSpec {
     /// benchmark); Qwen's dense layers beyond it are dropped.
     pub fn with_layers(mut self, layers: usize) -> Result<Self> {
         if layers == 0 {
-            return Err(Error::InvalidArgument("a model needs at least one layer".into()));
+            return Err(Error::InvalidArgument(
+                "a model needs at least one layer".into(),
+            ));
         }
         self.config.num_hidden_layers = layers;
         if let Some(dense) = self.config.moe.mlp_only_layers.as_mut() {
@@ -580,10 +582,25 @@ mod tests {
         }
         // The real shapes of the Hugging Face families, as their Hub models publish them.
         for (p, lo, hi, expert_bf16) in [
-            (Preset::Mixtral8x7b, 46_000_000_000, 47_500_000_000, 352_321_536),
-            (Preset::Qwen3_30bA3b, 30_000_000_000, 31_000_000_000, 9_437_184),
+            (
+                Preset::Mixtral8x7b,
+                46_000_000_000,
+                47_500_000_000,
+                352_321_536,
+            ),
+            (
+                Preset::Qwen3_30bA3b,
+                30_000_000_000,
+                31_000_000_000,
+                9_437_184,
+            ),
             (Preset::Olmoe1b7b, 6_800_000_000, 7_000_000_000, 12_582_912),
-            (Preset::Qwen2MoeA27b, 14_000_000_000, 14_500_000_000, 17_301_504),
+            (
+                Preset::Qwen2MoeA27b,
+                14_000_000_000,
+                14_500_000_000,
+                17_301_504,
+            ),
         ] {
             let c = p.spec().param_counts().unwrap();
             assert!((lo..hi).contains(&c.total), "{p:?}: {c:?}");

@@ -231,3 +231,54 @@ fn bad_routes_and_shapes_are_clear_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn a_gated_shared_expert_is_scaled_by_the_sigmoid_of_its_gate() {
+    // Layer 1 has a shared expert; its gate is the unit vector on coordinate 0, so token t's
+    // shared output is scaled by sigmoid(x[t][0]).
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    let mut gate = vec![0.0f32; H];
+    gate[0] = 1.0;
+    let gated = runtime(2, 4, 2, 5)
+        .with_shared_gates(vec![None, Some(gate.clone())])
+        .unwrap();
+    let plain = runtime(2, 4, 2, 5);
+    let t = 3;
+    let mut x: Vec<f32> = (0..t * H).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    x[0] = 0.0; // sigmoid(0) = 1/2
+    x[H] = 40.0; // sigmoid(40) = 1
+    x[2 * H] = -40.0; // sigmoid(-40) = 0
+    let routes = random_routes(t, 4, 2, &mut rng);
+    let (mut gated, mut plain) = (gated, plain);
+    let mut with_gate = vec![0.0f32; t * H];
+    gated
+        .forward_layer(1, &x, &routes, &mut with_gate, false)
+        .unwrap();
+    let mut ungated = vec![0.0f32; t * H];
+    plain
+        .forward_layer(1, &x, &routes, &mut ungated, false)
+        .unwrap();
+    let mut shared = vec![0.0f32; t * H];
+    swiglu_ffn(&x, t, plain.shared(1).unwrap(), &mut shared);
+    for (tok, scale) in [(0, 0.5f32), (1, 1.0), (2, 0.0)] {
+        for c in 0..H {
+            let i = tok * H + c;
+            let want = ungated[i] - shared[i] + scale * shared[i];
+            assert!(
+                (with_gate[i] - want).abs() < 1e-5 * want.abs().max(1.0),
+                "token {tok}: {} vs {want}",
+                with_gate[i]
+            );
+        }
+    }
+    assert_eq!(gated.shared_gate(1), Some(&gate[..]));
+    assert!(gated.shared_gate(0).is_none());
+    // A gate for a layer without a shared expert, or of the wrong width, is refused.
+    assert!(runtime(2, 4, 2, 5)
+        .with_shared_gates(vec![Some(gate.clone()), None])
+        .is_err());
+    assert!(runtime(2, 4, 2, 5)
+        .with_shared_gates(vec![None, Some(vec![1.0; 3])])
+        .is_err());
+    assert!(runtime(2, 4, 2, 5).with_shared_gates(vec![None]).is_err());
+}

@@ -138,7 +138,11 @@ mod tests {
         assert!(close(r.weights(), &[0.4, 0.3]), "{:?}", r.weights());
         let r = softmax_top_k(&logits, 2, true).unwrap();
         assert_eq!(r.experts(), &[1, 3]);
-        assert!(close(r.weights(), &[4.0 / 7.0, 3.0 / 7.0]), "{:?}", r.weights());
+        assert!(
+            close(r.weights(), &[4.0 / 7.0, 3.0 / 7.0]),
+            "{:?}",
+            r.weights()
+        );
         let r = softmax_top_k(&logits, 3, false).unwrap();
         assert_eq!(r.experts(), &[1, 3, 2]);
         assert!(close(r.weights(), &[0.4, 0.3, 0.2]));
@@ -159,7 +163,10 @@ mod tests {
         assert!(softmax_top_k(&[1.0; 16], MAX_TOP_K + 1, true).is_err());
         assert!(softmax_top_k(&[1.0, 2.0], 0, true).is_err());
         let nan = softmax_top_k(&[1.0, f32::NAN, 0.0], 2, true).unwrap();
-        assert_eq!((nan.experts(), nan.weights()), (&[0, 1][..], &[0.0, 0.0][..]));
+        assert_eq!(
+            (nan.experts(), nan.weights()),
+            (&[0, 1][..], &[0.0, 0.0][..])
+        );
     }
 
     #[test]

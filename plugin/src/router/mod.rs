@@ -18,8 +18,8 @@ pub mod dselect;
 pub mod in_model;
 mod readme;
 
-pub(crate) use readme::{check_tokens, ROUTER_EPS};
 pub use in_model::InModelRouter;
+pub(crate) use readme::{check_tokens, ROUTER_EPS};
 pub use readme::{ReadMeRouter, RouterState};
 
 use std::collections::HashMap;

@@ -90,7 +90,10 @@ mod tests {
             expert_names(ModelFamily::Qwen3Moe, 0, 7)[2],
             "model.layers.0.mlp.experts.7.down_proj.weight"
         );
-        assert_eq!(expert_index(&expert_names(ModelFamily::Mixtral, 2, 11)[1]), Some(11));
+        assert_eq!(
+            expert_index(&expert_names(ModelFamily::Mixtral, 2, 11)[1]),
+            Some(11)
+        );
         assert_eq!(expert_index(&stacked_expert_names(2)[0]), None);
         assert_eq!(expert_index(&shared_expert_names(0)[0]), None);
     }

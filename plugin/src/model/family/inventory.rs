@@ -314,14 +314,14 @@ impl Inventory {
                        names3: [String; 3],
                        width: usize,
                        role: &dyn Fn(FfnProj) -> TensorRole| {
-                    for (name, proj) in names3.into_iter().zip(FfnProj::ALL) {
-                        let shape = match proj {
-                            FfnProj::Down => vec![h, width],
-                            _ => vec![width, h],
-                        };
-                        push(name, shape, role(proj));
-                    }
-                };
+                for (name, proj) in names3.into_iter().zip(FfnProj::ALL) {
+                    let shape = match proj {
+                        FfnProj::Down => vec![h, width],
+                        _ => vec![width, h],
+                    };
+                    push(name, shape, role(proj));
+                }
+            };
             match (&layer.ffn, plan.layout) {
                 (FfnPlan::Dense { inter }, _)
                 | (
@@ -331,9 +331,12 @@ impl Inventory {
                     }),
                     ExpertLayout::Masked,
                 ) => {
-                    ffn(&mut push, names::dense_mlp_tensor_names(l), *inter, &|proj| {
-                        TensorRole::DenseMlp { layer: l, proj }
-                    });
+                    ffn(
+                        &mut push,
+                        names::dense_mlp_tensor_names(l),
+                        *inter,
+                        &|proj| TensorRole::DenseMlp { layer: l, proj },
+                    );
                 }
                 (FfnPlan::Moe(m), _) if plan.family.routes_in_model() => {
                     let f = plan.family;
@@ -357,13 +360,16 @@ impl Inventory {
                     match plan.expert_storage {
                         ExpertStorage::PerExpert => {
                             for e in 0..m.experts {
-                                ffn(&mut push, hub::expert_names(f, l, e), m.expert_inter, &|proj| {
-                                    TensorRole::Expert {
+                                ffn(
+                                    &mut push,
+                                    hub::expert_names(f, l, e),
+                                    m.expert_inter,
+                                    &|proj| TensorRole::Expert {
                                         layer: l,
                                         expert: e,
                                         proj,
-                                    }
-                                });
+                                    },
+                                );
                             }
                         }
                         ExpertStorage::Stacked => {
@@ -382,13 +388,16 @@ impl Inventory {
                         });
                     }
                     for e in 0..m.experts {
-                        ffn(&mut push, names::expert_tensor_names(l, e), m.expert_inter, &|proj| {
-                            TensorRole::Expert {
+                        ffn(
+                            &mut push,
+                            names::expert_tensor_names(l, e),
+                            m.expert_inter,
+                            &|proj| TensorRole::Expert {
                                 layer: l,
                                 expert: e,
                                 proj,
-                            }
-                        });
+                            },
+                        );
                     }
                 }
             }

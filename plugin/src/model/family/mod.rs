@@ -292,8 +292,8 @@ impl ModelPlan {
     ) -> Result<Self> {
         let family = cfg.family().map_err(|m| Error::config("config.json", m))?;
         if family.routes_in_model() {
-            let stacked = (0..cfg.num_hidden_layers)
-                .any(|l| ck.contains(&hub::stacked_expert_names(l)[0]));
+            let stacked =
+                (0..cfg.num_hidden_layers).any(|l| ck.contains(&hub::stacked_expert_names(l)[0]));
             let storage = match stacked {
                 true => ExpertStorage::Stacked,
                 false => ExpertStorage::PerExpert,

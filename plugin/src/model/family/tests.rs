@@ -25,7 +25,10 @@ fn families_are_detected_and_unknown_ones_list_the_supported() {
         ModelFamily::Qwen3Moe,
         ModelFamily::Olmoe,
     ] {
-        assert_eq!(ModelFamily::detect(&arch(f.architectures()[0]), None), Ok(f));
+        assert_eq!(
+            ModelFamily::detect(&arch(f.architectures()[0]), None),
+            Ok(f)
+        );
         assert_eq!(ModelFamily::detect(&[], Some(f.model_types()[0])), Ok(f));
         assert!(f.routes_in_model());
     }
@@ -53,7 +56,13 @@ fn family_plans_and_inventories_use_the_hub_names() {
     assert!(q2.pre_gate.is_none());
     assert_eq!(q2.layers[1].ffn, FfnPlan::Dense { inter: 128 });
     let moe = q2.moe(0).unwrap();
-    assert_eq!(moe.shared, Some(SharedExpertPlan { inter: 80, gated: true }));
+    assert_eq!(
+        moe.shared,
+        Some(SharedExpertPlan {
+            inter: 80,
+            gated: true
+        })
+    );
     assert_eq!(moe.gating, GatingRule::SoftmaxTopK { renormalize: false });
     assert!(q2.layers[0].attention.qkv_bias);
     let inv = q2.inventory();
@@ -63,7 +72,10 @@ fn family_plans_and_inventories_use_the_hub_names() {
             .find(|t| t.name == name)
             .map(|t| t.shape.clone())
     };
-    assert_eq!(shape(&inv, "model.layers.0.mlp.gate.weight"), Some(vec![4, 64]));
+    assert_eq!(
+        shape(&inv, "model.layers.0.mlp.gate.weight"),
+        Some(vec![4, 64])
+    );
     assert_eq!(
         shape(&inv, "model.layers.0.mlp.shared_expert_gate.weight"),
         Some(vec![1, 64])
@@ -72,18 +84,39 @@ fn family_plans_and_inventories_use_the_hub_names() {
         shape(&inv, "model.layers.2.mlp.experts.3.down_proj.weight"),
         Some(vec![64, 48])
     );
-    assert_eq!(shape(&inv, "model.layers.1.mlp.up_proj.weight"), Some(vec![128, 64]));
-    assert_eq!(shape(&inv, "model.layers.1.self_attn.k_proj.bias"), Some(vec![32]));
+    assert_eq!(
+        shape(&inv, "model.layers.1.mlp.up_proj.weight"),
+        Some(vec![128, 64])
+    );
+    assert_eq!(
+        shape(&inv, "model.layers.1.self_attn.k_proj.bias"),
+        Some(vec![32])
+    );
     assert!(shape(&inv, "model.layers.1.mlp.gate.weight").is_none());
     let q3 = plan(Preset::Qwen3MoeTiny).inventory();
-    assert_eq!(shape(&q3, "model.layers.0.self_attn.q_norm.weight"), Some(vec![32]));
-    assert_eq!(shape(&q3, "model.layers.0.self_attn.q_proj.weight"), Some(vec![128, 64]));
+    assert_eq!(
+        shape(&q3, "model.layers.0.self_attn.q_norm.weight"),
+        Some(vec![32])
+    );
+    assert_eq!(
+        shape(&q3, "model.layers.0.self_attn.q_proj.weight"),
+        Some(vec![128, 64])
+    );
     let olmoe = plan(Preset::OlmoeTiny).inventory();
-    assert_eq!(shape(&olmoe, "model.layers.1.self_attn.q_norm.weight"), Some(vec![64]));
-    assert_eq!(shape(&olmoe, "model.layers.1.self_attn.k_norm.weight"), Some(vec![64]));
+    assert_eq!(
+        shape(&olmoe, "model.layers.1.self_attn.q_norm.weight"),
+        Some(vec![64])
+    );
+    assert_eq!(
+        shape(&olmoe, "model.layers.1.self_attn.k_norm.weight"),
+        Some(vec![64])
+    );
     let mixtral = plan(Preset::MixtralTiny).inventory();
     assert_eq!(
-        shape(&mixtral, "model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+        shape(
+            &mixtral,
+            "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+        ),
         Some(vec![64, 96])
     );
     assert_eq!(
@@ -97,8 +130,17 @@ fn family_plans_and_inventories_use_the_hub_names() {
         shape(&inv, "model.layers.0.mlp.experts.gate_up_proj"),
         Some(vec![4, 192, 64])
     );
-    assert_eq!(shape(&inv, "model.layers.0.mlp.experts.down_proj"), Some(vec![4, 64, 96]));
-    assert!(inv.get(TensorRole::Expert { layer: 0, expert: 0, proj: FfnProj::Gate }).is_none());
+    assert_eq!(
+        shape(&inv, "model.layers.0.mlp.experts.down_proj"),
+        Some(vec![4, 64, 96])
+    );
+    assert!(inv
+        .get(TensorRole::Expert {
+            layer: 0,
+            expert: 0,
+            proj: FfnProj::Gate
+        })
+        .is_none());
 }
 
 #[test]
