@@ -555,26 +555,28 @@ impl ModelConfig {
                 ));
             }
         }
-        match family {
-            ModelFamily::Mixtral => {
-                if let Some(w) = m.sliding_window {
-                    if w < self.max_position_embeddings {
-                        return Err(format!(
-                            "sliding_window {w} (< max_position_embeddings {}) asks for                              sliding-window attention, which pregate does not implement",
-                            self.max_position_embeddings
-                        ));
-                    }
-                }
+        let window_in_use = match family {
+            ModelFamily::Mixtral => m
+                .sliding_window
+                .filter(|&w| w < self.max_position_embeddings)
+                .map(|w| {
+                    format!(
+                        "sliding_window {w} (< max_position_embeddings {}) asks for \
+                         sliding-window attention, which pregate does not implement",
+                        self.max_position_embeddings
+                    )
+                }),
+            ModelFamily::Qwen2Moe | ModelFamily::Qwen3Moe if m.use_sliding_window == Some(true) => {
+                Some(
+                    "use_sliding_window true asks for sliding-window attention, which pregate \
+                     does not implement"
+                        .into(),
+                )
             }
-            ModelFamily::Qwen2Moe | ModelFamily::Qwen3Moe => {
-                if m.use_sliding_window == Some(true) {
-                    return Err(
-                        "use_sliding_window true asks for sliding-window attention, which                          pregate does not implement"
-                            .into(),
-                    );
-                }
-            }
-            _ => {}
+            _ => None,
+        };
+        if let Some(msg) = window_in_use {
+            return Err(msg);
         }
         if let Some(t) = m
             .layer_types
