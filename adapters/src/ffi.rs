@@ -129,7 +129,7 @@ pub unsafe fn slice<'a, T>(ptr: *const T, len: usize, what: &str) -> CallResult<
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
-/// Like [`slice`], mutable.
+/// Like [`slice()`], mutable.
 ///
 /// # Safety
 /// For `len > 0`, `ptr` must point to `len` live elements that nothing else accesses during the

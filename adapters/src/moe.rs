@@ -212,7 +212,7 @@ impl Settings {
 
 /// The runtime a finalized service computes with.
 enum Runtime {
-    Cpu(CpuExperts),
+    Cpu(Box<CpuExperts>),
     Cuda(crate::cuda::CudaService),
 }
 
@@ -458,7 +458,7 @@ pub unsafe extern "C" fn pregate_moe_finalize(
                     if st.capacity != ExpertCapacity::All {
                         cpu = cpu.with_cache(st.capacity, st.policy)?;
                     }
-                    Runtime::Cpu(cpu)
+                    Runtime::Cpu(Box::new(cpu))
                 }
                 Some(_) => {
                     let built = crate::cuda::CudaService::new(

@@ -518,7 +518,10 @@ fn cpu_service_with_fewer_slots_than_a_layer_runs_waves_and_counts_misses() {
     );
     // Every load copies one whole expert (three 16 x 8 f32 matrices).
     let unit = 3 * 16 * 8 * 4;
-    assert!(st.bytes_loaded >= unit && st.bytes_loaded % unit == 0, "{st:?}");
+    assert!(
+        st.bytes_loaded >= unit && st.bytes_loaded % unit == 0,
+        "{st:?}"
+    );
 }
 
 #[test]
