@@ -42,9 +42,12 @@
  * host's worker thread). A router handle is immutable once open and may be shared; a router state
  * belongs to one sequence and must not be used by two threads at once.
  *
- * THIS VERSION. The CPU service (device = -1) is complete: f32 / bf16 / f16 activations, computed
- * in f32, with an accounting expert cache (the decisions and counters a device cache makes). A
- * CUDA device (device >= 0) is refused with DEVICE: its path is not built yet.
+ * THIS VERSION. The CPU service (device = -1) is complete and tested: f32 / bf16 / f16
+ * activations, computed in f32, with an accounting expert cache (the decisions and counters a
+ * device cache makes). The CUDA service (device >= 0; f32 or bf16) is built but NOT YET RUN ON A
+ * GPU: it allocates its slots and workspace itself in finalize (device_bytes reports 0, finalize
+ * takes NULL), needs x in contiguous rows, and uses the plan's routes (topk_ids / topk_w are not
+ * read). Without a CUDA driver or device, create fails with DEVICE.
  */
 #ifndef PREGATE_H
 #define PREGATE_H
@@ -137,7 +140,8 @@ pregate_status pregate_moe_set_expert(PregateMoe *m, uint32_t layer, uint32_t ex
                                       int32_t src_dtype, const void *host_src, uint64_t rows,
                                       uint64_t cols, uint64_t row_stride);
 
-/* Device bytes the caller allocates for finalize (slot pool, workspace); 0 and 0 on the CPU. */
+/* Device bytes the caller allocates for finalize (slot pool, workspace): 0 and 0 on the CPU, and on
+ * CUDA in this version (the library allocates its own, in finalize). */
 pregate_status pregate_moe_device_bytes(const PregateMoe *m, uint64_t *slot_pool,
                                         uint64_t *workspace);
 

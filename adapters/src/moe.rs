@@ -213,14 +213,14 @@ impl Settings {
 /// The runtime a finalized service computes with.
 enum Runtime {
     Cpu(Box<CpuExperts>),
-    Cuda(crate::cuda::CudaService),
+    Cuda(Box<crate::cuda::CudaService>),
 }
 
 /// Where a service is in its life.
 enum Phase {
     /// Collecting experts: `store[(layer * experts + expert) * 3 + proj]`, f32.
     Loading(Vec<Option<Vec<f32>>>),
-    Ready(Box<Runtime>),
+    Ready(Runtime),
 }
 
 /// The routes of the step planned last and not yet ended.
@@ -468,7 +468,7 @@ pub unsafe extern "C" fn pregate_moe_finalize(
                         (workspace, workspace_bytes),
                     );
                     match built {
-                        Ok(c) => Runtime::Cuda(c),
+                        Ok(c) => Runtime::Cuda(Box::new(c)),
                         Err(f) => {
                             // Nothing is lost: the experts go back to the store for a retry.
                             *store = return_experts(experts);
@@ -477,7 +477,7 @@ pub unsafe extern "C" fn pregate_moe_finalize(
                     }
                 }
             };
-            s.phase = Phase::Ready(Box::new(runtime));
+            s.phase = Phase::Ready(runtime);
             Ok(())
         })
     })
@@ -728,7 +728,7 @@ pub unsafe extern "C" fn pregate_moe_layer_forward(
                     "x_row_stride {x_row_stride} is below hidden {h}"
                 )));
             }
-            match runtime.as_mut() {
+            match runtime {
                 Runtime::Cpu(cpu) => {
                     let k = step.routes.first().map_or(st.top_k, |r| r.experts().len());
                     // SAFETY: the caller's contract (`n * k` elements each).

@@ -209,10 +209,19 @@ fn null_pointers_and_bad_configs_are_refused_with_a_message() {
             assert_eq!(pregate_moe_create(&bad, &mut m), INVALID, "{what}");
             assert!(last_error().contains(what), "{what}: {}", last_error());
         }
-        // A CUDA device is refused clearly in this version.
-        let gpu = PregateMoeConfig { device: 0, ..c };
-        assert_eq!(pregate_moe_create(&gpu, &mut m), ErrorCode::Device as i32);
-        assert!(last_error().contains("CUDA"), "{}", last_error());
+        // Without a GPU a CUDA service is refused clearly; f16 is refused on CUDA everywhere.
+        if !pregate::cuda::cuda_available() {
+            let gpu = PregateMoeConfig { device: 0, ..c };
+            assert_eq!(pregate_moe_create(&gpu, &mut m), ErrorCode::Device as i32);
+            assert!(last_error().contains("CUDA"), "{}", last_error());
+        }
+        let f16 = PregateMoeConfig {
+            device: 0,
+            dtype: 2,
+            ..c
+        };
+        assert_eq!(pregate_moe_create(&f16, &mut m), INVALID);
+        assert!(last_error().contains("f16"), "{}", last_error());
         // NULL handles.
         assert_eq!(finalize(null_mut()), INVALID);
         let mut st = PregateMoeStats::default();
