@@ -12,7 +12,7 @@ use crate::progress::Bar;
 #[derive(Debug, clap::Args)]
 pub struct MakeModelArgs {
     /// Model shape: tiny (tests, a few MB), small (demo, ~142 M params), readme-7b (Read-ME's
-    /// real shape, ~17.6 B params, 35 GB).
+    /// real shape, ~17.6 B params, 35 GB), tiny-h64 (tests in vLLM: heads of 64).
     #[arg(long)]
     pub preset: String,
     /// Output directory (created if needed).

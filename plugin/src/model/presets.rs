@@ -1,5 +1,6 @@
 //! Model shapes of `pregate make-model`: `tiny` (tests), `small` (the demo) and `readme-7b` (the
-//! real Read-ME shape, for GPU benchmarks).
+//! real Read-ME shape, for GPU benchmarks), and `tiny-h64` (tests inside vLLM, whose CPU attention
+//! needs head sizes of 64).
 
 use crate::config::{ModelConfig, ReadMeRouterConfig, TokenIds};
 use crate::error::{Error, Result};
@@ -18,11 +19,19 @@ pub enum Preset {
     Small,
     /// Read-ME on Llama-2-7B: 32 layers, 7 experts of 5504 channels, about 17.6 B parameters, bf16.
     Readme7b,
+    /// Like `Tiny`, but with attention heads of 64 in the backbone and the router: vLLM's CPU
+    /// attention serves head sizes 32, 64, 80, 96, 112, 128, ... only (16 is refused).
+    TinyHead64,
 }
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 3] = [Preset::Tiny, Preset::Small, Preset::Readme7b];
+    pub const ALL: [Preset; 4] = [
+        Preset::Tiny,
+        Preset::Small,
+        Preset::Readme7b,
+        Preset::TinyHead64,
+    ];
 
     /// The name the CLI uses.
     pub fn name(self) -> &'static str {
@@ -30,6 +39,7 @@ impl Preset {
             Preset::Tiny => "tiny",
             Preset::Small => "small",
             Preset::Readme7b => "readme-7b",
+            Preset::TinyHead64 => "tiny-h64",
         }
     }
 
@@ -40,7 +50,7 @@ impl Preset {
             .find(|p| p.name() == name)
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "unknown preset `{name}`: expected one of tiny, small, readme-7b"
+                    "unknown preset `{name}`: expected one of tiny, small, readme-7b, tiny-h64"
                 ))
             })
     }
@@ -106,6 +116,26 @@ impl Preset {
                 dtype: FloatDtype::BF16,
                 expert_inter: 5504,
                 shared_inter: 1376,
+                max_shard_bytes: DEFAULT_SHARD_BYTES,
+            },
+            Preset::TinyHead64 => ModelSpec {
+                config: config(Dims {
+                    vocab: 512,
+                    hidden: 128,
+                    dense_inter: 256,
+                    layers: 2,
+                    heads: 2,
+                    kv_heads: 1,
+                    positions: 512,
+                    experts: 4,
+                    router_dim: 64,
+                    router_inter: 64,
+                    router_heads: 1,
+                    dtype: FloatDtype::F32,
+                }),
+                dtype: FloatDtype::F32,
+                expert_inter: 128,
+                shared_inter: 32,
                 max_shard_bytes: DEFAULT_SHARD_BYTES,
             },
         }
@@ -277,6 +307,10 @@ mod tests {
         // readme-system.md: one expert-layer is 135 MB in bf16, the router 18.0 M parameters.
         assert_eq!(big.per_expert_layer * 2, 135_266_304);
         assert!((17_900_000..18_100_000).contains(&big.router), "{big:?}");
+        let h64 = Preset::TinyHead64.spec().config;
+        assert_eq!(h64.hidden_size / h64.num_attention_heads, 64);
+        let router = h64.readme_router.as_ref().unwrap();
+        assert_eq!(router.embedding_dim / router.n_head, 64);
         let err = Preset::parse("huge").unwrap_err().to_string();
         assert!(err.contains("huge") && err.contains("tiny"), "{err}");
     }
