@@ -4,7 +4,7 @@
 # the kernel compile check, and a real tritonserver from PyPI for the backend's end-to-end tests.
 #
 #   tests/run.sh            everything
-#   tests/run.sh rust       one suite: rust, reference, nvrtc, triton-headers, triton, fuzz
+#   tests/run.sh rust       one suite: rust, reference, nvrtc, triton-headers, triton, vllm, fuzz
 #
 # GPU tests run once per CUDA device present; without one cargo counts them as ignored (the
 # "no CUDA device: N GPU tests skipped" line says why). kernels/gpu-check.sh runs them on a GPU host.
@@ -48,6 +48,8 @@ suite reference python3 -m pytest -q tests/reference
 suite nvrtc bash kernels/ci-nvrtc.sh
 suite triton-headers bash triton-backend/scripts/check-headers.sh
 suite triton bash triton-backend/tests/run.sh
+# pregate_vllm tier 1: torch custom ops and router over libpregate.so (its own torch venv; no vLLM).
+suite vllm bash vllm-ext/tests/run.sh
 # Each parser's fuzz target briefly under AFL++ (installs cargo-afl; tests/fuzz/run.sh 600 is the long run).
 suite fuzz bash tests/fuzz/run.sh "${FUZZ_SECONDS:-15}"
 

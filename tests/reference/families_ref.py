@@ -20,7 +20,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-
 import readme_ref as ref
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -34,9 +33,7 @@ LAYOUTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hub_lay
 def _int_list(v: object) -> tuple[int, ...]:
     if v is None:
         return ()
-    if isinstance(v, bool):
-        raise ValueError(f"token id must be an integer, got {v!r}")
-    if isinstance(v, int):
+    if isinstance(v, int) and not isinstance(v, bool):
         return (v,)
     if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
         return tuple(v)

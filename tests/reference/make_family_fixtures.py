@@ -18,18 +18,16 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import families_ref as fam
 import numpy as np
+import readme_ref as ref
 import torch
 import transformers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import families_ref as fam  # noqa: E402
-import readme_ref as ref  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
 DEFAULT_OUT = os.path.join(ROOT, "tests", "fixtures")
@@ -40,11 +38,11 @@ MIN_GAP = 1e-3          # greedy top-1 vs top-2 logit gap; every router probabil
 PROMPT_TRIES = 400
 CACHED_LOGIT_RTOL = 1e-4
 
-COMMON: dict[str, Any] = dict(
-    vocab_size=256, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
-    max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    num_experts_per_tok=2, tie_word_embeddings=False,
-)
+COMMON: dict[str, Any] = {
+    "vocab_size": 256, "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+    "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+    "num_experts_per_tok": 2, "tie_word_embeddings": False,
+}
 
 
 @dataclass
@@ -288,9 +286,7 @@ def build_fixture(name: str, spec: Spec, out_root: str, verbose: bool = True) ->
                   "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__})
     if verbose:
         for c, case in enumerate(cases):
-            used = np.bincount(case["experts"][case["experts"] >= 0].ravel(),
-                               minlength=fam.FamilyConfig.from_dict(json.load(
-                                   open(os.path.join(model_dir, "config.json")))).num_experts)
+            used = np.bincount(case["experts"][case["experts"] >= 0].ravel(), minlength=cfg.num_experts)
             print(f"  case{c}: P={len(case['prompt_ids'])} distinct outputs={len(np.unique(case['output_ids']))} "
                   f"experts used={used.tolist()} greedy gap={case['greedy_gap']:.4f} "
                   f"router gap={case['router_gap']:.4f}")

@@ -20,7 +20,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import readme_ref as ref  # noqa: E402
+import readme_ref as ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OUT = os.path.join(ROOT, "tests", "fixtures")
@@ -30,9 +30,9 @@ PROMPT_LENS = (1, 7, 23)
 MIN_LOGIT_MARGIN = 1e-3      # greedy top-1 vs top-2 gap, and router ranking gaps
 MIN_DISTINCT_EXPERTS = 3
 
-COMMON = dict(vocab=384, hidden=64, layers=2, heads=4, head_dim=16, router_dim=32, router_heads=2,
-              router_inter=48, experts=4, max_pos=256, max_pos_pred=256, rope_theta=10000.0,
-              eps=1e-5)
+COMMON = {"vocab": 384, "hidden": 64, "layers": 2, "heads": 4, "head_dim": 16, "router_dim": 32,
+          "router_heads": 2, "router_inter": 48, "experts": 4, "max_pos": 256, "max_pos_pred": 256,
+          "rope_theta": 10000.0, "eps": 1e-5}
 
 FIXTURES = {
     "fused_f32": dict(COMMON, seed=1001, layout="fused", dtype="F32", kv_heads=2, tied=False,

@@ -118,8 +118,7 @@ def write_safetensors(path: str, tensors: dict[str, tuple[str, np.ndarray]],
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
-        for b in blobs:
-            f.write(b)
+        f.writelines(blobs)
 
 
 def load_model_tensors(model_dir: str) -> dict[str, np.ndarray]:

@@ -12,9 +12,10 @@ use crate::progress::Bar;
 #[derive(Debug, clap::Args)]
 pub struct MakeModelArgs {
     /// Model shape: tiny (tests, a few MB), small (demo, ~142 M params), readme-7b (Read-ME's
-    /// real shape, ~17.6 B params, 35 GB); per Hugging Face family a test shape (mixtral-tiny,
-    /// qwen2-moe-tiny, qwen3-moe-tiny, olmoe-tiny) and the real one (mixtral-8x7b,
-    /// qwen2-moe-a2.7b, qwen3-30b-a3b, olmoe-1b-7b; with --layers to cut it short).
+    /// real shape, ~17.6 B params, 35 GB), tiny-h64 (tests in vLLM: heads of 64); per Hugging
+    /// Face family a test shape (mixtral-tiny, qwen2-moe-tiny, qwen3-moe-tiny, olmoe-tiny) and the
+    /// real one (mixtral-8x7b, qwen2-moe-a2.7b, qwen3-30b-a3b, olmoe-1b-7b; with --layers to cut
+    /// it short).
     #[arg(long)]
     pub preset: String,
     /// Output directory (created if needed).

@@ -59,6 +59,12 @@ struct Workspace<T> {
     weights: CudaSlice<f32>,
 }
 
+/// The shared (always active) experts of every layer, `gate_up [2I, H]` and `down [H, I]`.
+struct SharedExperts<T> {
+    weights: Vec<Option<(CudaSlice<T>, CudaSlice<T>)>>,
+    inter: usize,
+}
+
 /// The routes last uploaded and permuted, and the stream that did it: a layer with the same routes
 /// on the same stream (Read-ME's shared routes) reuses the permutation.
 struct Uploaded {
@@ -98,7 +104,6 @@ impl<T: DeviceElem> CudaExperts<T> {
     ) -> Result<Self> {
         let cfg = &model.config;
         let ck = &model.checkpoint;
-        let ctx = stream.context().clone();
         let (h, nl, ne) = (cfg.hidden_size, cfg.num_hidden_layers, cfg.n_cluster);
         let elem = std::mem::size_of::<T>();
         // Widths from the model's plan, tensors by their role in its inventory.
@@ -126,6 +131,79 @@ impl<T: DeviceElem> CudaExperts<T> {
                 None => None,
             });
         }
+        let shape = MoeShape {
+            layers: nl,
+            experts: ne,
+            top_k: cfg.router_top_k.max(1),
+            hidden: h,
+        };
+        let pack = |l: usize, e: usize, out: &mut [u8]| {
+            pack_ffn::<T>(ck, inventory.expert(l, e)?, units[l], out)
+        };
+        let shared = SharedExperts {
+            weights: shared,
+            inter: shared_inter,
+        };
+        Self::assemble(shape, units.clone(), shared, kernels, stream, setup, &pack)
+    }
+
+    /// A runtime over host experts `experts[layer][expert]` (f32; `gate`, `up` `[I, H]`, `down`
+    /// `[H, I]`, one width per layer) without shared experts, serving routes of up to `top_k`
+    /// experts: what a host framework that loads the weights itself (vLLM, through the C ABI)
+    /// hands over. Converted to `T` on the device of `stream`, as [`CudaExperts::new`] does.
+    pub fn from_host(
+        experts: &[Vec<crate::model::weights::ExpertWeights>],
+        hidden: usize,
+        top_k: usize,
+        kernels: Arc<KernelSet>,
+        stream: &Arc<CudaStream>,
+        setup: ExpertSetup,
+    ) -> Result<Self> {
+        let (nl, ne) = (experts.len(), experts.first().map_or(0, Vec::len));
+        if nl == 0 || ne == 0 || experts.iter().any(|l| l.len() != ne) || top_k == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "an expert runtime needs layers of equally many experts and top_k >= 1 ({nl} \
+                 layers, {ne} experts in layer 0, top_k {top_k})"
+            )));
+        }
+        let elem = std::mem::size_of::<T>();
+        let units: Vec<UnitShape> = experts
+            .iter()
+            .map(|l| UnitShape {
+                hidden,
+                inter: l[0].inter(),
+                elem,
+            })
+            .collect();
+        let shape = MoeShape {
+            layers: nl,
+            experts: ne,
+            top_k,
+            hidden,
+        };
+        let pack = |l: usize, e: usize, out: &mut [u8]| {
+            super::weights::pack_host_ffn::<T>(&experts[l][e], units[l], out)
+        };
+        let shared = SharedExperts {
+            weights: (0..nl).map(|_| None).collect(),
+            inter: 0,
+        };
+        Self::assemble(shape, units.clone(), shared, kernels, stream, setup, &pack)
+    }
+
+    /// The common tail of the constructors: the cache and its slots, filled once when every
+    /// expert fits, else a page-locked copy of every unit to load them from.
+    fn assemble(
+        shape: MoeShape,
+        units: Vec<UnitShape>,
+        shared: SharedExperts<T>,
+        kernels: Arc<KernelSet>,
+        stream: &Arc<CudaStream>,
+        setup: ExpertSetup,
+        pack: &super::weights::PackUnit<'_>,
+    ) -> Result<Self> {
+        let (nl, ne) = (shape.layers, shape.experts);
+        let ctx = stream.context().clone();
         let copy = ctx.new_stream().map_err(dev)?;
         let unit_bytes = units.iter().map(UnitShape::bytes).max().unwrap_or(1) as u64;
         let memory = CudaExpertMemory::new(&ctx, &copy)?;
@@ -140,7 +218,7 @@ impl<T: DeviceElem> CudaExperts<T> {
             for (l, &unit) in units.iter().enumerate() {
                 one.0.resize(unit.bytes(), 0);
                 for e in 0..ne {
-                    pack_ffn::<T>(ck, inventory.expert(l, e)?, unit, &mut one.0)?;
+                    pack(l, e, &mut one.0)?;
                     let u = Unit::new(l, e as u16);
                     store.cache_mut().prefetch(u)?;
                     let slot = store
@@ -152,17 +230,12 @@ impl<T: DeviceElem> CudaExperts<T> {
             }
             None
         } else {
-            Some(PinnedExperts::new::<T>(&ctx, ck, &inventory, ne, &units)?)
+            Some(PinnedExperts::new(&ctx, ne, &units, pack)?)
         };
         copy.synchronize().map_err(dev)?;
         stream.synchronize().map_err(dev)?;
         Ok(CudaExperts {
-            shape: MoeShape {
-                layers: nl,
-                experts: ne,
-                top_k: cfg.router_top_k.max(1),
-                hidden: h,
-            },
+            shape,
             blas: {
                 let mut b = Blas::new(stream).map_err(dev)?;
                 b.set_grouped_ffn(setup.grouped_ffn);
@@ -171,8 +244,8 @@ impl<T: DeviceElem> CudaExperts<T> {
             ctx,
             kernels,
             units,
-            shared,
-            shared_inter,
+            shared: shared.weights,
+            shared_inter: shared.inter,
             store,
             source,
             planner: PrefetchPlanner::default(),
@@ -182,6 +255,13 @@ impl<T: DeviceElem> CudaExperts<T> {
             uploaded: None,
             stats: RuntimeStats::default(),
         })
+    }
+
+    /// Allocates the per-call buffers for steps of up to `tokens` tokens now, so that no layer
+    /// call of such a step allocates device memory (a host that sizes its memory after loading
+    /// the model, as vLLM does, sees them).
+    pub fn reserve(&mut self, tokens: usize, stream: &Arc<CudaStream>) -> Result<()> {
+        self.ensure_workspace(tokens, stream)
     }
 
     /// The shape calls are checked against.

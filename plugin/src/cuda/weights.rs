@@ -14,7 +14,7 @@ use super::dev;
 use crate::cache::{ExpertSource, Unit};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::convert_to_f32;
-use crate::model::family::{Inventory, TensorSpec};
+use crate::model::family::TensorSpec;
 use crate::model::{Checkpoint, FloatDtype, TensorRef};
 
 /// A storage type of the CUDA backend, convertible from every checkpoint dtype.
@@ -23,6 +23,8 @@ pub trait DeviceElem: KernelDtype {
     fn encode(t: &TensorRef<'_>, out: &mut [u8]) -> Result<()>;
     /// `t`'s values as `Self`.
     fn decode(t: &TensorRef<'_>) -> Result<Vec<Self>>;
+    /// Writes f32 `values` as little-endian `Self` bytes (`out` holds exactly that many).
+    fn encode_f32(values: &[f32], out: &mut [u8]);
 }
 
 fn encode_via_f32(
@@ -55,6 +57,11 @@ impl DeviceElem for f32 {
     fn decode(t: &TensorRef<'_>) -> Result<Vec<Self>> {
         t.to_f32()
     }
+    fn encode_f32(values: &[f32], out: &mut [u8]) {
+        for (v, o) in values.iter().zip(out.chunks_exact_mut(4)) {
+            o.copy_from_slice(&v.to_le_bytes());
+        }
+    }
 }
 
 impl DeviceElem for bf16 {
@@ -76,6 +83,11 @@ impl DeviceElem for bf16 {
                 .collect());
         }
         Ok(t.to_f32()?.into_iter().map(bf16::from_f32).collect())
+    }
+    fn encode_f32(values: &[f32], out: &mut [u8]) {
+        for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+            o.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
+        }
     }
 }
 
@@ -109,6 +121,9 @@ pub(super) fn upload_stacked<T: DeviceElem>(
         .map_err(|e| Error::Capacity(format!("uploading `{}`: {e}", parts[0].0)))
 }
 
+/// Packs unit (`layer`, `expert`) into its bytes: `pack(layer, expert, out)`.
+pub(super) type PackUnit<'a> = dyn Fn(usize, usize, &mut [u8]) -> Result<()> + Sync + 'a;
+
 /// The shape of one routed expert unit.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct UnitShape {
@@ -130,6 +145,29 @@ impl UnitShape {
     pub fn bytes(&self) -> usize {
         (self.gate_up_len() + self.down_len()) * self.elem
     }
+}
+
+/// Packs host f32 expert matrices (`gate`, `up` `[I, H]`, `down` `[H, I]`) into `out`
+/// (`shape.bytes()` bytes), the unit layout [`pack_ffn`] writes from a checkpoint.
+pub(super) fn pack_host_ffn<T: DeviceElem>(
+    w: &crate::model::weights::ExpertWeights,
+    shape: UnitShape,
+    out: &mut [u8],
+) -> Result<()> {
+    let (h, i, s) = (shape.hidden, shape.inter, shape.elem);
+    let dims = [(&w.gate, i, h), (&w.up, i, h), (&w.down, h, i)];
+    if out.len() != shape.bytes() || dims.iter().any(|(m, r, c)| (m.rows, m.cols) != (*r, *c)) {
+        return Err(Error::InvalidArgument(format!(
+            "expert matrices [{}, {}], [{}, {}], [{}, {}] do not form a unit of H {h}, I {i}",
+            w.gate.rows, w.gate.cols, w.up.rows, w.up.cols, w.down.rows, w.down.cols
+        )));
+    }
+    let (g, rest) = out.split_at_mut(i * h * s);
+    let (u, d) = rest.split_at_mut(i * h * s);
+    T::encode_f32(&w.gate.data, g);
+    T::encode_f32(&w.up.data, u);
+    T::encode_f32(&w.down.data, d);
+    Ok(())
 }
 
 /// Packs the expert tensors `[gate, up, down]` (as the model's inventory lists them) into `out`
@@ -160,14 +198,13 @@ pub(super) struct PinnedExperts {
 }
 
 impl PinnedExperts {
-    /// Packs all `layers x experts` units from the checkpoint (in parallel); `shapes[l]` is layer
-    /// `l`'s unit shape.
-    pub fn new<T: DeviceElem>(
+    /// Packs all `layers x experts` units (in parallel) with `pack(layer, expert, out)`;
+    /// `shapes[l]` is layer `l`'s unit shape.
+    pub fn new(
         ctx: &Arc<CudaContext>,
-        ck: &Checkpoint,
-        inventory: &Inventory,
         experts: usize,
         shapes: &[UnitShape],
+        pack: &PackUnit<'_>,
     ) -> Result<Self> {
         let layers = shapes.len();
         let unit_bytes = shapes
@@ -188,8 +225,7 @@ impl PinnedExperts {
             .enumerate()
             .try_for_each(|(i, out)| {
                 let shape = shapes[i / experts];
-                let specs = inventory.expert(i / experts, i % experts)?;
-                pack_ffn::<T>(ck, specs, shape, &mut out[..shape.bytes()])
+                pack(i / experts, i % experts, &mut out[..shape.bytes()])
             })?;
         Ok(PinnedExperts {
             buf,

@@ -1,8 +1,9 @@
 //! Model shapes of `pregate make-model`: `tiny` (tests), `small` (the demo) and `readme-7b` (the
-//! real Read-ME shape, for GPU benchmarks); per Hugging Face family a tiny shape for tests
-//! (`mixtral-tiny`, `qwen2-moe-tiny`, `qwen3-moe-tiny`, `olmoe-tiny`) and the real shapes of
-//! `mixtral-8x7b`, `qwen2-moe-a2.7b`, `qwen3-30b-a3b` and `olmoe-1b-7b` (random weights, Hub
-//! tensor names; fewer layers with [`ModelSpec::with_layers`]).
+//! real Read-ME shape, for GPU benchmarks), `tiny-h64` (tests inside vLLM, whose CPU attention
+//! needs head sizes of 64); per Hugging Face family a tiny shape for tests (`mixtral-tiny`,
+//! `qwen2-moe-tiny`, `qwen3-moe-tiny`, `olmoe-tiny`) and the real shapes of `mixtral-8x7b`,
+//! `qwen2-moe-a2.7b`, `qwen3-30b-a3b` and `olmoe-1b-7b` (random weights, Hub tensor names; fewer
+//! layers with [`ModelSpec::with_layers`]).
 
 use crate::config::{ModelConfig, ReadMeRouterConfig, TokenIds};
 use crate::error::{Error, Result};
@@ -21,6 +22,9 @@ pub enum Preset {
     Small,
     /// Read-ME on Llama-2-7B: 32 layers, 7 experts of 5504 channels, about 17.6 B parameters, bf16.
     Readme7b,
+    /// Like `Tiny`, but with attention heads of 64 in the backbone and the router: vLLM's CPU
+    /// attention serves head sizes 32, 64, 80, 96, 112, 128, ... only (16 is refused).
+    TinyHead64,
     /// Mixtral, 2 layers of 4 experts, top-2, f32: for tests.
     MixtralTiny,
     /// Qwen2-MoE, 3 layers (the middle one dense), 4 experts top-2, a gated shared expert, q/k/v
@@ -44,10 +48,11 @@ pub enum Preset {
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 11] = [
+    pub const ALL: [Preset; 12] = [
         Preset::Tiny,
         Preset::Small,
         Preset::Readme7b,
+        Preset::TinyHead64,
         Preset::MixtralTiny,
         Preset::Qwen2MoeTiny,
         Preset::Qwen3MoeTiny,
@@ -64,6 +69,7 @@ impl Preset {
             Preset::Tiny => "tiny",
             Preset::Small => "small",
             Preset::Readme7b => "readme-7b",
+            Preset::TinyHead64 => "tiny-h64",
             Preset::MixtralTiny => "mixtral-tiny",
             Preset::Qwen2MoeTiny => "qwen2-moe-tiny",
             Preset::Qwen3MoeTiny => "qwen3-moe-tiny",
@@ -153,6 +159,26 @@ impl Preset {
                 dtype: FloatDtype::BF16,
                 expert_inter: 5504,
                 shared_inter: 1376,
+                max_shard_bytes: DEFAULT_SHARD_BYTES,
+            },
+            Preset::TinyHead64 => ModelSpec {
+                config: config(Dims {
+                    vocab: 512,
+                    hidden: 128,
+                    dense_inter: 256,
+                    layers: 2,
+                    heads: 2,
+                    kv_heads: 1,
+                    positions: 512,
+                    experts: 4,
+                    router_dim: 64,
+                    router_inter: 64,
+                    router_heads: 1,
+                    dtype: FloatDtype::F32,
+                }),
+                dtype: FloatDtype::F32,
+                expert_inter: 128,
+                shared_inter: 32,
                 max_shard_bytes: DEFAULT_SHARD_BYTES,
             },
             _ => unreachable!("every Hugging Face preset has an hf_spec"),
@@ -483,7 +509,7 @@ fn hf_spec(p: Preset) -> Option<ModelSpec> {
                 ..fields
             },
         },
-        Preset::Tiny | Preset::Small | Preset::Readme7b => return None,
+        Preset::Tiny | Preset::Small | Preset::Readme7b | Preset::TinyHead64 => return None,
     };
     let config = ModelConfig {
         architectures: vec![hf.arch.into()],
@@ -622,6 +648,10 @@ mod tests {
         // readme-system.md: one expert-layer is 135 MB in bf16, the router 18.0 M parameters.
         assert_eq!(big.per_expert_layer * 2, 135_266_304);
         assert!((17_900_000..18_100_000).contains(&big.router), "{big:?}");
+        let h64 = Preset::TinyHead64.spec().config;
+        assert_eq!(h64.hidden_size / h64.num_attention_heads, 64);
+        let router = h64.readme_router.as_ref().unwrap();
+        assert_eq!(router.embedding_dim / router.n_head, 64);
         let err = Preset::parse("huge").unwrap_err().to_string();
         assert!(err.contains("huge") && err.contains("tiny"), "{err}");
     }

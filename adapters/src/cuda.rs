@@ -1,0 +1,222 @@
+//! The CUDA side of the MoE service (`device >= 0`): `pregate::cuda::CudaExperts` over the
+//! experts the caller set, computing on the caller's stream (borrowed per call), loading on its
+//! own copy stream.
+//!
+//! Built and compiled, **not yet run on a GPU**. Unverified: everything that needs a device
+//! (construction, plan, layer calls, stream ordering against the caller's stream, counters).
+//! Memory: the slot pool and the workspace are allocated by the library itself, in `finalize`
+//! (before a host such as vLLM profiles its memory), so `device_bytes` reports 0 and 0 and
+//! `finalize` takes NULL; adopting caller-owned memory is not built.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use half::bf16;
+use pregate::cache::{CacheStats, StepExperts};
+use pregate::cuda::{CudaExperts, DeviceElem, ExpertSetup};
+use pregate::model::weights::ExpertWeights;
+use pregate::moe::RuntimeStats;
+use pregate::{ErrorCode, TokenRoute};
+use pregate_kernels::KernelSet;
+
+use crate::dtype::Dtype;
+use crate::ffi::{CallResult, Failure};
+use crate::moe::Settings;
+
+fn device_failure(what: &str, e: impl std::fmt::Display) -> Failure {
+    Failure::new(ErrorCode::Device, format!("{what}: {e}"))
+}
+
+/// Checks that CUDA device `ordinal` exists and that the service's dtype runs there.
+pub(crate) fn check_device(ordinal: usize, settings: &Settings) -> CallResult {
+    if settings.dtype == Dtype::F16 {
+        return Err(Failure::invalid(
+            "dtype f16 is not served on CUDA: use f32 or bf16",
+        ));
+    }
+    let count =
+        pregate_kernels::device_count().map_err(|e| device_failure("no usable CUDA driver", e))?;
+    if ordinal >= count {
+        return Err(Failure::new(
+            ErrorCode::Device,
+            format!("CUDA device {ordinal} does not exist ({count} present)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Device bytes the caller allocates for `finalize`: none, the library allocates its own (see
+/// the module docs).
+pub(crate) fn device_bytes(_settings: &Settings) -> (u64, u64) {
+    (0, 0)
+}
+
+/// The runtime in the service's compute type.
+enum Typed {
+    F32(CudaExperts<f32>),
+    Bf16(CudaExperts<bf16>),
+}
+
+/// A service's runtime on a CUDA device.
+pub(crate) struct CudaService {
+    ctx: Arc<CudaContext>,
+    runtime: Typed,
+    hidden: usize,
+}
+
+impl CudaService {
+    /// Builds the runtime on `settings.device` from host experts; caller-owned memory is not
+    /// adopted yet, so both regions must be NULL.
+    pub(crate) fn new(
+        settings: &Settings,
+        experts: &[Vec<ExpertWeights>],
+        slot_pool: (*mut c_void, u64),
+        workspace: (*mut c_void, u64),
+    ) -> CallResult<Self> {
+        if !slot_pool.0.is_null() || !workspace.0.is_null() {
+            return Err(Failure::invalid(
+                "this version allocates its CUDA slots and workspace itself in finalize: pass \
+                 NULL (pregate_moe_device_bytes reports 0)",
+            ));
+        }
+        let ordinal = settings
+            .device
+            .ok_or_else(|| Failure::new(ErrorCode::Internal, "a CUDA service without a device"))?;
+        let ctx = pregate::cuda::open_context(ordinal)?;
+        let kernels = Arc::new(
+            KernelSet::new(&ctx).map_err(|e| device_failure("compiling the CUDA kernels", e))?,
+        );
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| device_failure("creating a stream", e))?;
+        let setup = ExpertSetup {
+            capacity: settings.capacity,
+            policy: settings.policy,
+            prefetch: true,
+            measure_stalls: false,
+            grouped_ffn: true,
+        };
+        fn build<T: DeviceElem>(
+            s: &Settings,
+            experts: &[Vec<ExpertWeights>],
+            kernels: Arc<KernelSet>,
+            stream: &Arc<CudaStream>,
+            setup: ExpertSetup,
+        ) -> CallResult<CudaExperts<T>> {
+            let mut rt =
+                CudaExperts::<T>::from_host(experts, s.hidden, s.top_k, kernels, stream, setup)?;
+            if s.max_tokens > 0 {
+                rt.reserve(s.max_tokens, stream)?;
+            }
+            Ok(rt)
+        }
+        let runtime = match settings.dtype {
+            Dtype::F32 => Typed::F32(build(settings, experts, kernels, &stream, setup)?),
+            _ => Typed::Bf16(build(settings, experts, kernels, &stream, setup)?),
+        };
+        stream
+            .synchronize()
+            .map_err(|e| device_failure("finishing the expert upload", e))?;
+        Ok(CudaService {
+            ctx,
+            runtime,
+            hidden: settings.hidden,
+        })
+    }
+
+    /// Plans the step: Belady's next uses and the loads of its misses, on the copy stream.
+    pub(crate) fn plan(&mut self, steps: &[StepExperts], _stream: u64) -> CallResult {
+        match &mut self.runtime {
+            Typed::F32(r) => r.plan(steps)?,
+            Typed::Bf16(r) => r.plan(steps)?,
+        };
+        Ok(())
+    }
+
+    /// Ends the step: pins released, completed stall timings counted.
+    pub(crate) fn end_step(&mut self, _stream: u64) -> CallResult {
+        match &mut self.runtime {
+            Typed::F32(r) => r.end_step(),
+            Typed::Bf16(r) => r.end_step(),
+        }
+        Ok(())
+    }
+
+    /// The runtime's and the cache's counters.
+    pub(crate) fn stats(&self) -> (RuntimeStats, Option<CacheStats>) {
+        match &self.runtime {
+            Typed::F32(r) => (r.stats(), Some(r.cache().stats())),
+            Typed::Bf16(r) => (r.stats(), Some(r.cache().stats())),
+        }
+    }
+
+    /// One layer on the caller's `stream` over device pointers `x` and `out` (`routes.len()`
+    /// contiguous rows of `hidden`).
+    pub(crate) fn forward_layer(
+        &mut self,
+        layer: usize,
+        x: *const c_void,
+        x_row_stride: u64,
+        routes: &[TokenRoute],
+        out: *mut c_void,
+        stream: u64,
+    ) -> CallResult {
+        if x_row_stride != self.hidden as u64 {
+            return Err(Failure::invalid(format!(
+                "on CUDA x must be contiguous rows (x_row_stride {x_row_stride}, hidden {})",
+                self.hidden
+            )));
+        }
+        if x.is_null() || out.is_null() {
+            return Err(Failure::invalid("`x` or `out` is NULL"));
+        }
+        let len = routes.len() * self.hidden;
+        // SAFETY: `stream` is the caller's live stream of the primary context (the ABI's
+        // contract), outliving this call and the work enqueued on it.
+        let s = unsafe { pregate::cuda::borrow_stream(&self.ctx, stream) };
+        match &mut self.runtime {
+            Typed::F32(r) => run(r, layer, x, out, len, routes, &s),
+            Typed::Bf16(r) => run(r, layer, x, out, len, routes, &s),
+        }
+    }
+}
+
+/// Caller memory seen as a `CudaSlice` for one call; given back (never freed) on drop.
+struct Borrowed<T>(Option<CudaSlice<T>>);
+
+impl<T> Drop for Borrowed<T> {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            // The memory is the caller's: forget the slice instead of freeing it.
+            let _ = s.leak();
+        }
+    }
+}
+
+fn run<T: DeviceElem>(
+    rt: &mut CudaExperts<T>,
+    layer: usize,
+    x: *const c_void,
+    out: *mut c_void,
+    len: usize,
+    routes: &[TokenRoute],
+    stream: &Arc<CudaStream>,
+) -> CallResult {
+    // SAFETY: `x` and `out` are device pointers of `len` elements of `T` in the primary context,
+    // live for the work enqueued on `stream` (the ABI's contract); `Borrowed` never frees them.
+    let (xs, mut outs) = unsafe {
+        (
+            Borrowed(Some(stream.upgrade_device_ptr::<T>(x as u64, len))),
+            Borrowed(Some(stream.upgrade_device_ptr::<T>(out as u64, len))),
+        )
+    };
+    let (Some(xv), Some(ov)) = (xs.0.as_ref(), outs.0.as_mut()) else {
+        return Err(Failure::new(
+            ErrorCode::Internal,
+            "borrowed slices vanished",
+        ));
+    };
+    rt.forward_layer(layer, xv, routes, ov, false, stream)?;
+    Ok(())
+}

@@ -1,0 +1,934 @@
+//! The per-layer MoE service (`pregate_moe_*`): a host framework keeps attention, the KV cache and
+//! the dense parts; pregate keeps the routed experts, their cache and its plan.
+//!
+//! Life of a handle: `create` (shape and cache settings) -> `set_expert` for every (layer, expert,
+//! projection), copied into pregate's store -> `finalize` (every expert present; the runtime is
+//! built) -> per step: `plan_step` (the step's routes, shared by every layer) -> `layer_forward`
+//! per layer -> `step_end` -> `destroy`. A call out of this order fails with `STATE`.
+
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use pregate::cache::{CacheCapacity, EvictionPolicy, ExpertCapacity, StepExperts};
+use pregate::model::weights::{ExpertWeights, Matrix};
+use pregate::moe::CpuExperts;
+use pregate::route::{ExpertSet, MAX_EXPERTS, MAX_TOP_K};
+use pregate::{ErrorCode, TokenRoute};
+
+use crate::dtype::{read_matrix, write_values, Dtype};
+use crate::ffi::{self, guard, product, CallResult, Failure, Status};
+
+/// The settings of a service, as C passes them (`PregateMoeConfig` in `pregate.h`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PregateMoeConfig {
+    /// `sizeof(PregateMoeConfig)` as the caller compiled it.
+    pub struct_size: u32,
+    /// MoE layers.
+    pub num_layers: u32,
+    /// Routed experts per layer.
+    pub num_experts: u32,
+    /// Most experts per token.
+    pub top_k: u32,
+    /// Model width `H`.
+    pub hidden: u32,
+    /// Expert width `I` (this rank's shard under tensor parallelism).
+    pub inter: u32,
+    /// Activations' element type (`PREGATE_F32`, `PREGATE_BF16`, `PREGATE_F16`).
+    pub dtype: i32,
+    /// -1: CPU; else the CUDA device ordinal.
+    pub device: i32,
+    /// Expert slots in all; 0: every expert resident.
+    pub cache_slots: u64,
+    /// Slots per layer; 0: one pool shared by the layers.
+    pub layer_quota: u32,
+    /// Eviction policy (`PREGATE_LRU`, `PREGATE_LFU`, `PREGATE_RANDOM`, `PREGATE_BELADY`).
+    pub policy: i32,
+    /// Most tokens of one step (0: no limit).
+    pub max_tokens: u32,
+    /// `PREGATE_SHARD_NONE` or `PREGATE_SHARD_TP`.
+    pub shard_kind: u32,
+    /// This rank.
+    pub shard_rank: u32,
+    /// Ranks.
+    pub shard_size: u32,
+    /// Seed of the random eviction policy.
+    pub seed: u64,
+}
+
+/// A service's counters (`PregateMoeStats` in `pregate.h`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PregateMoeStats {
+    /// `sizeof(PregateMoeStats)`: set by the caller to its size, by the library to its own.
+    pub struct_size: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Cache accesses that found their expert resident.
+    pub hits: u64,
+    /// Cache accesses that loaded their expert.
+    pub misses: u64,
+    /// Experts evicted.
+    pub evictions: u64,
+    /// Bytes copied into expert slots.
+    pub bytes_loaded: u64,
+    /// Loads issued ahead of use by a plan.
+    pub prefetches: u64,
+    /// Layer forwards run.
+    pub layer_calls: u64,
+    /// Waves run (more than one per layer call when a layer uses more experts than its slots).
+    pub waves: u64,
+    /// Seconds compute waited for expert loads.
+    pub stall_s: f64,
+}
+
+/// An eviction policy's ABI number.
+fn policy(code: i32) -> CallResult<EvictionPolicy> {
+    match code {
+        0 => Ok(EvictionPolicy::Lru),
+        1 => Ok(EvictionPolicy::Lfu),
+        2 => Ok(EvictionPolicy::Random),
+        3 => Ok(EvictionPolicy::Belady),
+        _ => Err(Failure::invalid(format!(
+            "policy {code} is not an eviction policy (0 lru, 1 lfu, 2 random, 3 belady)"
+        ))),
+    }
+}
+
+/// The projections of one expert.
+const PROJ_NAMES: [&str; 3] = ["gate", "up", "down"];
+
+/// A validated [`PregateMoeConfig`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub layers: usize,
+    pub experts: usize,
+    pub top_k: usize,
+    pub hidden: usize,
+    pub inter: usize,
+    pub dtype: Dtype,
+    pub device: Option<usize>,
+    pub capacity: ExpertCapacity,
+    pub policy: EvictionPolicy,
+    pub max_tokens: usize,
+}
+
+impl Settings {
+    fn new(c: &PregateMoeConfig) -> CallResult<Self> {
+        let positive = |v: u32, name: &str| {
+            if v == 0 {
+                Err(Failure::invalid(format!("{name} must be at least 1")))
+            } else {
+                Ok(v as usize)
+            }
+        };
+        let layers = positive(c.num_layers, "num_layers")?;
+        let experts = positive(c.num_experts, "num_experts")?;
+        let hidden = positive(c.hidden, "hidden")?;
+        let inter = positive(c.inter, "inter")?;
+        if experts > MAX_EXPERTS {
+            return Err(Failure::invalid(format!(
+                "num_experts {experts} is above {MAX_EXPERTS}"
+            )));
+        }
+        let top_k = c.top_k as usize;
+        if top_k == 0 || top_k > experts.min(MAX_TOP_K) {
+            return Err(Failure::invalid(format!(
+                "top_k {top_k} must be 1..={}",
+                experts.min(MAX_TOP_K)
+            )));
+        }
+        let device = match c.device {
+            -1 => None,
+            d if d >= 0 => Some(d as usize),
+            d => {
+                return Err(Failure::invalid(format!(
+                    "device {d}: -1 (CPU) or a CUDA ordinal"
+                )))
+            }
+        };
+        let units = layers * experts;
+        let capacity = match (c.cache_slots, c.layer_quota as usize) {
+            (0, 0) => ExpertCapacity::All,
+            (s, 0) if s >= units as u64 => ExpertCapacity::All,
+            (s, 0) => ExpertCapacity::Total(CacheCapacity::Slots(s as usize)),
+            (s, q) if s == 0 || s == (q * layers) as u64 => {
+                if q >= experts {
+                    ExpertCapacity::All
+                } else {
+                    ExpertCapacity::PerLayer(q)
+                }
+            }
+            (s, q) => {
+                return Err(Failure::invalid(format!(
+                    "cache_slots {s} disagrees with layer_quota {q} over {layers} layers (0 or {})",
+                    q * layers
+                )))
+            }
+        };
+        match (c.shard_kind, c.shard_size) {
+            (0, _) => {}
+            (1, n) if c.shard_rank < n => {}
+            (1, n) => {
+                return Err(Failure::invalid(format!(
+                    "shard_rank {} is outside 0..{n}",
+                    c.shard_rank
+                )))
+            }
+            (2, _) => {
+                return Err(Failure::invalid(
+                    "shard_kind 2 (expert parallel) is not supported yet: use 1 (tensor parallel)",
+                ))
+            }
+            (k, _) => {
+                return Err(Failure::invalid(format!(
+                    "shard_kind {k}: 0 (none) or 1 (tensor parallel)"
+                )))
+            }
+        }
+        Ok(Settings {
+            layers,
+            experts,
+            top_k,
+            hidden,
+            inter,
+            dtype: Dtype::from_code(c.dtype, "dtype")?,
+            device,
+            capacity,
+            policy: policy(c.policy)?,
+            max_tokens: c.max_tokens as usize,
+        })
+    }
+
+    /// The shape of projection `proj`: gate and up are `[inter, hidden]`, down `[hidden, inter]`.
+    fn proj_shape(&self, proj: usize) -> (usize, usize) {
+        if proj == 2 {
+            (self.hidden, self.inter)
+        } else {
+            (self.inter, self.hidden)
+        }
+    }
+}
+
+/// The runtime a finalized service computes with.
+enum Runtime {
+    Cpu(Box<CpuExperts>),
+    Cuda(Box<crate::cuda::CudaService>),
+}
+
+/// Where a service is in its life.
+enum Phase {
+    /// Collecting experts: `store[(layer * experts + expert) * 3 + proj]`, f32.
+    Loading(Vec<Option<Vec<f32>>>),
+    Ready(Runtime),
+}
+
+/// The routes of the step planned last and not yet ended.
+struct OpenStep {
+    id: u64,
+    routes: Vec<TokenRoute>,
+}
+
+/// The state behind a handle.
+struct Service {
+    settings: Settings,
+    phase: Phase,
+    open: Option<OpenStep>,
+    last_step: u64,
+}
+
+/// An opaque service handle (`PregateMoe *`). Calls on one handle are serialised by its lock.
+pub struct PregateMoe(Mutex<Service>);
+
+impl PregateMoe {
+    fn with<T>(&self, f: impl FnOnce(&mut Service) -> CallResult<T>) -> CallResult<T> {
+        let mut s = self.0.lock().map_err(|_| {
+            Failure::state("a previous call on this handle failed midway; destroy it")
+        })?;
+        f(&mut s)
+    }
+}
+
+/// Reads the caller's config: at least this library's fields; the bytes of a newer, larger struct
+/// must be zero (fields this library does not know left at their defaults).
+///
+/// # Safety
+/// A non-null `cfg` must point to `cfg->struct_size` readable bytes.
+unsafe fn read_config(cfg: *const PregateMoeConfig) -> CallResult<PregateMoeConfig> {
+    // SAFETY: the caller's contract (at least the leading `struct_size`).
+    let size = unsafe { ffi::non_null(cfg as *const u32, "cfg")? };
+    let (size, ours) = (*size as usize, std::mem::size_of::<PregateMoeConfig>());
+    if size < ours || size > 4096 {
+        return Err(Failure::invalid(format!(
+            "cfg->struct_size is {size}; this library's PregateMoeConfig has {ours} bytes \
+             (compile against the pregate.h of ABI version {})",
+            crate::ABI_VERSION
+        )));
+    }
+    // SAFETY: `size` bytes are readable (the caller's contract), `size >= ours`.
+    let bytes = unsafe { std::slice::from_raw_parts(cfg as *const u8, size) };
+    if bytes[ours..].iter().any(|&b| b != 0) {
+        return Err(Failure::invalid(
+            "cfg sets fields newer than this library knows (non-zero bytes past its \
+             PregateMoeConfig)",
+        ));
+    }
+    // SAFETY: non-null, aligned (checked by `non_null`), at least `ours` readable bytes.
+    Ok(unsafe { std::ptr::read(cfg) })
+}
+
+/// Creates a service of `cfg`'s shape and cache settings; `*out` receives the handle.
+///
+/// # Safety
+/// `cfg` must point to `cfg->struct_size` readable bytes and `out` to a writable pointer.
+#[no_mangle]
+pub unsafe extern "C" fn pregate_moe_create(
+    cfg: *const PregateMoeConfig,
+    out: *mut *mut PregateMoe,
+) -> Status {
+    guard("pregate_moe_create", || {
+        // SAFETY: the caller's contract.
+        let out = unsafe { ffi::non_null_mut(out, "out")? };
+        *out = std::ptr::null_mut();
+        // SAFETY: the caller's contract.
+        let settings = Settings::new(&unsafe { read_config(cfg)? })?;
+        if let Some(d) = settings.device {
+            crate::cuda::check_device(d, &settings)?;
+        }
+        let units = product(
+            settings.layers as u64,
+            settings.experts as u64 * 3,
+            "experts",
+        )?;
+        let service = Service {
+            settings,
+            phase: Phase::Loading(vec![None; units]),
+            open: None,
+            last_step: 0,
+        };
+        *out = Box::into_raw(Box::new(PregateMoe(Mutex::new(service))));
+        Ok(())
+    })
+}
+
+/// Copies one projection of one expert into the service's store (converted from `src_dtype`).
+///
+/// # Safety
+/// `m` must be a live handle; `host_src` must point to `(rows - 1) * row_stride + cols` readable
+/// elements of `src_dtype`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn pregate_moe_set_expert(
+    m: *mut PregateMoe,
+    layer: u32,
+    expert: u32,
+    proj: i32,
+    src_dtype: i32,
+    host_src: *const c_void,
+    rows: u64,
+    cols: u64,
+    row_stride: u64,
+) -> Status {
+    guard("pregate_moe_set_expert", || {
+        // SAFETY: the caller's contract.
+        let m = unsafe { ffi::non_null(m, "m")? };
+        m.with(|s| {
+            let st = s.settings;
+            let (l, e) = (layer as usize, expert as usize);
+            if l >= st.layers || e >= st.experts {
+                return Err(Failure::invalid(format!(
+                    "(layer {l}, expert {e}) is outside {} layers x {} experts",
+                    st.layers, st.experts
+                )));
+            }
+            let p = usize::try_from(proj)
+                .ok()
+                .filter(|&p| p < 3)
+                .ok_or_else(|| Failure::invalid(format!("proj {proj}: 0 gate, 1 up or 2 down")))?;
+            let dtype = Dtype::from_code(src_dtype, "src_dtype")?;
+            let want = st.proj_shape(p);
+            if (rows, cols) != (want.0 as u64, want.1 as u64) || row_stride < cols {
+                return Err(Failure::invalid(format!(
+                    "(layer {l}, expert {e}, {}): got [{rows}, {cols}] with row stride \
+                     {row_stride}, expected [{}, {}] with a row stride of at least {}",
+                    PROJ_NAMES[p], want.0, want.1, want.1
+                )));
+            }
+            let Phase::Loading(store) = &mut s.phase else {
+                return Err(Failure::state(
+                    "set_expert after finalize: experts are fixed once finalized",
+                ));
+            };
+            let mut values = Vec::new();
+            // SAFETY: the extent is the caller's contract; null and alignment are checked.
+            unsafe {
+                read_matrix(
+                    dtype,
+                    host_src as *const u8,
+                    want.0,
+                    want.1,
+                    row_stride as usize,
+                    &mut values,
+                )?
+            };
+            if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Failure::invalid(format!(
+                    "(layer {l}, expert {e}, {}): element {bad} is {}",
+                    PROJ_NAMES[p], values[bad]
+                )));
+            }
+            store[(l * st.experts + e) * 3 + p] = Some(values);
+            Ok(())
+        })
+    })
+}
+
+/// Device memory the caller allocates for `finalize`: the expert slot pool and the workspace
+/// (both 0 on the CPU).
+///
+/// # Safety
+/// `m` must be a live handle; `slot_pool` and `workspace` writable `uint64_t`s.
+#[no_mangle]
+pub unsafe extern "C" fn pregate_moe_device_bytes(
+    m: *const PregateMoe,
+    slot_pool: *mut u64,
+    workspace: *mut u64,
+) -> Status {
+    guard("pregate_moe_device_bytes", || {
+        // SAFETY: the caller's contract.
+        let (m, pool, ws) = unsafe {
+            (
+                ffi::non_null(m, "m")?,
+                ffi::non_null_mut(slot_pool, "slot_pool")?,
+                ffi::non_null_mut(workspace, "workspace")?,
+            )
+        };
+        m.with(|s| {
+            (*pool, *ws) = match s.settings.device {
+                None => (0, 0),
+                Some(_) => crate::cuda::device_bytes(&s.settings),
+            };
+            Ok(())
+        })
+    })
+}
+
+/// Checks that every expert is present and builds the runtime.
+///
+/// # Safety
+/// `m` must be a live handle. On CUDA, `slot_pool` and `workspace` are device memory of the
+/// sizes given, alive until `destroy`.
+#[no_mangle]
+pub unsafe extern "C" fn pregate_moe_finalize(
+    m: *mut PregateMoe,
+    slot_pool: *mut c_void,
+    slot_pool_bytes: u64,
+    workspace: *mut c_void,
+    workspace_bytes: u64,
+) -> Status {
+    guard("pregate_moe_finalize", || {
+        // SAFETY: the caller's contract.
+        let m = unsafe { ffi::non_null(m, "m")? };
+        m.with(|s| {
+            let st = s.settings;
+            let Phase::Loading(store) = &mut s.phase else {
+                return Err(Failure::state("finalize called twice"));
+            };
+            let missing: Vec<usize> = (0..store.len()).filter(|&i| store[i].is_none()).collect();
+            if let Some(&first) = missing.first() {
+                let (l, e, p) = (first / 3 / st.experts, first / 3 % st.experts, first % 3);
+                return Err(Failure::invalid(format!(
+                    "{} of {} expert projections were not set; the first is (layer {l}, expert \
+                     {e}, {})",
+                    missing.len(),
+                    store.len(),
+                    PROJ_NAMES[p]
+                )));
+            }
+            if st.device.is_none() && (!slot_pool.is_null() || !workspace.is_null()) {
+                return Err(Failure::invalid(
+                    "slot_pool and workspace must be NULL on the CPU",
+                ));
+            }
+            let experts = take_experts(&st, store);
+            let runtime = match st.device {
+                None => {
+                    let shared = vec![None; st.layers];
+                    let mut cpu = CpuExperts::new(experts, shared, st.hidden, st.top_k)?;
+                    if st.capacity != ExpertCapacity::All {
+                        cpu = cpu.with_cache(st.capacity, st.policy)?;
+                    }
+                    Runtime::Cpu(Box::new(cpu))
+                }
+                Some(_) => {
+                    let built = crate::cuda::CudaService::new(
+                        &st,
+                        &experts,
+                        (slot_pool, slot_pool_bytes),
+                        (workspace, workspace_bytes),
+                    );
+                    match built {
+                        Ok(c) => Runtime::Cuda(Box::new(c)),
+                        Err(f) => {
+                            // Nothing is lost: the experts go back to the store for a retry.
+                            *store = return_experts(experts);
+                            return Err(f);
+                        }
+                    }
+                }
+            };
+            s.phase = Phase::Ready(runtime);
+            Ok(())
+        })
+    })
+}
+
+/// Moves the (complete) store into per-layer expert weights.
+fn take_experts(st: &Settings, store: &mut Vec<Option<Vec<f32>>>) -> Vec<Vec<ExpertWeights>> {
+    let mut values = store.drain(..).flatten();
+    let mut matrix = |p: usize| {
+        let (r, c) = st.proj_shape(p);
+        Matrix::new(r, c, values.next().unwrap_or_default())
+    };
+    (0..st.layers)
+        .map(|_| {
+            (0..st.experts)
+                .map(|_| ExpertWeights {
+                    gate: matrix(0),
+                    up: matrix(1),
+                    down: matrix(2),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The inverse of [`take_experts`].
+fn return_experts(experts: Vec<Vec<ExpertWeights>>) -> Vec<Option<Vec<f32>>> {
+    experts
+        .into_iter()
+        .flatten()
+        .flat_map(|w| [Some(w.gate.data), Some(w.up.data), Some(w.down.data)])
+        .collect()
+}
+
+/// Reads `tokens x top_k` routes (expert ids and weights, row-major) into token routes.
+fn read_routes(
+    st: &Settings,
+    ids: &[i32],
+    weights: &[f32],
+    top_k: usize,
+) -> CallResult<Vec<TokenRoute>> {
+    let mut routes = Vec::with_capacity(ids.len() / top_k.max(1));
+    let mut experts = Vec::with_capacity(top_k);
+    for (t, (ids, ws)) in ids
+        .chunks_exact(top_k)
+        .zip(weights.chunks_exact(top_k))
+        .enumerate()
+    {
+        experts.clear();
+        for (&e, &w) in ids.iter().zip(ws) {
+            if e < 0 || e as usize >= st.experts {
+                return Err(Failure::invalid(format!(
+                    "token {t}: expert {e} is outside 0..{}",
+                    st.experts
+                )));
+            }
+            if !w.is_finite() {
+                return Err(Failure::invalid(format!(
+                    "token {t}: expert {e} has weight {w}"
+                )));
+            }
+            experts.push(e as u16);
+        }
+        let route = TokenRoute::new(&experts, ws)
+            .map_err(|e| Failure::invalid(format!("token {t}: {}", Failure::from(e).message)))?;
+        routes.push(route);
+    }
+    Ok(routes)
+}
+
+/// Checks a step's token count and top-k against the settings.
+fn check_counts(st: &Settings, tokens: u64, top_k: u32) -> CallResult<(usize, usize)> {
+    let k = top_k as usize;
+    if k == 0 || k > st.top_k {
+        return Err(Failure::invalid(format!(
+            "top_k {k} must be 1..={} (the service's top_k)",
+            st.top_k
+        )));
+    }
+    let n = usize::try_from(tokens).map_err(|_| Failure::invalid("num_tokens overflows"))?;
+    if st.max_tokens > 0 && n > st.max_tokens {
+        return Err(Failure::invalid(format!(
+            "{n} tokens in one step; the service was created for at most {}",
+            st.max_tokens
+        )));
+    }
+    Ok((n, k))
+}
+
+/// Plans a step: `num_tokens` routes of `top_k` experts (host memory, row-major), the same at
+/// every layer. Ends a step still open. `*step_id` receives the step's id.
+///
+/// # Safety
+/// `m` must be a live handle; `topk_ids_host` and `topk_w_host` must point to
+/// `num_tokens * top_k` readable elements; `step_id` to a writable `uint64_t`.
+#[no_mangle]
+pub unsafe extern "C" fn pregate_moe_plan_step(
+    m: *mut PregateMoe,
+    topk_ids_host: *const i32,
+    topk_w_host: *const f32,
+    num_tokens: u64,
+    top_k: u32,
+    stream: u64,
+    step_id: *mut u64,
+) -> Status {
+    guard("pregate_moe_plan_step", || {
+        // SAFETY: the caller's contract.
+        let (m, step_out) = unsafe {
+            (
+                ffi::non_null(m, "m")?,
+                ffi::non_null_mut(step_id, "step_id")?,
+            )
+        };
+        m.with(|s| {
+            let st = s.settings;
+            let (n, k) = check_counts(&st, num_tokens, top_k)?;
+            let len = n * k;
+            // SAFETY: the caller's contract (`len` elements each).
+            let (ids, ws) = unsafe {
+                (
+                    ffi::slice(topk_ids_host, len, "topk_ids_host")?,
+                    ffi::slice(topk_w_host, len, "topk_w_host")?,
+                )
+            };
+            let routes = read_routes(&st, ids, ws, k)?;
+            let Phase::Ready(runtime) = &mut s.phase else {
+                return Err(Failure::state("plan_step before finalize"));
+            };
+            if s.open.take().is_some() {
+                runtime.end_step(stream)?;
+            }
+            let mut used = ExpertSet::default();
+            for r in &routes {
+                for &e in r.experts() {
+                    used.insert(e);
+                }
+            }
+            runtime.plan(&[StepExperts::AllLayers(used)], stream)?;
+            s.last_step += 1;
+            s.open = Some(OpenStep {
+                id: s.last_step,
+                routes,
+            });
+            *step_out = s.last_step;
+            Ok(())
+        })
+    })
+}
+
+impl Runtime {
+    fn plan(&mut self, steps: &[StepExperts], stream: u64) -> CallResult {
+        match self {
+            Runtime::Cpu(c) => Ok(c.plan(steps)?),
+            Runtime::Cuda(c) => c.plan(steps, stream),
+        }
+    }
+
+    fn end_step(&mut self, stream: u64) -> CallResult {
+        match self {
+            Runtime::Cpu(c) => {
+                c.end_step();
+                Ok(())
+            }
+            Runtime::Cuda(c) => c.end_step(stream),
+        }
+    }
+
+    fn stats(&self) -> PregateMoeStats {
+        let (rt, cache) = match self {
+            Runtime::Cpu(c) => (c.stats(), c.cache().map(|c| c.stats())),
+            Runtime::Cuda(c) => c.stats(),
+        };
+        let cache = cache.unwrap_or_default();
+        PregateMoeStats {
+            struct_size: std::mem::size_of::<PregateMoeStats>() as u32,
+            reserved: 0,
+            hits: cache.hits,
+            misses: cache.misses,
+            evictions: cache.evictions,
+            bytes_loaded: cache.bytes_loaded,
+            prefetches: rt.prefetches,
+            layer_calls: rt.layer_calls,
+            waves: rt.waves,
+            stall_s: rt.stall_seconds,
+        }
+    }
+}
+
+/// Runs the experts of `layer` for the step `step_id`: `out[t] = sum_j w_j FFN_{e_j}(x[t])` over
+/// `num_tokens` rows. CPU: host pointers, and `topk_ids` / `topk_w` are read (they must name the
+/// plan's token count). CUDA: device pointers on `stream`; the plan's routes are used.
+///
+/// # Safety
+/// `m` must be a live handle; `x` must hold `num_tokens` rows `x_row_stride` elements apart (of the
+/// service's dtype), `out` `num_tokens * hidden` writable elements, and on the CPU `topk_ids` and
+/// `topk_w` `num_tokens * top_k` elements each.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn pregate_moe_layer_forward(
+    m: *mut PregateMoe,
+    step_id: u64,
+    layer: u32,
+    x: *const c_void,
+    x_row_stride: u64,
+    topk_ids: *const i32,
+    topk_w: *const f32,
+    num_tokens: u64,
+    out: *mut c_void,
+    stream: u64,
+) -> Status {
+    guard("pregate_moe_layer_forward", || {
+        // SAFETY: the caller's contract.
+        let m = unsafe { ffi::non_null(m, "m")? };
+        m.with(|s| {
+            let st = s.settings;
+            let Phase::Ready(runtime) = &mut s.phase else {
+                return Err(Failure::state("layer_forward before finalize"));
+            };
+            let step = match &s.open {
+                Some(o) if o.id == step_id => o,
+                Some(o) => {
+                    return Err(Failure::state(format!(
+                        "layer_forward for step {step_id}, but the open step is {}",
+                        o.id
+                    )))
+                }
+                None => {
+                    return Err(Failure::state(format!(
+                        "layer_forward for step {step_id} without a plan: call plan_step first"
+                    )))
+                }
+            };
+            let (l, n, h) = (layer as usize, num_tokens as usize, st.hidden);
+            if l >= st.layers {
+                return Err(Failure::invalid(format!(
+                    "layer {l} is outside 0..{}",
+                    st.layers
+                )));
+            }
+            if num_tokens != step.routes.len() as u64 {
+                return Err(Failure::invalid(format!(
+                    "{num_tokens} tokens, but step {step_id} was planned for {}",
+                    step.routes.len()
+                )));
+            }
+            if x_row_stride < h as u64 {
+                return Err(Failure::invalid(format!(
+                    "x_row_stride {x_row_stride} is below hidden {h}"
+                )));
+            }
+            match runtime {
+                Runtime::Cpu(cpu) => {
+                    let k = step.routes.first().map_or(st.top_k, |r| r.experts().len());
+                    // SAFETY: the caller's contract (`n * k` elements each).
+                    let (ids, ws) = unsafe {
+                        (
+                            ffi::slice(topk_ids, n * k, "topk_ids")?,
+                            ffi::slice(topk_w, n * k, "topk_w")?,
+                        )
+                    };
+                    let routes = read_routes(&st, ids, ws, k)?;
+                    let mut xs = Vec::with_capacity(n * h);
+                    // SAFETY: the caller's contract on `x`'s extent.
+                    unsafe {
+                        read_matrix(
+                            st.dtype,
+                            x as *const u8,
+                            n,
+                            h,
+                            x_row_stride as usize,
+                            &mut xs,
+                        )?
+                    };
+                    let mut y = vec![0.0f32; n * h];
+                    cpu.forward_layer(l, &xs, &routes, &mut y, false)?;
+                    // SAFETY: the caller's contract on `out`'s extent.
+                    unsafe { write_values(st.dtype, &y, out as *mut u8) }
+                }
+                Runtime::Cuda(c) => c.forward_layer(l, x, x_row_stride, &step.routes, out, stream),
+            }
+        })
+    })
+}
+
+/// Ends the step `step_id`: its experts are unpinned.
+///
+/// # Safety
+/// `m` must be a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn pregate_moe_step_end(
+    m: *mut PregateMoe,
+    step_id: u64,
+    stream: u64,
+) -> Status {
+    guard("pregate_moe_step_end", || {
+        // SAFETY: the caller's contract.
+        let m = unsafe { ffi::non_null(m, "m")? };
+        m.with(|s| {
+            let Phase::Ready(runtime) = &mut s.phase else {
+                return Err(Failure::state("step_end before finalize"));
+            };
+            match &s.open {
+                Some(o) if o.id == step_id => {}
+                _ => {
+                    return Err(Failure::state(format!(
+                        "step {step_id} is not the open step"
+                    )))
+                }
+            }
+            s.open = None;
+            runtime.end_step(stream)
+        })
+    })
+}
+
+/// Writes the service's counters to `*out` (whose `struct_size` the caller sets).
+///
+/// # Safety
+/// `m` must be a live handle; `out` must point to `out->struct_size` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn pregate_moe_stats(
+    m: *const PregateMoe,
+    out: *mut PregateMoeStats,
+) -> Status {
+    guard("pregate_moe_stats", || {
+        // SAFETY: the caller's contract.
+        let (m, out) = unsafe { (ffi::non_null(m, "m")?, ffi::non_null_mut(out, "out")?) };
+        let ours = std::mem::size_of::<PregateMoeStats>();
+        if (out.struct_size as usize) < ours {
+            return Err(Failure::invalid(format!(
+                "out->struct_size is {}; this library's PregateMoeStats has {ours} bytes",
+                out.struct_size
+            )));
+        }
+        *out = m.with(|s| Ok(s.stats()))?;
+        Ok(())
+    })
+}
+
+impl Service {
+    fn stats(&self) -> PregateMoeStats {
+        match &self.phase {
+            Phase::Ready(r) => r.stats(),
+            Phase::Loading(_) => PregateMoeStats {
+                struct_size: std::mem::size_of::<PregateMoeStats>() as u32,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// The service's counters in Prometheus' text format.
+pub fn metrics_text(stats: &PregateMoeStats) -> CallResult<String> {
+    use prometheus::{Counter, Encoder, IntCounter, Opts, Registry, TextEncoder};
+    let registry = Registry::new();
+    let internal = |e: prometheus::Error| Failure::new(ErrorCode::Internal, e.to_string());
+    let counters: [(&str, &str, u64); 7] = [
+        (
+            "pregate_moe_cache_hits_total",
+            "Expert cache accesses that found their expert resident",
+            stats.hits,
+        ),
+        (
+            "pregate_moe_cache_misses_total",
+            "Expert cache accesses that loaded their expert",
+            stats.misses,
+        ),
+        (
+            "pregate_moe_cache_evictions_total",
+            "Experts evicted from the cache",
+            stats.evictions,
+        ),
+        (
+            "pregate_moe_loaded_bytes_total",
+            "Bytes copied into expert slots",
+            stats.bytes_loaded,
+        ),
+        (
+            "pregate_moe_prefetches_total",
+            "Expert loads issued ahead of use by a plan",
+            stats.prefetches,
+        ),
+        (
+            "pregate_moe_layer_calls_total",
+            "Layer forwards run",
+            stats.layer_calls,
+        ),
+        ("pregate_moe_waves_total", "Expert waves run", stats.waves),
+    ];
+    for (name, help, value) in counters {
+        let c = IntCounter::with_opts(Opts::new(name, help)).map_err(internal)?;
+        c.inc_by(value);
+        registry.register(Box::new(c)).map_err(internal)?;
+    }
+    let stall = Counter::with_opts(Opts::new(
+        "pregate_moe_stall_seconds_total",
+        "Seconds compute waited for expert loads",
+    ))
+    .map_err(internal)?;
+    stall.inc_by(stats.stall_s.max(0.0));
+    registry.register(Box::new(stall)).map_err(internal)?;
+    let mut text = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut text)
+        .map_err(internal)?;
+    String::from_utf8(text).map_err(|e| Failure::new(ErrorCode::Internal, e.to_string()))
+}
+
+/// Writes the service's counters in Prometheus' text format, NUL-terminated, to `buf` when
+/// `*needed` (the text's bytes plus the NUL) fits in `cap`; `buf` is untouched otherwise (call
+/// again with a larger one).
+///
+/// # Safety
+/// `m` must be a live handle; `buf` must point to `cap` writable bytes (or be NULL with `cap`
+/// 0); `needed` to a writable `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn pregate_moe_metrics_text(
+    m: *const PregateMoe,
+    buf: *mut std::ffi::c_char,
+    cap: usize,
+    needed: *mut usize,
+) -> Status {
+    guard("pregate_moe_metrics_text", || {
+        // SAFETY: the caller's contract.
+        let (m, needed) = unsafe { (ffi::non_null(m, "m")?, ffi::non_null_mut(needed, "needed")?) };
+        let text = metrics_text(&m.with(|s| Ok(s.stats()))?)?;
+        *needed = text.len() + 1;
+        if cap >= *needed {
+            // SAFETY: `cap` writable bytes (the caller's contract), `cap >= len + 1`.
+            let out = unsafe { ffi::slice_mut(buf as *mut u8, *needed, "buf")? };
+            out[..text.len()].copy_from_slice(text.as_bytes());
+            out[text.len()] = 0;
+        }
+        Ok(())
+    })
+}
+
+/// Destroys a handle (NULL: nothing). Waits for the handle's own device work; caller-owned memory
+/// is left alone.
+///
+/// # Safety
+/// `m` must be NULL or a handle from `pregate_moe_create` not yet destroyed, used by no other
+/// thread.
+#[no_mangle]
+pub unsafe extern "C" fn pregate_moe_destroy(m: *mut PregateMoe) {
+    let _ = guard("pregate_moe_destroy", || {
+        if !m.is_null() {
+            // SAFETY: a handle from `Box::into_raw` in `pregate_moe_create`, destroyed once (the
+            // caller's contract).
+            drop(unsafe { Box::from_raw(m) });
+        }
+        Ok(())
+    });
+}

@@ -1,0 +1,612 @@
+//! The C ABI through its Rust declarations: struct layouts as `pregate.h` declares them, the error
+//! paths (NULL pointers, struct sizes, shapes, missing experts, calls out of order, panics), the
+//! CPU service against a dense reference, and the host router against the library's own.
+
+use std::ffi::{c_void, CString};
+use std::mem::{offset_of, size_of};
+use std::ptr::{null, null_mut};
+
+use half::bf16;
+use pregate::model::{make_model, ExpertLayout, ModelDir, Preset};
+use pregate::router::{ReadMeRouter, Router as _};
+use pregate_adapters::moe::*;
+use pregate_adapters::router::*;
+use pregate_adapters::{ffi, pregate_abi_version, pregate_last_error, ErrorCode, ABI_VERSION};
+
+const INVALID: i32 = ErrorCode::InvalidArgument as i32;
+const STATE: i32 = ErrorCode::State as i32;
+
+fn last_error() -> String {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `buf` has `buf.len()` writable bytes.
+    let n = unsafe { pregate_last_error(buf.as_mut_ptr().cast(), buf.len()) };
+    String::from_utf8_lossy(&buf[..n.min(buf.len() - 1)]).into_owned()
+}
+
+/// A small deterministic generator (values in [-1, 1)).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next() * scale).collect()
+    }
+}
+
+fn config(layers: u32, experts: u32, top_k: u32, hidden: u32, inter: u32) -> PregateMoeConfig {
+    PregateMoeConfig {
+        struct_size: size_of::<PregateMoeConfig>() as u32,
+        num_layers: layers,
+        num_experts: experts,
+        top_k,
+        hidden,
+        inter,
+        dtype: 0,
+        device: -1,
+        policy: 3,
+        ..Default::default()
+    }
+}
+
+/// Experts `[layer][expert] = (gate, up, down)`, random.
+type Experts = Vec<Vec<[Vec<f32>; 3]>>;
+
+fn random_experts(c: &PregateMoeConfig, seed: u64) -> Experts {
+    let mut g = Lcg(seed);
+    let (h, i) = (c.hidden as usize, c.inter as usize);
+    (0..c.num_layers)
+        .map(|_| {
+            (0..c.num_experts)
+                .map(|_| [g.vec(i * h, 0.3), g.vec(i * h, 0.3), g.vec(h * i, 0.3)])
+                .collect()
+        })
+        .collect()
+}
+
+fn create(c: &PregateMoeConfig) -> *mut PregateMoe {
+    let mut m = null_mut();
+    // SAFETY: valid pointers.
+    let s = unsafe { pregate_moe_create(c, &mut m) };
+    assert_eq!(s, 0, "{}", last_error());
+    m
+}
+
+fn set_all(m: *mut PregateMoe, c: &PregateMoeConfig, experts: &Experts) {
+    let (h, i) = (c.hidden as u64, c.inter as u64);
+    for (l, layer) in experts.iter().enumerate() {
+        for (e, projs) in layer.iter().enumerate() {
+            for (p, w) in projs.iter().enumerate() {
+                let (rows, cols) = if p == 2 { (h, i) } else { (i, h) };
+                // SAFETY: `w` holds rows x cols f32 values.
+                let s = unsafe {
+                    pregate_moe_set_expert(
+                        m,
+                        l as u32,
+                        e as u32,
+                        p as i32,
+                        0,
+                        w.as_ptr().cast(),
+                        rows,
+                        cols,
+                        cols,
+                    )
+                };
+                assert_eq!(s, 0, "{}", last_error());
+            }
+        }
+    }
+}
+
+fn finalize(m: *mut PregateMoe) -> i32 {
+    // SAFETY: a live handle; NULL device memory on the CPU.
+    unsafe { pregate_moe_finalize(m, null_mut(), 0, null_mut(), 0) }
+}
+
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+/// The dense reference: `sum_j w_j down(silu(gate x) * up x)`, in f64.
+fn reference(
+    c: &PregateMoeConfig,
+    experts: &Experts,
+    layer: usize,
+    x: &[f32],
+    ids: &[i32],
+    w: &[f32],
+) -> Vec<f32> {
+    let (h, i, k) = (c.hidden as usize, c.inter as usize, c.top_k as usize);
+    let mut out = vec![0.0f32; x.len()];
+    for (t, xt) in x.chunks(h).enumerate() {
+        for j in 0..k {
+            let [gate, up, down] = &experts[layer][ids[t * k + j] as usize];
+            let mid: Vec<f64> = (0..i)
+                .map(|r| {
+                    let g: f64 = (0..h).map(|q| gate[r * h + q] as f64 * xt[q] as f64).sum();
+                    let u: f64 = (0..h).map(|q| up[r * h + q] as f64 * xt[q] as f64).sum();
+                    silu(g as f32) as f64 * u
+                })
+                .collect();
+            for o in 0..h {
+                let y: f64 = (0..i).map(|r| down[o * i + r] as f64 * mid[r]).sum();
+                out[t * h + o] += (w[t * k + j] as f64 * y) as f32;
+            }
+        }
+    }
+    out
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len());
+    for (n, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "element {n}: {a} vs {b}"
+        );
+    }
+}
+
+#[test]
+fn layouts_match_the_header() {
+    assert_eq!(pregate_abi_version(), ABI_VERSION);
+    assert_eq!(size_of::<PregateMoeConfig>(), 72);
+    assert_eq!(offset_of!(PregateMoeConfig, num_layers), 4);
+    assert_eq!(offset_of!(PregateMoeConfig, inter), 20);
+    assert_eq!(offset_of!(PregateMoeConfig, dtype), 24);
+    assert_eq!(offset_of!(PregateMoeConfig, device), 28);
+    assert_eq!(offset_of!(PregateMoeConfig, cache_slots), 32);
+    assert_eq!(offset_of!(PregateMoeConfig, layer_quota), 40);
+    assert_eq!(offset_of!(PregateMoeConfig, policy), 44);
+    assert_eq!(offset_of!(PregateMoeConfig, max_tokens), 48);
+    assert_eq!(offset_of!(PregateMoeConfig, shard_kind), 52);
+    assert_eq!(offset_of!(PregateMoeConfig, shard_size), 60);
+    assert_eq!(offset_of!(PregateMoeConfig, seed), 64);
+    assert_eq!(size_of::<PregateMoeStats>(), 72);
+    assert_eq!(offset_of!(PregateMoeStats, hits), 8);
+    assert_eq!(offset_of!(PregateMoeStats, waves), 56);
+    assert_eq!(offset_of!(PregateMoeStats, stall_s), 64);
+}
+
+#[test]
+fn null_pointers_and_bad_configs_are_refused_with_a_message() {
+    let c = config(1, 4, 1, 8, 4);
+    let mut m = null_mut();
+    // SAFETY: NULL arguments are what is tested; everything else is valid.
+    unsafe {
+        assert_eq!(pregate_moe_create(null(), &mut m), INVALID);
+        assert!(last_error().contains("`cfg` is NULL"), "{}", last_error());
+        assert_eq!(pregate_moe_create(&c, null_mut()), INVALID);
+        assert!(last_error().contains("`out` is NULL"));
+        let mut small = c;
+        small.struct_size = 40;
+        assert_eq!(pregate_moe_create(&small, &mut m), INVALID);
+        assert!(
+            last_error().contains("struct_size is 40"),
+            "{}",
+            last_error()
+        );
+        assert!(m.is_null());
+        for (bad, what) in [
+            (PregateMoeConfig { top_k: 5, ..c }, "top_k 5"),
+            (PregateMoeConfig { num_layers: 0, ..c }, "num_layers"),
+            (PregateMoeConfig { dtype: 7, ..c }, "dtype 7"),
+            (PregateMoeConfig { policy: 9, ..c }, "policy 9"),
+            (PregateMoeConfig { shard_kind: 2, ..c }, "expert parallel"),
+            (
+                PregateMoeConfig {
+                    cache_slots: 3,
+                    layer_quota: 2,
+                    ..c
+                },
+                "layer_quota",
+            ),
+        ] {
+            assert_eq!(pregate_moe_create(&bad, &mut m), INVALID, "{what}");
+            assert!(last_error().contains(what), "{what}: {}", last_error());
+        }
+        // Without a GPU a CUDA service is refused clearly; f16 is refused on CUDA everywhere.
+        if !pregate::cuda::cuda_available() {
+            let gpu = PregateMoeConfig { device: 0, ..c };
+            assert_eq!(pregate_moe_create(&gpu, &mut m), ErrorCode::Device as i32);
+            assert!(last_error().contains("CUDA"), "{}", last_error());
+        }
+        let f16 = PregateMoeConfig {
+            device: 0,
+            dtype: 2,
+            ..c
+        };
+        assert_eq!(pregate_moe_create(&f16, &mut m), INVALID);
+        assert!(last_error().contains("f16"), "{}", last_error());
+        // NULL handles.
+        assert_eq!(finalize(null_mut()), INVALID);
+        let mut st = PregateMoeStats::default();
+        assert_eq!(pregate_moe_stats(null(), &mut st), INVALID);
+        pregate_moe_destroy(null_mut());
+    }
+}
+
+#[test]
+fn a_newer_larger_config_is_accepted_when_its_new_fields_are_zero() {
+    #[repr(C)]
+    struct Newer {
+        c: PregateMoeConfig,
+        extra: u64,
+    }
+    let mut n = Newer {
+        c: config(1, 2, 1, 4, 4),
+        extra: 0,
+    };
+    n.c.struct_size = size_of::<Newer>() as u32;
+    let mut m = null_mut();
+    // SAFETY: `n` has `struct_size` readable bytes.
+    unsafe {
+        assert_eq!(pregate_moe_create(&n.c, &mut m), 0);
+        pregate_moe_destroy(m);
+        n.extra = 1;
+        assert_eq!(pregate_moe_create(&n.c, &mut m), INVALID);
+        assert!(last_error().contains("newer"), "{}", last_error());
+    }
+}
+
+#[test]
+fn set_expert_checks_names_shapes_and_values() {
+    let c = config(2, 3, 1, 8, 4);
+    let m = create(&c);
+    let w = vec![0.5f32; 64];
+    let set = |l, e, p, dt, ptr: *const c_void, rows, cols, stride| {
+        // SAFETY: `w` is large enough for every call made below.
+        unsafe { pregate_moe_set_expert(m, l, e, p, dt, ptr, rows, cols, stride) }
+    };
+    let p = w.as_ptr().cast();
+    assert_eq!(set(2, 0, 0, 0, p, 4, 8, 8), INVALID);
+    assert!(
+        last_error().contains("(layer 2, expert 0)"),
+        "{}",
+        last_error()
+    );
+    assert_eq!(set(0, 3, 0, 0, p, 4, 8, 8), INVALID);
+    assert_eq!(set(0, 0, 3, 0, p, 4, 8, 8), INVALID);
+    assert!(last_error().contains("proj 3"));
+    assert_eq!(set(0, 0, 2, 0, p, 4, 8, 8), INVALID);
+    assert!(
+        last_error().contains("(layer 0, expert 0, down): got [4, 8]"),
+        "{}",
+        last_error()
+    );
+    assert_eq!(set(0, 0, 0, 0, p, 4, 8, 7), INVALID);
+    assert_eq!(set(0, 0, 0, 5, p, 4, 8, 8), INVALID);
+    assert!(last_error().contains("src_dtype 5"));
+    assert_eq!(set(0, 0, 0, 0, null(), 4, 8, 8), INVALID);
+    assert!(last_error().contains("NULL"));
+    let mut nan = w.clone();
+    nan[9] = f32::NAN;
+    assert_eq!(set(0, 0, 0, 0, nan.as_ptr().cast(), 4, 8, 8), INVALID);
+    assert!(last_error().contains("element 9"), "{}", last_error());
+    // Missing experts are named at finalize; the store is kept, so the caller can finish it.
+    assert_eq!(set(0, 0, 0, 0, p, 4, 8, 8), 0);
+    assert_eq!(finalize(m), INVALID);
+    let e = last_error();
+    assert!(
+        e.contains("17 of 18") && e.contains("(layer 0, expert 0, up)"),
+        "{e}"
+    );
+    let experts = random_experts(&c, 3);
+    set_all(m, &c, &experts);
+    assert_eq!(finalize(m), 0, "{}", last_error());
+    assert_eq!(set(0, 0, 0, 0, p, 4, 8, 8), STATE);
+    assert_eq!(finalize(m), STATE);
+    // SAFETY: a live handle, destroyed once.
+    unsafe { pregate_moe_destroy(m) };
+}
+
+#[test]
+fn steps_must_be_planned_and_current() {
+    let c = config(1, 2, 1, 4, 4);
+    let m = create(&c);
+    let (ids, w, x) = ([0i32, 1], [1.0f32, 1.0], [0.25f32; 8]);
+    let mut out = [0.0f32; 8];
+    let mut step = 0u64;
+    // SAFETY: every buffer matches the extents given.
+    unsafe {
+        let plan =
+            |step: &mut u64| pregate_moe_plan_step(m, ids.as_ptr(), w.as_ptr(), 2, 1, 0, step);
+        assert_eq!(plan(&mut step), STATE, "before finalize");
+        set_all(m, &c, &random_experts(&c, 1));
+        assert_eq!(finalize(m), 0);
+        let fwd = |step: u64, out: &mut [f32]| {
+            pregate_moe_layer_forward(
+                m,
+                step,
+                0,
+                x.as_ptr().cast(),
+                4,
+                ids.as_ptr(),
+                w.as_ptr(),
+                2,
+                out.as_mut_ptr().cast(),
+                0,
+            )
+        };
+        assert_eq!(fwd(1, &mut out), STATE);
+        assert!(last_error().contains("without a plan"), "{}", last_error());
+        assert_eq!(plan(&mut step), 0);
+        assert_eq!(fwd(step + 1, &mut out), STATE);
+        assert_eq!(fwd(step, &mut out), 0, "{}", last_error());
+        assert!(out.iter().any(|&v| v != 0.0));
+        // Wrong token count, layer, route.
+        let f = pregate_moe_layer_forward(
+            m,
+            step,
+            0,
+            x.as_ptr().cast(),
+            4,
+            ids.as_ptr(),
+            w.as_ptr(),
+            1,
+            out.as_mut_ptr().cast(),
+            0,
+        );
+        assert_eq!(f, INVALID);
+        let f = pregate_moe_layer_forward(
+            m,
+            step,
+            1,
+            x.as_ptr().cast(),
+            4,
+            ids.as_ptr(),
+            w.as_ptr(),
+            2,
+            out.as_mut_ptr().cast(),
+            0,
+        );
+        assert_eq!(f, INVALID);
+        let bad = [0i32, 2];
+        let f = pregate_moe_plan_step(m, bad.as_ptr(), w.as_ptr(), 2, 1, 0, &mut step);
+        assert_eq!(f, INVALID);
+        assert!(
+            last_error().contains("token 1: expert 2"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(pregate_moe_step_end(m, step + 7, 0), STATE);
+        assert_eq!(pregate_moe_step_end(m, step, 0), 0);
+        assert_eq!(fwd(step, &mut out), STATE, "after step_end");
+        pregate_moe_destroy(m);
+    }
+}
+
+#[test]
+fn a_panic_inside_is_reported_as_internal() {
+    let s = ffi::guard("pregate_test", || panic!("boom at the boundary"));
+    assert_eq!(s, ErrorCode::Internal as i32);
+    let e = last_error();
+    assert!(
+        e.contains("pregate_test") && e.contains("boom at the boundary"),
+        "{e}"
+    );
+    // The message length is returned whatever the buffer.
+    // SAFETY: NULL with cap 0 asks the length only.
+    assert_eq!(unsafe { pregate_last_error(null_mut(), 0) }, e.len());
+}
+
+/// Runs `steps` random steps of every layer through the service and compares with the reference.
+fn run_against_reference(
+    c: PregateMoeConfig,
+    steps: usize,
+    tokens: usize,
+    tol: f32,
+) -> PregateMoeStats {
+    let experts = random_experts(&c, 11);
+    let m = create(&c);
+    set_all(m, &c, &experts);
+    assert_eq!(finalize(m), 0, "{}", last_error());
+    let (h, k, ne) = (c.hidden as usize, c.top_k as usize, c.num_experts as usize);
+    let mut g = Lcg(5);
+    for _ in 0..steps {
+        let mut ids = Vec::new();
+        let mut w = Vec::new();
+        for _ in 0..tokens {
+            let first = ((g.next() + 1.0) * 0.5 * ne as f32) as usize % ne;
+            for j in 0..k {
+                ids.push(((first + j) % ne) as i32);
+                w.push(1.0 / k as f32 + 0.1 * j as f32);
+            }
+        }
+        let x = g.vec(tokens * h, 1.0);
+        let mut step = 0;
+        // SAFETY: buffers match the extents given.
+        unsafe {
+            assert_eq!(
+                pregate_moe_plan_step(
+                    m,
+                    ids.as_ptr(),
+                    w.as_ptr(),
+                    tokens as u64,
+                    k as u32,
+                    0,
+                    &mut step
+                ),
+                0
+            );
+            for l in 0..c.num_layers as usize {
+                let mut out = vec![0.0f32; tokens * h];
+                let want = reference(&c, &experts, l, &x, &ids, &w);
+                if c.dtype == 1 {
+                    let xb: Vec<u16> = x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+                    let mut ob = vec![0u16; tokens * h];
+                    let s = pregate_moe_layer_forward(
+                        m,
+                        step,
+                        l as u32,
+                        xb.as_ptr().cast(),
+                        h as u64,
+                        ids.as_ptr(),
+                        w.as_ptr(),
+                        tokens as u64,
+                        ob.as_mut_ptr().cast(),
+                        0,
+                    );
+                    assert_eq!(s, 0, "{}", last_error());
+                    out = ob.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+                } else {
+                    let s = pregate_moe_layer_forward(
+                        m,
+                        step,
+                        l as u32,
+                        x.as_ptr().cast(),
+                        h as u64,
+                        ids.as_ptr(),
+                        w.as_ptr(),
+                        tokens as u64,
+                        out.as_mut_ptr().cast(),
+                        0,
+                    );
+                    assert_eq!(s, 0, "{}", last_error());
+                }
+                assert_close(&out, &want, tol);
+            }
+            assert_eq!(pregate_moe_step_end(m, step, 0), 0);
+        }
+    }
+    let mut st = PregateMoeStats {
+        struct_size: size_of::<PregateMoeStats>() as u32,
+        ..Default::default()
+    };
+    // SAFETY: a live handle and a full-size stats struct.
+    unsafe {
+        assert_eq!(pregate_moe_stats(m, &mut st), 0);
+        let mut needed = 0usize;
+        assert_eq!(pregate_moe_metrics_text(m, null_mut(), 0, &mut needed), 0);
+        let mut buf = vec![0u8; needed];
+        assert_eq!(
+            pregate_moe_metrics_text(m, buf.as_mut_ptr().cast(), needed, &mut needed),
+            0
+        );
+        let text = String::from_utf8(buf[..needed - 1].to_vec()).unwrap();
+        assert!(
+            text.contains(&format!("pregate_moe_cache_misses_total {}", st.misses)),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("pregate_moe_layer_calls_total {}", st.layer_calls)),
+            "{text}"
+        );
+        pregate_moe_destroy(m);
+    }
+    assert_eq!(st.layer_calls, (steps * c.num_layers as usize) as u64);
+    st
+}
+
+#[test]
+fn cpu_service_matches_the_dense_reference_with_every_expert_resident() {
+    let st = run_against_reference(config(3, 5, 2, 16, 12), 4, 6, 1e-5);
+    assert_eq!(
+        (st.hits, st.misses),
+        (0, 0),
+        "no cache: nothing is ever loaded"
+    );
+    assert_eq!(st.waves, st.layer_calls);
+}
+
+#[test]
+fn cpu_service_with_fewer_slots_than_a_layer_runs_waves_and_counts_misses() {
+    let c = PregateMoeConfig {
+        cache_slots: 2,
+        ..config(2, 6, 2, 16, 8)
+    };
+    let st = run_against_reference(c, 3, 9, 1e-5);
+    assert!(st.misses > 0 && st.evictions > 0, "{st:?}");
+    assert!(
+        st.waves > st.layer_calls,
+        "a layer of more experts than slots runs in waves: {st:?}"
+    );
+    // Every load copies one whole expert (three 16 x 8 f32 matrices).
+    let unit = 3 * 16 * 8 * 4;
+    assert!(
+        st.bytes_loaded >= unit && st.bytes_loaded % unit == 0,
+        "{st:?}"
+    );
+}
+
+#[test]
+fn cpu_service_takes_bf16_activations() {
+    let c = PregateMoeConfig {
+        dtype: 1,
+        layer_quota: 2,
+        ..config(2, 4, 1, 16, 8)
+    };
+    let st = run_against_reference(c, 2, 5, 2e-2);
+    assert!(st.misses > 0);
+}
+
+#[test]
+fn host_router_matches_the_library_router_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    make_model(
+        &Preset::TinyHead64.spec(),
+        ExpertLayout::Fused,
+        4,
+        dir.path(),
+    )
+    .unwrap();
+    let model = ModelDir::open(dir.path()).unwrap();
+    let weights = pregate::model::RouterWeights::load(&model.checkpoint, &model.config).unwrap();
+    let mut lib = pregate::router::HostReadMeRouter::new(ReadMeRouter::new(weights, &model.config));
+    lib.open(0, 64).unwrap();
+    let ids: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 512).collect();
+    let want = lib.route(&[0], &[&ids]).unwrap().remove(0);
+    let path = CString::new(dir.path().to_str().unwrap()).unwrap();
+    let (mut r, mut s) = (null_mut(), null_mut());
+    let (mut n, mut k) = (0u32, 0u32);
+    // SAFETY: valid pointers and extents throughout.
+    unsafe {
+        assert_eq!(
+            pregate_router_open(path.as_ptr(), &mut r),
+            0,
+            "{}",
+            last_error()
+        );
+        assert_eq!(pregate_router_shape(r, &mut n, &mut k), 0);
+        assert_eq!((n, k), (4, 1));
+        assert_eq!(pregate_router_state_new(r, 64, &mut s), 0);
+        // Routed in two calls: the state carries the first call's tokens.
+        let mut e = vec![0i32; 20];
+        let mut w = vec![0f32; 20];
+        assert_eq!(
+            pregate_router_route(r, s, ids.as_ptr(), 12, e.as_mut_ptr(), w.as_mut_ptr()),
+            0
+        );
+        assert_eq!(
+            pregate_router_route(
+                r,
+                s,
+                ids[12..].as_ptr(),
+                8,
+                e[12..].as_mut_ptr(),
+                w[12..].as_mut_ptr()
+            ),
+            0
+        );
+        for (t, route) in want.iter().enumerate() {
+            assert_eq!(e[t], route.experts()[0] as i32, "token {t}");
+            assert_eq!(w[t], route.weights()[0]);
+        }
+        let bad = [600u32];
+        assert_eq!(
+            pregate_router_route(r, s, bad.as_ptr(), 1, e.as_mut_ptr(), w.as_mut_ptr()),
+            INVALID
+        );
+        assert!(last_error().contains("token id 600"), "{}", last_error());
+        pregate_router_state_free(s);
+        pregate_router_close(r);
+        let missing = CString::new("/nonexistent/pregate-model").unwrap();
+        let status = pregate_router_open(missing.as_ptr(), &mut r);
+        assert_eq!(status, ErrorCode::NotFound as i32, "{}", last_error());
+        assert!(r.is_null());
+    }
+}
