@@ -527,14 +527,24 @@ impl ModelConfig {
         if m.decoder_sparse_step == Some(0) {
             return Err("`decoder_sparse_step` must be positive".into());
         }
+        // Without walking every layer (num_hidden_layers is input): the MoE candidates are
+        // every step-th layer, and one more of them than `mlp_only_layers` lists settles it.
         let layers = self.num_hidden_layers;
-        if !(0..layers).any(|l| self.is_moe_layer(l)) {
+        let step = m.decoder_sparse_step.unwrap_or(1).max(1);
+        let listed = m.mlp_only_layers.as_deref().unwrap_or(&[]);
+        let has_moe = (1..=listed.len() + 1)
+            .map(|n| n.saturating_mul(step) - 1)
+            .take_while(|&l| l < layers)
+            .any(|l| self.is_moe_layer(l));
+        if !has_moe {
             return Err(
                 "no layer has experts (mlp_only_layers / decoder_sparse_step): not an MoE model"
                     .into(),
             );
         }
-        if (0..layers).any(|l| !self.is_moe_layer(l)) && self.intermediate_size == 0 {
+        let has_dense = (matches!(family, ModelFamily::Qwen2Moe | ModelFamily::Qwen3Moe)
+            && (step > 1 || listed.iter().any(|&l| l < layers)));
+        if has_dense && self.intermediate_size == 0 {
             return Err("`intermediate_size` (the dense layers' width) must be positive".into());
         }
         for (what, width) in [
@@ -1264,6 +1274,22 @@ mod tests {
             parse(&long).is_ok(),
             "a window longer than the context is never used"
         );
+        // Sizes that are input: a huge layer count is validated without walking its layers.
+        let mut v = qwen3();
+        v["num_hidden_layers"] = serde_json::json!(1u64 << 50);
+        v["mlp_only_layers"] = serde_json::json!([0, 2]);
+        v["decoder_sparse_step"] = serde_json::json!(2);
+        assert!(parse(&v).is_ok());
+        v["mlp_only_layers"] = serde_json::json!([1, 3, 5]);
+        v["decoder_sparse_step"] = serde_json::json!(2);
+        v["num_hidden_layers"] = serde_json::json!(6);
+        assert!(parse(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("no layer has experts"));
+        v["num_hidden_layers"] = serde_json::json!(8);
+        let c = parse(&v).unwrap();
+        assert!(c.is_moe_layer(7) && !c.is_moe_layer(5) && !c.is_moe_layer(0));
         // OLMoE's clamp must be positive.
         let olmoe = serde_json::json!({
             "architectures": ["OlmoeForCausalLM"], "vocab_size": 100, "hidden_size": 64,

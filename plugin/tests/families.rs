@@ -348,6 +348,21 @@ fn shapes_that_disagree_with_the_config_are_named() {
     .unwrap();
     let msg = open_err(dir.path()).to_string();
     assert!(msg.contains("num_experts = 6"), "{msg}");
+    // A layer count far beyond the checkpoint's is named, by open and by inspect alike.
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    let huge = text
+        .replace("\"num_experts\": 6", "\"num_experts\": 8")
+        .replace(
+            "\"num_hidden_layers\": 2",
+            "\"num_hidden_layers\": 1099511627776",
+        );
+    std::fs::write(&cfg_path, huge).unwrap();
+    let msg = open_err(dir.path()).to_string();
+    assert!(msg.contains("num_hidden_layers = 1099511627776"), "{msg}");
+    let msg = pregate::model::inspect::inspect(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("num_hidden_layers"), "{msg}");
 }
 
 #[test]

@@ -321,7 +321,7 @@ pub fn check_config(
 }
 
 /// The checkpoint's layers (the highest `model.layers.{l}.` plus one) must be the config's.
-fn check_layer_count(ck: &Checkpoint, cfg: &ModelConfig, cfg_path: &Path) -> Result<()> {
+pub(crate) fn check_layer_count(ck: &Checkpoint, cfg: &ModelConfig, cfg_path: &Path) -> Result<()> {
     let layers = ck
         .names()
         .iter()

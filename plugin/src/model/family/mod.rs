@@ -292,6 +292,9 @@ impl ModelPlan {
     ) -> Result<Self> {
         let family = cfg.family().map_err(|m| Error::config("config.json", m))?;
         if family.routes_in_model() {
+            // The plan is sized by the config's layers: they must be the checkpoint's first.
+            let cfg_path = ck.origin().join("config.json");
+            crate::model::load::check_layer_count(ck, cfg, &cfg_path)?;
             let stacked =
                 (0..cfg.num_hidden_layers).any(|l| ck.contains(&hub::stacked_expert_names(l)[0]));
             let storage = match stacked {
