@@ -99,6 +99,10 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q 
   kind="KIND_GPU"
 fi
 echo "pregate: instance kind $kind" >&2
+if [ "$kind" = KIND_CPU ]; then
+  echo "pregate: no GPU here, so the CUDA, NVML and DCGM errors tritonserver prints next are" \
+    "harmless: the model is served on the CPU" >&2
+fi
 sed -e "s|@MODEL_DIR@|$model|; s|@NAME@|$name|" \
   -e "s|instance_group \[ { count: 1 kind: KIND_CPU } \]|instance_group [ { count: 1 kind: $kind } ]|" \
   triton-backend/model_repository/pregate/config.pbtxt > "$repo/$name/config.pbtxt"

@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -147,12 +148,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let _ = out.write_all(delta.as_bytes());
         let _ = out.flush();
     };
+    let started = Instant::now();
+    let mut first_token: Option<Duration> = None;
     loop {
         let schedule = engine.schedule_all();
         if schedule.is_empty() {
             break;
         }
         for ev in engine.step(&schedule)?.into_events()? {
+            first_token.get_or_insert_with(|| started.elapsed());
             output.push(ev.token);
             experts.push(ev.route.map_or_else(Vec::new, |r| r.experts().to_vec()));
             if let Some(l) = ev.logits {
@@ -171,6 +175,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(path) = &args.dump_logits {
         write_logits(path, &logits, engine.config().vocab_size)?;
     }
+    let timing = Timing {
+        prompt_tokens: prompt.len(),
+        generated_tokens: output.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        first_token_seconds: first_token.unwrap_or_default().as_secs_f64(),
+    };
     let text = tokenizer.map(|t| t.decode(&output)).transpose()?;
     if args.json {
         let mut obj = json!({
@@ -182,6 +192,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if let Some(t) = text {
             obj["text"] = json!(t);
         }
+        obj["timing"] = json!({
+            "prompt_tokens": timing.prompt_tokens,
+            "generated_tokens": timing.generated_tokens,
+            "seconds": timing.seconds,
+            "first_token_seconds": timing.first_token_seconds,
+            "decode_tokens_per_second": timing.decode_rate(),
+        });
         if let Some(cache) = engine.expert_cache() {
             let st = cache.stats();
             obj["expert_cache"] = json!({
@@ -207,7 +224,46 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     } else {
         println!();
     }
+    if !args.json {
+        // On stderr, so that stdout stays the generated text alone.
+        eprintln!("{timing}");
+    }
     Ok(())
+}
+
+/// A generation's token counts and times.
+struct Timing {
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    seconds: f64,
+    first_token_seconds: f64,
+}
+
+impl Timing {
+    /// Tokens per second after the first one (the prefill step makes the first).
+    fn decode_rate(&self) -> f64 {
+        let decode = self.seconds - self.first_token_seconds;
+        if self.generated_tokens > 1 && decode > 0.0 {
+            (self.generated_tokens - 1) as f64 / decode
+        } else {
+            0.0
+        }
+    }
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pregate: {} prompt tokens, {} generated in {:.3} s; first token after {:.3} s, then \
+             {:.1} tokens/s",
+            self.prompt_tokens,
+            self.generated_tokens,
+            self.seconds,
+            self.first_token_seconds,
+            self.decode_rate()
+        )
+    }
 }
 
 /// Writes `logits` (`[steps, vocab]`, f32) as the tensor `logits` with the project's writer.

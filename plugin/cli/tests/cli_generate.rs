@@ -175,8 +175,28 @@ fn text_prompts_use_the_tokenizer() {
         "5",
     ]);
     assert!(streamed.status.success());
+    let prompt_len = v["prompt_ids"].as_array().unwrap().len();
+    let err = String::from_utf8(streamed.stderr).unwrap();
     let streamed = String::from_utf8(streamed.stdout).unwrap();
     assert_eq!(streamed.strip_suffix('\n'), v["text"].as_str());
+    // The counts and times come after the text, on stderr.
+    let summary = err.lines().last().unwrap_or_default();
+    assert!(
+        summary.starts_with(&format!(
+            "pregate: {prompt_len} prompt tokens, 5 generated in "
+        )) && summary.contains("first token after")
+            && summary.ends_with(" tokens/s"),
+        "{err}"
+    );
+    let t = &v["timing"];
+    assert_eq!(t["prompt_tokens"].as_u64(), Some(prompt_len as u64));
+    assert_eq!(t["generated_tokens"].as_u64(), Some(5));
+    let (secs, first) = (
+        t["seconds"].as_f64().unwrap(),
+        t["first_token_seconds"].as_f64().unwrap(),
+    );
+    assert!(0.0 < first && first <= secs, "{t}");
+    assert!(t["decode_tokens_per_second"].as_f64().unwrap() > 0.0, "{t}");
 }
 
 #[test]
