@@ -468,3 +468,37 @@ def test_out_of_range_sampling_numbers_are_named_not_clamped(server):
                                    "sampling_parameters": json.dumps(sp)})
         assert events == [] and want in err, err
         assert "inf" not in err and "9223372036854775807" not in err, err
+
+
+def test_a_dropped_non_streamed_grpc_request_stops_early(server):
+    """A non-streamed request (`stream` false: one response at the end) on the gRPC stream, whose
+    client cancels before any response: the serving loop polls Triton's cancellation flag every
+    iteration, for streamed and non-streamed requests alike, so it stops well before max_tokens
+    and frees its slot."""
+    n = 400
+    cancelled = server.metric("pregate_requests_total", model="small1", outcome="cancelled")
+    generated = server.metric("pregate_generated_tokens_total", model="small1")
+    q = queue.Queue()
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    inputs = [grpcclient.InferInput("text_input", [1], "BYTES"),
+              grpcclient.InferInput("stream", [1], "BOOL"),
+              grpcclient.InferInput("sampling_parameters", [1], "BYTES")]
+    inputs[0].set_data_from_numpy(np.array([b"Once upon a time"], dtype=np.object_))
+    inputs[1].set_data_from_numpy(np.array([False]))
+    sp = json.dumps({"max_tokens": n, "ignore_eos": True}).encode()
+    inputs[2].set_data_from_numpy(np.array([sp], dtype=np.object_))
+    c.async_stream_infer("small1", inputs)
+    deadline = time.time() + 30
+    while server.metric("pregate_generated_tokens_total", model="small1") < generated + 5:
+        assert time.time() < deadline, "the request did not start"
+        time.sleep(0.05)
+    c.stop_stream(cancel_requests=True)
+    c.close()
+    assert server.wait_metric("pregate_requests_total", cancelled + 1, model="small1",
+                              outcome="cancelled") == cancelled + 1
+    done = server.metric("pregate_generated_tokens_total", model="small1") - generated
+    assert done < n / 2, done
+    time.sleep(0.5)
+    assert server.metric("pregate_generated_tokens_total", model="small1") - generated == done
+    assert server.wait_metric("pregate_requests_active", 0, model="small1") == 0
