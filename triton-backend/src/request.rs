@@ -230,7 +230,14 @@ pub fn apply_sampling(r: &mut ServeRequest, json: &str) -> Result<(), String> {
             }
             "temperature" => s.temperature = float(key, val)?,
             "top_p" => s.top_p = float(key, val)?,
-            "top_k" => s.top_k = whole(key, val)?.max(0) as usize,
+            "top_k" => {
+                let text = match val {
+                    Value::String(t) => t.clone(),
+                    other => other.to_string(),
+                };
+                s.top_k = pregate::sampling::parse_top_k(&text)
+                    .map_err(|e| format!("sampling_parameters.{e}"))?;
+            }
             "seed" => {
                 let n = whole(key, val)?;
                 s.seed = Some(u64::try_from(n).map_err(|_| {
@@ -361,6 +368,8 @@ mod tests {
                 "max_tokens is too large, got 1e+300",
             ),
             (r#"{"seed": -3}"#, "seed must be 0 or more"),
+            (r#"{"top_k": -5}"#, "top_k `-5` must be a whole number"),
+            (r#"{"top_k": 2.5}"#, "top_k `2.5` must be a whole number"),
         ] {
             let e = parse_request(&inputs(&[
                 ("text_input", bytes("hi")),

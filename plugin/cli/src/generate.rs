@@ -9,7 +9,7 @@ use serde_json::json;
 
 use pregate::cache::EvictionPolicy;
 use pregate::engine::{
-    open_engine_with, Device, EngineOptions, ExpertCacheOptions, GenerationRequest,
+    open_engine_with, Device, EngineOptions, ExpertCacheOptions, ExpertCapacity, GenerationRequest,
 };
 use pregate::error::{Error, Result};
 use pregate::model::ModelDir;
@@ -35,13 +35,13 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
     /// Sampling temperature; greedy when absent or 0.
-    #[arg(long)]
+    #[arg(long, value_parser = temperature)]
     pub temperature: Option<f32>,
     /// Nucleus sampling threshold.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = top_p)]
     pub top_p: f32,
-    /// Keep only the k most likely tokens (0 = all).
-    #[arg(long, default_value_t = 0)]
+    /// Keep only the k most likely tokens (0 or -1 = all), as Triton's `top_k`.
+    #[arg(long, default_value = "0", allow_hyphen_values = true, value_parser = top_k)]
     pub top_k: usize,
     /// Seed of the sampler.
     #[arg(long)]
@@ -58,10 +58,11 @@ pub struct GenerateArgs {
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Expert cache capacity: all, N (experts per layer), NGiB / NMiB, or a fraction of free
-    /// device memory (0..1). On the CPU the cache only accounts (weights stay in host memory).
-    #[arg(long)]
-    pub expert_cache: Option<String>,
+    /// Expert cache capacity, as Triton's `cache_capacity`: all, N (experts per layer), NGiB /
+    /// NMiB, or a fraction of free device memory (0.5, 50%). On the CPU the cache only accounts
+    /// (weights stay in host memory).
+    #[arg(long = "cache-capacity", visible_alias = "expert-cache", value_parser = capacity)]
+    pub expert_cache: Option<ExpertCapacity>,
     /// Expert cache eviction policy: belady, lru, lfu or random.
     #[arg(long, default_value = "belady")]
     pub cache_policy: String,
@@ -106,14 +107,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let options = EngineOptions {
         expert_cache: args
             .expert_cache
-            .as_deref()
-            .map(|c| -> Result<ExpertCacheOptions> {
-                Ok(ExpertCacheOptions {
-                    capacity: c.parse()?,
-                    policy,
-                })
-            })
-            .transpose()?,
+            .map(|capacity| ExpertCacheOptions { capacity, policy }),
         cuda_dtype: args.cuda_dtype.as_deref().map(str::parse).transpose()?,
         router: args.router.as_deref().map(str::parse).transpose()?,
         ..EngineOptions::default()
@@ -276,4 +270,21 @@ fn write_logits(path: &std::path::Path, logits: &[f32], vocab: usize) -> Result<
     );
     let bytes = |_: &TensorSpec| Ok(logits.iter().flat_map(|v| v.to_le_bytes()).collect());
     write_file(path, &[spec], &bytes, None)
+}
+
+// The library's parsers, so that a flag and its Triton parameter accept the same text.
+fn temperature(s: &str) -> std::result::Result<f32, String> {
+    pregate::sampling::parse_finite("temperature", s).map_err(|e| e.to_string())
+}
+
+fn top_p(s: &str) -> std::result::Result<f32, String> {
+    pregate::sampling::parse_finite("top_p", s).map_err(|e| e.to_string())
+}
+
+fn top_k(s: &str) -> std::result::Result<usize, String> {
+    pregate::sampling::parse_top_k(s).map_err(|e| e.to_string())
+}
+
+fn capacity(s: &str) -> std::result::Result<ExpertCapacity, String> {
+    s.parse::<ExpertCapacity>().map_err(|e| e.to_string())
 }

@@ -218,6 +218,32 @@ fn bad_input_exits_non_zero_with_a_clear_message() {
             vec!["--prompt-ids", "5", "--max-new-tokens", "0"],
             "max_new_tokens",
         ),
+        // Numbers past what the engine holds are named as written, never clamped or wrapped.
+        (
+            vec!["--prompt-ids", "5", "--temperature", "1e300"],
+            "temperature `1e300` is too large",
+        ),
+        (
+            vec!["--prompt-ids", "5", "--top-k", "-3"],
+            "top_k `-3` must be a whole number",
+        ),
+        (
+            vec![
+                "--prompt-ids",
+                "5",
+                "--max-new-tokens",
+                "18446744073709551615",
+            ],
+            "plus max_new_tokens 18446744073709551615 exceeds the context",
+        ),
+        (
+            vec!["--prompt-ids", "5", "--cache-capacity", "1e30GiB"],
+            "`1e30GiB` is too large",
+        ),
+        (
+            vec!["--prompt-ids", "5", "--cache-capacity", "1B"],
+            "cache capacity 1 bytes holds no expert",
+        ),
     ];
     for (extra, needle) in cases {
         let mut args = vec!["generate", "--model", m];
@@ -227,6 +253,7 @@ fn bad_input_exits_non_zero_with_a_clear_message() {
         assert!(!out.status.success(), "{args:?} should fail");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
+        assert!(!err.contains("inf ") && !err.contains("Bytes("), "{err}");
     }
     let out = pregate(&[
         "generate",
