@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Serve a pregate model with Triton Inference Server, in the foreground, on 127.0.0.1.
 #   triton-backend/serve.sh [--model DIR] [--http-port N] [--grpc-port N] [--metrics-port N]
+#                           [--param KEY=VALUE]...   (a model parameter, over the example's)
 # Builds the backend and the CLI, fetches tritonserver (PyPI wheel nvidia-pytriton==0.7.0), makes
 # the `small` demo model if --model is not given (target/models/small), writes a model repository
 # (a temporary folder, removed on exit) and starts tritonserver: a KIND_GPU instance when nvidia-smi
@@ -11,13 +12,20 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 model="" http=8000 grpc=8001 metrics=8002
+params=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) model="$2"; shift 2 ;;
     --http-port) http="$2"; shift 2 ;;
     --grpc-port) grpc="$2"; shift 2 ;;
     --metrics-port) metrics="$2"; shift 2 ;;
-    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+    --param)
+      case "$2" in
+        [a-z]*=*) params+=("$2") ;;
+        *) echo "serve.sh: --param takes KEY=VALUE, got '$2'" >&2; exit 2 ;;
+      esac
+      shift 2 ;;
+    -h|--help) sed -n 2,11p "$0"; exit 0 ;;
     *) echo "serve.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -99,9 +107,19 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q 
   kind="KIND_GPU"
 fi
 echo "pregate: instance kind $kind" >&2
+if [ "$kind" = KIND_CPU ]; then
+  echo "pregate: no GPU here, so the CUDA, NVML and DCGM errors tritonserver prints next are" \
+    "harmless: the model is served on the CPU" >&2
+fi
 sed -e "s|@MODEL_DIR@|$model|; s|@NAME@|$name|" \
   -e "s|instance_group \[ { count: 1 kind: KIND_CPU } \]|instance_group [ { count: 1 kind: $kind } ]|" \
   triton-backend/model_repository/pregate/config.pbtxt > "$repo/$name/config.pbtxt"
+for kv in ${params[@]+"${params[@]}"}; do
+  key="${kv%%=*}" value="${kv#*=}"
+  # A key the example sets is replaced, any other added; the backend refuses unknown keys.
+  sed -i "/parameters { key: \"$key\" /d" "$repo/$name/config.pbtxt"
+  echo "parameters { key: \"$key\" value: { string_value: \"$value\" } }" >> "$repo/$name/config.pbtxt"
+done
 
 # Whether process $1 listens on TCP port $2: the listening socket's inode among its open files
 # (Linux /proc). Where /proc cannot tell, true: the liveness check still holds.

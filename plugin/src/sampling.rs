@@ -22,6 +22,45 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
 }
 
+/// Parses a `top_k` as operators and clients write it, the one parser for the CLI's `--top-k` and
+/// the Triton `sampling_parameters.top_k`: a whole number of tokens, with `0` and vLLM's `-1`
+/// meaning every token; other negative values, fractions and numbers past `usize` are refused,
+/// echoing the text.
+pub fn parse_top_k(text: &str) -> Result<usize> {
+    let t = text.trim();
+    if t == "-1" {
+        return Ok(0);
+    }
+    let bad = |why: &str| Error::InvalidRequest(format!("top_k `{text}` {why}"));
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad(
+            "must be a whole number of tokens (0 or -1: every token)",
+        ));
+    }
+    t.parse().map_err(|_| bad("is too large"))
+}
+
+/// Parses a finite number as written (`temperature`, `top_p`): one finite as f64 but not as f32
+/// (`1e300`) is refused as too large, echoing the text, rather than read as infinity.
+pub fn parse_finite(name: &str, text: &str) -> Result<f32> {
+    let x: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| Error::InvalidRequest(format!("{name} `{text}` is not a number")))?;
+    if !x.is_finite() {
+        return Err(Error::InvalidRequest(format!(
+            "{name} `{text}` must be a finite number"
+        )));
+    }
+    let y = x as f32;
+    if !y.is_finite() {
+        return Err(Error::InvalidRequest(format!(
+            "{name} `{text}` is too large"
+        )));
+    }
+    Ok(y)
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self::greedy()
@@ -426,6 +465,37 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn top_k_and_finite_numbers_parse_as_written() {
+        assert_eq!(parse_top_k("0").unwrap(), 0);
+        assert_eq!(parse_top_k("-1").unwrap(), 0);
+        assert_eq!(parse_top_k(" 40 ").unwrap(), 40);
+        for bad in ["-2", "1.5", "many", ""] {
+            let e = parse_top_k(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("top_k `{bad}`")) && e.contains("whole"),
+                "{e}"
+            );
+        }
+        let e = parse_top_k("99999999999999999999999")
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("is too large"), "{e}");
+        assert_eq!(parse_finite("temperature", "0.5").unwrap(), 0.5);
+        let e = parse_finite("temperature", "1e300")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("temperature `1e300` is too large"), "{e}");
+        assert!(!e.contains("inf"), "{e}");
+        for bad in ["inf", "NaN"] {
+            let e = parse_finite("top_p", bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("top_p `{bad}` must be a finite number")),
+                "{e}"
+            );
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::bridge::kind;
 
 /// Every `parameters` key the backend reads; any other key fails the load (a typo must not be
 /// silently ignored).
-pub const PARAMETERS: [&str; 12] = [
+pub const PARAMETERS: [&str; 14] = [
     "model_dir",
     "device",
     "max_batch_tokens",
@@ -23,6 +23,8 @@ pub const PARAMETERS: [&str; 12] = [
     "max_wait_ms",
     "max_queue_wait_ms",
     "max_waiting_requests",
+    "max_prompt_bytes",
+    "kv_memory_bytes",
     "cache_capacity",
     "cache_policy",
     "metrics",
@@ -43,6 +45,11 @@ pub struct ModelParams {
     /// Most requests waiting for admission at once; more are refused at once as overloaded
     /// (`None`: unbounded; unset: [`DEFAULT_MAX_WAITING`]).
     pub max_waiting: Option<usize>,
+    /// Largest prompt text, in bytes, refused before tokenization (`None`: the serving loop's
+    /// default, [`pregate::serve::DEFAULT_PROMPT_BYTES_PER_TOKEN`] per context token).
+    pub max_prompt_bytes: Option<usize>,
+    /// KV memory the admitted requests may reserve together (`None`: no budget).
+    pub kv_memory_bytes: Option<u64>,
     /// Expert cache size: CUDA, its device slots; CPU, an accounting cache (the same decisions,
     /// weights staying in host memory). `None`: the backend's default (CUDA: `PREGATE_EXPERT_CACHE`
     /// or every expert; CPU: no cache).
@@ -146,6 +153,13 @@ pub fn parse_model_config(json: &str, repository: &Path) -> Result<ModelParams, 
         Some(n) => Some(n),
         None => Some(DEFAULT_MAX_WAITING),
     };
+    let max_prompt_bytes = get("max_prompt_bytes")
+        .map(|s| parse_bytes("max_prompt_bytes", &s))
+        .transpose()?
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let kv_memory_bytes = get("kv_memory_bytes")
+        .map(|s| parse_bytes("kv_memory_bytes", &s))
+        .transpose()?;
     let cache_capacity = get("cache_capacity")
         .map(|s| parse_capacity(&s))
         .transpose()?;
@@ -170,6 +184,8 @@ pub fn parse_model_config(json: &str, repository: &Path) -> Result<ModelParams, 
         batcher,
         max_queue_wait,
         max_waiting,
+        max_prompt_bytes,
+        kv_memory_bytes,
         cache_capacity,
         cache_policy,
         metrics,
@@ -203,6 +219,36 @@ fn parse_bound_ms(param: &str, s: &str) -> Result<f64, String> {
         ));
     }
     Ok(ms)
+}
+
+/// A positive size in bytes: a whole number, optionally with a unit (`4096`, `64KiB`, `512MiB`,
+/// `2GiB`); a size past 2^64 bytes is refused as too large.
+pub fn parse_bytes(param: &str, s: &str) -> Result<u64, String> {
+    let (digits, unit) = [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|&(suffix, unit)| s.strip_suffix(suffix).map(|d| (d.trim(), unit)))
+    .unwrap_or((s, 1));
+    let bad = || {
+        format!(
+            "parameter `{param}`: `{s}` is not a positive size in bytes (4096, 64KiB, 512MiB, \
+             2GiB)"
+        )
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let too_large = || format!("parameter `{param}`: `{s}` is too large");
+    let n: u64 = digits.parse().map_err(|_| too_large())?;
+    let n = n.checked_mul(unit).ok_or_else(too_large)?;
+    if n == 0 {
+        return Err(bad());
+    }
+    Ok(n)
 }
 
 /// `max_queue_wait_ms`: milliseconds, 0 for no bound; NaN, infinite or negative values refused.
@@ -351,10 +397,43 @@ mod tests {
             assert!(e.contains("max_waiting_requests"), "{v}: {e}");
         }
         assert_eq!(parse_queue_wait("0"), Ok(None));
+        let unset = parse_model_config(&cfg(&p("model_dir", "/m")), Path::new("/")).unwrap();
+        assert_eq!(
+            (unset.max_prompt_bytes, unset.kv_memory_bytes),
+            (None, None)
+        );
+        let set = cfg(&[
+            p("model_dir", "/m"),
+            p("max_prompt_bytes", "64KiB"),
+            p("kv_memory_bytes", "120000"),
+        ]
+        .join(","));
+        let set = parse_model_config(&set, Path::new("/")).unwrap();
+        assert_eq!(set.max_prompt_bytes, Some(65536));
+        assert_eq!(set.kv_memory_bytes, Some(120000));
         assert_eq!(
             parse_queue_wait("0.5"),
             Ok(Some(Duration::from_micros(500)))
         );
+    }
+
+    #[test]
+    fn byte_sizes_parse_and_name_what_is_wrong() {
+        assert_eq!(parse_bytes("k", "4096"), Ok(4096));
+        assert_eq!(parse_bytes("k", "2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("k", "3 MiB"), Ok(3 << 20));
+        for bad in ["0", "-1", "1.5GiB", "lots", "", "GiB", "1e9"] {
+            let e = parse_bytes("kv_memory_bytes", bad).unwrap_err();
+            assert!(
+                e.contains("kv_memory_bytes") && e.contains("positive size"),
+                "{bad}: {e}"
+            );
+        }
+        for huge in ["99999999999999999999", "17179869184GiB"] {
+            let e = parse_bytes("kv_memory_bytes", huge).unwrap_err();
+            assert!(e.ends_with("is too large"), "{huge}: {e}");
+            assert!(!e.contains("18446744073709551615"), "{e}");
+        }
     }
 
     #[test]

@@ -251,12 +251,14 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
             })?
             .overridden_by(&ms.params.engine_options());
         let engine = open_engine_with(&ms.model, device, &options).map_err(|e| {
+            // Only a device instance can be moved to the CPU.
+            let hint = match device {
+                pregate::engine::Device::Cpu => "",
+                _ => " (use instance_group kind KIND_CPU to serve on the CPU)",
+            };
             (
                 sink::error_code(&e),
-                format!(
-                    "pregate instance `{iname}`: cannot open the model on {device}: {e} \
-                     (use instance_group kind KIND_CPU)"
-                ),
+                format!("pregate instance `{iname}`: cannot open the model on {device}: {e}{hint}"),
             )
         })?;
         let metrics = if ms.params.metrics {
@@ -283,6 +285,8 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceInitialize(
             thread_name: format!("pregate-{iname}"),
             max_queue_wait: ms.params.max_queue_wait,
             max_waiting: ms.params.max_waiting,
+            max_prompt_bytes: ms.params.max_prompt_bytes,
+            kv_memory_bytes: ms.params.kv_memory_bytes,
             ..ServeConfig::default()
         };
         ffi::log_message(

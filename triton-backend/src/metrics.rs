@@ -132,6 +132,27 @@ const METRICS: &[MetricDef] = &[
         &[],
         |s| s.scheduled as f64,
     ),
+    (
+        "pregate_kv_bytes_in_use",
+        metric_kind::GAUGE,
+        "KV bytes the admitted requests reserve (prompt plus max_tokens each).",
+        &[],
+        |s| s.kv_bytes_in_use as f64,
+    ),
+    (
+        "pregate_kv_bytes_max",
+        metric_kind::GAUGE,
+        "Most KV bytes reserved at once so far.",
+        &[],
+        |s| s.kv_bytes_max as f64,
+    ),
+    (
+        "pregate_kv_budget_bytes",
+        metric_kind::GAUGE,
+        "The KV memory budget (kv_memory_bytes); 0 when there is none.",
+        &[],
+        |s| s.kv_budget_bytes as f64,
+    ),
 ];
 
 /// A Triton metric family pointer.

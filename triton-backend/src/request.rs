@@ -174,6 +174,7 @@ fn number(key: &str, v: &Value) -> Result<f64, String> {
         .ok_or_else(|| format!("sampling_parameters.{key} must be a number, got {v}"))
 }
 
+/// A whole number; one past what an i64 holds is refused as too large rather than clamped.
 fn whole(key: &str, v: &Value) -> Result<i64, String> {
     let x = number(key, v)?;
     if x.fract() != 0.0 {
@@ -181,7 +182,21 @@ fn whole(key: &str, v: &Value) -> Result<i64, String> {
             "sampling_parameters.{key} must be a whole number, got {v}"
         ));
     }
+    // 2^63: the first f64 an i64 cannot hold.
+    if x.abs() >= 9_223_372_036_854_775_808.0 {
+        return Err(format!("sampling_parameters.{key} is too large, got {v}"));
+    }
     Ok(x as i64)
+}
+
+/// A number as f32; one that is finite as f64 but not as f32 (`1e300`) is refused, echoing what
+/// the client wrote, rather than read as infinity.
+fn float(key: &str, v: &Value) -> Result<f32, String> {
+    let x = number(key, v)? as f32;
+    if !x.is_finite() {
+        return Err(format!("sampling_parameters.{key} is too large, got {v}"));
+    }
+    Ok(x)
 }
 
 fn boolean(key: &str, v: &Value) -> Result<bool, String> {
@@ -213,10 +228,22 @@ pub fn apply_sampling(r: &mut ServeRequest, json: &str) -> Result<(), String> {
                 }
                 r.max_new_tokens = n as usize;
             }
-            "temperature" => s.temperature = number(key, val)? as f32,
-            "top_p" => s.top_p = number(key, val)? as f32,
-            "top_k" => s.top_k = whole(key, val)?.max(0) as usize,
-            "seed" => s.seed = Some(whole(key, val)? as u64),
+            "temperature" => s.temperature = float(key, val)?,
+            "top_p" => s.top_p = float(key, val)?,
+            "top_k" => {
+                let text = match val {
+                    Value::String(t) => t.clone(),
+                    other => other.to_string(),
+                };
+                s.top_k = pregate::sampling::parse_top_k(&text)
+                    .map_err(|e| format!("sampling_parameters.{e}"))?;
+            }
+            "seed" => {
+                let n = whole(key, val)?;
+                s.seed = Some(u64::try_from(n).map_err(|_| {
+                    format!("sampling_parameters.seed must be 0 or more, got {val}")
+                })?)
+            }
             "ignore_eos" => r.ignore_eos = boolean(key, val)?,
             "stop" => {
                 r.stop = match val {
@@ -327,6 +354,22 @@ mod tests {
             (r#"{"max_tokens": 1.5}"#, "whole"),
             (r#"{"temperature": -1}"#, "temperature"),
             (r#"{"beam_width": 2}"#, "beam_width"),
+            (
+                r#"{"temperature": 1e300}"#,
+                "temperature is too large, got 1e+300",
+            ),
+            (
+                r#"{"temperature": "1e300"}"#,
+                "temperature is too large, got \"1e300\"",
+            ),
+            (r#"{"top_p": 1e39}"#, "top_p is too large"),
+            (
+                r#"{"max_tokens": 1e300}"#,
+                "max_tokens is too large, got 1e+300",
+            ),
+            (r#"{"seed": -3}"#, "seed must be 0 or more"),
+            (r#"{"top_k": -5}"#, "top_k `-5` must be a whole number"),
+            (r#"{"top_k": 2.5}"#, "top_k `2.5` must be a whole number"),
         ] {
             let e = parse_request(&inputs(&[
                 ("text_input", bytes("hi")),

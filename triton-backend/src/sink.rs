@@ -1,5 +1,7 @@
 //! A request's responses: the serving loop's [`ResponseSink`] over a Triton response factory.
 
+use std::time::{Duration, Instant};
+
 use pregate::serve::{Completion, Outcome, ResponseSink, TokenDelta};
 use pregate::{Error, ErrorCode};
 
@@ -28,6 +30,8 @@ pub struct TritonSink {
     text: Vec<u8>,
     ids: Vec<i32>,
     sent_final: bool,
+    created: Instant,
+    first_token: Option<Duration>,
 }
 
 impl TritonSink {
@@ -40,6 +44,8 @@ impl TritonSink {
             text: Vec::new(),
             ids: Vec::new(),
             sent_final: false,
+            created: Instant::now(),
+            first_token: None,
         }
     }
 
@@ -96,6 +102,8 @@ pub fn triton_code(c: ErrorCode) -> u32 {
 
 impl ResponseSink for TritonSink {
     fn token(&mut self, d: &TokenDelta) -> bool {
+        self.first_token
+            .get_or_insert_with(|| self.created.elapsed());
         if !self.stream {
             self.text.extend_from_slice(d.text.as_bytes());
             self.ids.push(d.token as i32);
@@ -121,6 +129,10 @@ impl ResponseSink for TritonSink {
     }
 
     fn finish(&mut self, done: Completion) {
+        ffi::log_message(
+            log::VERBOSE,
+            &completion_line(&done, self.created.elapsed(), self.first_token),
+        );
         if self.stream && !done.tail.is_empty() && !self.sent_final {
             // Text held back as a possible stop-string beginning: the client gets it before the
             // error, so its stream still adds up to the generated text. No ids: every token id
@@ -160,9 +172,68 @@ impl ResponseSink for TritonSink {
     }
 }
 
+/// One request's end, for the verbose log: outcome, tokens, time, time to first token, decode rate.
+pub fn completion_line(done: &Completion, total: Duration, first: Option<Duration>) -> String {
+    let outcome = match &done.outcome {
+        Outcome::Finished(r) => format!("finished ({})", r.as_str()),
+        Outcome::Cancelled => "cancelled".into(),
+        Outcome::Failed(e) => format!("failed ({})", e.code()),
+    };
+    let mut line = format!(
+        "pregate: request {outcome}: {} prompt tokens, {} generated in {:.3} s",
+        done.prompt_tokens,
+        done.generated,
+        total.as_secs_f64()
+    );
+    if let Some(first) = first {
+        let decode = total.saturating_sub(first).as_secs_f64();
+        let rate = if done.generated > 1 && decode > 0.0 {
+            (done.generated - 1) as f64 / decode
+        } else {
+            0.0
+        };
+        line.push_str(&format!(
+            "; first token after {:.3} s, then {rate:.1} tokens/s",
+            first.as_secs_f64()
+        ));
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_completion_line_has_counts_times_and_rate() {
+        let done = Completion {
+            outcome: Outcome::Finished(pregate::engine::FinishReason::Length),
+            prompt_tokens: 4,
+            generated: 11,
+            tail: String::new(),
+        };
+        let line = completion_line(
+            &done,
+            Duration::from_millis(1500),
+            Some(Duration::from_millis(500)),
+        );
+        assert_eq!(
+            line,
+            "pregate: request finished (length): 4 prompt tokens, 11 generated in 1.500 s; first \
+             token after 0.500 s, then 10.0 tokens/s"
+        );
+        let failed = Completion {
+            outcome: Outcome::Failed(Error::InvalidRequest("x".into())),
+            prompt_tokens: 0,
+            generated: 0,
+            tail: String::new(),
+        };
+        let line = completion_line(&failed, Duration::from_millis(2), None);
+        assert_eq!(
+            line,
+            "pregate: request failed (INVALID_ARGUMENT): 0 prompt tokens, 0 generated in 0.002 s"
+        );
+    }
 
     #[test]
     fn every_code_has_its_triton_code() {

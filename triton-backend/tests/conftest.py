@@ -41,6 +41,9 @@ def write_model(repo, name, params):
         f.write("\n".join(lines) + "\n")
 
 
+# kv2's KV budget in bytes.
+KV2_BUDGET = 50000
+
 # The token whose embedding row `tiny_nan` holds NaN.
 NAN_TOKEN = 7
 
@@ -137,6 +140,8 @@ def work(tmp_path_factory, tools):
                                      "max_waiting_requests": 1})
     # The tiny model with NaN in the embedding of one token: a request with it fails alone.
     write_model(str(repo), "tiny_nan", {"model_dir": w / "tiny_nan"})
+    # Room for the KV of two requests of about 45 tokens (512 bytes a token), not three.
+    write_model(str(repo), "kv2", {"model_dir": w / "tiny", "kv_memory_bytes": KV2_BUDGET})
     write_model(str(repo), "bad_dir", {"model_dir": w / "does-not-exist"})
     write_model(str(repo), "bad_param", {"model_dir": w / "tiny", "max_batch_tokens": "many"})
     write_model(str(repo), "bad_queue_wait", {"model_dir": w / "tiny", "max_queue_wait_ms": -5})
@@ -152,7 +157,7 @@ def server(work, tools):
             tools["server"], f"--model-repository={work / 'repo'}",
             f"--backend-directory={work / 'backends'}", "--model-control-mode=explicit",
             "--load-model=tiny", "--load-model=small1", "--load-model=queue1",
-            "--load-model=full1", "--load-model=tiny_nan",
+            "--load-model=full1", "--load-model=tiny_nan", "--load-model=kv2",
             "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={http}",
             f"--grpc-port={grpc}", f"--metrics-port={metrics}", "--exit-timeout-secs=5",
         ],

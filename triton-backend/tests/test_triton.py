@@ -413,3 +413,92 @@ def test_library_cache_and_batch_families_are_on_triton_and_move(server):
     assert 0 < after["pregate_expert_cache_resident_slots"] <= 4
     assert server.metric("pregate_batch_tokens_bucket", le="+Inf") == after["pregate_batch_tokens_count"]
     assert after["pregate_requests_running"] == 0 and after["pregate_requests_waiting"] == 0
+
+
+def test_a_huge_prompt_is_refused_by_size_fast_and_does_not_delay_others(server):
+    """A 30 MB text is refused by its size (tiny's 512-token context allows 16384 bytes) before
+    any tokenization, and a small request sent meanwhile is answered at once: neither waits for
+    a tokenization that used to take Triton's instance thread 10 s and more."""
+    huge = "once upon a time " * (30_000_000 // 17)
+    out = {}
+
+    def send_huge():
+        t = time.time()
+        out["huge"] = sse(server, gen_body(huge, 4))
+        out["huge_s"] = time.time() - t
+
+    th = threading.Thread(target=send_huge)
+    th.start()
+    time.sleep(0.3)
+    t = time.time()
+    events, err = sse(server, gen_body("hello", 4))
+    small_s = time.time() - t
+    th.join()
+    assert err is None, err
+    assert len(ids_of(events)) == 4
+    events, err = out["huge"]
+    assert events == [] and err is not None
+    assert "over the limit of 16384 bytes" in err and "max_prompt_bytes" in err, err
+    assert out["huge_s"] < 8, out["huge_s"]
+    assert small_s < 3, small_s
+
+
+def test_a_kv_budget_bounds_concurrency_and_refuses_what_never_fits(server):
+    from conftest import KV2_BUDGET
+
+    with ThreadPoolExecutor(6) as ex:
+        got = list(ex.map(lambda i: sse(server, gen_body(f"hello {i}", 40), model="kv2"), range(6)))
+    for events, err in got:
+        assert err is None, err
+        assert len(ids_of(events)) == 40
+    assert server.metric("pregate_kv_budget_bytes", model="kv2") == KV2_BUDGET
+    peak = server.metric("pregate_kv_bytes_max", model="kv2")
+    assert 2 * 41 * 512 <= peak <= KV2_BUDGET, peak
+    assert server.metric("pregate_batch_requests_max", model="kv2") == 2
+    assert server.wait_metric("pregate_kv_bytes_in_use", 0, model="kv2") == 0
+    events, err = sse(server, gen_body("hi", 118), model="kv2")
+    assert events == []
+    assert f"more than the whole KV budget of {KV2_BUDGET} bytes" in err, err
+
+
+def test_out_of_range_sampling_numbers_are_named_not_clamped(server):
+    for sp, want in [({"temperature": "1e300"}, "temperature is too large, got \\\"1e300\\\""),
+                     ({"max_tokens": 1e300}, "max_tokens is too large, got 1e+300")]:
+        events, err = sse(server, {"text_input": "hi", "stream": True,
+                                   "sampling_parameters": json.dumps(sp)})
+        assert events == [] and want in err, err
+        assert "inf" not in err and "9223372036854775807" not in err, err
+
+
+def test_a_dropped_non_streamed_grpc_request_stops_early(server):
+    """A non-streamed request (`stream` false: one response at the end) on the gRPC stream, whose
+    client cancels before any response: the serving loop polls Triton's cancellation flag every
+    iteration, for streamed and non-streamed requests alike, so it stops well before max_tokens
+    and frees its slot."""
+    n = 400
+    cancelled = server.metric("pregate_requests_total", model="small1", outcome="cancelled")
+    generated = server.metric("pregate_generated_tokens_total", model="small1")
+    q = queue.Queue()
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    inputs = [grpcclient.InferInput("text_input", [1], "BYTES"),
+              grpcclient.InferInput("stream", [1], "BOOL"),
+              grpcclient.InferInput("sampling_parameters", [1], "BYTES")]
+    inputs[0].set_data_from_numpy(np.array([b"Once upon a time"], dtype=np.object_))
+    inputs[1].set_data_from_numpy(np.array([False]))
+    sp = json.dumps({"max_tokens": n, "ignore_eos": True}).encode()
+    inputs[2].set_data_from_numpy(np.array([sp], dtype=np.object_))
+    c.async_stream_infer("small1", inputs)
+    deadline = time.time() + 30
+    while server.metric("pregate_generated_tokens_total", model="small1") < generated + 5:
+        assert time.time() < deadline, "the request did not start"
+        time.sleep(0.05)
+    c.stop_stream(cancel_requests=True)
+    c.close()
+    assert server.wait_metric("pregate_requests_total", cancelled + 1, model="small1",
+                              outcome="cancelled") == cancelled + 1
+    done = server.metric("pregate_generated_tokens_total", model="small1") - generated
+    assert done < n / 2, done
+    time.sleep(0.5)
+    assert server.metric("pregate_generated_tokens_total", model="small1") - generated == done
+    assert server.wait_metric("pregate_requests_active", 0, model="small1") == 0

@@ -3,12 +3,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use pregate::cache::EvictionPolicy;
 use pregate::engine::{
-    open_engine_with, Device, EngineOptions, ExpertCacheOptions, GenerationRequest,
+    open_engine_with, Device, EngineOptions, ExpertCacheOptions, ExpertCapacity, GenerationRequest,
 };
 use pregate::error::{Error, Result};
 use pregate::model::ModelDir;
@@ -34,13 +35,13 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
     /// Sampling temperature; greedy when absent or 0.
-    #[arg(long)]
+    #[arg(long, value_parser = temperature)]
     pub temperature: Option<f32>,
     /// Nucleus sampling threshold.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = top_p)]
     pub top_p: f32,
-    /// Keep only the k most likely tokens (0 = all).
-    #[arg(long, default_value_t = 0)]
+    /// Keep only the k most likely tokens (0 or -1 = all), as Triton's `top_k`.
+    #[arg(long, default_value = "0", allow_hyphen_values = true, value_parser = top_k)]
     pub top_k: usize,
     /// Seed of the sampler.
     #[arg(long)]
@@ -57,10 +58,11 @@ pub struct GenerateArgs {
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Expert cache capacity: all, N (experts per layer), NGiB / NMiB, or a fraction of free
-    /// device memory (0..1). On the CPU the cache only accounts (weights stay in host memory).
-    #[arg(long)]
-    pub expert_cache: Option<String>,
+    /// Expert cache capacity, as Triton's `cache_capacity`: all, N (experts per layer), NGiB /
+    /// NMiB, or a fraction of free device memory (0.5, 50%). On the CPU the cache only accounts
+    /// (weights stay in host memory).
+    #[arg(long = "cache-capacity", visible_alias = "expert-cache", value_parser = capacity)]
+    pub expert_cache: Option<ExpertCapacity>,
     /// Expert cache eviction policy: belady, lru, lfu or random.
     #[arg(long, default_value = "belady")]
     pub cache_policy: String,
@@ -105,14 +107,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let options = EngineOptions {
         expert_cache: args
             .expert_cache
-            .as_deref()
-            .map(|c| -> Result<ExpertCacheOptions> {
-                Ok(ExpertCacheOptions {
-                    capacity: c.parse()?,
-                    policy,
-                })
-            })
-            .transpose()?,
+            .map(|capacity| ExpertCacheOptions { capacity, policy }),
         cuda_dtype: args.cuda_dtype.as_deref().map(str::parse).transpose()?,
         router: args.router.as_deref().map(str::parse).transpose()?,
         ..EngineOptions::default()
@@ -147,12 +142,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let _ = out.write_all(delta.as_bytes());
         let _ = out.flush();
     };
+    let started = Instant::now();
+    let mut first_token: Option<Duration> = None;
     loop {
         let schedule = engine.schedule_all();
         if schedule.is_empty() {
             break;
         }
         for ev in engine.step(&schedule)?.into_events()? {
+            first_token.get_or_insert_with(|| started.elapsed());
             output.push(ev.token);
             experts.push(ev.route.map_or_else(Vec::new, |r| r.experts().to_vec()));
             if let Some(l) = ev.logits {
@@ -171,6 +169,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(path) = &args.dump_logits {
         write_logits(path, &logits, engine.config().vocab_size)?;
     }
+    let timing = Timing {
+        prompt_tokens: prompt.len(),
+        generated_tokens: output.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        first_token_seconds: first_token.unwrap_or_default().as_secs_f64(),
+    };
     let text = tokenizer.map(|t| t.decode(&output)).transpose()?;
     if args.json {
         let mut obj = json!({
@@ -182,6 +186,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if let Some(t) = text {
             obj["text"] = json!(t);
         }
+        obj["timing"] = json!({
+            "prompt_tokens": timing.prompt_tokens,
+            "generated_tokens": timing.generated_tokens,
+            "seconds": timing.seconds,
+            "first_token_seconds": timing.first_token_seconds,
+            "decode_tokens_per_second": timing.decode_rate(),
+        });
         if let Some(cache) = engine.expert_cache() {
             let st = cache.stats();
             obj["expert_cache"] = json!({
@@ -207,7 +218,46 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     } else {
         println!();
     }
+    if !args.json {
+        // On stderr, so that stdout stays the generated text alone.
+        eprintln!("{timing}");
+    }
     Ok(())
+}
+
+/// A generation's token counts and times.
+struct Timing {
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    seconds: f64,
+    first_token_seconds: f64,
+}
+
+impl Timing {
+    /// Tokens per second after the first one (the prefill step makes the first).
+    fn decode_rate(&self) -> f64 {
+        let decode = self.seconds - self.first_token_seconds;
+        if self.generated_tokens > 1 && decode > 0.0 {
+            (self.generated_tokens - 1) as f64 / decode
+        } else {
+            0.0
+        }
+    }
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pregate: {} prompt tokens, {} generated in {:.3} s; first token after {:.3} s, then \
+             {:.1} tokens/s",
+            self.prompt_tokens,
+            self.generated_tokens,
+            self.seconds,
+            self.first_token_seconds,
+            self.decode_rate()
+        )
+    }
 }
 
 /// Writes `logits` (`[steps, vocab]`, f32) as the tensor `logits` with the project's writer.
@@ -220,4 +270,21 @@ fn write_logits(path: &std::path::Path, logits: &[f32], vocab: usize) -> Result<
     );
     let bytes = |_: &TensorSpec| Ok(logits.iter().flat_map(|v| v.to_le_bytes()).collect());
     write_file(path, &[spec], &bytes, None)
+}
+
+// The library's parsers, so that a flag and its Triton parameter accept the same text.
+fn temperature(s: &str) -> std::result::Result<f32, String> {
+    pregate::sampling::parse_finite("temperature", s).map_err(|e| e.to_string())
+}
+
+fn top_p(s: &str) -> std::result::Result<f32, String> {
+    pregate::sampling::parse_finite("top_p", s).map_err(|e| e.to_string())
+}
+
+fn top_k(s: &str) -> std::result::Result<usize, String> {
+    pregate::sampling::parse_top_k(s).map_err(|e| e.to_string())
+}
+
+fn capacity(s: &str) -> std::result::Result<ExpertCapacity, String> {
+    s.parse::<ExpertCapacity>().map_err(|e| e.to_string())
 }

@@ -175,8 +175,28 @@ fn text_prompts_use_the_tokenizer() {
         "5",
     ]);
     assert!(streamed.status.success());
+    let prompt_len = v["prompt_ids"].as_array().unwrap().len();
+    let err = String::from_utf8(streamed.stderr).unwrap();
     let streamed = String::from_utf8(streamed.stdout).unwrap();
     assert_eq!(streamed.strip_suffix('\n'), v["text"].as_str());
+    // The counts and times come after the text, on stderr.
+    let summary = err.lines().last().unwrap_or_default();
+    assert!(
+        summary.starts_with(&format!(
+            "pregate: {prompt_len} prompt tokens, 5 generated in "
+        )) && summary.contains("first token after")
+            && summary.ends_with(" tokens/s"),
+        "{err}"
+    );
+    let t = &v["timing"];
+    assert_eq!(t["prompt_tokens"].as_u64(), Some(prompt_len as u64));
+    assert_eq!(t["generated_tokens"].as_u64(), Some(5));
+    let (secs, first) = (
+        t["seconds"].as_f64().unwrap(),
+        t["first_token_seconds"].as_f64().unwrap(),
+    );
+    assert!(0.0 < first && first <= secs, "{t}");
+    assert!(t["decode_tokens_per_second"].as_f64().unwrap() > 0.0, "{t}");
 }
 
 #[test]
@@ -198,6 +218,32 @@ fn bad_input_exits_non_zero_with_a_clear_message() {
             vec!["--prompt-ids", "5", "--max-new-tokens", "0"],
             "max_new_tokens",
         ),
+        // Numbers past what the engine holds are named as written, never clamped or wrapped.
+        (
+            vec!["--prompt-ids", "5", "--temperature", "1e300"],
+            "temperature `1e300` is too large",
+        ),
+        (
+            vec!["--prompt-ids", "5", "--top-k", "-3"],
+            "top_k `-3` must be a whole number",
+        ),
+        (
+            vec![
+                "--prompt-ids",
+                "5",
+                "--max-new-tokens",
+                "18446744073709551615",
+            ],
+            "plus max_new_tokens 18446744073709551615 exceeds the context",
+        ),
+        (
+            vec!["--prompt-ids", "5", "--cache-capacity", "1e30GiB"],
+            "`1e30GiB` is too large",
+        ),
+        (
+            vec!["--prompt-ids", "5", "--cache-capacity", "1B"],
+            "cache capacity 1 bytes holds no expert",
+        ),
     ];
     for (extra, needle) in cases {
         let mut args = vec!["generate", "--model", m];
@@ -207,6 +253,7 @@ fn bad_input_exits_non_zero_with_a_clear_message() {
         assert!(!out.status.success(), "{args:?} should fail");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
+        assert!(!err.contains("inf ") && !err.contains("Bytes("), "{err}");
     }
     let out = pregate(&[
         "generate",

@@ -139,10 +139,21 @@ impl CacheCapacity {
         };
         if n == 0 {
             return Err(Error::Capacity(format!(
-                "cache capacity {self:?} holds no expert of {slot_bytes} bytes"
+                "cache capacity {self} holds no expert of {slot_bytes} bytes"
             )));
         }
         Ok(n)
+    }
+}
+
+impl std::fmt::Display for CacheCapacity {
+    /// As an operator writes it: `3 slots`, `512 bytes`, `50% of free memory`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CacheCapacity::Slots(n) => write!(f, "{n} slots"),
+            CacheCapacity::Bytes(b) => write!(f, "{b} bytes"),
+            CacheCapacity::FractionOfFree(x) => write!(f, "{}% of free memory", x * 100.0),
+        }
     }
 }
 
@@ -220,9 +231,14 @@ impl FromStr for ExpertCapacity {
                 if !(n.is_finite() && n > 0.0) {
                     return Err(bad());
                 }
-                return Ok(ExpertCapacity::Total(CacheCapacity::Bytes(
-                    (n * unit as f64) as u64,
-                )));
+                let bytes = n * unit as f64;
+                // 2^64: past it the cast would clamp to u64::MAX; say so instead.
+                if bytes >= 18_446_744_073_709_551_616.0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "expert cache capacity `{s}` is too large"
+                    )));
+                }
+                return Ok(ExpertCapacity::Total(CacheCapacity::Bytes(bytes as u64)));
             }
         }
         if let Ok(n) = t.parse::<usize>() {

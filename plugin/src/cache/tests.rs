@@ -323,3 +323,23 @@ fn expert_capacities_build_the_cache_they_name() {
     // Half of 1000 free bytes holds 5 slots of 100.
     assert_eq!(build("50%".parse().unwrap()).unwrap().capacity(), 5);
 }
+
+#[test]
+fn a_capacity_too_small_for_one_expert_is_named_as_written() {
+    let e = CacheCapacity::Bytes(1)
+        .slots(4096, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cache capacity 1 bytes holds no expert of 4096 bytes"),
+        "{e}"
+    );
+    assert!(!e.contains("Bytes("), "{e}");
+    let e = CacheCapacity::FractionOfFree(0.5)
+        .slots(4096, 100)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("50% of free memory"), "{e}");
+    let e = "1e30GiB".parse::<ExpertCapacity>().unwrap_err().to_string();
+    assert!(e.ends_with("is too large"), "{e}");
+}

@@ -250,7 +250,8 @@ impl Engine {
             ));
         }
         let ctx = cfg.max_context();
-        if req.prompt.len() + req.max_new_tokens > ctx {
+        // Saturating: a max_new_tokens near usize::MAX must not wrap around below the context.
+        if req.prompt.len().saturating_add(req.max_new_tokens) > ctx {
             return Err(Error::InvalidRequest(format!(
                 "prompt of {} tokens plus max_new_tokens {} exceeds the context of {ctx} tokens",
                 req.prompt.len(),

@@ -37,6 +37,30 @@ pub struct ServeConfig {
     /// requests are taken in between steps, so the refusal comes at most one step after
     /// submission.
     pub max_waiting: Option<usize>,
+    /// Largest prompt text accepted, in bytes, checked before any tokenization so that a huge
+    /// text costs nothing but its refusal (`None`: [`DEFAULT_PROMPT_BYTES_PER_TOKEN`] bytes for
+    /// each token of the model's context). Token-id prompts are bounded by the context itself.
+    pub max_prompt_bytes: Option<usize>,
+    /// KV memory the admitted requests may hold together, in bytes: a request reserves its
+    /// worst case, `(prompt + max_new_tokens) x` the KV bytes of one token, when the batcher
+    /// admits it, and waits (within `max_queue_wait`) while the reservations of those admitted
+    /// leave no room; one whose worst case exceeds the whole budget is refused at once
+    /// (`None`: no budget beyond `batcher.max_running` requests of the whole context).
+    pub kv_memory_bytes: Option<u64>,
+}
+
+/// The prompt-text bytes allowed per context token when [`ServeConfig::max_prompt_bytes`] is
+/// unset: 32, generous (a BPE token of English text averages about 4 bytes, and no common
+/// tokenizer has tokens much longer than 16), so that only a text that could never fit the
+/// context is refused unread.
+pub const DEFAULT_PROMPT_BYTES_PER_TOKEN: usize = 32;
+
+impl ServeConfig {
+    /// The prompt-text byte limit for a model of `max_context` tokens.
+    pub fn prompt_byte_limit(&self, max_context: usize) -> usize {
+        self.max_prompt_bytes
+            .unwrap_or_else(|| max_context.saturating_mul(DEFAULT_PROMPT_BYTES_PER_TOKEN))
+    }
 }
 
 /// The default [`ServeConfig::max_queue_wait`]: 30 s, long enough for any burst a server keeps
@@ -57,6 +81,8 @@ impl std::fmt::Debug for ServeConfig {
             .field("metrics", &self.metrics.is_some())
             .field("max_queue_wait", &self.max_queue_wait)
             .field("max_waiting", &self.max_waiting)
+            .field("max_prompt_bytes", &self.max_prompt_bytes)
+            .field("kv_memory_bytes", &self.kv_memory_bytes)
             .finish()
     }
 }
@@ -72,6 +98,8 @@ impl Default for ServeConfig {
             metrics: None,
             max_queue_wait: Some(DEFAULT_MAX_QUEUE_WAIT),
             max_waiting: Some(DEFAULT_MAX_WAITING),
+            max_prompt_bytes: None,
+            kv_memory_bytes: None,
         }
     }
 }

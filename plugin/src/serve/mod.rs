@@ -32,6 +32,7 @@
 //! experts and tokens, queue waits, waiting and running requests.
 
 mod config;
+mod intake;
 mod request;
 mod stats;
 mod stop;
@@ -44,7 +45,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use config::{ServeConfig, StepObserver, DEFAULT_MAX_QUEUE_WAIT, DEFAULT_MAX_WAITING};
+pub use config::{
+    ServeConfig, StepObserver, DEFAULT_MAX_QUEUE_WAIT, DEFAULT_MAX_WAITING,
+    DEFAULT_PROMPT_BYTES_PER_TOKEN,
+};
 pub use request::{Completion, Outcome, Prompt, ResponseSink, ServeRequest, TokenDelta};
 pub use stats::ServeStats;
 
@@ -93,6 +97,8 @@ struct Submitted {
 pub struct Server {
     tx: Sender<Msg>,
     thread: Option<JoinHandle<()>>,
+    intake: intake::Intake,
+    limits: intake::PromptLimits,
     tokenizer: Option<Arc<Tokenizer>>,
     stats: Arc<Mutex<ServeStats>>,
     next_id: AtomicU64,
@@ -120,7 +126,27 @@ impl Server {
                 "max_waiting must be at least 1 (None: unbounded)".into(),
             ));
         }
-        let batcher = LookaheadBatcher::new(cfg.batcher.clone())?;
+        if cfg.kv_memory_bytes == Some(0) {
+            return Err(Error::InvalidArgument(
+                "kv_memory_bytes must be positive (None: no budget)".into(),
+            ));
+        }
+        if cfg.max_prompt_bytes == Some(0) {
+            return Err(Error::InvalidArgument(
+                "max_prompt_bytes must be positive (None: derived from the context)".into(),
+            ));
+        }
+        let mut batcher_cfg = cfg.batcher.clone();
+        if let Some(budget) = cfg.kv_memory_bytes {
+            batcher_cfg.kv_capacity_bytes = Some(
+                batcher_cfg
+                    .kv_capacity_bytes
+                    .map_or(budget, |c| c.min(budget)),
+            );
+        }
+        let kv_budget = batcher_cfg.kv_capacity_bytes;
+        let kv_per_token = kv_bytes_per_token(engine.config());
+        let batcher = LookaheadBatcher::new(batcher_cfg)?;
         let driver = StepDriver::new(batcher, cfg.lookahead_steps, ViewOrder::Admission);
         let tokenizer = tokenizer.map(Arc::new);
         let max_context = engine.config().max_context();
@@ -139,14 +165,40 @@ impl Server {
             scheduled: 0,
             stall_seen: 0.0,
             host_seen: Default::default(),
+            kv_per_token,
+            kv_budget,
         };
+        {
+            let mut st = stats.lock().unwrap_or_else(|p| p.into_inner());
+            st.kv_budget_bytes = kv_budget.unwrap_or(0);
+        }
         let thread = std::thread::Builder::new()
             .name(cfg.thread_name.clone())
             .spawn(move || state.run())
             .map_err(|e| Error::Internal(format!("cannot start the engine thread: {e}")))?;
+        let limits = intake::PromptLimits {
+            text_bytes: cfg.prompt_byte_limit(max_context),
+            derived: cfg.max_prompt_bytes.is_none(),
+            context: max_context,
+        };
+        let intake = match intake::Intake::start(
+            &cfg.thread_name,
+            tokenizer.clone(),
+            tx.clone(),
+            stats.clone(),
+        ) {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = tx.send(Msg::Shutdown);
+                let _ = thread.join();
+                return Err(e);
+            }
+        };
         Ok(Server {
             tx,
             thread: Some(thread),
+            intake,
+            limits,
             tokenizer,
             stats,
             next_id: AtomicU64::new(1),
@@ -164,31 +216,47 @@ impl Server {
         self.max_context
     }
 
-    /// Submits a request. Never fails: an invalid request gets a failed [`Completion`] through
-    /// its sink (possibly before this returns).
-    pub fn submit(&self, req: ServeRequest, mut sink: Box<dyn ResponseSink>) -> RequestHandle {
+    /// The largest prompt text accepted, in bytes ([`ServeConfig::max_prompt_bytes`]).
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.limits.text_bytes
+    }
+
+    /// Submits a request and returns at once. Never fails: an invalid request gets a failed
+    /// [`Completion`] through its sink (possibly before this returns). The calling thread only
+    /// checks the prompt's size (constant time): a text prompt is tokenized on the server's
+    /// tokenizer thread, token ids go straight to the engine thread.
+    pub fn submit(&self, mut req: ServeRequest, mut sink: Box<dyn ResponseSink>) -> RequestHandle {
         let at = Instant::now();
         let cancel = Arc::new(AtomicBool::new(false));
         let handle = RequestHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             cancel: cancel.clone(),
         };
-        let prompt = match self.tokenize(&req.prompt) {
-            Ok(p) => p,
-            Err(e) => {
-                self.stats.lock().map(|mut s| s.failed += 1).ok();
-                finish_sink(&mut sink, Outcome::Failed(e), 0, 0);
-                return handle;
-            }
+        if let Err(e) = self.limits.check(&req.prompt) {
+            self.stats.lock().map(|mut s| s.failed += 1).ok();
+            finish_sink(&mut sink, Outcome::Failed(e), 0, 0);
+            return handle;
+        }
+        let prompt = match &mut req.prompt {
+            Prompt::Ids(ids) => std::mem::take(ids),
+            Prompt::Text { .. } => Vec::new(),
         };
-        let msg = Msg::Submit(Box::new(Submitted {
+        let text = matches!(req.prompt, Prompt::Text { .. });
+        let s = Box::new(Submitted {
             at,
             prompt,
             req,
             sink,
             cancel,
-        }));
-        if let Err(mpsc::SendError(Msg::Submit(mut s))) = self.tx.send(msg) {
+        });
+        if text {
+            if let Err(mut s) = self.intake.send(s) {
+                let e = Error::Internal("the tokenizer thread has stopped".into());
+                finish_sink(&mut s.sink, Outcome::Failed(e), 0, 0);
+            }
+            return handle;
+        }
+        if let Err(mpsc::SendError(Msg::Submit(mut s))) = self.tx.send(Msg::Submit(s)) {
             let e = Error::Internal("the engine thread has stopped".into());
             finish_sink(&mut s.sink, Outcome::Failed(e), s.prompt.len(), 0);
         }
@@ -206,25 +274,21 @@ impl Server {
     }
 
     fn stop(&mut self) {
+        // The tokenizer thread first: what it hands on still reaches the engine thread, which
+        // then fails it as the model unloads.
+        self.intake.stop();
         let _ = self.tx.send(Msg::Shutdown);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
+}
 
-    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        match prompt {
-            Prompt::Ids(ids) => Ok(ids.clone()),
-            Prompt::Text { text, add_bos } => {
-                let tok = self.tokenizer.as_ref().ok_or_else(|| {
-                    Error::InvalidRequest(
-                        "the model has no tokenizer.json: send token ids (input_ids)".into(),
-                    )
-                })?;
-                tok.encode(text, *add_bos)
-            }
-        }
-    }
+/// KV bytes one token of `cfg` holds: K and V of every layer, counted at 4 bytes a value (the
+/// CPU backend's f32; the CUDA backend's bf16 cache holds half of it, so a budget in these bytes
+/// is never exceeded there either).
+pub fn kv_bytes_per_token(cfg: &crate::config::ModelConfig) -> u64 {
+    (2 * cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim() * 4) as u64
 }
 
 impl Drop for Server {
@@ -280,6 +344,10 @@ struct LoopState {
     stall_seen: f64,
     /// The engine's cumulative host seconds at the last metrics record.
     host_seen: crate::engine::HostSeconds,
+    /// KV bytes of one token ([`kv_bytes_per_token`]).
+    kv_per_token: u64,
+    /// The batcher's KV budget, if any.
+    kv_budget: Option<u64>,
 }
 
 impl LoopState {
@@ -456,6 +524,17 @@ impl LoopState {
             ));
             return self.refuse(sink, e, prompt_len);
         }
+        let kv_tokens = (prompt_len as u64).saturating_add(req.max_new_tokens as u64);
+        let kv_bytes = kv_tokens.saturating_mul(self.kv_per_token);
+        if let Some(budget) = self.kv_budget.filter(|&b| kv_bytes > b) {
+            let e = Error::InvalidRequest(format!(
+                "the request may need {kv_bytes} KV bytes ({prompt_len} prompt + {} max_tokens \
+                 tokens x {} bytes), more than the whole KV budget of {budget} bytes \
+                 (kv_memory_bytes)",
+                req.max_new_tokens, self.kv_per_token
+            ));
+            return self.refuse(sink, e, prompt_len);
+        }
         let decoder = IncrementalDecoder::new(&prompt);
         let greq = GenerationRequest {
             prompt,
@@ -478,7 +557,7 @@ impl LoopState {
             prompt_len,
             output_len: None,
             deadline: None,
-            kv_bytes: 0,
+            kv_bytes,
         };
         if let Err(e) = self.driver.submit(desc) {
             self.engine.remove(seq);
@@ -620,6 +699,8 @@ impl LoopState {
             s.waiting = self.driver.batcher().waiting() as u64;
             s.scheduled = scheduled as u64;
             s.live = self.live.len() as u64;
+            s.kv_bytes_in_use = self.driver.batcher().kv_used();
+            s.kv_bytes_max = s.kv_bytes_max.max(s.kv_bytes_in_use);
             s.clone()
         };
         if let Some(m) = &self.cfg.metrics {

@@ -41,6 +41,12 @@ pub struct ServeStats {
     pub scheduled: u64,
     /// Requests live in the loop (gauge).
     pub live: u64,
+    /// KV bytes the admitted requests reserve, at their worst case (gauge).
+    pub kv_bytes_in_use: u64,
+    /// Most KV bytes ever reserved at once (gauge, monotonic).
+    pub kv_bytes_max: u64,
+    /// The KV budget, in bytes; 0 when there is none (gauge).
+    pub kv_budget_bytes: u64,
 }
 
 impl ServeStats {

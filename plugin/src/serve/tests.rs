@@ -847,3 +847,150 @@ fn a_request_waiting_past_the_default_bound_fails_as_overloaded() {
     assert!(matches!(done.outcome, Outcome::Finished(_)));
     s.shutdown();
 }
+
+fn text(t: String) -> Prompt {
+    Prompt::Text {
+        text: t,
+        add_bos: true,
+    }
+}
+
+fn failure(d: &Completion) -> String {
+    match &d.outcome {
+        Outcome::Failed(e) => {
+            assert_eq!(e.code(), crate::ErrorCode::InvalidArgument, "{e}");
+            e.to_string()
+        }
+        o => panic!("expected a failure, got {o:?}"),
+    }
+}
+
+#[test]
+fn a_prompt_over_the_size_limits_is_refused_before_it_is_read() {
+    let (_d, m) = tiny();
+    let s = server(&m);
+    let ctx = s.max_context();
+    assert_eq!(s.max_prompt_bytes(), ctx * DEFAULT_PROMPT_BYTES_PER_TOKEN);
+    // Tokenizing 8 MiB of text takes seconds; refusing it by its size, nothing measurable.
+    let huge = "once upon a time ".repeat(8 << 16);
+    let t = Instant::now();
+    let (toks, done) = collect(&submit(&s, ServeRequest::greedy(text(huge), 4), None));
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(toks.is_empty());
+    let e = failure(&done);
+    assert!(
+        e.contains(&format!("over the limit of {} bytes", ctx * 32))
+            && e.contains("max_prompt_bytes"),
+        "{e}"
+    );
+    let ids = Prompt::Ids(vec![1; ctx + 1]);
+    let (_, done) = collect(&submit(&s, ServeRequest::greedy(ids, 1), None));
+    assert!(failure(&done).contains(&format!("over the model's context of {ctx} tokens")));
+    // Just under the limit is tokenized and then judged by its tokens.
+    let (_, done) = collect(&submit(
+        &s,
+        ServeRequest::greedy(text("a".repeat(ctx * 32)), 1),
+        None,
+    ));
+    assert!(failure(&done).contains("exceeds the context"));
+    assert_eq!(s.stats().failed, 3);
+}
+
+#[test]
+fn text_is_tokenized_off_the_submitting_thread_and_does_not_delay_others() {
+    let (_d, m) = tiny();
+    let big = "experts and routers ".repeat(1 << 16);
+    let tok = m.tokenizer.clone().unwrap();
+    let t = Instant::now();
+    tok.encode(&big, true).unwrap();
+    let tokenizing = t.elapsed();
+    let cfg = ServeConfig {
+        max_prompt_bytes: Some(64 << 20),
+        ..ServeConfig::default()
+    };
+    let s = Server::start(
+        open_engine(&m, Device::Cpu).unwrap(),
+        m.tokenizer.clone(),
+        cfg,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let big_rx = submit(&s, ServeRequest::greedy(text(big), 1), None);
+    let submitting = t.elapsed();
+    let mut small = ServeRequest::greedy(Prompt::Ids(vec![1, 5, 6]), 4);
+    small.ignore_eos = true;
+    let (toks, done) = collect(&submit(&s, small, None));
+    let small_done = t.elapsed();
+    assert!(
+        matches!(done.outcome, Outcome::Finished(_)),
+        "{:?}",
+        done.outcome
+    );
+    assert_eq!(toks.len(), 4);
+    assert!(
+        submitting * 10 < tokenizing,
+        "submit took {submitting:?}; tokenizing takes {tokenizing:?}"
+    );
+    assert!(
+        small_done * 2 < tokenizing,
+        "the small request took {small_done:?}; tokenizing takes {tokenizing:?}"
+    );
+    let (_, done) = collect(&big_rx);
+    assert!(failure(&done).contains("exceeds the context"));
+}
+
+#[test]
+fn a_kv_budget_bounds_what_is_admitted_and_refuses_what_never_fits() {
+    let (_d, m) = tiny();
+    let per_token = kv_bytes_per_token(&m.config);
+    let (prompt, n) = (vec![1u32, 5, 6, 7], 12);
+    let one = (prompt.len() + n) as u64 * per_token;
+    // Room for two such requests at once, not three.
+    let budget = 2 * one + one / 2;
+    let cfg = ServeConfig {
+        kv_memory_bytes: Some(budget),
+        ..ServeConfig::default()
+    };
+    let s = Server::start(open_engine(&m, Device::Cpu).unwrap(), None, cfg).unwrap();
+    assert_eq!(s.stats().kv_budget_bytes, budget);
+    let rxs: Vec<_> = (0..6)
+        .map(|_| {
+            let mut r = ServeRequest::greedy(Prompt::Ids(prompt.clone()), n);
+            r.ignore_eos = true;
+            submit(&s, r, None)
+        })
+        .collect();
+    for rx in &rxs {
+        let (toks, done) = collect(rx);
+        assert!(
+            matches!(done.outcome, Outcome::Finished(_)),
+            "{:?}",
+            done.outcome
+        );
+        assert_eq!(toks.len(), n);
+    }
+    // The loop publishes its gauges just after it sends a request's last event.
+    let t = Instant::now();
+    while s.stats().kv_bytes_in_use != 0 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = s.stats();
+    assert_eq!(st.kv_bytes_max, 2 * one, "two at a time, never three");
+    assert_eq!(st.max_step_requests, 2);
+    assert_eq!(st.kv_bytes_in_use, 0);
+    let too_big = (budget / per_token) as usize;
+    let (_, done) = collect(&submit(
+        &s,
+        ServeRequest::greedy(Prompt::Ids(prompt.clone()), too_big),
+        None,
+    ));
+    let e = failure(&done);
+    assert!(
+        e.contains(&format!("KV budget of {budget} bytes")) && e.contains(&per_token.to_string()),
+        "{e}"
+    );
+}
