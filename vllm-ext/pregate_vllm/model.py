@@ -543,3 +543,11 @@ class ReadMEForCausalLM(nn.Module):
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def expert_stats(model: nn.Module) -> dict[str, float]:
+    """A rank's expert counters (hits, misses, evictions, waves, ...).
+
+    `LLM.apply_model(expert_stats)` gives one dict per rank: worker processes can import this
+    function, where a lambda cannot be sent to them."""
+    return model.experts.stats()

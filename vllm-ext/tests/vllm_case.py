@@ -32,7 +32,9 @@ def main() -> None:
         o = out.outputs[0]
         steps = [{str(t): lp.logprob for t, lp in d.items()} for d in (o.logprobs or [])]
         outputs.append({"tokens": list(o.token_ids), "logprobs": steps})
-    stats = llm.apply_model(lambda model: model.experts.stats())
+    from pregate_vllm.model import expert_stats
+
+    stats = llm.apply_model(expert_stats)
     result = {"outputs": outputs, "stats": stats}
     if spec.get("metrics_url"):
         with urllib.request.urlopen(spec["metrics_url"], timeout=10) as r:
