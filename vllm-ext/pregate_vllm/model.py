@@ -373,7 +373,10 @@ class ReadMEModel(nn.Module):
             for i in range(n_layers)
         )
         self.norm = RMSNorm(int(config.hidden_size), eps=float(config.rms_norm_eps))
-        device = vllm_config.device_config.device
+        device = torch.device(vllm_config.device_config.device or "cpu")
+        if device.type == "cuda" and device.index is None:
+            # Each worker has made its own GPU current; "cuda" alone would mean GPU 0 on every rank.
+            device = torch.device("cuda", torch.cuda.current_device())
         self.experts = MoeService(
             num_layers=n_layers,
             num_experts=n_experts,
@@ -381,7 +384,7 @@ class ReadMEModel(nn.Module):
             hidden=int(config.hidden_size),
             inter=self.expert_inter // self.tp,
             dtype=vllm_config.model_config.dtype,
-            device=device if device is not None else "cpu",
+            device=device,
             cache_slots=self.options.cache_slots,
             layer_quota=self.options.layer_quota,
             policy=self.options.policy,
