@@ -77,6 +77,8 @@ for line in sys.stdin:
         if command -v strip >/dev/null; then strip --strip-debug "$dst"; fi
         echo "staged $dst  <- $exe"
     done
+    # pregate_vllm's ops through libpregate.so (vllm-ext/gpu-check.sh), run by the same call.
+    bash "$root/vllm-ext/gpu-check.sh" stage "$(dirname "$bin_dir")/vllm"
     exit 0
 fi
 
@@ -215,6 +217,10 @@ done
 } | tee "$table"
 cat "$table" >>"$log"
 echo "log: $log"
+# pregate_vllm's ops, when staged beside the binaries.
+if [ -f "$(dirname "$bin_dir")/vllm/gpu_check.py" ]; then
+    bash "$root/vllm-ext/gpu-check.sh" run "$(dirname "$bin_dir")/vllm" || fail=$((fail + 1))
+fi
 if [ "$mode" = all ]; then
     run_benches
 fi

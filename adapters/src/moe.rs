@@ -406,7 +406,7 @@ pub unsafe extern "C" fn pregate_moe_device_bytes(
         m.with(|s| {
             (*pool, *ws) = match s.settings.device {
                 None => (0, 0),
-                Some(_) => crate::cuda::device_bytes(&s.settings),
+                Some(_) => crate::cuda::device_bytes(&s.settings)?,
             };
             Ok(())
         })
@@ -461,12 +461,16 @@ pub unsafe extern "C" fn pregate_moe_finalize(
                     Runtime::Cpu(Box::new(cpu))
                 }
                 Some(_) => {
-                    let built = crate::cuda::CudaService::new(
-                        &st,
-                        &experts,
-                        (slot_pool, slot_pool_bytes),
-                        (workspace, workspace_bytes),
-                    );
+                    // SAFETY: the regions are the caller's device memory of the sizes given,
+                    // alive until `destroy` (this function's contract).
+                    let built = unsafe {
+                        crate::cuda::CudaService::new(
+                            &st,
+                            &experts,
+                            (slot_pool, slot_pool_bytes),
+                            (workspace, workspace_bytes),
+                        )
+                    };
                     match built {
                         Ok(c) => Runtime::Cuda(Box::new(c)),
                         Err(f) => {

@@ -2,8 +2,8 @@
 (`torch.ops.pregate.plan_step`, `torch.ops.pregate.moe_layer`), and a torch Read-ME router.
 
 `register()` is vLLM's `vllm.general_plugins` entry point. It is idempotent, imports vLLM lazily and
-touches no CUDA. It registers the `ReadMEForCausalLM` architecture only once the package ships
-the model class (`pregate_vllm.model`, not yet in this version).
+touches no CUDA. It registers the `ReadMEForCausalLM` architecture (`pregate_vllm.model`, imported
+by vLLM only when a model asks for it).
 """
 
 import importlib.util
@@ -23,8 +23,9 @@ def register() -> bool:
     global _registered
     if _registered:
         return True
-    if importlib.util.find_spec("pregate_vllm.model") is None:
-        _log.debug("pregate_vllm: no model class in this version; %s not registered", ARCHITECTURE)
+    if importlib.util.find_spec("vllm") is None:
+        # Only vLLM calls this; without it (torch-only use) there is nothing to register with.
+        _log.debug("pregate_vllm: vLLM is not installed; %s not registered", ARCHITECTURE)
         return False
     from vllm import ModelRegistry  # lazily: vLLM calls this in every process it starts
 

@@ -60,6 +60,9 @@ class MoeService:
         layer_quota: int = 0,
         policy: str = "belady",
         max_tokens: int = 0,
+        shard_kind: int = 0,
+        shard_rank: int = 0,
+        shard_size: int = 1,
         seed: int = 0,
     ) -> None:
         if dtype not in _DTYPES:
@@ -83,11 +86,16 @@ class MoeService:
             layer_quota=layer_quota,
             policy=_lib.POLICIES[policy],
             max_tokens=max_tokens,
+            shard_kind=shard_kind,
+            shard_rank=shard_rank,
+            shard_size=shard_size,
             seed=seed,
         )
         ptr = ctypes.c_void_p()
         _lib.check(self.lib, self.lib.pregate_moe_create(ctypes.byref(cfg), ctypes.byref(ptr)))
         self._ptr: int | None = ptr.value
+        self.slot_pool: torch.Tensor | None = None
+        self.workspace: torch.Tensor | None = None
         with _services_lock:
             self.handle = next(_handles)
             _services[self.handle] = self
@@ -129,9 +137,37 @@ class MoeService:
                 )
             )
 
+    def device_bytes(self) -> tuple[int, int]:
+        """The device memory `finalize` hands the library: (slot pool, workspace) bytes; (0, 0)
+        on the CPU."""
+        pool, ws = ctypes.c_uint64(0), ctypes.c_uint64(0)
+        self._check(
+            self.lib.pregate_moe_device_bytes(self.ptr, ctypes.byref(pool), ctypes.byref(ws))
+        )
+        return pool.value, ws.value
+
     def finalize(self) -> None:
-        """Checks that every expert is set and builds the runtime."""
-        self._check(self.lib.pregate_moe_finalize(self.ptr, None, 0, None, 0))
+        """Checks that every expert is set and builds the runtime.
+
+        On CUDA the slot pool and the workspace are torch tensors allocated here (so torch's
+        allocator, and a host that sizes its memory from it such as vLLM, counts them); the
+        library borrows them and this object keeps them alive as long as the service.
+        """
+        pool_bytes, ws_bytes = self.device_bytes()
+
+        def region(n: int) -> torch.Tensor | None:
+            return torch.empty(n, dtype=torch.uint8, device=self.device) if n else None
+
+        self.slot_pool, self.workspace = region(pool_bytes), region(ws_bytes)
+        self._check(
+            self.lib.pregate_moe_finalize(
+                self.ptr,
+                None if self.slot_pool is None else self.slot_pool.data_ptr(),
+                pool_bytes,
+                None if self.workspace is None else self.workspace.data_ptr(),
+                ws_bytes,
+            )
+        )
 
     def stats(self) -> dict[str, float]:
         """The service's counters (hits, misses, evictions, bytes_loaded, ...)."""
@@ -212,6 +248,8 @@ class MoeService:
         if self._ptr is not None:
             self.lib.pregate_moe_destroy(self._ptr)
             self._ptr = None
+        # Only now, with the library done with them, may torch reuse the regions.
+        self.slot_pool = self.workspace = None
 
     def __del__(self) -> None:
         try:

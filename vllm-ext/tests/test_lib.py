@@ -31,6 +31,6 @@ def test_a_file_that_is_not_a_library_is_refused(monkeypatch, tmp_path):
 def test_register_is_idempotent_and_imports_no_vllm():
     first = pregate_vllm.register()
     assert pregate_vllm.register() == first
-    # This version ships no model class, so nothing is registered and vLLM is never imported.
+    # Tier 1 runs without vLLM: there is nothing to register with, and vLLM is never imported.
     assert first is False
     assert "vllm" not in sys.modules

@@ -18,11 +18,11 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream};
 use pregate_kernels::{Blas, ExpertPlan, ExpertWeights, FfnDims, KernelSet, MoePermutation};
 
 use super::dev;
-use super::memory::CudaExpertMemory;
+use super::memory::{BorrowedPool, CudaExpertMemory};
 use super::weights::UnitShape;
 use super::weights::{pack_ffn, upload, upload_stacked, DeviceElem, OneUnit, PinnedExperts};
 use crate::cache::{
-    EvictionPolicy, ExpertCache, ExpertCapacity, ExpertStore, Lookup, MemoryBackend,
+    CacheCapacity, EvictionPolicy, ExpertCache, ExpertCapacity, ExpertStore, Lookup, MemoryBackend,
     PrefetchPlanner, StepExperts, Unit,
 };
 use crate::error::{Error, Result};
@@ -144,7 +144,16 @@ impl<T: DeviceElem> CudaExperts<T> {
             weights: shared,
             inter: shared_inter,
         };
-        Self::assemble(shape, units.clone(), shared, kernels, stream, setup, &pack)
+        Self::assemble(
+            shape,
+            units.clone(),
+            shared,
+            kernels,
+            stream,
+            setup,
+            &pack,
+            None,
+        )
     }
 
     /// A runtime over host experts `experts[layer][expert]` (f32; `gate`, `up` `[I, H]`, `down`
@@ -158,6 +167,69 @@ impl<T: DeviceElem> CudaExperts<T> {
         kernels: Arc<KernelSet>,
         stream: &Arc<CudaStream>,
         setup: ExpertSetup,
+    ) -> Result<Self> {
+        Self::from_host_in(experts, hidden, top_k, kernels, stream, setup, None)
+    }
+
+    /// [`CudaExperts::from_host`] with the expert slots carved from `pool`, device memory the
+    /// caller owns (a torch tensor inside vLLM) and never freed here; its size is
+    /// [`CudaExperts::slot_pool_bytes`].
+    ///
+    /// # Safety
+    /// `pool` must be device memory of `stream`'s device, valid for `pool.bytes` bytes, and stay
+    /// allocated and otherwise unused until the runtime is dropped.
+    pub unsafe fn from_host_borrowing(
+        experts: &[Vec<crate::model::weights::ExpertWeights>],
+        hidden: usize,
+        top_k: usize,
+        kernels: Arc<KernelSet>,
+        stream: &Arc<CudaStream>,
+        setup: ExpertSetup,
+        pool: BorrowedPool,
+    ) -> Result<Self> {
+        Self::from_host_in(experts, hidden, top_k, kernels, stream, setup, Some(pool))
+    }
+
+    /// Bytes of the slot pool a runtime of `setup` over `layers` x `experts` experts of width
+    /// `inter` needs (its [`CudaExperts::from_host_borrowing`] pool). A capacity given as a
+    /// fraction of free memory is refused: a caller-owned pool is sized before it exists.
+    pub fn slot_pool_bytes(
+        setup: &ExpertSetup,
+        layers: usize,
+        experts: usize,
+        hidden: usize,
+        inter: usize,
+    ) -> Result<u64> {
+        let unit = UnitShape {
+            hidden,
+            inter,
+            elem: std::mem::size_of::<T>(),
+        }
+        .bytes();
+        if let ExpertCapacity::Total(CacheCapacity::FractionOfFree(_)) = setup.capacity {
+            return Err(Error::InvalidArgument(
+                "a caller-owned slot pool is sized before it exists: give the capacity in slots \
+                 or bytes, not as a fraction of free memory"
+                    .into(),
+            ));
+        }
+        // Slots and bytes never consult free memory.
+        let cache =
+            setup
+                .capacity
+                .build_cache(layers, experts, unit as u64, setup.policy, || Ok(u64::MAX))?;
+        Ok(BorrowedPool::bytes_for(cache.capacity(), unit))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn from_host_in(
+        experts: &[Vec<crate::model::weights::ExpertWeights>],
+        hidden: usize,
+        top_k: usize,
+        kernels: Arc<KernelSet>,
+        stream: &Arc<CudaStream>,
+        setup: ExpertSetup,
+        pool: Option<BorrowedPool>,
     ) -> Result<Self> {
         let (nl, ne) = (experts.len(), experts.first().map_or(0, Vec::len));
         if nl == 0 || ne == 0 || experts.iter().any(|l| l.len() != ne) || top_k == 0 {
@@ -188,11 +260,22 @@ impl<T: DeviceElem> CudaExperts<T> {
             weights: (0..nl).map(|_| None).collect(),
             inter: 0,
         };
-        Self::assemble(shape, units.clone(), shared, kernels, stream, setup, &pack)
+        Self::assemble(
+            shape,
+            units.clone(),
+            shared,
+            kernels,
+            stream,
+            setup,
+            &pack,
+            pool,
+        )
     }
 
     /// The common tail of the constructors: the cache and its slots, filled once when every
-    /// expert fits, else a page-locked copy of every unit to load them from.
+    /// expert fits, else a page-locked copy of every unit to load them from. The slots come from
+    /// `pool` when given (see [`CudaExperts::from_host_borrowing`]'s contract).
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         shape: MoeShape,
         units: Vec<UnitShape>,
@@ -201,12 +284,17 @@ impl<T: DeviceElem> CudaExperts<T> {
         stream: &Arc<CudaStream>,
         setup: ExpertSetup,
         pack: &super::weights::PackUnit<'_>,
+        pool: Option<BorrowedPool>,
     ) -> Result<Self> {
         let (nl, ne) = (shape.layers, shape.experts);
         let ctx = stream.context().clone();
         let copy = ctx.new_stream().map_err(dev)?;
         let unit_bytes = units.iter().map(UnitShape::bytes).max().unwrap_or(1) as u64;
-        let memory = CudaExpertMemory::new(&ctx, &copy)?;
+        let memory = match pool {
+            // SAFETY: the pool's contract is the caller's (`from_host_borrowing`).
+            Some(p) => unsafe { CudaExpertMemory::borrowed(&ctx, &copy, p)? },
+            None => CudaExpertMemory::new(&ctx, &copy)?,
+        };
         let cache = setup
             .capacity
             .build_cache(nl, ne, unit_bytes, setup.policy, || memory.free_bytes())?;
@@ -572,6 +660,11 @@ impl<T: DeviceElem> CudaExperts<T> {
                 "the expert cache of an all-resident runtime cannot be reconfigured".into(),
             ));
         }
+        if self.store.memory().is_borrowed() {
+            return Err(Error::InvalidArgument(
+                "the expert cache in a caller-owned slot pool cannot be reconfigured".into(),
+            ));
+        }
         stream.synchronize().map_err(dev)?;
         let copy = self.store.memory().copy_stream().clone();
         copy.synchronize().map_err(dev)?;
@@ -625,4 +718,42 @@ fn acquire(
         stalls.push((a, b));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(capacity: ExpertCapacity) -> ExpertSetup {
+        ExpertSetup {
+            capacity,
+            policy: EvictionPolicy::Belady,
+            prefetch: true,
+            measure_stalls: false,
+            grouped_ffn: true,
+        }
+    }
+
+    #[test]
+    fn a_caller_owned_pool_holds_one_aligned_slot_per_cached_expert() {
+        // A unit of hidden 16, inter 8: gate_up [16, 16] and down [16, 8].
+        let unit_f32 = (2 * 8 * 16 + 16 * 8) * 4;
+        let stride = BorrowedPool::stride(unit_f32) as usize;
+        assert!(stride >= unit_f32 && stride % 256 == 0 && stride - unit_f32 < 256);
+        let bytes = |c| CudaExperts::<f32>::slot_pool_bytes(&setup(c), 2, 4, 16, 8).unwrap();
+        assert_eq!(bytes(ExpertCapacity::All), 8 * stride as u64);
+        assert_eq!(bytes(ExpertCapacity::PerLayer(3)), 6 * stride as u64);
+        let three = ExpertCapacity::Total(CacheCapacity::Slots(3));
+        assert_eq!(bytes(three), 3 * stride as u64);
+        // bf16 halves the unit.
+        let bf16 = CudaExperts::<half::bf16>::slot_pool_bytes(&setup(three), 2, 4, 16, 8).unwrap();
+        assert_eq!(bf16, 3 * BorrowedPool::stride(unit_f32 / 2));
+    }
+
+    #[test]
+    fn a_pool_cannot_be_sized_from_free_memory() {
+        let c = ExpertCapacity::Total(CacheCapacity::FractionOfFree(0.5));
+        let e = CudaExperts::<f32>::slot_pool_bytes(&setup(c), 2, 4, 16, 8).unwrap_err();
+        assert!(e.to_string().contains("fraction of free memory"), "{e}");
+    }
 }

@@ -13,6 +13,10 @@
 //! link's speed and asynchronously; a pageable source is also correct (the driver stages it before
 //! `load` returns) but about five times slower.
 //!
+//! The slots are either allocated here (pregate's own engine) or carved from a [`BorrowedPool`], device
+//! memory a host framework owns (a torch tensor, so torch's allocator and a host that sizes its memory
+//! from it count the pool); borrowed memory is never freed.
+//!
 //! The backend requires the context's automatic event tracking to be off (the CUDA backend turns it
 //! off before allocating): ordering is entirely the events above and stream order.
 
@@ -29,6 +33,30 @@ fn dev(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::device("expert cache", e)
 }
 
+/// Device memory lent by the caller for the expert slots: `bytes` bytes at device address `ptr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BorrowedPool {
+    /// Device address of the first byte.
+    pub ptr: u64,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+impl BorrowedPool {
+    /// Alignment of every slot in a pool (what cuBLAS and vector loads like).
+    pub const ALIGN: u64 = 256;
+
+    /// Distance between two slots of `slot_bytes` in a pool.
+    pub fn stride(slot_bytes: usize) -> u64 {
+        (slot_bytes.max(1) as u64).div_ceil(Self::ALIGN) * Self::ALIGN
+    }
+
+    /// Bytes a pool of `slots` slots of `slot_bytes` needs.
+    pub fn bytes_for(slots: usize, slot_bytes: usize) -> u64 {
+        slots as u64 * Self::stride(slot_bytes)
+    }
+}
+
 /// Device slots for cached experts, filled on a copy stream (see the module docs).
 pub struct CudaExpertMemory {
     ctx: Arc<CudaContext>,
@@ -43,6 +71,8 @@ pub struct CudaExpertMemory {
     waited: Vec<Vec<usize>>,
     next_ticket: u64,
     bytes_copied: u64,
+    /// Where the slots come from when the caller owns their memory.
+    pool: Option<BorrowedPool>,
 }
 
 impl CudaExpertMemory {
@@ -63,7 +93,50 @@ impl CudaExpertMemory {
             waited: Vec::new(),
             next_ticket: 0,
             bytes_copied: 0,
+            pool: None,
         })
+    }
+
+    /// Slots carved from `pool`, caller-owned device memory of `ctx`, filled on `copy`; the
+    /// memory is never freed.
+    ///
+    /// # Safety
+    /// `pool` must be device memory of `ctx`'s device, valid for `pool.bytes` bytes, and stay
+    /// allocated (and unused by anything else) until this value and the work enqueued on its slots
+    /// are gone.
+    pub unsafe fn borrowed(
+        ctx: &Arc<CudaContext>,
+        copy: &Arc<CudaStream>,
+        pool: BorrowedPool,
+    ) -> Result<Self> {
+        if pool.ptr == 0 || pool.ptr % BorrowedPool::ALIGN != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "the slot pool at {:#x} is NULL or not aligned to {} bytes",
+                pool.ptr,
+                BorrowedPool::ALIGN
+            )));
+        }
+        let mut m = Self::new(ctx, copy)?;
+        m.pool = Some(pool);
+        Ok(m)
+    }
+
+    /// Whether the slots are carved from caller-owned memory.
+    pub fn is_borrowed(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// Drops the slots, giving borrowed ones back instead of freeing them.
+    fn drop_slots(&mut self) {
+        for s in self.slots.drain(..) {
+            if self.pool.is_some() {
+                // The caller owns the memory: forget the slice instead of freeing it.
+                let _ = s.leak();
+            }
+        }
+        self.loaded.clear();
+        self.released.clear();
+        self.waited.clear();
     }
 
     /// The copy stream.
@@ -129,10 +202,10 @@ impl CudaExpertMemory {
 
 impl MemoryBackend for CudaExpertMemory {
     fn allocate(&mut self, slots: usize, slot_bytes: usize) -> Result<()> {
-        self.slots.clear();
-        self.loaded.clear();
-        self.released.clear();
-        self.waited.clear();
+        self.drop_slots();
+        if let Some(pool) = self.pool {
+            return self.carve(pool, slots, slot_bytes);
+        }
         let want = slots as u64 * slot_bytes as u64;
         let free = self.free_bytes()?;
         if want > free {
@@ -199,7 +272,45 @@ impl MemoryBackend for CudaExpertMemory {
     }
 
     fn free_bytes(&self) -> Result<u64> {
+        if let Some(pool) = self.pool {
+            return Ok(pool.bytes);
+        }
         let (free, _total) = self.ctx.mem_get_info().map_err(dev)?;
         Ok(free as u64)
+    }
+}
+
+impl CudaExpertMemory {
+    /// `slots` slots of `slot_bytes` from the borrowed `pool`.
+    fn carve(&mut self, pool: BorrowedPool, slots: usize, slot_bytes: usize) -> Result<()> {
+        let need = BorrowedPool::bytes_for(slots, slot_bytes);
+        if need > pool.bytes {
+            return Err(Error::Capacity(format!(
+                "{slots} expert slots of {slot_bytes} bytes need {need} bytes; the slot pool has {}",
+                pool.bytes
+            )));
+        }
+        let stride = BorrowedPool::stride(slot_bytes);
+        for i in 0..slots as u64 {
+            // SAFETY: `[ptr + i * stride, + slot_bytes)` lies inside the pool (checked above),
+            // which the caller keeps allocated for this value's life (`borrowed`'s contract);
+            // `drop_slots` forgets these slices instead of freeing them.
+            let s = unsafe {
+                self.copy
+                    .upgrade_device_ptr::<u8>(pool.ptr + i * stride, slot_bytes.max(1))
+            };
+            self.slots.push(s);
+            self.loaded.push(self.ctx.new_event(None).map_err(dev)?);
+            self.released.push(self.ctx.new_event(None).map_err(dev)?);
+            self.waited.push(Vec::new());
+        }
+        self.slot_bytes = slot_bytes;
+        Ok(())
+    }
+}
+
+impl Drop for CudaExpertMemory {
+    fn drop(&mut self) {
+        self.drop_slots();
     }
 }

@@ -38,7 +38,7 @@ use half::bf16;
 
 pub use backend::CudaBackend;
 pub use experts::{CudaExperts, ExpertSetup};
-pub use memory::CudaExpertMemory;
+pub use memory::{BorrowedPool, CudaExpertMemory};
 pub use router::CudaReadMeRouter;
 pub use weights::DeviceElem;
 

@@ -1,0 +1,46 @@
+"""Runs one vLLM case in a fresh process (vLLM keeps process-wide state, so every `LLM` gets its
+own) and prints its outcome as the last stdout line, `RESULT <json>`.
+
+    python vllm_case.py '<json spec>'
+
+spec: `model` (directory), `llm` (keyword arguments of `LLM`), `prompts` (lists of token ids),
+`max_tokens`, `logprobs` (top-n log-probabilities per step, 0 for none), `metrics_url` (scraped
+after generating, when given). A failure propagates (traceback on stderr, exit status 1).
+"""
+
+import json
+import sys
+import urllib.request
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=spec["model"], skip_tokenizer_init=True, **spec.get("llm", {}))
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=spec["max_tokens"],
+        logprobs=spec.get("logprobs") or None,
+        detokenize=False,
+        ignore_eos=True,
+    )
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
+    outputs = []
+    for out in llm.generate(prompts, params, use_tqdm=False):
+        o = out.outputs[0]
+        steps = [{str(t): lp.logprob for t, lp in d.items()} for d in (o.logprobs or [])]
+        outputs.append({"tokens": list(o.token_ids), "logprobs": steps})
+    from pregate_vllm.model import expert_stats
+
+    stats = llm.apply_model(expert_stats)
+    result = {"outputs": outputs, "stats": stats}
+    if spec.get("metrics_url"):
+        with urllib.request.urlopen(spec["metrics_url"], timeout=10) as r:
+            result["metrics"] = r.read().decode()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
