@@ -328,7 +328,7 @@ pub fn simulate(
         let chunks = plan.chunks.clone();
 
         // Belady's lookahead: queued demand for the steps after this one (see the module docs).
-        if cfg.policy == EvictionPolicy::Belady {
+        if cfg.policy.reads_next_use() {
             demand.iter_mut().for_each(|d| *d = 0.0);
             for &i in running.iter().chain(waiting.iter().take(window)) {
                 let r = &sims[i];
