@@ -73,9 +73,8 @@ fn build() -> std::result::Result<Library, prometheus::Error> {
     let registry = Registry::new();
     let l = &["model"];
     let counter = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), l);
-    let by_distance = |name: &str, help: &str| {
-        IntCounterVec::new(Opts::new(name, help), &["model", "distance"])
-    };
+    let by_distance =
+        |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["model", "distance"]);
     let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), l);
     let hist = |name: &str, help: &str, b: Vec<f64>| {
         HistogramVec::new(HistogramOpts::new(name, help).buckets(b), l)

@@ -59,7 +59,10 @@ fn belady_evicts_the_farthest_next_use_and_ties_by_lru() {
 fn belady_decay_evicts_the_least_used_unit_without_a_known_next_use_not_the_lru_one() {
     // Expert 0 used three times, then 1 once, all with no known next use: LRU (and `belady`'s
     // tie) would evict 0, the decayed frequency evicts 1.
-    for (policy, gone) in [(EvictionPolicy::Belady, 0), (EvictionPolicy::BeladyDecay, 1)] {
+    for (policy, gone) in [
+        (EvictionPolicy::Belady, 0),
+        (EvictionPolicy::BeladyDecay, 1),
+    ] {
         let mut c = ExpertCache::new(1, 4, 2, 1, policy, 0).unwrap();
         for e in [0, 0, 0, 1] {
             c.unpin_all();

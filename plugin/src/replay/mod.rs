@@ -16,9 +16,9 @@ pub mod workload;
 
 use std::path::Path;
 
-pub use report::Report;
 pub use perlayer::{simulate_per_layer, PerLayerConfig, RouteSource};
 pub use report::PerLayerReport;
+pub use report::Report;
 pub use sim::{check_capacity, simulate, CostModel, Lookahead, ModelShape, Preset, SimConfig};
 pub use workload::{ExpertModel, LayerExpertModel, Prompt, RouteTrace, TraceRequest};
 

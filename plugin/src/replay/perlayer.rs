@@ -12,8 +12,9 @@
 //!   ([`Speculator::observe`] counts recall), accessed in the cache (hits first) and every miss is
 //!   loaded on demand on the in-order copy stream, after whatever it already carries.
 //! - With speculation of depth `D`, the predicted scores of layers `l+1..=l+D` are made from the
-//!   recall model (below) and turned into candidates; [`cap`] keeps those the link can move before
-//!   each layer is estimated to start (layers ahead are assumed as wide as layer `l`), and the
+//!   recall model (below) and turned into candidates; [`cap`] keeps those whose load can start
+//!   on the copy stream before their layer is estimated to run (layers ahead are assumed as wide
+//!   as layer `l`), and the
 //!   kept ones are issued through the cache's [`PrefetchPlanner`] (nearest layer first; Belady
 //!   next use = the predicted layer's position in the step, so `belady`/`belady-decay` keep them
 //!   over units with no known use, and a planned load never evicts a unit due sooner). At step
@@ -81,7 +82,6 @@ pub struct PerLayerConfig {
 impl PerLayerConfig {
     fn validate(&self, cfg: &SimConfig) -> Result<()> {
         let shape = cfg.shape;
-        check_capacity(cfg.per_layer, shape.experts, self.top_k)?;
         if !(1..=crate::route::MAX_TOP_K).contains(&self.top_k) {
             return Err(Error::InvalidArgument(format!(
                 "top-{} is outside 1..={}",
@@ -89,6 +89,7 @@ impl PerLayerConfig {
                 crate::route::MAX_TOP_K
             )));
         }
+        check_capacity(cfg.per_layer, shape.experts, self.top_k)?;
         match &self.routes {
             RouteSource::Synthetic(m) => {
                 m.validate()?;
@@ -97,12 +98,7 @@ impl PerLayerConfig {
                     return Err(Error::InvalidArgument(format!(
                         "the route model has {} layers x {} experts, top-{}; the replay {} x {}, \
                          top-{}",
-                        m.layers,
-                        m.base.experts,
-                        m.top_k,
-                        shape.layers,
-                        shape.experts,
-                        self.top_k
+                        m.layers, m.base.experts, m.top_k, shape.layers, shape.experts, self.top_k
                     )));
                 }
             }
@@ -157,6 +153,12 @@ struct Req {
     finish: f64,
 }
 
+fn slot_of(l: Lookup) -> usize {
+    match l {
+        Lookup::Hit { slot } | Lookup::Miss { slot, .. } => slot,
+    }
+}
+
 /// The per-layer step machinery: cache, copy stream, speculation.
 struct Device {
     cache: ExpertCache,
@@ -174,12 +176,23 @@ struct Device {
     demand_loads: u64,
     scores: Vec<Vec<f32>>,
     outcomes: Vec<(ExpertId, Lookup)>,
+    /// Per outcome of the layer: its slot and when its unit is ready (`None`: loaded later).
+    ready: Vec<(usize, Option<f64>)>,
     never: Vec<u64>,
     /// Distinct experts per layer in the last step: the width assumed for layers ahead.
     width: f64,
 }
 
 impl Device {
+    /// Queues a load into `slot` on the copy stream, not before `now` nor before the slot's last
+    /// reader is done; returns when it lands.
+    fn load(&mut self, slot: usize, now: f64) -> f64 {
+        let begin = self.copy_free.max(now).max(self.slot_free[slot]);
+        self.copy_free = begin + self.load_s;
+        self.slot_ready[slot] = self.copy_free;
+        self.copy_free
+    }
+
     /// The recall model's scores of `layer` at `distance` for the step's tokens (`routes`:
     /// `tokens x layers x k`).
     fn fill_scores(&mut self, slot: usize, routes: &[ExpertId], layer: usize, distance: usize) {
@@ -261,9 +274,10 @@ impl Device {
         // The plan pins every unit it names: the resident candidates too, so that a load for
         // their layer does not evict them.
         let mut sets = vec![ExpertSet::default(); self.cache.layers()];
-        for c in candidates.iter().filter(|c| {
-            self.cache.slot_of(Unit::new(c.layer, c.expert)).is_some()
-        }) {
+        for c in candidates
+            .iter()
+            .filter(|c| self.cache.slot_of(Unit::new(c.layer, c.expert)).is_some())
+        {
             sets[c.layer].insert(c.expert);
         }
         for c in &kept {
@@ -279,9 +293,7 @@ impl Device {
             let slot = self.cache.slot_of(p.unit).ok_or_else(|| {
                 Error::Internal(format!("planned unit {:?} is not resident", p.unit))
             })?;
-            let begin = self.copy_free.max(now).max(self.slot_free[slot]);
-            self.copy_free = begin + self.load_s;
-            self.slot_ready[slot] = self.copy_free;
+            self.load(slot, now);
             self.spec.loaded(p.layer, p.unit.expert);
         }
         Ok(())
@@ -310,9 +322,8 @@ impl Device {
         let est_layer = |width: f64| cost.dense_layer_s + width * per_expert(width as usize);
         if enabled {
             // The step's embeddings predict its first layers.
-            let targets: Vec<(usize, usize)> = (0..self.depth.min(layers))
-                .map(|l| (l, l + 1))
-                .collect();
+            let targets: Vec<(usize, usize)> =
+                (0..self.depth.min(layers)).map(|l| (l, l + 1)).collect();
             let w = est_layer(self.width);
             self.speculate(routes, &targets, t, cost.dense_layer_s, w, unit_bytes)?;
         }
@@ -331,16 +342,28 @@ impl Device {
             // The speculation window's pins end here: the exact layer may evict any guess.
             self.cache.unpin_all();
             layer::access_layer(&mut self.cache, l, &used, &self.never, &mut self.outcomes)?;
-            for &(_, outcome) in &self.outcomes {
-                if let Lookup::Miss { slot, evicted } = outcome {
-                    if let Some(v) = evicted {
-                        self.spec.evicted(v.layer as usize, v.expert);
+            // Demand loads go on the copy stream now, ahead of any speculation; a miss that takes
+            // the slot of a unit this layer uses first (more experts than slots) can only load
+            // once that unit's compute is done, so it is issued in the compute loop below.
+            self.ready.clear();
+            for i in 0..self.outcomes.len() {
+                let (slot, miss) = match self.outcomes[i].1 {
+                    Lookup::Hit { slot } => (slot, None),
+                    Lookup::Miss { slot, evicted } => (slot, Some(evicted)),
+                };
+                let reused = self.outcomes[..i].iter().any(|o| slot_of(o.1) == slot);
+                let ready = match miss {
+                    _ if reused => None,
+                    None => Some(self.slot_ready[slot]),
+                    Some(evicted) => {
+                        if let Some(v) = evicted {
+                            self.spec.evicted(v.layer as usize, v.expert);
+                        }
+                        self.demand_loads += 1;
+                        Some(self.load(slot, t))
                     }
-                    let begin = self.copy_free.max(t).max(self.slot_free[slot]);
-                    self.copy_free = begin + self.load_s;
-                    self.slot_ready[slot] = self.copy_free;
-                    self.demand_loads += 1;
-                }
+                };
+                self.ready.push((slot, ready));
             }
             let pe = per_expert(used.len());
             if enabled && l + 1 < layers {
@@ -359,12 +382,26 @@ impl Device {
                     unit_bytes,
                 )?;
             }
-            for i in 0..self.outcomes.len() {
-                let e = self.outcomes[i].0;
-                let slot = self.cache.slot_of(Unit::new(l, e)).ok_or_else(|| {
-                    Error::Internal(format!("expert {e} of layer {l} left before its compute"))
-                })?;
-                let ready = self.slot_ready[slot].max(t);
+            for i in 0..self.ready.len() {
+                let (slot, ready) = self.ready[i];
+                let ready = match ready {
+                    Some(r) => r,
+                    None => {
+                        if let Lookup::Miss {
+                            evicted: Some(v), ..
+                        } = self.outcomes[i].1
+                        {
+                            self.spec.evicted(v.layer as usize, v.expert);
+                        }
+                        if matches!(self.outcomes[i].1, Lookup::Miss { .. }) {
+                            self.demand_loads += 1;
+                            self.load(slot, t)
+                        } else {
+                            self.slot_ready[slot]
+                        }
+                    }
+                };
+                let ready = ready.max(t);
                 stall += ready - t;
                 t = ready + pe;
                 self.slot_free[slot] = t;
@@ -416,6 +453,7 @@ pub fn simulate_per_layer(
         demand_loads: 0,
         scores: vec![Vec::new(); depth.max(1)],
         outcomes: Vec::new(),
+        ready: Vec::new(),
         never: vec![NEVER; shape.experts],
         width: pl.top_k as f64,
         cache,
@@ -473,20 +511,17 @@ pub fn simulate_per_layer(
         }
         let window = cfg.batcher.max_running.saturating_sub(running.len()) + 1;
         let resident = dev.cache.resident_in_every_layer();
-        let views = running
-            .iter()
-            .chain(waiting.iter().take(window))
-            .map(|&i| {
-                let r = &sims[i];
-                PendingView {
-                    seq: i as u64 + 1,
-                    tokens: r.prompt_len + r.generated - r.computed,
-                    routes: &no_routes,
-                    route_offset: 0,
-                    prefill: r.computed < r.prompt_len,
-                    generated: r.generated,
-                }
-            });
+        let views = running.iter().chain(waiting.iter().take(window)).map(|&i| {
+            let r = &sims[i];
+            PendingView {
+                seq: i as u64 + 1,
+                tokens: r.prompt_len + r.generated - r.computed,
+                routes: &no_routes,
+                route_offset: 0,
+                prefill: r.computed < r.prompt_len,
+                generated: r.generated,
+            }
+        });
         let plan = batcher.schedule(now, views, &resident)?;
         if plan.is_empty() {
             now = super::idle_until(now, sims.get(next_arrival).map(|r| r.arrival))?;
@@ -782,10 +817,7 @@ mod tests {
             ..cfg.clone()
         };
         assert!(bad(per_layer(0, 0, &[], 8), &small).contains("capacity"));
-        let short = RouteTrace {
-            layers: 3,
-            ..trace
-        };
+        let short = RouteTrace { layers: 3, ..trace };
         let pl = PerLayerConfig {
             routes: RouteSource::Trace(Arc::new(short)),
             ..per_layer(0, 0, &[], 8)

@@ -736,7 +736,10 @@ pub fn parse_route_jsonl(reader: impl BufRead, path: &Path) -> Result<RouteTrace
             return Err(trace_err(
                 path,
                 n,
-                format!("{} layers, earlier lines have {want_layers}", j.layers.len()),
+                format!(
+                    "{} layers, earlier lines have {want_layers}",
+                    j.layers.len()
+                ),
             ));
         }
         let mut flat = Vec::with_capacity(want_layers * want_k);
@@ -752,7 +755,11 @@ pub fn parse_route_jsonl(reader: impl BufRead, path: &Path) -> Result<RouteTrace
                 .iter()
                 .find(|&&e| e as usize >= crate::route::MAX_EXPERTS)
             {
-                return Err(trace_err(path, n, format!("layer {l}: expert {e} is too large")));
+                return Err(trace_err(
+                    path,
+                    n,
+                    format!("layer {l}: expert {e} is too large"),
+                ));
             }
             for (a, &e) in experts.iter().enumerate() {
                 if experts[..a].contains(&e) {
@@ -950,17 +957,28 @@ mod tests {
         };
         // The knobs alone: keep 1 copies the previous token, layer correlation 1 the layer above.
         m.keep = 1.0;
-        assert_eq!(share(&m).0, 49.0 / 50.0, "every token but the first repeats the one before");
+        assert_eq!(
+            share(&m).0,
+            49.0 / 50.0,
+            "every token but the first repeats the one before"
+        );
         m.keep = 0.0;
         m.layer_corr = 1.0;
-        assert_eq!(share(&m).1, 5.0 / 6.0, "every layer but the first follows the one above");
+        assert_eq!(
+            share(&m).1,
+            5.0 / 6.0,
+            "every layer but the first follows the one above"
+        );
         // Otherwise the mix adds chance repeats: keep p gives p + (1 - p) x chance.
         m.layer_corr = 0.0;
         let (chance, _) = share(&m);
         m.keep = 0.25;
         let (tok, _) = share(&m);
         let want = 0.25 * 49.0 / 50.0 + (1.0 - 0.25) * chance;
-        assert!((tok - want).abs() < 0.02, "{tok} vs {want} (chance {chance})");
+        assert!(
+            (tok - want).abs() < 0.02,
+            "{tok} vs {want} (chance {chance})"
+        );
         m.keep = 1.5;
         assert!(m.validate().is_err());
         m.keep = 0.5;
@@ -983,13 +1001,34 @@ mod tests {
         t.token(3, 2, &mut out); // request 3 -> trace request 1 (id 9), token 2 -> token 0
         assert_eq!(out, vec![4, 5, 6, 7]);
         for (bad, needle) in [
-            ("{\"request\": 1, \"token\": 0, \"layers\": [[1, 1], [0, 2]]}", "repeats"),
-            ("{\"request\": 1, \"token\": 0, \"layers\": [[1, 2]]}", "layers"),
-            ("{\"request\": 1, \"token\": 0, \"layers\": [[1], [2]]}", "expected 2"),
-            ("{\"request\": 1, \"token\": 3, \"layers\": [[1, 2], [0, 2]]}", "token 3"),
-            ("{\"request\": 1, \"token\": 0, \"layers\": [[1, 999], [0, 2]]}", "too large"),
-            ("{\"request\": 1, \"token\": 0, \"layers\": []}", "at least one"),
-            ("{\"request\": 1, \"tok\": 0, \"layers\": [[1, 2], [0, 2]]}", "unknown field"),
+            (
+                "{\"request\": 1, \"token\": 0, \"layers\": [[1, 1], [0, 2]]}",
+                "repeats",
+            ),
+            (
+                "{\"request\": 1, \"token\": 0, \"layers\": [[1, 2]]}",
+                "layers",
+            ),
+            (
+                "{\"request\": 1, \"token\": 0, \"layers\": [[1], [2]]}",
+                "expected 2",
+            ),
+            (
+                "{\"request\": 1, \"token\": 3, \"layers\": [[1, 2], [0, 2]]}",
+                "token 3",
+            ),
+            (
+                "{\"request\": 1, \"token\": 0, \"layers\": [[1, 999], [0, 2]]}",
+                "too large",
+            ),
+            (
+                "{\"request\": 1, \"token\": 0, \"layers\": []}",
+                "at least one",
+            ),
+            (
+                "{\"request\": 1, \"tok\": 0, \"layers\": [[1, 2], [0, 2]]}",
+                "unknown field",
+            ),
         ] {
             let f = file(
                 &format!("{{\"request\": 0, \"token\": 0, \"layers\": [[1, 2], [0, 3]]}}\n{bad}\n"),
