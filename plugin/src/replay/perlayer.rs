@@ -10,7 +10,10 @@
 //! # One step, layer by layer
 //! - Layer `l` starts with its dense part (`dense_layer_s`); its exact experts are then known
 //!   ([`Speculator::observe`] counts recall), accessed in the cache (hits first) and every miss is
-//!   loaded on demand on the in-order copy stream, after whatever it already carries.
+//!   loaded on demand on the in-order copy stream, after whatever it already carries. For
+//!   `belady`/`belady-decay`, a unit just used is next expected at the same layer of the next step
+//!   (position `layers + l`): after every speculated unit, before the layer's other units, which
+//!   have no known use once the layer ran and which the policy's fallback ranks.
 //! - With speculation of depth `D`, the predicted scores of layers `l+1..=l+D` are made from the
 //!   recall model (below) and turned into candidates; [`cap`] keeps those whose load can start
 //!   on the copy stream before their layer is estimated to run (layers ahead are assumed as wide
@@ -186,7 +189,8 @@ struct Device {
     outcomes: Vec<(ExpertId, Lookup)>,
     /// Per outcome of the layer: its slot and when its unit is ready (`None`: loaded later).
     ready: Vec<(usize, Option<f64>)>,
-    never: Vec<u64>,
+    /// Next uses of the current layer's units after its access.
+    future: Vec<u64>,
     /// Distinct experts per layer in the last step: the width assumed for layers ahead.
     width: f64,
 }
@@ -370,7 +374,18 @@ impl Device {
             self.spec.observe(l, &used)?;
             // The speculation window's pins end here: the exact layer may evict any guess.
             self.cache.unpin_all();
-            layer::access_layer(&mut self.cache, l, &used, &self.never, &mut self.outcomes)?;
+            // After its use a unit is expected at the same layer of the next step (a sequence's
+            // experts recur): later than every speculated unit (positions below `layers`),
+            // sooner than the layer's other units, whose predictions this run of the layer used
+            // up: they have no known use.
+            for (e, f) in self.future.iter_mut().enumerate() {
+                *f = if used.contains(e as ExpertId) {
+                    (layers + l) as u64
+                } else {
+                    NEVER
+                };
+            }
+            layer::access_layer(&mut self.cache, l, &used, &self.future, &mut self.outcomes)?;
             // Demand loads go on the copy stream now, ahead of any speculation; a miss that takes
             // the slot of a unit this layer uses first (more experts than slots) can only load
             // once that unit's compute is done, so it is issued in the compute loop below.
@@ -484,7 +499,7 @@ pub fn simulate_per_layer(
         plausible: Vec::new(),
         outcomes: Vec::new(),
         ready: Vec::new(),
-        never: vec![NEVER; shape.experts],
+        future: vec![NEVER; shape.experts],
         width: pl.top_k as f64,
         cache,
     };
