@@ -147,7 +147,7 @@ impl PerLayerConfig {
 }
 
 enum Tokens {
-    Synthetic(LayerStream),
+    Synthetic(Box<LayerStream>),
     Trace { request: usize, next: usize },
 }
 
@@ -590,11 +590,11 @@ pub fn simulate_per_layer(
             let i = c.seq as usize - 1;
             let r = &mut sims[i];
             let source = r.tokens.get_or_insert_with(|| match &pl.routes {
-                RouteSource::Synthetic(m) => Tokens::Synthetic(m.stream(
+                RouteSource::Synthetic(m) => Tokens::Synthetic(Box::new(m.stream(
                     &popularity,
                     perms.clone(),
                     cfg.seed ^ (i as u64 + 1),
-                )),
+                ))),
                 RouteSource::Trace(_) => Tokens::Trace {
                     request: i,
                     next: 0,
