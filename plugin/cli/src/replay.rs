@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! pregate replay --model DIR [--trace FILE | --synthetic REQUESTS [--rate RPS] [--seed S]]
-//!     --cache-capacity N --policy lru|lfu|random|belady
+//!     --cache-capacity N --policy lru|lfu|random|belady|belady-decay
 //!     --batching fcfs|decode-first|prefill-first|expert-aware [--max-batch-tokens N]
 //!     [--max-wait-ms W] [--mode simulated|executed] [--json]
 //! ```
