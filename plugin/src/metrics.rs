@@ -2,7 +2,9 @@
 //!
 //! Every metric carries one label, `model`, whose values form a closed set: the names of the
 //! models a host serves, registered through [`model_metrics`] (validated: 1-64 characters of
-//! `[A-Za-z0-9_.-]`, at most [`MAX_MODELS`] of them). The registry is exported three ways:
+//! `[A-Za-z0-9_.-]`, at most [`MAX_MODELS`] of them). The speculative-prefetch recall counters
+//! (`pregate_prediction_{hits,misses}_total`) carry a second label, `distance`: how many layers
+//! ahead the prediction was made, `1..=`[`MAX_SPEC_DEPTH`]. The registry is exported three ways:
 //! - [`encode_text`]: the Prometheus text format (what `/metrics` serves);
 //! - [`MetricsServer`]: a small tokio HTTP endpoint serving `GET /metrics`, which a host starts on
 //!   its own thread (`pregate replay --metrics-addr`);
@@ -29,6 +31,7 @@ use prometheus::{
 
 use crate::cache::CacheStats;
 use crate::error::{Error, Result};
+use crate::moe::speculate::{SpeculationStats, MAX_SPEC_DEPTH};
 
 /// The most distinct `model` label values.
 pub const MAX_MODELS: usize = 64;
@@ -50,6 +53,10 @@ struct Families {
     admission_timeouts: IntCounterVec,
     sampling_seconds: prometheus::CounterVec,
     routing_seconds: prometheus::CounterVec,
+    prediction_hits: IntCounterVec,
+    prediction_misses: IntCounterVec,
+    speculative_loads: IntCounterVec,
+    speculative_wasted: IntCounterVec,
 }
 
 struct Library {
@@ -66,6 +73,8 @@ fn build() -> std::result::Result<Library, prometheus::Error> {
     let registry = Registry::new();
     let l = &["model"];
     let counter = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), l);
+    let by_distance =
+        |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["model", "distance"]);
     let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), l);
     let hist = |name: &str, help: &str, b: Vec<f64>| {
         HistogramVec::new(HistogramOpts::new(name, help).buckets(b), l)
@@ -144,8 +153,24 @@ fn build() -> std::result::Result<Library, prometheus::Error> {
             ),
             l,
         )?,
+        prediction_hits: by_distance(
+            "pregate_prediction_hits_total",
+            "Exact experts of a layer that speculation predicted `distance` layers ahead.",
+        )?,
+        prediction_misses: by_distance(
+            "pregate_prediction_misses_total",
+            "Exact experts of a layer that speculation did not predict `distance` layers ahead.",
+        )?,
+        speculative_loads: counter(
+            "pregate_speculative_loads_total",
+            "Expert loads issued on a speculative prediction.",
+        )?,
+        speculative_wasted: counter(
+            "pregate_speculative_wasted_loads_total",
+            "Speculative expert loads evicted before their layer used them.",
+        )?,
     };
-    let all: [Box<dyn Collector>; 15] = [
+    let all: [Box<dyn Collector>; 19] = [
         Box::new(families.hits.clone()),
         Box::new(families.misses.clone()),
         Box::new(families.evictions.clone()),
@@ -161,6 +186,10 @@ fn build() -> std::result::Result<Library, prometheus::Error> {
         Box::new(families.admission_timeouts.clone()),
         Box::new(families.sampling_seconds.clone()),
         Box::new(families.routing_seconds.clone()),
+        Box::new(families.prediction_hits.clone()),
+        Box::new(families.prediction_misses.clone()),
+        Box::new(families.speculative_loads.clone()),
+        Box::new(families.speculative_wasted.clone()),
     ];
     for c in all {
         registry.register(c)?;
@@ -202,7 +231,12 @@ pub struct ModelMetrics {
     admission_timeouts: IntCounter,
     sampling_seconds: prometheus::Counter,
     routing_seconds: prometheus::Counter,
+    prediction_hits: Vec<IntCounter>,
+    prediction_misses: Vec<IntCounter>,
+    speculative_loads: IntCounter,
+    speculative_wasted: IntCounter,
     last_cache: Arc<Mutex<CacheStats>>,
+    last_speculation: Arc<Mutex<SpeculationStats>>,
 }
 
 impl std::fmt::Debug for ModelMetrics {
@@ -241,6 +275,15 @@ pub fn model_metrics(model: &str) -> Result<ModelMetrics> {
     }
     let f = &lib.families;
     let v = &[model];
+    let per_distance = |family: &IntCounterVec| -> Result<Vec<IntCounter>> {
+        (1..=MAX_SPEC_DEPTH)
+            .map(|j| {
+                family
+                    .get_metric_with_label_values(&[model, &j.to_string()])
+                    .map_err(err)
+            })
+            .collect()
+    };
     Ok(ModelMetrics {
         hits: f.hits.get_metric_with_label_values(v).map_err(err)?,
         misses: f.misses.get_metric_with_label_values(v).map_err(err)?,
@@ -278,7 +321,18 @@ pub fn model_metrics(model: &str) -> Result<ModelMetrics> {
             .routing_seconds
             .get_metric_with_label_values(v)
             .map_err(err)?,
+        prediction_hits: per_distance(&f.prediction_hits)?,
+        prediction_misses: per_distance(&f.prediction_misses)?,
+        speculative_loads: f
+            .speculative_loads
+            .get_metric_with_label_values(v)
+            .map_err(err)?,
+        speculative_wasted: f
+            .speculative_wasted
+            .get_metric_with_label_values(v)
+            .map_err(err)?,
         last_cache: Arc::new(Mutex::new(CacheStats::default())),
+        last_speculation: Arc::new(Mutex::new(SpeculationStats::default())),
     })
 }
 
@@ -298,6 +352,25 @@ impl ModelMetrics {
             .inc_by(now.bytes_loaded.saturating_sub(last.bytes_loaded));
         *last = now;
         self.resident.set(resident_slots as i64);
+    }
+
+    /// Adds what a [`crate::moe::Speculator`] counted since the last call (its counters are
+    /// cumulative): recall per distance, speculative loads and the wasted ones. A backend calls it
+    /// once per step.
+    pub fn record_speculation(&self, now: SpeculationStats) {
+        let mut last = match self.last_speculation.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for j in 0..MAX_SPEC_DEPTH {
+            self.prediction_hits[j].inc_by(now.hits[j].saturating_sub(last.hits[j]));
+            self.prediction_misses[j].inc_by(now.misses[j].saturating_sub(last.misses[j]));
+        }
+        self.speculative_loads
+            .inc_by(now.loads.saturating_sub(last.loads));
+        self.speculative_wasted
+            .inc_by(now.wasted.saturating_sub(last.wasted));
+        *last = now;
     }
 
     /// One expert-layer load took `seconds`.
@@ -578,6 +651,10 @@ mod tests {
             "pregate_admission_timeouts_total",
             "pregate_sampling_seconds_total",
             "pregate_routing_seconds_total",
+            "pregate_prediction_hits_total",
+            "pregate_prediction_misses_total",
+            "pregate_speculative_loads_total",
+            "pregate_speculative_wasted_loads_total",
         ] {
             assert!(names.contains(want), "{want} missing");
         }
@@ -607,6 +684,33 @@ mod tests {
         assert!(text.contains("pregate_admission_timeouts_total{model=\"unit-test\"} 1"));
         assert!(text.contains("pregate_sampling_seconds_total{model=\"unit-test\"} 0.25"));
         assert!(text.contains("pregate_routing_seconds_total{model=\"unit-test\"} 0.125"));
+    }
+
+    #[test]
+    fn speculation_counters_add_deltas_per_distance() {
+        let m = model_metrics("spec-test").unwrap();
+        let mut s = SpeculationStats {
+            hits: [8, 3, 0, 0],
+            misses: [2, 7, 0, 0],
+            loads: 12,
+            used: 9,
+            wasted: 2,
+        };
+        m.record_speculation(s);
+        s.hits[0] += 1;
+        s.loads += 1;
+        m.record_speculation(s);
+        let text = encode_text().unwrap();
+        for want in [
+            "pregate_prediction_hits_total{distance=\"1\",model=\"spec-test\"} 9",
+            "pregate_prediction_hits_total{distance=\"2\",model=\"spec-test\"} 3",
+            "pregate_prediction_misses_total{distance=\"2\",model=\"spec-test\"} 7",
+            "pregate_prediction_misses_total{distance=\"4\",model=\"spec-test\"} 0",
+            "pregate_speculative_loads_total{model=\"spec-test\"} 13",
+            "pregate_speculative_wasted_loads_total{model=\"spec-test\"} 2",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
     }
 
     #[test]

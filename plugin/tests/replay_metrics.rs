@@ -80,7 +80,8 @@ fn snapshot_mirrors_the_registry_and_the_endpoint_serves_it() {
             .map(|s| s.name.as_str())
             .collect::<std::collections::BTreeSet<_>>()
             .len(),
-        15
+        19,
+        "the 15 cache, batch and host families and the 4 of speculative prefetch"
     );
     assert!(ours
         .iter()

@@ -2,14 +2,20 @@
 //!
 //! ```text
 //! pregate replay --model DIR [--trace FILE | --synthetic REQUESTS [--rate RPS] [--seed S]]
-//!     --cache-capacity N --policy lru|lfu|random|belady
+//!     --cache-capacity N --policy lru|lfu|random|belady|belady-decay
 //!     --batching fcfs|decode-first|prefill-first|expert-aware [--max-batch-tokens N]
 //!     [--max-wait-ms W] [--mode simulated|executed] [--json]
 //! ```
 //!
 //! In simulated mode `--model` only supplies the shape (layers, experts, bytes per expert-layer,
-//! KV bytes per token); without it the Read-ME defaults apply (32 layers, 7 experts, 135 MB), each
-//! overridable by `--layers`, `--experts`, `--expert-bytes`, `--kv-bytes-per-token`.
+//! KV bytes per token); without it the Read-ME defaults apply (32 layers, 7 experts, 135 MB), or
+//! a named shape (`--shape mixtral-8x7b|qwen3-30b-a3b`, which also sets the top-k and the compute
+//! costs), each overridable by `--layers`, `--experts`, `--expert-bytes`, `--kv-bytes-per-token`.
+//!
+//! `--per-layer` (or `--routes-jsonl FILE`) replays a model that routes each layer from its own
+//! hidden state: synthetic per-layer routes (`--keep-prob`, `--layer-corr`) or recorded ones, with
+//! on-demand loading, or speculative prefetch with `--spec-depth D [--spec-extra M]
+//! [--recall r1,r2,...]` (see `pregate::replay::perlayer`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +24,11 @@ use pregate::batcher::{BatchPolicy, BatcherConfig};
 use pregate::cache::EvictionPolicy;
 use pregate::error::{Error, Result};
 use pregate::metrics::{model_metrics, MetricsServer};
-use pregate::replay::{self, workload, CostModel, ExpertModel, ModelShape, SimConfig};
+use pregate::moe::SpeculatorConfig;
+use pregate::replay::{
+    self, perlayer, workload, CostModel, ExpertModel, LayerExpertModel, ModelShape, PerLayerConfig,
+    Preset, RouteSource, SimConfig,
+};
 use pregate::route::ExpertSet;
 
 /// Flags of `pregate replay`.
@@ -49,7 +59,7 @@ pub struct ReplayArgs {
     /// Cache capacity in experts per layer.
     #[arg(long)]
     pub cache_capacity: usize,
-    /// Eviction policy: lru, lfu, random or belady.
+    /// Eviction policy: lru, lfu, random, belady or belady-decay.
     #[arg(long, default_value = "lru")]
     pub policy: String,
     /// Batching policy: fcfs, decode-first, prefill-first or expert-aware.
@@ -110,9 +120,38 @@ pub struct ReplayArgs {
     /// Dense compute per layer, microseconds (default 45).
     #[arg(long)]
     pub dense_layer_us: Option<f64>,
-    /// Share of tokens keeping the previous token's expert in the synthetic expert model.
-    #[arg(long, default_value_t = workload::READ_ME_KEEP)]
-    pub keep_prob: f64,
+    /// Share of tokens keeping the previous token's expert in the synthetic expert model (default
+    /// 2921/4096, Read-ME's measurement); with --per-layer, the probability that each of a token's
+    /// choices repeats the previous token's at the same layer (default 0.25).
+    #[arg(long)]
+    pub keep_prob: Option<f64>,
+    /// A named model shape for simulated mode: read-me, mixtral-8x7b or qwen3-30b-a3b (layers,
+    /// experts, bytes, KV, top-k and compute costs).
+    #[arg(long, conflicts_with = "model")]
+    pub shape: Option<String>,
+    /// Replay per-layer routes (a model whose layers route from their own hidden state).
+    #[arg(long)]
+    pub per_layer: bool,
+    /// Experts per token and layer with --per-layer (default: the shape's, else 2).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// With --per-layer: probability that a choice not kept from the previous token follows the
+    /// previous layer's (default 0.5).
+    #[arg(long)]
+    pub layer_corr: Option<f64>,
+    /// Per-layer routes recorded from a model, JSON lines (implies --per-layer; format in
+    /// `pregate::replay::workload`).
+    #[arg(long)]
+    pub routes_jsonl: Option<PathBuf>,
+    /// Speculative prefetch this many layers ahead (1..=4; 0 or absent: on-demand loading).
+    #[arg(long)]
+    pub spec_depth: Option<usize>,
+    /// Speculative candidates per token beyond the top-k.
+    #[arg(long, default_value_t = 1)]
+    pub spec_extra: usize,
+    /// The simulated predictor's recall per distance, comma-separated (default 0.79,0.69,0.59,0.49).
+    #[arg(long, value_delimiter = ',')]
+    pub recall: Option<Vec<f64>>,
     /// What `belady` knows of coming steps in simulated mode: `online` (queued prompts and each
     /// request's route history) or `oracle` (also the true next decode tokens; an upper bound).
     #[arg(long, default_value = "online")]
@@ -208,11 +247,18 @@ pub(crate) fn batcher_config(
     Ok(cfg)
 }
 
-/// The simulated model shape: `--model`'s, else Read-ME's, then the explicit overrides.
+/// The named shape, if any.
+fn preset(args: &ReplayArgs) -> Result<Option<Preset>> {
+    args.shape.as_deref().map(Preset::by_name).transpose()
+}
+
+/// The simulated model shape: `--model`'s, else `--shape`'s, else Read-ME's, then the explicit
+/// overrides.
 fn shape(args: &ReplayArgs) -> Result<ModelShape> {
-    let mut s = match &args.model {
-        Some(dir) => replay::model_shape(dir)?,
-        None => ModelShape::read_me(),
+    let mut s = match (&args.model, preset(args)?) {
+        (Some(dir), _) => replay::model_shape(dir)?,
+        (None, Some(p)) => p.shape,
+        (None, None) => ModelShape::read_me(),
     };
     if let Some(l) = args.layers {
         s.layers = l;
@@ -236,7 +282,7 @@ fn shape(args: &ReplayArgs) -> Result<ModelShape> {
 }
 
 fn cost(args: &ReplayArgs) -> Result<CostModel> {
-    let d = CostModel::default();
+    let d = preset(args)?.map_or_else(CostModel::default, |p| p.cost);
     let us = |name: &str, v: Option<f64>, default: f64| -> Result<f64> {
         match v {
             Some(v) if v.is_finite() && v >= 0.0 => Ok(v * 1e-6),
@@ -276,6 +322,53 @@ fn metrics_label(args: &ReplayArgs) -> String {
     } else {
         clean
     }
+}
+
+fn per_layer_requested(args: &ReplayArgs) -> bool {
+    args.per_layer || args.routes_jsonl.is_some() || args.spec_depth.is_some()
+}
+
+/// The per-layer replay the flags describe, or `None` for Read-ME's shared routes.
+fn per_layer_config(args: &ReplayArgs, cfg: &SimConfig) -> Result<Option<PerLayerConfig>> {
+    if !per_layer_requested(args) {
+        return Ok(None);
+    }
+    if args.hit_ratio_table {
+        return Err(Error::InvalidArgument(
+            "--hit-ratio-table evaluates Read-ME's shared routes; drop it with --per-layer".into(),
+        ));
+    }
+    let top_k = args.top_k.or(preset(args)?.map(|p| p.top_k)).unwrap_or(2);
+    let routes = match &args.routes_jsonl {
+        Some(path) => RouteSource::Trace(std::sync::Arc::new(workload::read_route_trace(path)?)),
+        None => {
+            let mut m =
+                LayerExpertModel::new(cfg.shape.layers, cfg.shape.experts, top_k, args.seed);
+            m.base = cfg.experts;
+            m.keep = args.keep_prob.unwrap_or(LayerExpertModel::DEFAULT_KEEP);
+            m.layer_corr = args
+                .layer_corr
+                .unwrap_or(LayerExpertModel::DEFAULT_LAYER_CORR);
+            RouteSource::Synthetic(m)
+        }
+    };
+    let speculation = match args.spec_depth {
+        None | Some(0) => None,
+        Some(depth) => Some(SpeculatorConfig {
+            depth,
+            extra: args.spec_extra,
+            enabled: true,
+        }),
+    };
+    Ok(Some(PerLayerConfig {
+        top_k,
+        routes,
+        speculation,
+        recall: args
+            .recall
+            .clone()
+            .unwrap_or_else(|| perlayer::DEFAULT_RECALL.to_vec()),
+    }))
 }
 
 /// One row of an offline hit-ratio table: policy, capacity (experts per layer), hit ratio.
@@ -383,6 +476,11 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             .model
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument("--mode executed needs --model DIR".into()))?;
+        if per_layer_requested(&args) {
+            return Err(Error::InvalidArgument(
+                "per-layer routes and speculation are simulated only (--mode simulated)".into(),
+            ));
+        }
         let cfg = replay::executed::ExecConfig {
             batcher: batcher_config(&args, None)?,
             per_layer: args.cache_capacity,
@@ -395,7 +493,7 @@ pub fn run(args: ReplayArgs) -> Result<()> {
     } else {
         let shape = shape(&args)?;
         let mut experts = ExpertModel::read_me(shape.experts, args.seed);
-        experts.keep = args.keep_prob;
+        experts.keep = args.keep_prob.unwrap_or(workload::READ_ME_KEEP);
         let cfg = SimConfig {
             shape,
             cost: cost(&args)?,
@@ -408,7 +506,10 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             lookahead: args.lookahead.parse()?,
             record_steps: args.hit_ratio_table,
         };
-        replay::simulate(&reqs, &cfg, metrics.as_ref())?
+        match per_layer_config(&args, &cfg)? {
+            Some(pl) => replay::simulate_per_layer(&reqs, &cfg, &pl, metrics.as_ref())?,
+            None => replay::simulate(&reqs, &cfg, metrics.as_ref())?,
+        }
     };
     let tables = if args.hit_ratio_table {
         Some(hit_ratio_tables(&report, &args)?)
@@ -424,6 +525,9 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             m.insert("cache_capacity".into(), args.cache_capacity.into());
             m.insert("max_batch_tokens".into(), args.max_batch_tokens.into());
             m.insert("seed".into(), args.seed.into());
+            if let Some(shape) = &args.shape {
+                m.insert("shape".into(), shape.clone().into());
+            }
             if let Some(tables) = &tables {
                 for (key, (_, table)) in ["hit_ratio_table", "hit_ratio_table_per_token"]
                     .into_iter()

@@ -296,3 +296,148 @@ fn executed_mode_runs_the_cpu_engine() {
     ]);
     assert!(v["hit_ratio"].as_f64().unwrap() > 0.9, "{v}");
 }
+
+const PER_LAYER: &[&str] = &[
+    "replay",
+    "--synthetic",
+    "20",
+    "--rate",
+    "0.5",
+    "--seed",
+    "3",
+    "--shape",
+    "mixtral-8x7b",
+    "--per-layer",
+    "--cache-capacity",
+    "3",
+    "--policy",
+    "belady-decay",
+    "--json",
+];
+
+#[test]
+fn per_layer_replays_report_speculation_and_recall() {
+    let on_demand = json(PER_LAYER);
+    let p = &on_demand["per_layer"];
+    assert_eq!(p["spec_depth"], 0);
+    assert_eq!(p["top_k"], 2, "the mixtral-8x7b shape routes top-2");
+    assert_eq!(p["speculative_loads"], 0);
+    assert_eq!(on_demand["shape"], "mixtral-8x7b");
+    let mut args = PER_LAYER.to_vec();
+    args.extend([
+        "--spec-depth",
+        "2",
+        "--spec-extra",
+        "0",
+        "--recall",
+        "0.9,0.5",
+    ]);
+    let spec = json(&args);
+    let p = &spec["per_layer"];
+    assert_eq!(p["spec_depth"], 2);
+    assert_eq!(p["configured_recall"], serde_json::json!([0.9, 0.5]));
+    let recall: Vec<f64> = p["recall"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_f64().unwrap())
+        .collect();
+    assert!(recall[0] > recall[1], "{recall:?}");
+    assert!(p["speculative_loads"].as_u64().unwrap() > 0);
+    let without_wall = |mut v: serde_json::Value| {
+        v.as_object_mut().unwrap().remove("wall_s");
+        v
+    };
+    assert_eq!(
+        without_wall(spec.clone()),
+        without_wall(json(&args)),
+        "one seed, one report"
+    );
+    let table: Vec<&str> = args.iter().copied().filter(|&a| a != "--json").collect();
+    let (ok, out, _) = pregate(&table);
+    assert!(ok && out.contains("recall by distance") && out.contains("speculative loads"));
+}
+
+#[test]
+fn recorded_per_layer_routes_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for t in 0..5 {
+        let layers: Vec<String> = (0..4)
+            .map(|l| format!("[{}, {}]", (t + l) % 6, 6))
+            .collect();
+        writeln!(
+            f,
+            "{{\"request\": 0, \"token\": {t}, \"layers\": [{}]}}",
+            layers.join(", ")
+        )
+        .unwrap();
+    }
+    drop(f);
+    let routes = path.to_str().unwrap();
+    let base = [
+        "replay",
+        "--synthetic",
+        "5",
+        "--rate",
+        "1",
+        "--layers",
+        "4",
+        "--experts",
+        "7",
+        "--cache-capacity",
+        "3",
+        "--top-k",
+        "2",
+        "--routes-jsonl",
+        routes,
+        "--json",
+    ];
+    let v = json(&base);
+    assert_eq!(v["requests"], 5);
+    assert!(v["hits"].as_u64().unwrap() > 0);
+    // The trace's layer count must match the model's.
+    let mut wrong = base.to_vec();
+    wrong[6] = "5";
+    fails_with(&wrong, &["route trace", "4 layers"]);
+}
+
+#[test]
+fn bad_per_layer_flags_are_clear_errors() {
+    let with = |extra: &[&'static str]| {
+        let mut a = PER_LAYER.to_vec();
+        a.extend_from_slice(extra);
+        a
+    };
+    fails_with(&with(&["--spec-depth", "5"]), &["depth 5"]);
+    fails_with(
+        &with(&["--spec-depth", "3", "--recall", "0.9,0.8"]),
+        &["recall for each distance"],
+    );
+    fails_with(
+        &with(&["--spec-depth", "1", "--recall", "1.2"]),
+        &["[0, 1]"],
+    );
+    fails_with(
+        &with(&["--spec-depth", "1", "--spec-extra", "9"]),
+        &["extra"],
+    );
+    fails_with(&with(&["--top-k", "9"]), &["top-9"]);
+    fails_with(&with(&["--hit-ratio-table"]), &["hit-ratio-table"]);
+    let mut small = PER_LAYER.to_vec();
+    small[11] = "1";
+    fails_with(&small, &["capacity"]);
+    fails_with(
+        &[
+            "replay",
+            "--synthetic",
+            "3",
+            "--cache-capacity",
+            "2",
+            "--shape",
+            "gpt-5",
+        ],
+        &["unknown model shape"],
+    );
+}

@@ -10,7 +10,15 @@
 //! evicted once comes back with its history), `random` (seeded) and `belady`: the resident unit whose
 //! next use is farthest, where next uses come from the scheduler's lookahead
 //! ([`ExpertCache::set_next_use`]); ties, including units with no known next use, go to the least
-//! recently used. Units used by the step in flight are pinned ([`ExpertCache::pin`], and every
+//! recently used. `belady-decay` is the same inside the lookahead, and beyond it (units with no
+//! known next use, the common case when a model routes each layer from its own hidden state and
+//! only a few layers ahead are predicted) evicts the unit of lowest **decayed frequency** instead
+//! of the least recently used: every access adds 1 to the unit's count, which halves every
+//! `4 x experts` accesses of its layer ([`DECAY_HALF_LIFE_PER_EXPERT`]), so an expert a layer
+//! keeps coming back to survives a burst of one-off experts that LRU would keep instead; ties by
+//! LRU. It is a policy of its own rather than `belady`'s fallback because Read-ME's lookahead
+//! leaves most units without a known next use too, and changing `belady` would change its measured
+//! figures. Units used by the step in flight are pinned ([`ExpertCache::pin`], and every
 //! [`ExpertCache::access`]) and never evicted: asking for a slot when every candidate is pinned is a
 //! [`Error::Capacity`] error, which means the capacity is smaller than one step's experts. An
 //! executor that computes a layer's experts one after the other may release a unit as soon as its
@@ -65,16 +73,25 @@ pub enum EvictionPolicy {
     Random,
     /// Farthest next use according to the lookahead (ties by LRU).
     Belady,
+    /// Farthest next use; among equal next uses (no known use included) the lowest decayed
+    /// access frequency, then LRU.
+    BeladyDecay,
 }
 
 impl EvictionPolicy {
     /// Every policy, in the order reports list them.
-    pub const ALL: [EvictionPolicy; 4] = [
+    pub const ALL: [EvictionPolicy; 5] = [
         EvictionPolicy::Random,
         EvictionPolicy::Lru,
         EvictionPolicy::Lfu,
         EvictionPolicy::Belady,
+        EvictionPolicy::BeladyDecay,
     ];
+
+    /// Whether the policy reads the lookahead's next uses ([`ExpertCache::set_next_use`]).
+    pub fn reads_next_use(self) -> bool {
+        matches!(self, EvictionPolicy::Belady | EvictionPolicy::BeladyDecay)
+    }
 
     /// The name used on the command line and in reports.
     pub fn as_str(self) -> &'static str {
@@ -83,6 +100,7 @@ impl EvictionPolicy {
             EvictionPolicy::Lfu => "lfu",
             EvictionPolicy::Random => "random",
             EvictionPolicy::Belady => "belady",
+            EvictionPolicy::BeladyDecay => "belady-decay",
         }
     }
 }
@@ -95,8 +113,10 @@ impl FromStr for EvictionPolicy {
             "lfu" => Ok(EvictionPolicy::Lfu),
             "random" => Ok(EvictionPolicy::Random),
             "belady" => Ok(EvictionPolicy::Belady),
+            "belady-decay" => Ok(EvictionPolicy::BeladyDecay),
             other => Err(Error::InvalidArgument(format!(
-                "unknown cache policy `{other}` (expected lru, lfu, random or belady)"
+                "unknown cache policy `{other}` (expected lru, lfu, random, belady or \
+                 belady-decay)"
             ))),
         }
     }
@@ -297,6 +317,11 @@ pub enum Lookup {
 }
 
 const NONE: u32 = u32::MAX;
+
+/// `belady-decay`'s half-life, in accesses of a unit's layer per expert of the layer: a count
+/// halves every `4 x experts` accesses of its layer (a few rounds through the layer's experts,
+/// whatever the model's width).
+pub const DECAY_HALF_LIFE_PER_EXPERT: u64 = 4;
 /// Next-use value of a unit the lookahead does not mention.
 pub const NEVER: u64 = u64::MAX;
 
@@ -314,6 +339,11 @@ pub struct ExpertCache {
     layer_resident: Vec<u32>,
     last_use: Vec<u64>,
     uses: Vec<u64>,
+    /// Decayed access count of each unit as of `decay_at` (its layer's access clock).
+    decayed: Vec<f64>,
+    decay_at: Vec<u64>,
+    /// Accesses of each layer: the clock of the decayed counts.
+    layer_ticks: Vec<u64>,
     next_use: Vec<u64>,
     pin_epoch: Vec<u64>,
     epoch: u64,
@@ -361,6 +391,9 @@ impl ExpertCache {
             layer_resident: vec![0; layers],
             last_use: vec![0; units],
             uses: vec![0; units],
+            decayed: vec![0.0; units],
+            decay_at: vec![0; units],
+            layer_ticks: vec![0; layers],
             next_use: vec![NEVER; units],
             pin_epoch: vec![0; units],
             epoch: 1,
@@ -561,6 +594,10 @@ impl ExpertCache {
         };
         self.last_use[i] = self.tick;
         self.uses[i] += 1;
+        let layer = i / self.experts;
+        self.layer_ticks[layer] += 1;
+        self.decayed[i] = self.decayed_count(i) + 1.0;
+        self.decay_at[i] = self.layer_ticks[layer];
         self.pin_epoch[i] = self.epoch;
         Ok(out)
     }
@@ -576,6 +613,19 @@ impl ExpertCache {
         let (slot, evicted) = self.admit(i)?;
         self.last_use[i] = self.tick;
         Ok(Some(Lookup::Miss { slot, evicted }))
+    }
+
+    /// The decayed access count of unit index `i` now (see [`DECAY_HALF_LIFE_PER_EXPERT`]).
+    fn decayed_count(&self, i: usize) -> f64 {
+        let age = self.layer_ticks[i / self.experts] - self.decay_at[i];
+        let half_life = (DECAY_HALF_LIFE_PER_EXPERT * self.experts as u64) as f64;
+        self.decayed[i] * (-(age as f64) / half_life).exp2()
+    }
+
+    /// The decayed access count of `u` now (what `belady-decay` ranks units without a known next
+    /// use by).
+    pub fn decayed_uses(&self, u: Unit) -> f64 {
+        self.check(u).map(|i| self.decayed_count(i)).unwrap_or(0.0)
     }
 
     /// Finds `unit index i` a slot, evicting if needed; counts the load.
@@ -621,6 +671,12 @@ impl ExpertCache {
             EvictionPolicy::Belady => {
                 candidates.min_by_key(|&i| (std::cmp::Reverse(self.next_use[i]), self.last_use[i]))
             }
+            EvictionPolicy::BeladyDecay => candidates.min_by(|&a, &b| {
+                self.next_use[b]
+                    .cmp(&self.next_use[a])
+                    .then(self.decayed_count(a).total_cmp(&self.decayed_count(b)))
+                    .then(self.last_use[a].cmp(&self.last_use[b]))
+            }),
             EvictionPolicy::Random => {
                 let n = candidates.count();
                 if n == 0 {

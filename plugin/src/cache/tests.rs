@@ -56,6 +56,59 @@ fn belady_evicts_the_farthest_next_use_and_ties_by_lru() {
 }
 
 #[test]
+fn belady_decay_evicts_the_least_used_unit_without_a_known_next_use_not_the_lru_one() {
+    // Expert 0 used three times, then 1 once, all with no known next use: LRU (and `belady`'s
+    // tie) would evict 0, the decayed frequency evicts 1.
+    for (policy, gone) in [
+        (EvictionPolicy::Belady, 0),
+        (EvictionPolicy::BeladyDecay, 1),
+    ] {
+        let mut c = ExpertCache::new(1, 4, 2, 1, policy, 0).unwrap();
+        for e in [0, 0, 0, 1] {
+            c.unpin_all();
+            c.access(u(0, e)).unwrap();
+        }
+        c.unpin_all();
+        c.set_next_use(u(0, 0), NEVER).unwrap();
+        c.set_next_use(u(0, 1), NEVER).unwrap();
+        c.access(u(0, 2)).unwrap();
+        assert!(c.slot_of(u(0, gone)).is_none(), "{policy}: {gone} stays");
+        assert!(c.slot_of(u(0, 1 - gone)).is_some(), "{policy}");
+    }
+}
+
+#[test]
+fn belady_decay_still_follows_known_next_uses_and_forgets_old_counts() {
+    let mut c = ExpertCache::new(1, 4, 2, 1, EvictionPolicy::BeladyDecay, 0).unwrap();
+    for e in [0, 0, 0, 1] {
+        c.unpin_all();
+        c.access(u(0, e)).unwrap();
+    }
+    c.unpin_all();
+    // A known next use wins over any count: 0 is needed later than 1.
+    c.set_next_use(u(0, 0), 9).unwrap();
+    c.set_next_use(u(0, 1), 3).unwrap();
+    c.access(u(0, 2)).unwrap();
+    assert!(c.slot_of(u(0, 0)).is_none());
+    // Counts halve every 4 x 4 accesses of the layer: 48 accesses of expert 2 later, 1's single
+    // use counts 2^-3, far below 2's recent ones.
+    let before = c.decayed_uses(u(0, 1));
+    for _ in 0..48 {
+        c.unpin_all();
+        c.access(u(0, 2)).unwrap();
+    }
+    let after = c.decayed_uses(u(0, 1));
+    assert!((after - before / 8.0).abs() < 1e-9, "{before} -> {after}");
+    assert!(c.decayed_uses(u(0, 2)) > 7.0);
+    // With no next use known anywhere, the old count loses to the recent one.
+    c.unpin_all();
+    c.set_next_use(u(0, 1), NEVER).unwrap();
+    c.set_next_use(u(0, 2), NEVER).unwrap();
+    c.access(u(0, 3)).unwrap();
+    assert!(c.slot_of(u(0, 1)).is_none() && c.slot_of(u(0, 2)).is_some());
+}
+
+#[test]
 fn pinned_units_are_never_evicted_and_overflow_is_an_error() {
     let mut c = ExpertCache::new(1, 4, 2, 1, EvictionPolicy::Lru, 0).unwrap();
     c.access(u(0, 0)).unwrap();
@@ -119,6 +172,9 @@ fn unknown_policy_names_are_rejected() {
         "belady".parse::<EvictionPolicy>().unwrap(),
         EvictionPolicy::Belady
     );
+    let decay = "belady-decay".parse::<EvictionPolicy>().unwrap();
+    assert_eq!(decay, EvictionPolicy::BeladyDecay);
+    assert_eq!(decay.to_string(), "belady-decay");
     let err = "fifo".parse::<EvictionPolicy>().unwrap_err().to_string();
     assert!(err.contains("fifo") && err.contains("lru"), "{err}");
 }

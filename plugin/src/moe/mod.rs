@@ -19,8 +19,12 @@
 //! caller's stream). Nothing else touches the cache.
 
 mod cpu;
+pub mod speculate;
 
 pub use cpu::CpuExperts;
+pub use speculate::{
+    Budget, Candidate, LayerScores, SpeculationStats, Speculator, SpeculatorConfig,
+};
 
 use crate::cache::{ExpertCache, StepExperts, Unit};
 use crate::error::{Error, Result};

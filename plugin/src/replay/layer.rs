@@ -10,7 +10,7 @@
 //! resident; a unit of the step that is not yet used counts as needed now, and once used its next
 //! use becomes its next use after this step.
 
-use crate::cache::{EvictionPolicy, ExpertCache, Lookup, Unit};
+use crate::cache::{ExpertCache, Lookup, Unit};
 use crate::error::Result;
 use crate::metrics::ModelMetrics;
 use crate::route::{ExpertId, ExpertSet};
@@ -25,7 +25,7 @@ pub(crate) fn access_layer(
     out: &mut Vec<(ExpertId, Lookup)>,
 ) -> Result<()> {
     out.clear();
-    let belady = cache.policy() == EvictionPolicy::Belady;
+    let belady = cache.policy().reads_next_use();
     let mut order: [ExpertId; crate::route::MAX_EXPERTS] = [0; crate::route::MAX_EXPERTS];
     let mut n = 0;
     for e in used

@@ -3,20 +3,24 @@
 //! ([`executed`]).
 //!
 //! Workload formats and the synthetic generators are documented in [`workload`]; the figures a
-//! replay reports in [`report`]. `pregate replay` (crate `pregate-cli`) is the command-line front.
+//! replay reports in [`report`]. Models that route each layer from its own hidden state replay
+//! through [`perlayer`] (per-layer routes, speculative prefetch or on-demand loading). `pregate replay` (crate `pregate-cli`) is the command-line front.
 
 pub mod executed;
 mod layer;
 pub mod offline;
+pub mod perlayer;
 pub mod report;
 pub mod sim;
 pub mod workload;
 
 use std::path::Path;
 
+pub use perlayer::{simulate_per_layer, PerLayerConfig, RouteSource};
+pub use report::PerLayerReport;
 pub use report::Report;
-pub use sim::{check_capacity, simulate, CostModel, Lookahead, ModelShape, SimConfig};
-pub use workload::{ExpertModel, Prompt, TraceRequest};
+pub use sim::{check_capacity, simulate, CostModel, Lookahead, ModelShape, Preset, SimConfig};
+pub use workload::{ExpertModel, LayerExpertModel, Prompt, RouteTrace, TraceRequest};
 
 use crate::config::{config_path, ModelConfig};
 use crate::error::{Error, Result};

@@ -143,8 +143,32 @@ impl Summary {
             wall_s,
             step_experts: Vec::new(),
             token_experts: Vec::new(),
+            per_layer: None,
         }
     }
+}
+
+/// What a replay with per-layer routes adds: the speculation and how well it predicted.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PerLayerReport {
+    /// Experts per token and layer.
+    pub top_k: usize,
+    /// Layers speculated ahead (0: on-demand loading only).
+    pub spec_depth: usize,
+    /// Candidates per token beyond the top-k.
+    pub spec_extra: usize,
+    /// The recall model's probability per distance (1, 2, ...).
+    pub configured_recall: Vec<f64>,
+    /// Measured recall@k+m per distance: exact experts that were predicted / exact experts.
+    pub recall: Vec<f64>,
+    /// Loads issued on a prediction.
+    pub speculative_loads: u64,
+    /// Speculative loads their layer used.
+    pub speculative_used: u64,
+    /// Speculative loads evicted before any use.
+    pub wasted_loads: u64,
+    /// Loads of exact experts that were not resident when their layer ran.
+    pub demand_loads: u64,
 }
 
 /// A replay's results. Field names are the `--json` keys.
@@ -205,6 +229,9 @@ pub struct Report {
     pub step_experts: Vec<crate::route::ExpertSet>,
     /// With `record_steps`: every scheduled token's (primary) expert, in execution order.
     pub token_experts: Vec<crate::route::ExpertId>,
+    /// Per-layer routes and speculation (absent for the Read-ME replay).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_layer: Option<PerLayerReport>,
 }
 
 impl Report {
@@ -266,6 +293,44 @@ impl Report {
             ("makespan", format!("{:.1} s", self.makespan_s)),
             ("replay wall time", format!("{:.2} s", self.wall_s)),
         ];
+        let mut rows = rows;
+        if let Some(p) = &self.per_layer {
+            let list = |v: &[f64]| {
+                v.iter()
+                    .map(|r| format!("{:.3}", r))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            };
+            rows.push((
+                "speculation",
+                if p.spec_depth == 0 {
+                    format!("off (on-demand loads), top-{}", p.top_k)
+                } else {
+                    format!(
+                        "depth {}, top-{} + {} extra",
+                        p.spec_depth, p.top_k, p.spec_extra
+                    )
+                },
+            ));
+            if p.spec_depth > 0 {
+                rows.push((
+                    "recall by distance",
+                    format!(
+                        "{}  (model {})",
+                        list(&p.recall),
+                        list(&p.configured_recall)
+                    ),
+                ));
+                rows.push((
+                    "speculative loads",
+                    format!(
+                        "{} ({} used, {} wasted)",
+                        p.speculative_loads, p.speculative_used, p.wasted_loads
+                    ),
+                ));
+            }
+            rows.push(("on-demand loads", p.demand_loads.to_string()));
+        }
         let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         rows.iter()
             .map(|(k, v)| format!("{k:<w$}  {v}\n"))

@@ -97,6 +97,81 @@ impl ModelShape {
             kv_bytes_per_token: 2 * 32 * 4096 * 2,
         }
     }
+
+    /// Mixtral-8x7B: 32 layers, 8 experts of `3 x 4096 x 14336` bf16 values (352 MB), KV of 8
+    /// heads of 128 per layer (128 KiB per token).
+    pub fn mixtral_8x7b() -> Self {
+        ModelShape {
+            layers: 32,
+            experts: 8,
+            expert_bytes: 3 * 4096 * 14336 * 2,
+            kv_bytes_per_token: 2 * 32 * 8 * 128 * 2,
+        }
+    }
+
+    /// Qwen3-30B-A3B: 48 layers, 128 experts of `3 x 2048 x 768` bf16 values (9.4 MB), KV of 4
+    /// heads of 128 per layer (96 KiB per token).
+    pub fn qwen3_30b_a3b() -> Self {
+        ModelShape {
+            layers: 48,
+            experts: 128,
+            expert_bytes: 3 * 2048 * 768 * 2,
+            kv_bytes_per_token: 2 * 48 * 4 * 128 * 2,
+        }
+    }
+}
+
+/// A named model for the simulator: its shape, its gating top-k and its compute costs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preset {
+    /// The cache's view of the model.
+    pub shape: ModelShape,
+    /// Experts per token and layer.
+    pub top_k: usize,
+    /// Compute and link costs on the default device (H100, PCIe Gen5 at 55 GB/s).
+    pub cost: CostModel,
+}
+
+impl Preset {
+    /// `read-me` (top-1, the default costs), `mixtral-8x7b` (top-2) or `qwen3-30b-a3b` (top-8).
+    /// Compute as in [`CostModel`]'s defaults: `token_s` = 2 x active parameters / 790 TFLOP/s,
+    /// `expert_layer_s` = one expert's bytes / 3 TB/s, `dense_layer_s` = one layer's attention
+    /// weights / 3 TB/s (Mixtral: 12.9 G active, 84 MB of attention per layer; Qwen3-30B-A3B:
+    /// 3.3 G active, 37.7 MB).
+    pub fn by_name(name: &str) -> Result<Self> {
+        let h100 = |shape: ModelShape, top_k, active: f64, dense_bytes: f64| Preset {
+            shape,
+            top_k,
+            cost: CostModel {
+                token_s: 2.0 * active / 790e12,
+                expert_layer_s: shape.expert_bytes as f64 / 3.0e12,
+                dense_layer_s: dense_bytes / 3.0e12,
+                ..CostModel::default()
+            },
+        };
+        match name {
+            "read-me" => Ok(Preset {
+                shape: ModelShape::read_me(),
+                top_k: 1,
+                cost: CostModel::default(),
+            }),
+            "mixtral-8x7b" => Ok(h100(
+                ModelShape::mixtral_8x7b(),
+                2,
+                12.9e9,
+                (2.0 * 4096.0 * 4096.0 + 2.0 * 4096.0 * 1024.0) * 2.0,
+            )),
+            "qwen3-30b-a3b" => Ok(h100(
+                ModelShape::qwen3_30b_a3b(),
+                8,
+                3.3e9,
+                (2.0 * 2048.0 * 4096.0 + 2.0 * 2048.0 * 512.0) * 2.0,
+            )),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown model shape `{other}` (expected read-me, mixtral-8x7b or qwen3-30b-a3b)"
+            ))),
+        }
+    }
 }
 
 /// What `belady` may know about future steps (see the module documentation).
@@ -328,7 +403,7 @@ pub fn simulate(
         let chunks = plan.chunks.clone();
 
         // Belady's lookahead: queued demand for the steps after this one (see the module docs).
-        if cfg.policy == EvictionPolicy::Belady {
+        if cfg.policy.reads_next_use() {
             demand.iter_mut().for_each(|d| *d = 0.0);
             for &i in running.iter().chain(waiting.iter().take(window)) {
                 let r = &sims[i];

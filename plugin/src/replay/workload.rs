@@ -37,6 +37,44 @@
 //! share of tokens keeping the previous expert equals `keep` (default 2921/4096, the paper's
 //! measurement of Read-ME's router): `p = (keep - q) / (1 - q)` with `q = sum of squared mix
 //! weights`, floored at 0.
+//!
+//! # Synthetic per-layer routes
+//! A model that routes each layer from its own hidden state (Mixtral, Qwen-MoE, OLMoE) gives every
+//! token `k` distinct experts at every layer. [`LayerExpertModel`] draws them in a shared
+//! *identity* space mapped to each layer by a fixed seeded permutation `pi_l` (`pi_0` the
+//! identity), so a layer's expert ids are unrelated in value to the previous layer's but
+//! statistically coupled to them. The request's mix is drawn as above (global popularity,
+//! Dirichlet). For token `t`, layer `l`, choice `i` (0..k):
+//! - with probability `keep` the identity of token `t-1`'s choice `i` at layer `l` (temporal
+//!   locality of one sequence; not for a request's first token);
+//! - otherwise, with probability `layer_corr`, the identity of the same token's choice `i` at
+//!   layer `l-1` (the residual stream changes slowly; not at layer 0);
+//! - otherwise an identity drawn from the request's mix.
+//!
+//! A choice that repeats one already taken at that layer is redrawn from the mix (up to 16 times,
+//! then the first identity not taken). The expert is `pi_l(identity)`. The defaults
+//! ([`LayerExpertModel::DEFAULT_KEEP`] 0.25, [`LayerExpertModel::DEFAULT_LAYER_CORR`] 0.5) are
+//! assumptions chosen to give both kinds of locality a visible share, not measurements of a
+//! model; a trace of real routes replaces them (below).
+//!
+//! # JSON-lines per-layer route traces
+//! Routes recorded from a model (one line per token), replayed instead of synthetic ones:
+//!
+//! ```text
+//! {"request": 0, "token": 0, "layers": [[3, 5], [0, 7], [2, 3]]}
+//! {"request": 0, "token": 1, "layers": [[3, 1], [0, 6], [2, 4]]}
+//! ```
+//!
+//! - `request` (integer): any id; the trace's requests are taken in increasing id order;
+//! - `token` (integer): the token's index in its request; a request's indices must be exactly
+//!   `0..n` (any line order);
+//! - `layers`: one list per layer of the token's distinct expert ids (its top-k); every line has
+//!   the same number of layers and every list the same length `k` (1..=8).
+//!
+//! Blank lines and `#` lines are skipped; unknown fields are errors. The workload (arrivals and
+//! lengths) still comes from a request trace or the synthetic generator: workload request `i`
+//! takes its routes from trace request `i mod R` (`R` requests in the route trace), its token `t`
+//! from that request's token `t mod n`.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -396,14 +434,13 @@ impl ExpertModel {
         w.iter().map(|x| x / s).collect()
     }
 
-    /// A fresh request stream, seeded per request.
-    pub fn stream(&self, popularity: &[f64], request_seed: u64) -> ExpertStream {
-        let mut rng = ChaCha8Rng::seed_from_u64(request_seed);
+    /// A request's mix (the cumulative weights over the experts) and its sum of squared weights.
+    fn mix_cdf(&self, popularity: &[f64], rng: &mut ChaCha8Rng) -> (Vec<f64>, f64) {
         let mut mix: Vec<f64> = popularity
             .iter()
             .map(|&g| {
                 Gamma::new((g * self.concentration).max(1e-3), 1.0)
-                    .map(|d| d.sample(&mut rng))
+                    .map(|d| d.sample(rng))
                     .unwrap_or(0.0)
             })
             .collect();
@@ -414,15 +451,22 @@ impl ExpertModel {
             mix = popularity.to_vec();
         }
         let q: f64 = mix.iter().map(|x| x * x).sum();
+        let mut cdf = mix;
+        for i in 1..cdf.len() {
+            cdf[i] += cdf[i - 1];
+        }
+        (cdf, q)
+    }
+
+    /// A fresh request stream, seeded per request.
+    pub fn stream(&self, popularity: &[f64], request_seed: u64) -> ExpertStream {
+        let mut rng = ChaCha8Rng::seed_from_u64(request_seed);
+        let (cdf, q) = self.mix_cdf(popularity, &mut rng);
         let p = if q >= 1.0 {
             1.0
         } else {
             ((self.keep - q) / (1.0 - q)).clamp(0.0, 1.0)
         };
-        let mut cdf = mix.clone();
-        for i in 1..cdf.len() {
-            cdf[i] += cdf[i - 1];
-        }
         ExpertStream {
             rng,
             cdf,
@@ -457,6 +501,303 @@ impl ExpertStream {
         self.current = Some(e);
         e
     }
+}
+
+/// A draw from a cumulative weight table.
+fn draw(cdf: &[f64], rng: &mut ChaCha8Rng) -> usize {
+    let u = rng.random::<f64>() * cdf.last().copied().unwrap_or(1.0);
+    cdf.partition_point(|&c| c <= u).min(cdf.len() - 1)
+}
+
+/// The synthetic per-layer route model (see the module documentation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerExpertModel {
+    /// Popularity, mixes and seed; `base.keep` is unused (see [`LayerExpertModel::keep`]).
+    pub base: ExpertModel,
+    /// MoE layers.
+    pub layers: usize,
+    /// Experts per token at every layer.
+    pub top_k: usize,
+    /// Probability that a choice repeats the previous token's at the same layer.
+    pub keep: f64,
+    /// Probability that a choice not kept repeats the previous layer's (through `pi_l`).
+    pub layer_corr: f64,
+}
+
+impl LayerExpertModel {
+    /// Default share of choices kept from the previous token (an assumption, see the module docs).
+    pub const DEFAULT_KEEP: f64 = 0.25;
+    /// Default share of the other choices following the previous layer (an assumption).
+    pub const DEFAULT_LAYER_CORR: f64 = 0.5;
+
+    /// The defaults over `layers` layers of `experts` experts, top-`top_k`.
+    pub fn new(layers: usize, experts: usize, top_k: usize, seed: u64) -> Self {
+        LayerExpertModel {
+            base: ExpertModel::read_me(experts, seed),
+            layers,
+            top_k,
+            keep: Self::DEFAULT_KEEP,
+            layer_corr: Self::DEFAULT_LAYER_CORR,
+        }
+    }
+
+    /// Checks the parameters.
+    pub fn validate(&self) -> Result<()> {
+        self.base.validate()?;
+        if self.layers == 0 || self.layers > u16::MAX as usize {
+            return Err(Error::InvalidArgument(format!(
+                "{} layers is outside 1..={}",
+                self.layers,
+                u16::MAX
+            )));
+        }
+        if !(1..=crate::route::MAX_TOP_K.min(self.base.experts)).contains(&self.top_k) {
+            return Err(Error::InvalidArgument(format!(
+                "top-{} of {} experts (at most {})",
+                self.top_k,
+                self.base.experts,
+                crate::route::MAX_TOP_K
+            )));
+        }
+        for (name, p) in [("keep", self.keep), ("layer correlation", self.layer_corr)] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} probability {p} must be in [0, 1]"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The permutations `pi_l` of every layer (`pi_0` the identity), from the model's seed.
+    pub fn permutations(&self) -> Vec<Vec<ExpertId>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.base.seed ^ 0x5851_f42d_4c95_7f2d);
+        (0..self.layers)
+            .map(|l| {
+                let mut p: Vec<ExpertId> = (0..self.base.experts as ExpertId).collect();
+                if l > 0 {
+                    for i in (1..p.len()).rev() {
+                        p.swap(i, rng.random_range(0..=i));
+                    }
+                }
+                p
+            })
+            .collect()
+    }
+
+    /// A fresh request stream, seeded per request.
+    pub fn stream(
+        &self,
+        popularity: &[f64],
+        perms: std::sync::Arc<Vec<Vec<ExpertId>>>,
+        request_seed: u64,
+    ) -> LayerStream {
+        let mut rng = ChaCha8Rng::seed_from_u64(request_seed);
+        let (cdf, _) = self.base.mix_cdf(popularity, &mut rng);
+        LayerStream {
+            rng,
+            cdf,
+            perms,
+            layers: self.layers,
+            top_k: self.top_k,
+            keep: self.keep,
+            layer_corr: self.layer_corr,
+            prev: Vec::new(),
+            cur: vec![0; self.layers * self.top_k],
+        }
+    }
+}
+
+/// One request's token-by-token per-layer expert draws.
+#[derive(Debug, Clone)]
+pub struct LayerStream {
+    rng: ChaCha8Rng,
+    cdf: Vec<f64>,
+    perms: std::sync::Arc<Vec<Vec<ExpertId>>>,
+    layers: usize,
+    top_k: usize,
+    keep: f64,
+    layer_corr: f64,
+    /// The previous token's identities, `layers x top_k` (empty before the first token).
+    prev: Vec<usize>,
+    cur: Vec<usize>,
+}
+
+impl LayerStream {
+    /// Appends the next token's experts to `out`: `layers x top_k` ids, layer by layer.
+    pub fn next_token(&mut self, out: &mut Vec<ExpertId>) {
+        let k = self.top_k;
+        for l in 0..self.layers {
+            for i in 0..k {
+                let u = self.rng.random::<f64>();
+                let mut id = if !self.prev.is_empty() && u < self.keep {
+                    self.prev[l * k + i]
+                } else if l > 0 && u < self.keep + (1.0 - self.keep) * self.layer_corr {
+                    self.cur[(l - 1) * k + i]
+                } else {
+                    draw(&self.cdf, &mut self.rng)
+                };
+                let taken = |id: usize, cur: &[usize]| cur[l * k..l * k + i].contains(&id);
+                let mut tries = 0;
+                while taken(id, &self.cur) && tries < 16 {
+                    id = draw(&self.cdf, &mut self.rng);
+                    tries += 1;
+                }
+                if taken(id, &self.cur) {
+                    id = (0..self.cdf.len())
+                        .find(|&x| !taken(x, &self.cur))
+                        .unwrap_or(id);
+                }
+                self.cur[l * k + i] = id;
+            }
+            let perm = &self.perms[l];
+            out.extend(self.cur[l * k..(l + 1) * k].iter().map(|&id| perm[id]));
+        }
+        self.prev.clone_from(&self.cur);
+    }
+}
+
+/// Per-layer routes recorded from a model (see the module documentation for the format).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTrace {
+    /// Layers of every token.
+    pub layers: usize,
+    /// Experts per token and layer.
+    pub top_k: usize,
+    /// Requests in increasing id order; each token `layers x top_k` ids, layer by layer.
+    pub requests: Vec<Vec<Vec<ExpertId>>>,
+}
+
+impl RouteTrace {
+    /// The largest expert id plus one.
+    pub fn experts(&self) -> usize {
+        self.requests
+            .iter()
+            .flatten()
+            .flatten()
+            .max()
+            .map_or(0, |&e| e as usize + 1)
+    }
+
+    /// Appends the experts of token `token` of workload request `request` to `out` (both wrap,
+    /// see the module documentation).
+    pub fn token(&self, request: usize, token: usize, out: &mut Vec<ExpertId>) {
+        if self.requests.is_empty() {
+            return;
+        }
+        let r = &self.requests[request % self.requests.len()];
+        if !r.is_empty() {
+            out.extend_from_slice(&r[token % r.len()]);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteLine {
+    request: u64,
+    token: usize,
+    layers: Vec<Vec<ExpertId>>,
+}
+
+/// Reads a JSON-lines per-layer route trace (see the module documentation).
+pub fn read_route_trace(path: &Path) -> Result<RouteTrace> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    parse_route_jsonl(BufReader::new(file), path)
+}
+
+/// Parses a per-layer route trace from `reader`; `path` is used in error messages only.
+pub fn parse_route_jsonl(reader: impl BufRead, path: &Path) -> Result<RouteTrace> {
+    let mut by_request: std::collections::BTreeMap<u64, Vec<(usize, usize, Vec<ExpertId>)>> =
+        Default::default();
+    let mut shape: Option<(usize, usize)> = None;
+    for (i, line) in reader.lines().enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| trace_err(path, n, e.to_string()))?;
+        let text = line.trim();
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        let j: RouteLine =
+            serde_json::from_str(text).map_err(|e| trace_err(path, n, e.to_string()))?;
+        let k = j.layers.first().map_or(0, Vec::len);
+        if j.layers.is_empty() || !(1..=crate::route::MAX_TOP_K).contains(&k) {
+            return Err(trace_err(
+                path,
+                n,
+                format!(
+                    "`layers` needs at least one layer of 1..={} experts",
+                    crate::route::MAX_TOP_K
+                ),
+            ));
+        }
+        let (want_layers, want_k) = *shape.get_or_insert((j.layers.len(), k));
+        if j.layers.len() != want_layers {
+            return Err(trace_err(
+                path,
+                n,
+                format!(
+                    "{} layers, earlier lines have {want_layers}",
+                    j.layers.len()
+                ),
+            ));
+        }
+        let mut flat = Vec::with_capacity(want_layers * want_k);
+        for (l, experts) in j.layers.iter().enumerate() {
+            if experts.len() != want_k {
+                return Err(trace_err(
+                    path,
+                    n,
+                    format!("layer {l} has {} experts, expected {want_k}", experts.len()),
+                ));
+            }
+            if let Some(&e) = experts
+                .iter()
+                .find(|&&e| e as usize >= crate::route::MAX_EXPERTS)
+            {
+                return Err(trace_err(
+                    path,
+                    n,
+                    format!("layer {l}: expert {e} is too large"),
+                ));
+            }
+            for (a, &e) in experts.iter().enumerate() {
+                if experts[..a].contains(&e) {
+                    return Err(trace_err(path, n, format!("layer {l} repeats expert {e}")));
+                }
+            }
+            flat.extend_from_slice(experts);
+        }
+        by_request
+            .entry(j.request)
+            .or_default()
+            .push((j.token, n, flat));
+    }
+    let Some((layers, top_k)) = shape else {
+        return Err(trace_err(path, 1, "the route trace has no tokens"));
+    };
+    let mut requests = Vec::with_capacity(by_request.len());
+    for (id, mut tokens) in by_request {
+        tokens.sort_by_key(|t| t.0);
+        for (want, (token, line, _)) in tokens.iter().enumerate() {
+            if *token != want {
+                return Err(trace_err(
+                    path,
+                    *line,
+                    format!(
+                        "request {id}: token {token} where token {want} was expected \
+                         (indices must be 0..n, each once)"
+                    ),
+                ));
+            }
+        }
+        requests.push(tokens.into_iter().map(|t| t.2).collect());
+    }
+    Ok(RouteTrace {
+        layers,
+        top_k,
+        requests,
+    })
 }
 
 #[cfg(test)]
@@ -573,6 +914,131 @@ mod tests {
         assert!((50.0..120.0).contains(&mp), "{mp}");
         assert!((170.0..290.0).contains(&mo), "{mo}");
         assert!(synthetic(1, 0.0, 1).is_err());
+    }
+
+    #[test]
+    fn per_layer_routes_follow_the_documented_correlations() {
+        let mut m = LayerExpertModel::new(6, 16, 2, 5);
+        let pop = m.base.popularity();
+        let share = |m: &LayerExpertModel| {
+            let perms = std::sync::Arc::new(m.permutations());
+            let inv: Vec<Vec<usize>> = perms
+                .iter()
+                .map(|p| {
+                    let mut inv = vec![0; p.len()];
+                    p.iter().enumerate().for_each(|(i, &e)| inv[e as usize] = i);
+                    inv
+                })
+                .collect();
+            let (mut same_token, mut same_layer, mut n) = (0usize, 0usize, 0usize);
+            for r in 0..200 {
+                let mut s = m.stream(&pop, perms.clone(), r);
+                let mut prev: Vec<u16> = Vec::new();
+                for _ in 0..50 {
+                    let mut t = Vec::new();
+                    s.next_token(&mut t);
+                    assert_eq!(t.len(), 12);
+                    for l in 0..6 {
+                        let layer = &t[l * 2..l * 2 + 2];
+                        assert!(layer[0] != layer[1] && layer.iter().all(|&e| e < 16));
+                        if !prev.is_empty() {
+                            same_token += (layer[0] == prev[l * 2]) as usize;
+                        }
+                        if l > 0 {
+                            let up = inv[l - 1][t[(l - 1) * 2] as usize];
+                            same_layer += (inv[l][layer[0] as usize] == up) as usize;
+                        }
+                        n += 1;
+                    }
+                    prev = t;
+                }
+            }
+            (same_token as f64 / n as f64, same_layer as f64 / n as f64)
+        };
+        // The knobs alone: keep 1 copies the previous token, layer correlation 1 the layer above.
+        m.keep = 1.0;
+        assert_eq!(
+            share(&m).0,
+            49.0 / 50.0,
+            "every token but the first repeats the one before"
+        );
+        m.keep = 0.0;
+        m.layer_corr = 1.0;
+        assert_eq!(
+            share(&m).1,
+            5.0 / 6.0,
+            "every layer but the first follows the one above"
+        );
+        // Otherwise the mix adds chance repeats: keep p gives p + (1 - p) x chance.
+        m.layer_corr = 0.0;
+        let (chance, _) = share(&m);
+        m.keep = 0.25;
+        let (tok, _) = share(&m);
+        let want = 0.25 * 49.0 / 50.0 + (1.0 - 0.25) * chance;
+        assert!(
+            (tok - want).abs() < 0.02,
+            "{tok} vs {want} (chance {chance})"
+        );
+        m.keep = 1.5;
+        assert!(m.validate().is_err());
+        m.keep = 0.5;
+        m.top_k = 17;
+        assert!(m.validate().is_err());
+    }
+
+    #[test]
+    fn route_traces_read_and_wrap_and_bad_lines_are_named() {
+        let f = file(
+            "# routes\n{\"request\": 9, \"token\": 1, \"layers\": [[1, 2], [0, 3]]}\n\
+             {\"request\": 9, \"token\": 0, \"layers\": [[4, 5], [6, 7]]}\n\
+             {\"request\": 2, \"token\": 0, \"layers\": [[0, 1], [2, 3]]}\n",
+            ".jsonl",
+        );
+        let t = read_route_trace(f.path()).unwrap();
+        assert_eq!((t.layers, t.top_k, t.experts()), (2, 2, 8));
+        assert_eq!(t.requests[0], vec![vec![0, 1, 2, 3]], "request 2 first");
+        let mut out = Vec::new();
+        t.token(3, 2, &mut out); // request 3 -> trace request 1 (id 9), token 2 -> token 0
+        assert_eq!(out, vec![4, 5, 6, 7]);
+        for (bad, needle) in [
+            (
+                "{\"request\": 1, \"token\": 0, \"layers\": [[1, 1], [0, 2]]}",
+                "repeats",
+            ),
+            (
+                "{\"request\": 1, \"token\": 0, \"layers\": [[1, 2]]}",
+                "layers",
+            ),
+            (
+                "{\"request\": 1, \"token\": 0, \"layers\": [[1], [2]]}",
+                "expected 2",
+            ),
+            (
+                "{\"request\": 1, \"token\": 3, \"layers\": [[1, 2], [0, 2]]}",
+                "token 3",
+            ),
+            (
+                "{\"request\": 1, \"token\": 0, \"layers\": [[1, 999], [0, 2]]}",
+                "too large",
+            ),
+            (
+                "{\"request\": 1, \"token\": 0, \"layers\": []}",
+                "at least one",
+            ),
+            (
+                "{\"request\": 1, \"tok\": 0, \"layers\": [[1, 2], [0, 2]]}",
+                "unknown field",
+            ),
+        ] {
+            let f = file(
+                &format!("{{\"request\": 0, \"token\": 0, \"layers\": [[1, 2], [0, 3]]}}\n{bad}\n"),
+                ".jsonl",
+            );
+            let err = read_route_trace(f.path()).unwrap_err().to_string();
+            assert!(err.contains(":2:") && err.contains(needle), "{bad}: {err}");
+        }
+        let empty = file("# nothing\n", ".jsonl");
+        assert!(read_route_trace(empty.path()).is_err());
     }
 
     #[test]
