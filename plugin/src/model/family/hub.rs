@@ -98,3 +98,19 @@ mod tests {
         assert_eq!(expert_index(&shared_expert_names(0)[0]), None);
     }
 }
+
+/// Layer `l`'s DSelect-k gate tensor `part` (pregate's own names, the same in every family):
+/// `model.layers.{l}.mlp.dselect.{z, alpha}` for a static gate,
+/// `model.layers.{l}.mlp.dselect.{z_proj, alpha_proj}.{weight, bias}` for a per-example one.
+pub fn dselect_name(l: usize, part: super::DSelectPart) -> String {
+    use super::DSelectPart as P;
+    let rest = match part {
+        P::Z => "z",
+        P::Alpha => "alpha",
+        P::ZWeight => "z_proj.weight",
+        P::ZBias => "z_proj.bias",
+        P::AlphaWeight => "alpha_proj.weight",
+        P::AlphaBias => "alpha_proj.bias",
+    };
+    layer(l, &format!("mlp.dselect.{rest}"))
+}
