@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::family::{ModelFamily, QkNorm};
+use crate::model::family::{DSelectKind, ModelFamily, QkNorm};
 
 /// `eos_token_id` may be one id or a list of ids.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,6 +257,13 @@ pub struct FamilyFields {
     /// Llama's MLP bias; only false is served.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mlp_bias: Option<bool>,
+    /// pregate's own: the Hugging Face families' gate replaced by a DSelect-k gate per layer,
+    /// `dselect_static` or `dselect_per_example` (see [`DSelectKind`]); absent: the family's gate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pregate_gate: Option<String>,
+    /// pregate's own: the DSelect-k smooth-step width `gamma` (1.0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dselect_gamma: Option<f32>,
 }
 
 /// The model configuration, as read from `config.json`.
@@ -445,6 +452,21 @@ impl ModelConfig {
         }
     }
 
+    /// The DSelect-k gate `pregate_gate` chooses, if any (an unknown value is refused by
+    /// validation, and reads here as none).
+    pub fn dselect_gate(&self) -> Option<DSelectKind> {
+        match self.moe.pregate_gate.as_deref()? {
+            "dselect_static" => Some(DSelectKind::Static),
+            "dselect_per_example" => Some(DSelectKind::PerExample),
+            _ => None,
+        }
+    }
+
+    /// The DSelect-k smooth-step width (`dselect_gamma`, 1.0).
+    pub fn dselect_gamma(&self) -> f32 {
+        self.moe.dselect_gamma.unwrap_or(1.0)
+    }
+
     /// Whether layer `l` has routed experts; the others have a dense MLP of
     /// `intermediate_size` (Qwen's `mlp_only_layers` and `decoder_sparse_step`).
     pub fn is_moe_layer(&self, l: usize) -> bool {
@@ -498,7 +520,27 @@ impl ModelConfig {
             return Err("mlp_bias true is not served (the MLPs have no biases)".into());
         }
         if family == ModelFamily::ReadMe {
+            if m.pregate_gate.is_some() {
+                return Err(
+                    "`pregate_gate` applies to the Hugging Face MoE families only \
+                            (Read-ME is routed by its own pre-gating router)"
+                        .into(),
+                );
+            }
             return Ok(());
+        }
+        if let Some(g) = &m.pregate_gate {
+            if self.dselect_gate().is_none() {
+                return Err(format!(
+                    "pregate_gate `{g}` is not a gate pregate has (`dselect_static`, \
+                     `dselect_per_example`)"
+                ));
+            }
+        }
+        if let Some(gamma) = m.dselect_gamma {
+            if !(gamma.is_finite() && gamma > 0.0) {
+                return Err(format!("dselect_gamma {gamma} must be a finite number > 0"));
+            }
         }
         let (experts, k) = (self.num_experts(), self.experts_per_token());
         let (ef, kf) = (self.experts_field(), self.top_k_field());
@@ -546,6 +588,17 @@ impl ModelConfig {
             && (step > 1 || listed.iter().any(|&l| l < layers)));
         if has_dense && self.intermediate_size == 0 {
             return Err("`intermediate_size` (the dense layers' width) must be positive".into());
+        }
+        if let Some(kind) = self.dselect_gate() {
+            if experts < 2 {
+                return Err(format!("a DSelect-k gate needs {ef} >= 2, got {experts}"));
+            }
+            // A pre-gate router gives every layer a route; a dense layer has none to take.
+            if kind == DSelectKind::Static && has_dense {
+                return Err(
+                    "pregate_gate `dselect_static` needs every layer to be an MoE layer".into(),
+                );
+            }
         }
         for (what, width) in [
             ("expert", width),

@@ -1,5 +1,6 @@
 // Thin wrappers over Triton's C API; see shim.h.
 #include "pregate-triton/shim/shim.h"
+#include "pregate-triton/src/bridge.rs.h"
 
 #include <cstring>
 #include <stdexcept>
@@ -13,6 +14,9 @@ static_assert(TRITONSERVER_ERROR_UNAVAILABLE == 4 && TRITONSERVER_ERROR_UNSUPPOR
 static_assert(TRITONSERVER_ERROR_CANCELLED == 7, "codes");
 static_assert(TRITONSERVER_TYPE_BOOL == 1 && TRITONSERVER_TYPE_INT32 == 8, "types");
 static_assert(TRITONSERVER_TYPE_BYTES == 13, "types");
+static_assert(TRITONSERVER_PARAMETER_STRING == 0 && TRITONSERVER_PARAMETER_INT == 1, "parameter types");
+static_assert(TRITONSERVER_PARAMETER_BOOL == 2 && TRITONSERVER_PARAMETER_DOUBLE == 3, "parameter types");
+static_assert(TRITONSERVER_PARAMETER_BYTES == 4, "parameter types");
 static_assert(TRITONSERVER_LOG_INFO == 0 && TRITONSERVER_LOG_WARN == 1, "log levels");
 static_assert(TRITONSERVER_LOG_ERROR == 2, "log levels");
 static_assert(TRITONSERVER_INSTANCEGROUPKIND_CPU == 1 && TRITONSERVER_INSTANCEGROUPKIND_GPU == 2, "kinds");
@@ -153,6 +157,45 @@ rust::Vec<rust::String> request_input_names(TRITONBACKEND_Request* request) {
     names.push_back(rust::String(name == nullptr ? "" : name));
   }
   return names;
+}
+
+rust::Vec<RequestParameter> request_parameters(TRITONBACKEND_Request* request) {
+  uint32_t count = 0;
+  check(TRITONBACKEND_RequestParameterCount(request, &count), "TRITONBACKEND_RequestParameterCount");
+  rust::Vec<RequestParameter> params;
+  for (uint32_t i = 0; i < count; ++i) {
+    const char* key = nullptr;
+    TRITONSERVER_ParameterType type = TRITONSERVER_PARAMETER_STRING;
+    const void* value = nullptr;
+    check(
+        TRITONBACKEND_RequestParameter(request, i, &key, &type, &value),
+        "TRITONBACKEND_RequestParameter");
+    RequestParameter p{};
+    p.key = rust::String::lossy(key == nullptr ? "" : key);
+    p.kind = static_cast<uint32_t>(type);
+    // The value points at the parameter's own storage: a C string, an int64_t, a bool or a double.
+    // A BYTES value comes without its size, so only its type is passed on.
+    if (value != nullptr) {
+      switch (type) {
+        case TRITONSERVER_PARAMETER_STRING:
+          p.text = rust::String::lossy(static_cast<const char*>(value));
+          break;
+        case TRITONSERVER_PARAMETER_INT:
+          p.int_value = *static_cast<const int64_t*>(value);
+          break;
+        case TRITONSERVER_PARAMETER_BOOL:
+          p.bool_value = *static_cast<const bool*>(value);
+          break;
+        case TRITONSERVER_PARAMETER_DOUBLE:
+          p.double_value = *static_cast<const double*>(value);
+          break;
+        default:
+          break;
+      }
+    }
+    params.push_back(std::move(p));
+  }
+  return params;
 }
 
 bool request_input(

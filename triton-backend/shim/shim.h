@@ -10,6 +10,10 @@
 #include "rust/cxx.h"
 
 namespace pregate_triton {
+struct RequestParameter;
+}  // namespace pregate_triton
+
+namespace pregate_triton {
 
 void api_version(uint32_t& major, uint32_t& minor);
 TRITONSERVER_Error* error_new(uint32_t code, rust::Str msg) noexcept;
@@ -31,6 +35,7 @@ TRITONBACKEND_Model* instance_model(TRITONBACKEND_ModelInstance* instance);
 
 rust::String request_id(TRITONBACKEND_Request* request);
 rust::Vec<rust::String> request_input_names(TRITONBACKEND_Request* request);
+rust::Vec<RequestParameter> request_parameters(TRITONBACKEND_Request* request);
 bool request_input(
     TRITONBACKEND_Request* request, rust::Str name, uint32_t& datatype,
     rust::Vec<int64_t>& shape, rust::Vec<uint8_t>& data);

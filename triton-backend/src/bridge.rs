@@ -7,6 +7,19 @@
 #[cxx::bridge(namespace = "pregate_triton")]
 #[allow(missing_docs, clippy::missing_safety_doc)]
 pub mod ffi {
+    /// One request parameter: its key, its `TRITONSERVER_ParameterType` and its value in the field
+    /// of that type (`text` for STRING, `int_value` for INT, `bool_value` for BOOL, `double_value`
+    /// for DOUBLE; a BYTES value is not copied).
+    #[derive(Debug, Clone, PartialEq)]
+    struct RequestParameter {
+        key: String,
+        kind: u32,
+        text: String,
+        int_value: i64,
+        bool_value: bool,
+        double_value: f64,
+    }
+
     unsafe extern "C++" {
         include!("pregate-triton/shim/shim.h");
 
@@ -53,6 +66,9 @@ pub mod ffi {
 
         unsafe fn request_id(request: *mut TRITONBACKEND_Request) -> Result<String>;
         unsafe fn request_input_names(request: *mut TRITONBACKEND_Request) -> Result<Vec<String>>;
+        unsafe fn request_parameters(
+            request: *mut TRITONBACKEND_Request,
+        ) -> Result<Vec<RequestParameter>>;
         unsafe fn request_input(
             request: *mut TRITONBACKEND_Request,
             name: &str,
@@ -121,6 +137,20 @@ pub mod dtype {
     pub const INT32: u32 = 8;
     /// TRITONSERVER_TYPE_BYTES
     pub const BYTES: u32 = 13;
+}
+
+/// `TRITONSERVER_ParameterType` values.
+pub mod param_type {
+    /// TRITONSERVER_PARAMETER_STRING
+    pub const STRING: u32 = 0;
+    /// TRITONSERVER_PARAMETER_INT
+    pub const INT: u32 = 1;
+    /// TRITONSERVER_PARAMETER_BOOL
+    pub const BOOL: u32 = 2;
+    /// TRITONSERVER_PARAMETER_DOUBLE
+    pub const DOUBLE: u32 = 3;
+    /// TRITONSERVER_PARAMETER_BYTES
+    pub const BYTES: u32 = 4;
 }
 
 /// `TRITONSERVER_LogLevel` values.

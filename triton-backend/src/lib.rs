@@ -28,10 +28,10 @@ use pregate::engine::open_engine_with;
 use pregate::model::ModelDir;
 use pregate::serve::{panic_message, ServeConfig, Server, StepObserver};
 
-use bridge::{code, ffi, log};
+use bridge::{code, ffi, log, param_type};
 use config::ModelParams;
 use metrics::{Families, InstanceMetrics, LibraryMirror};
-use request::RawInput;
+use request::{ParamValue, RawInput, RawParameter};
 use sink::{Factory, TritonSink};
 
 /// The TRITONBACKEND API major version this backend is built for.
@@ -371,6 +371,36 @@ unsafe fn read_inputs(
     Ok(inputs)
 }
 
+/// Reads every parameter of a request.
+///
+/// # Safety
+/// `request` must be live.
+unsafe fn read_parameters(
+    request: *mut ffi::TRITONBACKEND_Request,
+) -> Result<Vec<RawParameter>, String> {
+    // SAFETY: `request` is live (caller's contract).
+    let params = unsafe { ffi::request_parameters(request) }.map_err(|e| e.to_string())?;
+    params
+        .into_iter()
+        .map(|p| {
+            let value = match p.kind {
+                param_type::STRING => ParamValue::String(p.text),
+                param_type::INT => ParamValue::Int(p.int_value),
+                param_type::BOOL => ParamValue::Bool(p.bool_value),
+                param_type::DOUBLE => ParamValue::Double(p.double_value),
+                param_type::BYTES => ParamValue::Bytes,
+                other => {
+                    return Err(format!(
+                        "request parameter {} has an unknown type ({other})",
+                        p.key
+                    ))
+                }
+            };
+            Ok(RawParameter { key: p.key, value })
+        })
+        .collect()
+}
+
 /// Handles one request: copies its inputs, creates its response factory, releases it and submits
 /// it to the serving loop (or answers it with an error).
 ///
@@ -389,7 +419,10 @@ unsafe fn handle_request(server: &Server, request: *mut ffi::TRITONBACKEND_Reque
     };
     let parsed = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: the request is live until released below.
-        unsafe { read_inputs(request) }.and_then(|inputs| request::parse_request(&inputs))
+        let inputs = unsafe { read_inputs(request) }?;
+        // SAFETY: as above.
+        let params = unsafe { read_parameters(request) }?;
+        request::parse_request_with_parameters(&inputs, &params)
     }))
     .unwrap_or_else(|p| {
         Err(format!(
@@ -403,6 +436,15 @@ unsafe fn handle_request(server: &Server, request: *mut ffi::TRITONBACKEND_Reque
     }
     match parsed {
         Ok(p) => {
+            if !p.ignored_parameters.is_empty() {
+                ffi::log_message(
+                    log::VERBOSE,
+                    &format!(
+                        "pregate: ignored request parameters pregate does not read: {}",
+                        p.ignored_parameters.join(", ")
+                    ),
+                );
+            }
             let prefix = if p.stream || p.exclude_input {
                 None
             } else {

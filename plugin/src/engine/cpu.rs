@@ -114,7 +114,7 @@ impl CpuBackend {
             .iter()
             .zip(&moe_index)
             .filter(|(_, m)| m.is_some())
-            .map(|(l, _)| l.extra.gate.is_some())
+            .map(|(l, _)| l.extra.gate.is_some() || l.extra.dselect.is_some())
             .collect::<Vec<_>>();
         let in_model = match (gated.iter().all(|&g| g), gated.iter().any(|&g| g)) {
             (true, true) => Some(InModelGating {
@@ -394,10 +394,19 @@ impl Backend for CpuBackend {
                 }
                 (Some(m), _) => {
                     let made;
-                    let routes = match (&known, self.in_model, &layer.extra.gate) {
-                        (Some(known), _, _) => known.layer(l),
-                        (None, Some(g), Some(gate)) => {
+                    let x = &layer.extra;
+                    let routes = match (&known, self.in_model, &x.gate, &x.dselect) {
+                        (Some(known), _, _, _) => known.layer(l),
+                        (None, Some(g), Some(gate), _) => {
                             made = route_hidden(&h, gate, g.top_k, g.renormalize)?;
+                            &made[..]
+                        }
+                        // DSelect-k's per-example gate: one route per token's normed hidden state.
+                        (None, Some(g), None, Some(gate)) => {
+                            made = h
+                                .chunks_exact(hdim)
+                                .map(|row| gate.route_at_most(Some(row), g.top_k))
+                                .collect::<Result<Vec<_>>>()?;
                             &made[..]
                         }
                         _ => return Err(Error::Internal(format!("layer {l} has no routes"))),

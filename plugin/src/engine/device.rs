@@ -4,13 +4,13 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::model::ModelDir;
+use crate::model::{DSelectKind, ModelDir};
 
 use super::cpu::CpuBackend;
 use super::options::EngineOptions;
 use super::Engine;
 use crate::cuda::{open_cuda_engine, CudaOptions};
-use crate::router::{HostReadMeRouter, InModelRouter, ReadMeRouter, Router};
+use crate::router::{HostReadMeRouter, InModelRouter, ReadMeRouter, Router, StaticGateRouter};
 
 /// A device a model can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -89,11 +89,27 @@ fn log_once(msg: &str) {
 }
 
 fn open_cpu(model: &ModelDir, opts: &EngineOptions) -> Result<Engine> {
-    let (backbone, router) = model.load_backbone()?;
+    let (mut backbone, router) = model.load_backbone()?;
     let cfg = &model.config;
-    let router: Box<dyn Router> = match router {
-        Some(r) => Box::new(HostReadMeRouter::new(ReadMeRouter::new(r, cfg))),
-        None => Box::new(InModelRouter::new(
+    let router: Box<dyn Router> = match (router, cfg.dselect_gate()) {
+        (Some(r), _) => Box::new(HostReadMeRouter::new(ReadMeRouter::new(r, cfg))),
+        // The static gates leave the layers: the backbone then runs on the router's routes.
+        (None, Some(DSelectKind::Static)) => {
+            let gates = backbone
+                .layers
+                .iter_mut()
+                .map(|l| l.extra.dselect.take())
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    Error::Internal("a static DSelect-k model with a layer without its gate".into())
+                })?;
+            Box::new(StaticGateRouter::per_layer(
+                &gates,
+                cfg.num_experts(),
+                cfg.experts_per_token(),
+            )?)
+        }
+        (None, _) => Box::new(InModelRouter::new(
             cfg.num_experts(),
             cfg.experts_per_token(),
         )),
@@ -117,6 +133,16 @@ pub fn open_engine(model: &ModelDir, device: Device) -> Result<Engine> {
 pub fn open_engine_with(model: &ModelDir, device: Device, opts: &EngineOptions) -> Result<Engine> {
     match device.resolve()? {
         Device::Cpu | Device::Auto => open_cpu(model, opts),
+        Device::Cuda(_) if model.config.dselect_gate().is_some() => {
+            let why = "DSelect-k gates (pregate_gate) are served by the CPU backend only";
+            match device {
+                Device::Auto => {
+                    eprintln!("pregate: {why}; using the CPU");
+                    open_cpu(model, opts)
+                }
+                _ => Err(Error::Device(why.into())),
+            }
+        }
         Device::Cuda(n) => {
             let opened = open_cuda_engine(model, &CudaOptions::from_engine_options(n, opts));
             match opened {

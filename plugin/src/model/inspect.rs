@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::checkpoint::{Checkpoint, TensorRef};
 use super::convert::mask_bits;
-use super::family::{GatingRule, QkNorm, TensorRole, TensorSpec};
+use super::family::{DSelectKind, GatingRule, QkNorm, TensorRole, TensorSpec};
 use super::load::{check_config, storage_dtypes, ModelDir};
 use super::names;
 use super::random::MASKS_FILE;
@@ -256,6 +256,14 @@ fn report(dir: &Path, model: &ModelDir, tensors_checked: Option<usize>) -> Resul
         let inventory = plan.inventory();
         let elem = inventory
             .get(TensorRole::Gate { layer: l })
+            // A DSelect-k model has no softmax gate: its first expert's dtype.
+            .or_else(|| {
+                inventory.get(TensorRole::Expert {
+                    layer: l,
+                    expert: 0,
+                    proj: super::family::FfnProj::Gate,
+                })
+            })
             .and_then(|g| ck.tensor(&g.name).ok())
             .map_or(2, |t| t.dtype.bitsize() / 8);
         active = active.map(|a| a + 3 * h * k * m.expert_inter);
@@ -314,6 +322,16 @@ fn report(dir: &Path, model: &ModelDir, tensors_checked: Option<usize>) -> Resul
                 match m.shared {
                     Some(s) if s.gated => format!(", sigmoid-gated shared expert of {}", s.inter),
                     _ => String::new(),
+                }
+            ),
+            GatingRule::DSelect(kind) => format!(
+                "DSelect-k gate per layer ({}): {} selectors over {} experts{}",
+                kind.config_name(),
+                m.top_k,
+                m.experts,
+                match kind {
+                    DSelectKind::Static => ", routed before the backbone",
+                    DSelectKind::PerExample => ", from the hidden state",
                 }
             ),
         },

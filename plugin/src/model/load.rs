@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use super::checkpoint::{Checkpoint, FloatDtype};
 use super::family::inventory::pre_gate_inventory;
 use super::family::{
-    hub, AttnProj, ExpertStorage, FfnPlan, FfnProj, GatingRule, Inventory, ModelPlan, PreGatePart,
-    QkNorm, StackedProj, TensorRole, TensorSpec,
+    hub, AttnProj, DSelectKind, DSelectPart, ExpertStorage, FfnPlan, FfnProj, GatingRule,
+    Inventory, ModelPlan, MoePlan, PreGatePart, QkNorm, StackedProj, TensorRole, TensorSpec,
 };
 use super::names;
 use super::progress::{Finish, NoProgress, Progress};
@@ -26,6 +26,7 @@ use super::weights::{
 use crate::config::{config_path, ModelConfig, ReadMeRouterConfig};
 use crate::engine::cpu::BackboneWeights;
 use crate::error::{Error, Result};
+use crate::router::dselect::{DSelectGate, GateParams};
 use crate::tokenizer::Tokenizer;
 
 /// Detects the expert layout from the tensor names (layer 0).
@@ -359,7 +360,10 @@ fn check_family_config(
     };
     let experts = cfg.num_experts();
     let experts_field = cfg.experts_field();
-    agree(&hub::gate_name(family, l), 0, experts_field, experts)?;
+    // A DSelect-k gate has no `[experts, H]` router; its tensors' shapes are checked as read.
+    if cfg.dselect_gate().is_none() {
+        agree(&hub::gate_name(family, l), 0, experts_field, experts)?;
+    }
     let (width, width_field) = cfg.expert_intermediate_size();
     let per_expert = hub::expert_names(family, l, 0);
     if ck.contains(&per_expert[0]) {
@@ -447,7 +451,7 @@ impl Parts<'_> {
         })
     }
 
-    fn layer(&mut self, plan: &ModelPlan, l: usize) -> Result<LayerWeights> {
+    fn layer(&mut self, plan: &ModelPlan, l: usize, gamma: f32) -> Result<LayerWeights> {
         let attn = |proj| TensorRole::Attention { layer: l, proj };
         let lp = plan
             .layer(l)
@@ -477,8 +481,14 @@ impl Parts<'_> {
                     extra.shared_gate =
                         Some(self.vector(TensorRole::SharedExpertGate { layer: l })?);
                 }
-                if matches!(moe.gating, GatingRule::SoftmaxTopK { .. }) {
-                    extra.gate = Some(self.matrix(TensorRole::Gate { layer: l })?);
+                match moe.gating {
+                    GatingRule::SoftmaxTopK { .. } => {
+                        extra.gate = Some(self.matrix(TensorRole::Gate { layer: l })?);
+                    }
+                    GatingRule::DSelect(kind) => {
+                        extra.dselect = Some(self.dselect(kind, l, moe, plan.hidden, gamma)?);
+                    }
+                    GatingRule::PreGate => {}
                 }
             }
         }
@@ -507,6 +517,33 @@ impl Parts<'_> {
             shared,
             extra,
         })
+    }
+
+    /// Layer `l`'s DSelect-k gate of `kind` (its tensors' shapes were checked as they were read).
+    fn dselect(
+        &mut self,
+        kind: DSelectKind,
+        l: usize,
+        moe: &MoePlan,
+        hidden: usize,
+        gamma: f32,
+    ) -> Result<DSelectGate> {
+        let mut part = |part| self.vector(TensorRole::DSelect { layer: l, part });
+        let params = match kind {
+            DSelectKind::Static => GateParams::Static {
+                z: part(DSelectPart::Z)?,
+                alpha: part(DSelectPart::Alpha)?,
+            },
+            DSelectKind::PerExample => GateParams::PerExample {
+                dim: hidden,
+                w_z: part(DSelectPart::ZWeight)?,
+                b_z: part(DSelectPart::ZBias)?,
+                w_a: part(DSelectPart::AlphaWeight)?,
+                b_a: part(DSelectPart::AlphaBias)?,
+            },
+        };
+        DSelectGate::new(moe.experts, moe.top_k, gamma, params)
+            .map_err(|e| Error::Internal(format!("layer {l}'s DSelect-k gate: {e}")))
     }
 
     /// Layer `l`'s experts sliced out of its stacked `gate_up_proj [E, 2I, H]` (each expert's
@@ -585,7 +622,7 @@ impl<'a> Loader<'a> {
         let inventory = plan.inventory();
         let mut parts = self.read_all(&inventory)?;
         let layers = (0..plan.layers.len())
-            .map(|l| parts.layer(plan, l))
+            .map(|l| parts.layer(plan, l, cfg.dselect_gamma()))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = match plan.tied_embeddings {
             true => None,

@@ -17,7 +17,8 @@ pub mod writer;
 
 pub use checkpoint::{Checkpoint, FloatDtype, TensorRef};
 pub use family::{
-    FfnPlan, GatingRule, Inventory, LayerPlan, ModelFamily, ModelPlan, MoePlan, TensorRole,
+    DSelectKind, FfnPlan, GatingRule, Inventory, LayerPlan, ModelFamily, ModelPlan, MoePlan,
+    TensorRole,
 };
 pub use load::{detect_layout, ModelDir};
 pub use presets::{ModelSpec, ParamCounts, Preset};

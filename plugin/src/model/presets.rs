@@ -9,7 +9,7 @@ use crate::config::{ModelConfig, ReadMeRouterConfig, TokenIds};
 use crate::error::{Error, Result};
 
 use super::checkpoint::FloatDtype;
-use super::family::{FfnWidths, ModelPlan, TensorRole};
+use super::family::{DSelectKind, FfnWidths, ModelPlan, TensorRole};
 use super::weights::ExpertLayout;
 use super::writer::DEFAULT_SHARD_BYTES;
 
@@ -36,6 +36,12 @@ pub enum Preset {
     /// OLMoE, 2 layers of 8 experts top-2 (not renormalised), full-width QK norm, `clip_qkv`, f32:
     /// for tests.
     OlmoeTiny,
+    /// `mixtral-tiny` with a DSelect-k static gate per layer (`pregate_gate: dselect_static`),
+    /// served as a pre-gate router: for tests.
+    DSelectStaticTiny,
+    /// `mixtral-tiny` with a DSelect-k per-example gate per layer (`pregate_gate:
+    /// dselect_per_example`), routed from the hidden state: for tests.
+    DSelectPerExampleTiny,
     /// Mixtral-8x7B: 32 layers of 8 experts of 14336 channels, top-2, about 46.7 B parameters.
     Mixtral8x7b,
     /// Qwen1.5-MoE-A2.7B: 24 layers of 60 experts of 1408 channels, top-4, a shared expert of 5632.
@@ -48,7 +54,7 @@ pub enum Preset {
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 12] = [
+    pub const ALL: [Preset; 14] = [
         Preset::Tiny,
         Preset::Small,
         Preset::Readme7b,
@@ -57,6 +63,8 @@ impl Preset {
         Preset::Qwen2MoeTiny,
         Preset::Qwen3MoeTiny,
         Preset::OlmoeTiny,
+        Preset::DSelectStaticTiny,
+        Preset::DSelectPerExampleTiny,
         Preset::Mixtral8x7b,
         Preset::Qwen2MoeA27b,
         Preset::Qwen3_30bA3b,
@@ -74,6 +82,8 @@ impl Preset {
             Preset::Qwen2MoeTiny => "qwen2-moe-tiny",
             Preset::Qwen3MoeTiny => "qwen3-moe-tiny",
             Preset::OlmoeTiny => "olmoe-tiny",
+            Preset::DSelectStaticTiny => "dselect-static-tiny",
+            Preset::DSelectPerExampleTiny => "dselect-per-example-tiny",
             Preset::Mixtral8x7b => "mixtral-8x7b",
             Preset::Qwen2MoeA27b => "qwen2-moe-a2.7b",
             Preset::Qwen3_30bA3b => "qwen3-30b-a3b",
@@ -509,6 +519,15 @@ fn hf_spec(p: Preset) -> Option<ModelSpec> {
                 ..fields
             },
         },
+        Preset::DSelectStaticTiny | Preset::DSelectPerExampleTiny => {
+            let kind = match p {
+                Preset::DSelectStaticTiny => DSelectKind::Static,
+                _ => DSelectKind::PerExample,
+            };
+            let mut spec = hf_spec(Preset::MixtralTiny)?;
+            spec.config.moe.pregate_gate = Some(kind.config_name().into());
+            return Some(spec);
+        }
         Preset::Tiny | Preset::Small | Preset::Readme7b | Preset::TinyHead64 => return None,
     };
     let config = ModelConfig {

@@ -101,6 +101,9 @@ pub struct LayerExtras {
     pub qk_norm: Option<[Vec<f32>; 2]>,
     /// The layer's router `[N, H]` (an in-model gate).
     pub gate: Option<Matrix>,
+    /// The layer's DSelect-k gate (in place of `gate`): a per-example one routes in the forward
+    /// pass; a static one is taken out to make the pre-gate router.
+    pub dselect: Option<crate::router::dselect::DSelectGate>,
     /// The shared expert's gate `[H]`: its output is scaled by `sigmoid(gate . x)`.
     pub shared_gate: Option<Vec<f32>>,
     /// A dense layer's MLP (then `experts` is empty).

@@ -20,6 +20,11 @@ pub fn smooth_step(x: f32, gamma: f32) -> f32 {
     }
 }
 
+/// Bits per selector for `n` experts: `ceil(log2 n)` (0 for `n <= 1`).
+pub fn bits_for(n: usize) -> usize {
+    (usize::BITS - n.saturating_sub(1).leading_zeros()) as usize
+}
+
 /// Where the selector logits come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GateParams {
@@ -63,7 +68,7 @@ impl DSelectGate {
                 "DSelect-k needs n >= 2 experts, k >= 1 selectors and gamma > 0 (n={n}, k={k}, gamma={gamma})"
             )));
         }
-        let bits = (usize::BITS - (n - 1).leading_zeros()) as usize;
+        let bits = bits_for(n);
         let ok = match &params {
             GateParams::Static { z, alpha } => z.len() == k * bits && alpha.len() == k,
             GateParams::PerExample {
@@ -156,10 +161,16 @@ impl DSelectGate {
     /// The route for input `x`: every expert with non-zero weight, heaviest first (at most
     /// [`MAX_TOP_K`]; a gate that is not yet sparse keeps its heaviest ones).
     pub fn route(&self, x: Option<&[f32]>) -> Result<TokenRoute> {
+        self.route_at_most(x, MAX_TOP_K)
+    }
+
+    /// [`DSelectGate::route`] keeping at most `max` experts (the heaviest; ties to the lower
+    /// index), so that a layer serving routes of `max` experts takes the gate's routes.
+    pub fn route_at_most(&self, x: Option<&[f32]>, max: usize) -> Result<TokenRoute> {
         let q = self.weights(x)?;
         let mut idx: Vec<usize> = (0..self.n).filter(|&e| q[e] > 0.0).collect();
         idx.sort_by(|&a, &b| q[b].total_cmp(&q[a]));
-        idx.truncate(MAX_TOP_K.max(self.k).min(MAX_TOP_K));
+        idx.truncate(max.clamp(1, MAX_TOP_K));
         if idx.is_empty() {
             return Err(Error::Internal(
                 "DSelect-k gave every expert zero weight".into(),

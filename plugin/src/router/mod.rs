@@ -143,20 +143,44 @@ fn states_in_order<'a, S>(
 }
 
 /// The DSelect-k static gate as a pre-gate router: its selectors and mixing weights are
-/// parameters, so every token gets the same route, known before the backbone runs.
+/// parameters, so every token gets the same route, known before the backbone runs. One gate
+/// routes every layer alike; one gate per layer gives per-layer routes.
 pub struct StaticGateRouter {
-    route: TokenRoute,
+    /// One route for every layer, or one per layer (`scope`).
+    routes: Vec<TokenRoute>,
+    scope: RouteScope,
     experts: usize,
     top_k: usize,
 }
 
 impl StaticGateRouter {
-    /// A router that routes every token with `gate` (a static gate: no input).
+    /// A router that routes every token with `gate` (a static gate: no input), in every layer.
     pub fn new(gate: &dselect::DSelectGate, experts: usize) -> Result<Self> {
         let route = gate.route(None)?;
         Ok(StaticGateRouter {
             top_k: route.experts().len(),
-            route,
+            routes: vec![route],
+            scope: RouteScope::AllLayers,
+            experts,
+        })
+    }
+
+    /// A router with one static gate per decoder layer, each route cut to the `top_k` heaviest
+    /// experts (what the layers serve).
+    pub fn per_layer(gates: &[dselect::DSelectGate], experts: usize, top_k: usize) -> Result<Self> {
+        if gates.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a per-layer static gate router needs a gate per layer".into(),
+            ));
+        }
+        let routes = gates
+            .iter()
+            .map(|g| g.route_at_most(None, top_k))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StaticGateRouter {
+            top_k: routes.iter().map(|r| r.experts().len()).max().unwrap_or(1),
+            scope: RouteScope::PerLayer(routes.len()),
+            routes,
             experts,
         })
     }
@@ -179,6 +203,10 @@ impl Router for StaticGateRouter {
         "host".into()
     }
 
+    fn new_plan(&self) -> RoutePlan {
+        RoutePlan::new(self.experts, self.scope)
+    }
+
     fn open(&mut self, _seq: SeqId, _max_len: usize) -> Result<()> {
         Ok(())
     }
@@ -186,7 +214,7 @@ impl Router for StaticGateRouter {
     fn close(&mut self, _seq: SeqId) {}
 
     fn route(&mut self, _seqs: &[SeqId], tokens: &[&[u32]]) -> Result<Vec<Vec<TokenRoute>>> {
-        Ok(tokens.iter().map(|t| vec![self.route; t.len()]).collect())
+        Ok(tokens.iter().map(|t| self.routes.repeat(t.len())).collect())
     }
 }
 

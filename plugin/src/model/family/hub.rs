@@ -68,6 +68,22 @@ pub fn expert_index(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
+/// Layer `l`'s DSelect-k gate tensor `part` (pregate's own names, the same in every family):
+/// `model.layers.{l}.mlp.dselect.{z, alpha}` for a static gate,
+/// `model.layers.{l}.mlp.dselect.{z_proj, alpha_proj}.{weight, bias}` for a per-example one.
+pub fn dselect_name(l: usize, part: super::DSelectPart) -> String {
+    use super::DSelectPart as P;
+    let rest = match part {
+        P::Z => "z",
+        P::Alpha => "alpha",
+        P::ZWeight => "z_proj.weight",
+        P::ZBias => "z_proj.bias",
+        P::AlphaWeight => "alpha_proj.weight",
+        P::AlphaBias => "alpha_proj.bias",
+    };
+    layer(l, &format!("mlp.dselect.{rest}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use super::{hub, ExpertStorage, FfnPlan, ModelPlan, QkNorm};
+use super::{hub, DSelectKind, ExpertStorage, FfnPlan, GatingRule, ModelPlan, QkNorm};
 use crate::config::ReadMeRouterConfig;
 use crate::error::{Error, Result};
 use crate::model::names;
@@ -81,6 +81,23 @@ pub enum PreGatePart {
     ProjOut,
 }
 
+/// A part of a layer's DSelect-k gate (`crate::router::dselect`), with `k` selectors of `m` bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DSelectPart {
+    /// Static gate: the selector logits `[k, m]`.
+    Z,
+    /// Static gate: the selector mixing logits `[k]`.
+    Alpha,
+    /// Per-example gate: `W_z [k*m, H]`, selector logits `z = W_z x + b_z`.
+    ZWeight,
+    /// Per-example gate: `b_z [k*m]`.
+    ZBias,
+    /// Per-example gate: `W_a [k, H]`, mixing logits `alpha = W_a x + b_a`.
+    AlphaWeight,
+    /// Per-example gate: `b_a [k]`.
+    AlphaBias,
+}
+
 /// What a tensor is to the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TensorRole {
@@ -128,6 +145,13 @@ pub enum TensorRole {
     Gate {
         /// The layer.
         layer: usize,
+    },
+    /// A part of a layer's DSelect-k gate.
+    DSelect {
+        /// The layer.
+        layer: usize,
+        /// Which part.
+        part: DSelectPart,
     },
     /// A layer's shared expert gate `[1, H]` (Qwen2-MoE): the shared output is scaled by
     /// `sigmoid(gate . x)`.
@@ -200,6 +224,7 @@ impl TensorRole {
             | TensorRole::QueryNorm { layer }
             | TensorRole::KeyNorm { layer }
             | TensorRole::Gate { layer }
+            | TensorRole::DSelect { layer, .. }
             | TensorRole::SharedExpertGate { layer }
             | TensorRole::StackedExperts { layer, .. } => Some(layer),
             _ => None,
@@ -340,11 +365,22 @@ impl Inventory {
                 }
                 (FfnPlan::Moe(m), _) if plan.family.routes_in_model() => {
                     let f = plan.family;
-                    push(
-                        hub::gate_name(f, l),
-                        vec![m.experts, h],
-                        TensorRole::Gate { layer: l },
-                    );
+                    match m.gating {
+                        GatingRule::DSelect(kind) => {
+                            for (part, shape) in dselect_shapes(kind, m.experts, m.top_k, h) {
+                                push(
+                                    hub::dselect_name(l, part),
+                                    shape,
+                                    TensorRole::DSelect { layer: l, part },
+                                );
+                            }
+                        }
+                        _ => push(
+                            hub::gate_name(f, l),
+                            vec![m.experts, h],
+                            TensorRole::Gate { layer: l },
+                        ),
+                    }
                     if let Some(s) = &m.shared {
                         ffn(&mut push, hub::shared_expert_names(l), s.inter, &|proj| {
                             TensorRole::SharedExpert { layer: l, proj }
@@ -483,6 +519,26 @@ impl Inventory {
     /// Elements over the weight files.
     pub fn weight_params(&self) -> usize {
         self.weights().map(TensorSpec::numel).sum()
+    }
+}
+
+/// The parts of a DSelect-k gate of `kind` over `experts` experts with `selectors` selectors on a
+/// hidden width `h`, with their shapes, in file order.
+pub fn dselect_shapes(
+    kind: DSelectKind,
+    experts: usize,
+    selectors: usize,
+    h: usize,
+) -> Vec<(DSelectPart, Vec<usize>)> {
+    let (k, m) = (selectors, crate::router::dselect::bits_for(experts));
+    match kind {
+        DSelectKind::Static => vec![(DSelectPart::Z, vec![k, m]), (DSelectPart::Alpha, vec![k])],
+        DSelectKind::PerExample => vec![
+            (DSelectPart::ZWeight, vec![k * m, h]),
+            (DSelectPart::ZBias, vec![k * m]),
+            (DSelectPart::AlphaWeight, vec![k, h]),
+            (DSelectPart::AlphaBias, vec![k]),
+        ],
     }
 }
 

@@ -17,7 +17,7 @@ use crate::config::{ModelConfig, ReadMeRouterConfig};
 use crate::error::{Error, Result};
 
 pub use inventory::{
-    AttnProj, FfnProj, Inventory, PreGatePart, StackedProj, TensorRole, TensorSpec,
+    AttnProj, DSelectPart, FfnProj, Inventory, PreGatePart, StackedProj, TensorRole, TensorSpec,
 };
 
 /// A model family pregate knows how to serve.
@@ -174,6 +174,32 @@ pub enum GatingRule {
         /// Whether the k selected weights are divided by their sum.
         renormalize: bool,
     },
+    /// A DSelect-k gate per layer (`crate::router::dselect`) in place of the family's softmax
+    /// gate, chosen by the config's `pregate_gate`: `num_experts_per_tok` selectors of
+    /// `ceil(log2 experts)` bits, smooth-step width `dselect_gamma`; each token goes to the experts
+    /// with non-zero weight, heaviest first, at most `num_experts_per_tok` of them.
+    DSelect(DSelectKind),
+}
+
+/// Which DSelect-k gate a layer has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DSelectKind {
+    /// `pregate_gate: "dselect_static"`: fixed selector logits, the same route for every token,
+    /// served as a pre-gate router (every layer's routes known before the backbone runs).
+    Static,
+    /// `pregate_gate: "dselect_per_example"`: selector logits from the layer's normed hidden
+    /// state, routed inside the forward pass like the softmax gate.
+    PerExample,
+}
+
+impl DSelectKind {
+    /// The config value that chooses it.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            DSelectKind::Static => "dselect_static",
+            DSelectKind::PerExample => "dselect_per_example",
+        }
+    }
 }
 
 /// An always-active expert added to every token's routed output.
@@ -458,8 +484,11 @@ fn hf_plan(cfg: &ModelConfig, family: ModelFamily, storage: ExpertStorage) -> Re
         shared: cfg
             .gated_shared_expert_size()
             .map(|inter| SharedExpertPlan { inter, gated: true }),
-        gating: GatingRule::SoftmaxTopK {
-            renormalize: cfg.renormalize_top_k(),
+        gating: match cfg.dselect_gate() {
+            Some(kind) => GatingRule::DSelect(kind),
+            None => GatingRule::SoftmaxTopK {
+                renormalize: cfg.renormalize_top_k(),
+            },
         },
     };
     let layers = (0..cfg.num_hidden_layers)
