@@ -121,6 +121,23 @@ pub(super) fn upload_stacked<T: DeviceElem>(
         .map_err(|e| Error::Capacity(format!("uploading `{}`: {e}", parts[0].0)))
 }
 
+/// Uploads several tensors (each checked to be its listed shape) one after the other as one
+/// vector: the q, k and v biases as one bias of the fused qkv projection.
+pub(super) fn upload_concat<T: DeviceElem>(
+    stream: &Arc<CudaStream>,
+    ck: &Checkpoint,
+    parts: &[&TensorSpec],
+) -> Result<CudaSlice<T>> {
+    let mut host = Vec::new();
+    for t in parts {
+        host.extend(T::decode(&ck.float_tensor(&t.name, &t.shape)?)?);
+    }
+    let first = parts.first().map_or("", |t| t.name.as_str());
+    stream
+        .clone_htod(&host)
+        .map_err(|e| Error::Capacity(format!("uploading `{first}`: {e}")))
+}
+
 /// Packs unit (`layer`, `expert`) into its bytes: `pack(layer, expert, out)`.
 pub(super) type PackUnit<'a> = dyn Fn(usize, usize, &mut [u8]) -> Result<()> + Sync + 'a;
 
