@@ -58,10 +58,11 @@ for line in sys.stdin:
         if command -v strip >/dev/null; then strip --strip-debug "$bin_dir/$name"; fi
         echo "staged $bin_dir/$name  <- $exe"
     done
-    # The CUDA engine's GPU tests (crate pregate) and the GPU benchmark binary (pregate-benches).
+    # The CUDA engine's GPU tests (crate pregate: Read-ME models, the expert runtime, the Hugging
+    # Face families on their transformers fixtures) and the GPU benchmark binary (pregate-benches).
     bench_dir="$(dirname "$bin_dir")/bench"
     mkdir -p "$bench_dir"
-    cargo build -p pregate -p pregate-benches --release --test gpu_engine --test gpu_moe --bench gpu --message-format=json 2>/dev/null |
+    cargo build -p pregate -p pregate-benches --release --test gpu_engine --test gpu_moe --test gpu_families --bench gpu --message-format=json 2>/dev/null |
         python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -69,7 +70,7 @@ for line in sys.stdin:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("gpu_engine", "gpu_moe", "gpu"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("gpu_engine", "gpu_moe", "gpu_families", "gpu"):
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do
         if [ "$name" = gpu ]; then dst="$bench_dir/gpu"; else dst="$bin_dir/$name"; fi

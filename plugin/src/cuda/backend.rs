@@ -436,14 +436,19 @@ impl<T: DeviceElem> CudaBackend<T> {
         let qkv_w = qd + 2 * kvd;
         // Each layer's routes, checked before anything is enqueued; Read-ME's shared routes are
         // built once. An in-model gate makes each layer's routes as the layer runs.
-        let routes = StepRoutes::of(chunks, nl);
-        if self.in_model.is_none() {
-            for (l, lw) in self.layers.iter().enumerate() {
-                if let LayerFfn::Moe { index, .. } = lw.ffn {
-                    self.experts.check(index, routes.layer(l))?;
+        // (In-model chunks carry no routes, so none are read from them.)
+        let known = match self.in_model {
+            Some(_) => None,
+            None => {
+                let routes = StepRoutes::of(chunks, nl);
+                for (l, lw) in self.layers.iter().enumerate() {
+                    if let LayerFfn::Moe { index, .. } = lw.ffn {
+                        self.experts.check(index, routes.layer(l))?;
+                    }
                 }
+                Some(routes)
             }
-        }
+        };
         if let Some(trace) = self.trace.as_mut() {
             *trace = chunks
                 .iter()
@@ -633,8 +638,8 @@ impl<T: DeviceElem> CudaBackend<T> {
                 }
                 LayerFfn::Moe { index, gate } => {
                     let made;
-                    let layer_routes = match (gate, self.in_model) {
-                        (Some(gate), Some(g)) => {
+                    let layer_routes = match (gate, self.in_model, &known) {
+                        (Some(gate), Some(g), _) => {
                             made = gate_routes(
                                 &self.blas,
                                 kk,
@@ -650,7 +655,10 @@ impl<T: DeviceElem> CudaBackend<T> {
                             )?;
                             &made[..]
                         }
-                        _ => routes.layer(l),
+                        (_, _, Some(known)) => known.layer(l),
+                        _ => {
+                            return Err(Error::Internal(format!("layer {l} has no routes")));
+                        }
                     };
                     if let Some(trace) = self.trace.as_mut() {
                         let mut at = 0;
