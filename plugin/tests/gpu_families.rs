@@ -36,7 +36,11 @@ const FIXTURES: [(&str, ModelFamily); 4] = [
 
 fn main() -> std::process::ExitCode {
     let mut tests = DeviceTests::new();
-    register!(tests, every: families_match_transformers_and_the_cpu_engine);
+    register!(
+        tests,
+        every: families_match_transformers_and_the_cpu_engine,
+        stacked_experts_give_the_per_expert_results,
+    );
     register!(
         tests,
         cuda: families_bf16_logits_close_to_cpu,
@@ -289,5 +293,80 @@ fn families_small_expert_cache_matches_all_resident(device: &TestDevice) -> Resu
             assert!(c.misses > 0, "{name}: a cache of {cap} never missed");
         }
     }
+    Ok(())
+}
+
+/// A copy of fixture `name`'s model with each layer's experts stacked in `gate_up_proj [E, 2I, H]`
+/// (gate rows, then up rows) and `down_proj [E, H, I]`, as transformers v5 holds them.
+fn stacked_copy(name: &str) -> tempfile::TempDir {
+    let src = ModelDir::open(&fixture(name)).unwrap();
+    let experts = src.config.num_experts();
+    let ck = &src.checkpoint;
+    let bytes = |n: &str| ck.tensor(n).unwrap().data.to_vec();
+    let per_expert =
+        |l: usize, e: usize, p: &str| format!("model.layers.{l}.mlp.experts.{e}.{p}.weight");
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    common::rewrite(dir.path(), |s, b| {
+        let Some(rest) = s.name.strip_prefix("model.layers.") else {
+            return Some((s.clone(), b));
+        };
+        let l: usize = rest.split('.').next().unwrap().parse().unwrap();
+        let spec = |p: &str, shape| {
+            let n = format!("model.layers.{l}.mlp.experts.{p}");
+            pregate::model::writer::TensorSpec::new(n, s.dtype, shape)
+        };
+        if s.name == per_expert(l, 0, "gate_proj") {
+            let mut data = Vec::new();
+            for e in 0..experts {
+                data.extend(bytes(&per_expert(l, e, "gate_proj")));
+                data.extend(bytes(&per_expert(l, e, "up_proj")));
+            }
+            let (i, h) = (s.shape[0], s.shape[1]);
+            Some((spec("gate_up_proj", vec![experts, 2 * i, h]), data))
+        } else if s.name == per_expert(l, 0, "down_proj") {
+            let data = (0..experts)
+                .flat_map(|e| bytes(&per_expert(l, e, "down_proj")))
+                .collect();
+            Some((
+                spec("down_proj", vec![experts, s.shape[0], s.shape[1]]),
+                data,
+            ))
+        } else if s.name.contains(".mlp.experts.") {
+            None
+        } else {
+            Some((s.clone(), b))
+        }
+    });
+    dir
+}
+
+fn stacked_experts_give_the_per_expert_results(device: &TestDevice) -> Result<(), Failed> {
+    let name = "qwen3_moe_bf16";
+    let dir = stacked_copy(name);
+    let stacked = ModelDir::open(dir.path()).unwrap();
+    assert_eq!(
+        stacked.plan.expert_storage,
+        pregate::model::family::ExpertStorage::Stacked
+    );
+    let per_expert = ModelDir::open(&fixture(name)).unwrap();
+    let cases = read_cases(name);
+    let want = run_batched(&mut engine_on(device, &per_expert), &cases, 5);
+    let got = run_batched(&mut engine_on(device, &stacked), &cases, 5);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g.output, w.output,
+            "{name} stacked on {device}, case {i}: tokens"
+        );
+        assert_eq!(
+            g.logits, w.logits,
+            "{name} stacked on {device}, case {i}: logits"
+        );
+        same_routes(&format!("{name} stacked, case {i}"), g, w, 0.0);
+    }
+    println!("{name} with stacked experts on {device}: tokens, logits and experts equal");
     Ok(())
 }

@@ -143,14 +143,6 @@ impl<T: DeviceElem> CudaBackend<T> {
             None => None,
         };
         let norm = one(TensorRole::FinalNorm)?;
-        if model.plan.expert_storage == crate::model::family::ExpertStorage::Stacked {
-            return Err(Error::InvalidArgument(
-                "the CUDA backend reads experts stored per expert; this checkpoint stacks each \
-                 layer's experts in one tensor (transformers v5's in-memory form): save it with \
-                 per-expert tensors, or serve it on the CPU backend (--device cpu)"
-                    .into(),
-            ));
-        }
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         let (mut moe_layers, mut gated, mut dense_inter) = (0usize, 0usize, 0usize);
         let mut gating = None;

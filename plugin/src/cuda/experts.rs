@@ -161,8 +161,19 @@ impl<T: DeviceElem> CudaExperts<T> {
             top_k: cfg.experts_per_token().max(1),
             hidden: h,
         };
+        let stacked = model.plan.expert_storage == crate::model::family::ExpertStorage::Stacked;
         let pack = |m: usize, e: usize, out: &mut [u8]| {
-            pack_ffn::<T>(ck, inventory.expert(moe_layers[m], e)?, units[m], out)
+            let l = moe_layers[m];
+            if stacked {
+                let role =
+                    |proj| crate::model::family::TensorRole::StackedExperts { layer: l, proj };
+                let parts = [
+                    inventory.require(role(crate::model::family::StackedProj::GateUp))?,
+                    inventory.require(role(crate::model::family::StackedProj::Down))?,
+                ];
+                return super::weights::pack_stacked_ffn::<T>(ck, parts, e, units[m], out);
+            }
+            pack_ffn::<T>(ck, inventory.expert(l, e)?, units[m], out)
         };
         let shared = SharedExperts {
             weights: shared,
