@@ -1,17 +1,18 @@
-//! Decode throughput of the CPU backend on the `small` demo model, beside the floor that memory
-//! bandwidth sets: the bytes of weights one decode step must read over the host's measured `memcpy`
-//! bandwidth (bytes copied per second, over buffers far larger than the caches), both measured in
-//! the same run.
+//! Decode throughput of the CPU backend on the `small` demo model and on a small Mixtral-shaped
+//! model (routed by its own gates), each beside the floor that memory bandwidth sets: the bytes of
+//! weights one decode step must read over the host's measured `memcpy` bandwidth (bytes copied per
+//! second, over buffers far larger than the caches), both measured in the same run.
 //!
 //! `cargo bench -p pregate-benches --bench decode` (set `PREGATE_BENCH_MODEL=DIR` to reuse a
-//! model).
+//! `small` model; `cargo bench -p pregate-benches --bench decode -- mixtral` for the Mixtral shape
+//! only).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use pregate::engine::{open_engine, Device, Engine, GenerationRequest};
-use pregate::model::{make_model, ExpertLayout, ModelDir, Preset};
+use pregate::model::{make_model, ExpertLayout, ModelDir, ModelSpec, Preset};
 
 const BATCHES: [usize; 2] = [1, 8];
 
@@ -146,5 +147,102 @@ fn bench_decode(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_decode);
+/// Mixtral's shape scaled down to run on a small host: 4 layers of 8 experts, top-2, hidden 512,
+/// expert width 1792 (Mixtral's 3.5 x hidden), 8 query and 2 key/value heads of 64, vocabulary
+/// 32000; f32, as the CPU backend holds it.
+fn mixtral_small_spec() -> ModelSpec {
+    let mut spec = Preset::MixtralTiny.spec();
+    let c = &mut spec.config;
+    c.vocab_size = 32000;
+    c.hidden_size = 512;
+    c.intermediate_size = 1792;
+    c.num_hidden_layers = 4;
+    c.num_attention_heads = 8;
+    c.num_key_value_heads = Some(2);
+    c.head_dim = Some(64);
+    c.max_position_embeddings = 4096;
+    c.moe.num_local_experts = Some(8);
+    c.moe.num_experts_per_tok = Some(2);
+    spec.expert_inter = 1792;
+    spec
+}
+
+fn mixtral_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join("pregate-bench-mixtral-small");
+    if !dir.join("config.json").exists() {
+        make_model(&mixtral_small_spec(), ExpertLayout::Fused, 0, &dir)
+            .expect("make the Mixtral-shaped model");
+    }
+    dir
+}
+
+/// Weight bytes (f32) one decode step of an in-model-routed model reads: dense weights once (the
+/// gates included), plus every distinct expert the step's tokens went to at each layer (from the
+/// engine's route trace of that step).
+fn traced_step_bytes(engine: &mut Engine, model: &ModelDir) -> usize {
+    let c = &model.config;
+    let (h, v, l) = (c.hidden_size, c.vocab_size, c.num_hidden_layers);
+    let d = c.head_dim();
+    let attn = h * c.num_attention_heads * d * 2 + h * c.num_kv_heads() * d * 2 + 2 * h;
+    let gate = c.num_experts() * h;
+    let expert = 3 * h * c.expert_intermediate_size().0;
+    let s = engine.schedule_all();
+    let out = engine.step(&s).expect("traced decode step");
+    let mut distinct = 0;
+    for layer in 0..l {
+        let mut set = pregate::route::ExpertSet::default();
+        for chunk in &out.routes {
+            for r in &chunk.layers[layer] {
+                for &e in r.experts() {
+                    set.insert(e);
+                }
+            }
+        }
+        distinct += set.len();
+    }
+    out.into_events().expect("decode step");
+    let head = if c.tie_word_embeddings { 0 } else { h * v };
+    4 * (l * (attn + gate) + distinct * expert + head + h)
+}
+
+fn bench_decode_mixtral(c: &mut Criterion) {
+    let dir = mixtral_dir();
+    let mut group = c.benchmark_group("decode_mixtral_small_cpu");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(8));
+    for batch in BATCHES {
+        let mut engine = decoding_engine(&dir, batch);
+        group.bench_function(format!("batch{batch}"), |b| b.iter(|| step(&mut engine)));
+    }
+    group.finish();
+
+    let model = ModelDir::open(&dir).expect("open model");
+    let bw = memcpy_bandwidth();
+    println!(
+        "\nMixtral-shaped (4 layers, 8 experts of 512x1792, top-2, vocab 32000), f32, CPU\n\
+         memcpy bandwidth (bytes copied per second): {:.2} GB/s",
+        bw / 1e9
+    );
+    println!("| batch | step ms | tokens/s | weight MB/step | floor tokens/s | ratio to floor |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for batch in BATCHES {
+        let mut engine = decoding_engine(&dir, batch);
+        engine.trace_routes(true).expect("trace routes");
+        let bytes = traced_step_bytes(&mut engine, &model);
+        engine.trace_routes(false).expect("stop tracing");
+        let secs = median_step_seconds(&mut engine, 30);
+        let floor_secs = bytes as f64 / bw;
+        println!(
+            "| {batch} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            secs * 1e3,
+            batch as f64 / secs,
+            bytes as f64 / 1e6,
+            batch as f64 / floor_secs,
+            floor_secs / secs
+        );
+    }
+}
+
+criterion_group!(benches, bench_decode, bench_decode_mixtral);
 criterion_main!(benches);

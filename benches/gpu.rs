@@ -11,6 +11,11 @@
 //!                                        offloaded decode at cache capacities CAPS (e.g. 2,3,4,5):
 //!                                        the engine's router routes (STEPS steps at BATCH), then
 //!                                        synthetic Read-ME routes (REQS requests x TOKENS, batch 1)
+//! gpu make-mixtral DIR LAYERS            mixtral-8x7b shape with LAYERS layers (timed)
+//! gpu mixtral-offload DIR CAPS STEPS     offloaded decode of that model (its own gates route) at
+//!                                        CAPS experts per layer (e.g. 2,4,6) and all resident,
+//!                                        beside the link-bound floor: the bytes each step moved
+//!                                        over the measured pinned copy bandwidth
 //! ```
 //! Device work is timed with CUDA events (medians); engine steps end with the logits read, so
 //! their host clock is device time. Result lines start with `RESULT`.
@@ -61,8 +66,17 @@ fn main() {
             args.get(5).and_then(|b| b.parse().ok()).unwrap_or(8),
             args.get(6).and_then(|b| b.parse().ok()).unwrap_or(64),
         ),
+        Some("make-mixtral") => make_mixtral(&args[1], args[2].parse().unwrap_or(4)),
+        Some("mixtral-offload") => mixtral_offload(
+            &args[1],
+            &args[2],
+            args.get(3).and_then(|s| s.parse().ok()).unwrap_or(32),
+        ),
         _ => {
-            eprintln!("usage: gpu expert-layer|loads|make-model|decode|offload ...");
+            eprintln!(
+                "usage: gpu expert-layer|loads|make-model|decode|offload|make-mixtral|\
+                 mixtral-offload ..."
+            );
             std::process::exit(2);
         }
     };
@@ -696,6 +710,119 @@ fn offload(
         }
         let after = h.snapshot();
         offload_result("synthetic", cap, name, before, after);
+    }
+    Ok(())
+}
+
+fn make_mixtral(dir: &str, layers: usize) -> Res<()> {
+    let spec = Preset::Mixtral8x7b.spec().with_layers(layers)?;
+    let start = Instant::now();
+    let made = make_model(&spec, ExpertLayout::Fused, 0, std::path::Path::new(dir))?;
+    println!(
+        "RESULT make_mixtral layers={layers} GB={:.1} seconds={:.1}",
+        made.bytes as f64 / 1e9,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Pinned host-to-device copy bandwidth (bytes per second): 1 GiB copies, median of 5.
+fn pinned_bandwidth(ctx: &Arc<CudaContext>) -> Res<f64> {
+    let n = 1usize << 30;
+    let copy = ctx.new_stream()?;
+    // SAFETY: filled below before any copy reads it.
+    let mut pinned = unsafe { ctx.alloc_pinned::<u8>(n) }?;
+    pinned
+        .as_mut_slice()?
+        .par_chunks_mut(1 << 20)
+        .for_each(|c| c.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8));
+    let dst: CudaSlice<u8> = copy.alloc_zeros(n)?;
+    let ms = time_ms(ctx, &copy, 1, 5, || {
+        let (d, _g) = dst.device_ptr(&copy);
+        let src = pinned.as_slice()?;
+        // SAFETY: both buffers hold n bytes; the pinned buffer outlives the copy (synchronised
+        // by the timing events before it is dropped).
+        unsafe { cu::memcpy_htod_async(d, src, copy.cu_stream()) }?;
+        Ok(())
+    })?;
+    copy.synchronize()?;
+    Ok(n as f64 / (ms / 1e3))
+}
+
+/// Offloaded decode of a Mixtral-8x7B-shaped model at batch 1: each MoE layer routes itself on
+/// the device, so no route is known ahead and the cache loads on demand (LRU). For each capacity
+/// of `caps` experts per layer, and all 8 resident, `steps` timed decode steps after 4 warm-up
+/// steps: step time, the bytes loaded into expert slots per step, and the link-bound floor of
+/// those bytes over the measured pinned copy bandwidth.
+fn mixtral_offload(dir: &str, caps: &str, steps: usize) -> Res<()> {
+    let model = ModelDir::open(std::path::Path::new(dir))?;
+    let ne = model.config.num_experts();
+    let ctx = pregate_kernels::open_device(0)?;
+    let bw = pinned_bandwidth(&ctx)?;
+    println!("RESULT mixtral_pinned_copy GB_per_s={:.2}", bw / 1e9);
+    let t0 = Instant::now();
+    let opts = CudaOptions {
+        dtype: CudaDtype::Bf16,
+        // Offloaded (a pinned host copy of every expert), so that the cache can be resized.
+        experts: ExpertCapacity::PerLayer(ne - 1),
+        policy: EvictionPolicy::Lru,
+        prefetch: false,
+        kv_tokens: Some(16 * 1024),
+        measure_stalls: true,
+        ..CudaOptions::default()
+    };
+    let (mut e, h) = open_cuda_engine(&model, &opts)?;
+    println!(
+        "load (pinned host copy of the experts, {} layers): {:.1} s",
+        model.config.num_hidden_layers,
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "RESULT mixtral_offload capacity step_ms tokens_per_s stall_ms GB_loaded_per_step \
+         link_floor_ms step_over_floor"
+    );
+    let mut setups = vec![ne];
+    setups.extend(caps.split(',').filter_map(|c| c.parse::<usize>().ok()));
+    for cap in setups {
+        if let Ok(mut r) = h.reconfigure.lock() {
+            *r = Some(CacheSetup {
+                experts: ExpertCapacity::PerLayer(cap),
+                policy: EvictionPolicy::Lru,
+                prefetch: false,
+            });
+        }
+        let warm = 4;
+        // The same prompt for every capacity: the same routes.
+        for r in requests(&e, 1, 16, 1 + warm + steps, 11) {
+            e.add_request(r)?;
+        }
+        for _ in 0..1 + warm {
+            step(&mut e)?;
+        }
+        let before = h.snapshot();
+        for _ in 0..steps {
+            step(&mut e)?;
+        }
+        let after = h.snapshot();
+        while !e.is_empty() {
+            step(&mut e)?;
+        }
+        let n = (after.steps - before.steps).max(1) as f64;
+        let step_s = (after.step_seconds - before.step_seconds) / n;
+        let bytes = (after.bytes_loaded - before.bytes_loaded) as f64 / n;
+        let floor_s = bytes / bw;
+        println!(
+            "RESULT mixtral_offload {cap} {:.2} {:.2} {:.2} {:.3} {:.2} {}",
+            step_s * 1e3,
+            1.0 / step_s,
+            (after.stall_seconds - before.stall_seconds) / n * 1e3,
+            bytes / 1e9,
+            floor_s * 1e3,
+            match floor_s > 0.0 {
+                true => format!("{:.2}", step_s / floor_s),
+                false => "-".into(),
+            }
+        );
     }
     Ok(())
 }

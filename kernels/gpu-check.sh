@@ -20,6 +20,14 @@
 #                                          runs fewer sizes; PREGATE_BENCH_SKIP="WORD ..." skips the
 #                                          steps whose command line contains a WORD.
 #   kernels/gpu-check.sh bench [BIN_DIR]   the benchmarks only.
+#   kernels/gpu-check.sh mixtral [BIN_DIR] only the offloaded decode of a Mixtral-8x7B-shaped model
+#                                          (also the last step of `bench`): PREGATE_BENCH_MIXTRAL_LAYERS
+#                                          (default 8; 2.8 GB of experts each) layers generated under
+#                                          PREGATE_BENCH_MIXTRAL_DIR (default /tmp/pregate-mixtral),
+#                                          capacities PREGATE_BENCH_MIXTRAL_CAPS (default 2,4,6) and
+#                                          all resident, PREGATE_BENCH_MIXTRAL_STEPS (16) steps each;
+#                                          each of its two steps is killed after
+#                                          PREGATE_BENCH_MIXTRAL_SECONDS (default 240).
 #
 # Run-time environment: CUDA headers from PREGATE_CUDA_INCLUDE (default /usr/local/cuda/include),
 # NVRTC and cuBLAS from /usr/local/cuda/lib64 (prepended to LD_LIBRARY_PATH), the log under
@@ -31,7 +39,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 mode="run"
 case "${1:-}" in
-    stage|run|all|bench) mode="$1"; shift ;;
+    stage|run|all|bench|mixtral) mode="$1"; shift ;;
 esac
 bin_dir="${1:-$root/.device/bin}"
 
@@ -58,10 +66,11 @@ for line in sys.stdin:
         if command -v strip >/dev/null; then strip --strip-debug "$bin_dir/$name"; fi
         echo "staged $bin_dir/$name  <- $exe"
     done
-    # The CUDA engine's GPU tests (crate pregate) and the GPU benchmark binary (pregate-benches).
+    # The CUDA engine's GPU tests (crate pregate: Read-ME models, the expert runtime, the Hugging
+    # Face families on their transformers fixtures) and the GPU benchmark binary (pregate-benches).
     bench_dir="$(dirname "$bin_dir")/bench"
     mkdir -p "$bench_dir"
-    cargo build -p pregate -p pregate-benches --release --test gpu_engine --test gpu_moe --bench gpu --message-format=json 2>/dev/null |
+    cargo build -p pregate -p pregate-benches --release --test gpu_engine --test gpu_moe --test gpu_families --bench gpu --message-format=json 2>/dev/null |
         python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -69,7 +78,7 @@ for line in sys.stdin:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("gpu_engine", "gpu_moe", "gpu"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("gpu_engine", "gpu_moe", "gpu_families", "gpu"):
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do
         if [ "$name" = gpu ]; then dst="$bench_dir/gpu"; else dst="$bin_dir/$name"; fi
@@ -109,25 +118,50 @@ export RUST_BACKTRACE=1
     echo "binaries: $bin_dir"
 } >>"$log"
 
+bench_bin="$(dirname "$bin_dir")/bench/gpu"
+blog="$log_dir/gpu-bench.log"
+
+bstep() {
+    # PREGATE_BENCH_SKIP: space-separated words; a step whose command line has one is skipped.
+    for sk in ${PREGATE_BENCH_SKIP:-}; do
+        case "$*" in *"$sk"*) echo "=== skipped: $*" | tee -a "$blog"; return ;; esac
+    done
+    echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$blog"
+    "$@" 2>&1 | tee -a "$blog" | grep -E "^(RESULT|SKIP|error|load|torch load)" || true
+}
+
+# Offloaded decode of a Mixtral-8x7B-shaped model (each layer routes itself on the device), each
+# step under a time bound: the device session is short.
+run_mixtral_bench() {
+    local mixdir="${PREGATE_BENCH_MIXTRAL_DIR:-/tmp/pregate-mixtral}"
+    local secs="${PREGATE_BENCH_MIXTRAL_SECONDS:-240}"
+    chmod +x "$bench_bin" 2>/dev/null || true
+    if [ ! -f "$mixdir/config.json" ]; then
+        # Made aside and moved once complete, so that a step killed by its bound leaves no half
+        # model behind.
+        rm -rf "$mixdir.tmp"
+        bstep timeout "$secs" "$bench_bin" make-mixtral "$mixdir.tmp" "${PREGATE_BENCH_MIXTRAL_LAYERS:-8}"
+        if grep -q "^RESULT make_mixtral" "$blog"; then mv "$mixdir.tmp" "$mixdir"; fi
+    fi
+    bstep timeout "$secs" "$bench_bin" mixtral-offload "$mixdir" \
+        "${PREGATE_BENCH_MIXTRAL_CAPS:-2,4,6}" "${PREGATE_BENCH_MIXTRAL_STEPS:-16}"
+}
+
+if [ "$mode" = mixtral ]; then
+    : >"$blog"
+    run_mixtral_bench
+    grep -h "^RESULT" "$blog" | sed 's/^RESULT //' | tee "$log_dir/gpu-mixtral-results.txt"
+    exit 0
+fi
+
 run_benches() {
-    local bench_bin
-    bench_bin="$(dirname "$bin_dir")/bench/gpu"
     local results="$log_dir/gpu-bench-results.txt"
-    local blog="$log_dir/gpu-bench.log"
     local layers="${PREGATE_BENCH_LAYERS:-32}"
     local mdir="${PREGATE_BENCH_MODEL_DIR:-/tmp/pregate-readme7b}"
     local quick=""
     [ "${PREGATE_BENCH_QUICK:-0}" = 1 ] && quick="--quick"
     chmod +x "$bench_bin" 2>/dev/null || true
     : >"$blog"
-    bstep() {
-        # PREGATE_BENCH_SKIP: space-separated words; a step whose command line has one is skipped.
-        for sk in ${PREGATE_BENCH_SKIP:-}; do
-            case "$*" in *"$sk"*) echo "=== skipped: $*" | tee -a "$blog"; return ;; esac
-        done
-        echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$blog"
-        "$@" 2>&1 | tee -a "$blog" | grep -E "^(RESULT|SKIP|error|load|torch load)" || true
-    }
     bstep "$bench_bin" expert-layer $quick
     bstep python3 "$here/bench/moe_torch.py" $quick
     bstep "$bench_bin" loads
@@ -145,6 +179,7 @@ run_benches() {
     # requests of PREGATE_BENCH_SYNTH_TOKENS tokens, batch 1.
     bstep "$bench_bin" offload "$mdir" "${PREGATE_BENCH_CAPS:-2,3,4,5}" "${PREGATE_BENCH_STEPS:-32}" 1 \
         "${PREGATE_BENCH_SYNTH_REQS:-8}" "${PREGATE_BENCH_SYNTH_TOKENS:-64}"
+    run_mixtral_bench
     {
         echo "pregate GPU benchmarks ($(date -u +%Y-%m-%dT%H:%M:%SZ)), readme-7b layers=$layers"
         head -3 "$log" | tail -2

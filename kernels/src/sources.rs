@@ -84,6 +84,19 @@ pub const SOURCES: &[KernelSource] = &[
         ],
     },
     KernelSource {
+        name: "family",
+        body: include_str!("../cuda/family.cu"),
+        kernels: &[
+            "rmsnorm_groups_f32",
+            "rmsnorm_groups_bf16",
+            "clamp_f32",
+            "clamp_bf16",
+            "gate_softmax_topk",
+            "sigmoid_scale_add_f32",
+            "sigmoid_scale_add_bf16",
+        ],
+    },
+    KernelSource {
         name: "sampling",
         body: include_str!("../cuda/sampling.cu"),
         kernels: &["sample_tokens"],

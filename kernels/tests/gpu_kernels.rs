@@ -39,6 +39,11 @@ fn main() -> std::process::ExitCode {
         sampling_follows_the_distribution,
         launchers_reject_bad_shapes_without_launching,
         grouped_expert_ffn_bf16,
+        qk_norm_f32,
+        qk_norm_bf16,
+        clamp_and_gated_add_f32,
+        clamp_and_gated_add_bf16,
+        gate_softmax_topk_matches_reference,
     );
     tests.run()
 }
@@ -1153,5 +1158,142 @@ fn grouped_expert_ffn_bf16(device: &Device) -> Result<(), Failed> {
         offsets: vec![0, 1],
     };
     assert!(!g.blas.grouped_ffn_applies::<bf16>(&plan, dims));
+    Ok(())
+}
+
+both_dtypes!(check_qk_norm: qk_norm_f32, qk_norm_bf16);
+/// RMSNorm in place over groups of a strided buffer (the q and k parts of a fused qkv row), per
+/// head and over the full width; the columns outside the groups stay untouched.
+fn check_qk_norm<T: KernelDtype>(g: &Gpu, name: &str) {
+    let mut rng = rng(name);
+    // (tokens, row stride, offset, groups, width): Qwen3-like per head, OLMoE-like full width.
+    for (n, stride, off, groups, width) in
+        [(5, 256, 0, 4, 32), (5, 256, 128, 2, 32), (3, 96, 32, 1, 64)]
+    {
+        let (x, xf) = as_dtype::<T>(&rand_vec(&mut rng, n * stride, 2.0));
+        let (w, wf) = as_dtype::<T>(&rand_vec(&mut rng, width, 1.5));
+        let eps = 1e-6f32;
+        let mut d = g.upload(&x);
+        g.ks.rmsnorm_groups::<T>(
+            &g.stream,
+            &mut d.slice_mut(off..),
+            &g.upload(&w),
+            n,
+            stride,
+            groups,
+            width,
+            eps,
+        )
+        .unwrap();
+        let mut want: Vec<f64> = xf.iter().map(|&v| v as f64).collect();
+        for t in 0..n {
+            for gi in 0..groups {
+                let at = t * stride + off + gi * width;
+                let v = &xf[at..at + width];
+                let ms = v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>() / width as f64;
+                let inv = 1.0 / (ms + eps as f64).sqrt();
+                for c in 0..width {
+                    want[at + c] = v[c] as f64 * inv * wf[c] as f64;
+                }
+            }
+        }
+        assert_close::<T>(
+            &format!("rmsnorm_groups {n}x{groups}x{width} stride {stride} at {off}"),
+            &g.download_f32(&d),
+            &want,
+        );
+    }
+}
+
+both_dtypes!(check_clamp_and_gated_add: clamp_and_gated_add_f32, clamp_and_gated_add_bf16);
+/// clip_qkv's clamp, and the shared expert's `out += sigmoid(gate) * y`.
+fn check_clamp_and_gated_add<T: KernelDtype>(g: &Gpu, name: &str) {
+    let mut rng = rng(name);
+    let n = 1000;
+    let (x, xf) = as_dtype::<T>(&rand_vec(&mut rng, n, 4.0));
+    let mut d = g.upload(&x);
+    g.ks.clamp::<T>(&g.stream, &mut d, n - 1, 1.5).unwrap();
+    let mut want: Vec<f64> = xf.iter().map(|&v| v.clamp(-1.5, 1.5) as f64).collect();
+    // The last element is outside the launch.
+    want[n - 1] = xf[n - 1] as f64;
+    assert_close::<T>("clamp", &g.download_f32(&d), &want);
+
+    let (rows, cols) = (7, 130);
+    let (o, of) = as_dtype::<T>(&rand_vec(&mut rng, rows * cols, 1.0));
+    let (y, yf) = as_dtype::<T>(&rand_vec(&mut rng, rows * cols, 1.0));
+    let gate = rand_vec(&mut rng, rows, 3.0);
+    let mut d = g.upload(&o);
+    g.ks.sigmoid_scale_add::<T>(
+        &g.stream,
+        &mut d,
+        &g.upload(&y),
+        &g.upload(&gate),
+        rows,
+        cols,
+    )
+    .unwrap();
+    let want: Vec<f64> = (0..rows * cols)
+        .map(|i| {
+            let s = 1.0 / (1.0 + (-(gate[i / cols] as f64)).exp());
+            of[i] as f64 + s * yf[i] as f64
+        })
+        .collect();
+    assert_close::<T>("sigmoid_scale_add", &g.download_f32(&d), &want);
+}
+
+/// The families' in-model gate: softmax over all experts, top-k (ties to the lower index), with
+/// and without renormalisation; a non-finite row routes to 0..k with weight 0.
+fn gate_softmax_topk_matches_reference(device: &Device) -> Result<(), Failed> {
+    let g = gpu(device)?;
+    let mut rng = rng("gate_softmax_topk");
+    let (n, e) = (300, 8);
+    // Logits on a coarse grid, so ties happen.
+    let mut logits: Vec<f32> = (0..n * e)
+        .map(|_| (rng.random_range(-6..6) as f32) * 0.5)
+        .collect();
+    logits[5] = f32::NAN;
+    logits[e + 2] = f32::INFINITY;
+    let d_logits = g.upload(&logits);
+    for (k, renorm) in [(1usize, false), (2, false), (2, true), (4, true)] {
+        let mut ids = g.upload(&vec![-7i32; n * k]);
+        let mut w = g.poisoned::<f32>(n * k);
+        g.ks.gate_softmax_topk(&g.stream, &d_logits, n, e, k, renorm, &mut ids, &mut w)
+            .unwrap();
+        let (ids, w) = (g.download(&ids), g.download(&w));
+        for t in 0..n {
+            let row = &logits[t * e..(t + 1) * e];
+            let got_ids = &ids[t * k..(t + 1) * k];
+            let got_w = &w[t * k..(t + 1) * k];
+            if row.iter().any(|v| !v.is_finite()) {
+                let want: Vec<i32> = (0..k as i32).collect();
+                assert_eq!(got_ids, &want[..], "non-finite row {t}");
+                assert!(
+                    got_w.iter().all(|&v| v == 0.0),
+                    "non-finite row {t}: {got_w:?}"
+                );
+                continue;
+            }
+            let m = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+            let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+            let p: Vec<f64> = row.iter().map(|&v| (v as f64 - m).exp() / z).collect();
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap().then(a.cmp(&b)));
+            let want_ids: Vec<i32> = order[..k].iter().map(|&i| i as i32).collect();
+            assert_eq!(got_ids, &want_ids[..], "token {t} k {k}");
+            let sum: f64 = order[..k].iter().map(|&i| p[i]).sum();
+            for j in 0..k {
+                let want = if renorm {
+                    p[order[j]] / sum
+                } else {
+                    p[order[j]]
+                };
+                assert!(
+                    (got_w[j] as f64 - want).abs() < 1e-6,
+                    "weight t{t} j{j} k{k} renorm {renorm}: {} vs {want}",
+                    got_w[j]
+                );
+            }
+        }
+    }
     Ok(())
 }

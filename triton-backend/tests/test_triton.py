@@ -6,11 +6,12 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import requests
 import tritonclient.grpc as grpcclient
-from conftest import NAN_TOKEN, reference
+from conftest import HERE, NAN_TOKEN, reference, write_model
 
 PROMPTS = ["Once upon a time", "The capital of France is", "experts", "What is the weather like"]
 
@@ -502,3 +503,30 @@ def test_a_dropped_non_streamed_grpc_request_stops_early(server):
     time.sleep(0.5)
     assert server.metric("pregate_generated_tokens_total", model="small1") - generated == done
     assert server.wait_metric("pregate_requests_active", 0, model="small1") == 0
+
+
+def test_a_mixtral_checkpoint_is_served_with_the_read_me_model_configuration(server, work):
+    """The Mixtral fixture (transformers' own checkpoint, two shards, no tokenizer) under the same
+    config.pbtxt as the Read-ME models, loaded on demand: its three cases, sent together as token
+    ids, come back as the greedy tokens transformers produced."""
+    from safetensors.numpy import load_file
+
+    fixture = Path(HERE).parents[1] / "tests" / "fixtures" / "mixtral_f32_sharded"
+    write_model(str(work / "repo"), "mixtral", {"model_dir": fixture / "model"})
+    r = requests.post(f"{server.url}/v2/repository/models/mixtral/load", timeout=120)
+    assert r.status_code == 200, r.text
+    try:
+        expected = load_file(str(fixture / "expected.safetensors"))
+        cases = [
+            ([int(t) for t in expected[f"case{c}.prompt_ids"]],
+             [int(t) for t in expected[f"case{c}.output_ids"]])
+            for c in range(3)
+        ]
+        streams = [grpc_ids_start(server, prompt, len(want), "mixtral") for prompt, want in cases]
+        for (prompt, want), (c, q) in zip(cases, streams):
+            ids, err = grpc_ids_finish(c, q)
+            assert err is None, err
+            assert len(want) == 32
+            assert ids == want, f"prompt {prompt}"
+    finally:
+        requests.post(f"{server.url}/v2/repository/models/mixtral/unload", timeout=60)

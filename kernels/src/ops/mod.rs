@@ -7,6 +7,7 @@
 
 pub mod attention;
 mod elementwise;
+mod family;
 pub mod moe;
 mod norm;
 pub mod sampling;

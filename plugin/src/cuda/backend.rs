@@ -1,31 +1,71 @@
 //! The CUDA backend: the backbone of one model on one device (see the module docs of
 //! [`crate::cuda`]); its routed experts are the expert runtime's ([`CudaExperts`]).
+//!
+//! The Hugging Face MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) add, per layer: q/k/v
+//! biases, QK RMSNorm per head or over the full width, `clip_qkv`, dense FFN layers between MoE
+//! layers, a sigmoid-gated shared expert (the runtime's), and the in-model gate. The gate runs on
+//! the device (GEMM on the post-attention-normed hidden state, softmax top-k kernel); its small
+//! id and weight arrays are read back to the host, because the expert runtime plans its waves
+//! and cache lookups from host routes: one host synchronisation per MoE layer per step.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, CudaStream};
-use pregate_kernels::{AttentionShape, Blas, KernelSet, PagedKvLayout};
+use pregate_kernels::{
+    AttentionShape, Blas, ExpertPlan, ExpertWeights, FfnDims, KernelSet, PagedKvLayout,
+};
 
 use super::experts::{CudaExperts, ExpertSetup};
 use super::kv::PagedKv;
-use super::weights::{upload, upload_stacked, DeviceElem};
+use super::weights::{upload, upload_concat, upload_stacked, DeviceElem};
 use super::{dev, CacheSetup, CudaHandle, CudaOptions};
 use crate::cache::ExpertCache;
 use crate::config::ModelConfig;
-use crate::engine::{Backend, ForwardChunk, Lookahead, SeqId, StepRoutes};
+use crate::engine::{Backend, ChunkRoutes, ForwardChunk, Lookahead, SeqId, StepRoutes};
 use crate::error::{Error, Result};
-use crate::model::family::{AttnProj, TensorRole};
+use crate::model::family::{AttnProj, FfnPlan, FfnProj, GatingRule, TensorRole};
 use crate::model::{ExpertLayout, ModelDir};
 use crate::moe::step_experts;
+use crate::route::TokenRoute;
 
 /// Per-layer dense weights.
 struct LayerWeights<T> {
     input_norm: CudaSlice<T>,
     /// q, k, v rows stacked: `[(nH + 2 nKV) d, H]`.
     qkv: CudaSlice<T>,
+    /// q, k, v biases stacked: `[(nH + 2 nKV) d]` (Qwen2-MoE).
+    qkv_bias: Option<CudaSlice<T>>,
+    /// Query and key RMSNorm weights: `[d]` each per head, `[nH d]` and `[nKV d]` over the full
+    /// width (a weight's length is the width normalised).
+    qk_norm: Option<(CudaSlice<T>, CudaSlice<T>)>,
     o: CudaSlice<T>,
     post_norm: CudaSlice<T>,
+    ffn: LayerFfn<T>,
+}
+
+/// A layer's feed-forward part.
+enum LayerFfn<T> {
+    /// Layer `index` of the expert runtime, routed by the chunks' routes (a pre-gate router) or,
+    /// with a `gate` `[E, H]`, by its own softmax top-k gate.
+    Moe {
+        index: usize,
+        gate: Option<CudaSlice<T>>,
+    },
+    /// One SwiGLU MLP: `gate_up` `[2I, H]` (gate rows, then up rows), `down` `[H, I]`.
+    Dense {
+        gate_up: CudaSlice<T>,
+        down: CudaSlice<T>,
+        inter: usize,
+    },
+}
+
+/// How the in-model gates route.
+#[derive(Debug, Clone, Copy)]
+struct InModelGating {
+    experts: usize,
+    top_k: usize,
+    renormalize: bool,
 }
 
 /// Step buffers, grown to the largest step seen.
@@ -42,6 +82,13 @@ struct Workspace<T> {
     last: CudaSlice<T>,
     normed: CudaSlice<T>,
     logits: CudaSlice<f32>,
+    /// In-model gate logits `[tokens, E]`, chosen experts and weights `[tokens, k]`.
+    gate_logits: CudaSlice<f32>,
+    gate_ids: CudaSlice<i32>,
+    gate_weights: CudaSlice<f32>,
+    /// A dense layer's `[tokens, 2I]` and `[tokens, I]` intermediates.
+    ffn_gate_up: CudaSlice<T>,
+    ffn_act: CudaSlice<T>,
 }
 
 /// The CUDA backend over storage type `T` (`bf16` or `f32`).
@@ -59,6 +106,13 @@ pub struct CudaBackend<T: DeviceElem> {
     kv: PagedKv<T>,
     ws: Option<Workspace<T>>,
     stats: Arc<CudaHandle>,
+    /// Set when every MoE layer routes its own hidden state.
+    in_model: Option<InModelGating>,
+    clip_qkv: Option<f32>,
+    /// The widest dense layer's intermediate width (0: none).
+    dense_inter: usize,
+    /// The routes of the last forward pass, when tracing.
+    trace: Option<Vec<ChunkRoutes>>,
 }
 
 impl<T: DeviceElem> CudaBackend<T> {
@@ -76,6 +130,7 @@ impl<T: DeviceElem> CudaBackend<T> {
         let h = cfg.hidden_size;
         let d = cfg.head_dim();
         let kvd = cfg.num_kv_heads() * d;
+        let qd = cfg.num_attention_heads * d;
         // Every tensor by its role in the model's inventory (names and shapes listed once).
         let inventory = model.plan.inventory();
         let one = |role| -> Result<CudaSlice<T>> {
@@ -89,6 +144,8 @@ impl<T: DeviceElem> CudaBackend<T> {
         };
         let norm = one(TensorRole::FinalNorm)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let (mut moe_layers, mut gated, mut dense_inter) = (0usize, 0usize, 0usize);
+        let mut gating = None;
         for layer in 0..cfg.num_hidden_layers {
             let attn = |proj| inventory.require(TensorRole::Attention { layer, proj });
             let [q, k, vv] = [attn(AttnProj::Q)?, attn(AttnProj::K)?, attn(AttnProj::V)?];
@@ -98,16 +155,95 @@ impl<T: DeviceElem> CudaBackend<T> {
                 (&*k.name, rows(k)),
                 (&*vv.name, rows(vv)),
             ];
+            let bias = |proj| inventory.require(TensorRole::AttentionBias { layer, proj });
+            let qkv_bias = match inventory.get(TensorRole::AttentionBias {
+                layer,
+                proj: AttnProj::Q,
+            }) {
+                Some(bq) => Some(upload_concat::<T>(
+                    &stream,
+                    ck,
+                    &[bq, bias(AttnProj::K)?, bias(AttnProj::V)?],
+                )?),
+                None => None,
+            };
+            let qk_norm = match inventory.get(TensorRole::QueryNorm { layer }) {
+                Some(_) => Some((
+                    one(TensorRole::QueryNorm { layer })?,
+                    one(TensorRole::KeyNorm { layer })?,
+                )),
+                None => None,
+            };
+            if let Some((nq, nk)) = &qk_norm {
+                // Either width must tile its projection exactly, or a norm would straddle heads.
+                let (wq, wk) = (nq.len(), nk.len());
+                if wq == 0 || wk == 0 || qd % wq != 0 || kvd % wk != 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "layer {layer}: q/k norms of {wq} and {wk} values for projections of \
+                         {qd} and {kvd}"
+                    )));
+                }
+            }
+            let plan = model
+                .plan
+                .layer(layer)
+                .ok_or_else(|| Error::Internal(format!("no plan for layer {layer}")))?;
+            let ffn = match plan.ffn {
+                FfnPlan::Dense { inter } => {
+                    let mlp = |proj| inventory.require(TensorRole::DenseMlp { layer, proj });
+                    let [g, u, dn] = [mlp(FfnProj::Gate)?, mlp(FfnProj::Up)?, mlp(FfnProj::Down)?];
+                    dense_inter = dense_inter.max(inter);
+                    LayerFfn::Dense {
+                        gate_up: upload_stacked::<T>(
+                            &stream,
+                            ck,
+                            &[(&*g.name, inter), (&*u.name, inter)],
+                            h,
+                        )?,
+                        down: upload::<T>(&stream, ck, &dn.name, &dn.shape)?,
+                        inter,
+                    }
+                }
+                FfnPlan::Moe(m) => {
+                    let index = moe_layers;
+                    moe_layers += 1;
+                    let gate = match m.gating {
+                        GatingRule::PreGate => None,
+                        GatingRule::SoftmaxTopK { renormalize } => {
+                            gated += 1;
+                            gating = Some(InModelGating {
+                                experts: m.experts,
+                                top_k: m.top_k,
+                                renormalize,
+                            });
+                            Some(one(TensorRole::Gate { layer })?)
+                        }
+                    };
+                    LayerFfn::Moe { index, gate }
+                }
+            };
             layers.push(LayerWeights {
                 input_norm: one(TensorRole::InputNorm { layer })?,
                 qkv: upload_stacked::<T>(&stream, ck, &qkv, h)?,
+                qkv_bias,
+                qk_norm,
                 o: one(TensorRole::Attention {
                     layer,
                     proj: AttnProj::O,
                 })?,
                 post_norm: one(TensorRole::PostAttentionNorm { layer })?,
+                ffn,
             });
         }
+        let in_model = match gated {
+            0 => None,
+            g if g == moe_layers => gating,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "some MoE layers have an in-model gate and others not".into(),
+                ))
+            }
+        };
         let setup = ExpertSetup {
             capacity: opts.experts,
             policy: opts.policy,
@@ -149,6 +285,10 @@ impl<T: DeviceElem> CudaBackend<T> {
             kv,
             ws: None,
             stats: Arc::new(CudaHandle::default()),
+            in_model,
+            clip_qkv: model.config.clip_qkv(),
+            dense_inter,
+            trace: None,
         })
     }
 
@@ -225,6 +365,7 @@ impl<T: DeviceElem> CudaBackend<T> {
                 .map_err(|e| Error::Capacity(format!("step workspace of {n} elements: {e}")))
         };
         let max_blocks_total = self.kv.layout.num_blocks + tokens;
+        let (gate_experts, gate_k) = self.in_model.map_or((0, 0), |g| (g.experts, g.top_k));
         self.ws = Some(Workspace {
             tokens,
             logit_rows,
@@ -240,6 +381,17 @@ impl<T: DeviceElem> CudaBackend<T> {
             last: alloc(logit_rows * h)?,
             normed: alloc(logit_rows * h)?,
             logits: s.alloc_zeros::<f32>(logit_rows * v).map_err(dev)?,
+            gate_logits: s
+                .alloc_zeros::<f32>((tokens * gate_experts).max(1))
+                .map_err(dev)?,
+            gate_ids: s
+                .alloc_zeros::<i32>((tokens * gate_k).max(1))
+                .map_err(dev)?,
+            gate_weights: s
+                .alloc_zeros::<f32>((tokens * gate_k).max(1))
+                .map_err(dev)?,
+            ffn_gate_up: alloc(tokens * 2 * self.dense_inter)?,
+            ffn_act: alloc(tokens * self.dense_inter)?,
         });
         Ok(())
     }
@@ -252,7 +404,10 @@ impl<T: DeviceElem> CudaBackend<T> {
                 .seqs
                 .get(&c.seq)
                 .ok_or(Error::UnknownSequence(c.seq))?;
-            c.check(kv.len, kv.max_len, vocab)?;
+            match self.in_model {
+                Some(_) => c.check_tokens(kv.len, kv.max_len, vocab)?,
+                None => c.check(kv.len, kv.max_len, vocab)?,
+            }
         }
         Ok(())
     }
@@ -272,10 +427,29 @@ impl<T: DeviceElem> CudaBackend<T> {
         let (qd, kvd) = (nh * d, nkv * d);
         let qkv_w = qd + 2 * kvd;
         // Each layer's routes, checked before anything is enqueued; Read-ME's shared routes are
-        // built once.
-        let routes = StepRoutes::of(chunks, nl);
-        for l in 0..nl {
-            self.experts.check(l, routes.layer(l))?;
+        // built once. An in-model gate makes each layer's routes as the layer runs.
+        // (In-model chunks carry no routes, so none are read from them.)
+        let known = match self.in_model {
+            Some(_) => None,
+            None => {
+                let routes = StepRoutes::of(chunks, nl);
+                for (l, lw) in self.layers.iter().enumerate() {
+                    if let LayerFfn::Moe { index, .. } = lw.ffn {
+                        self.experts.check(index, routes.layer(l))?;
+                    }
+                }
+                Some(routes)
+            }
+        };
+        if let Some(trace) = self.trace.as_mut() {
+            *trace = chunks
+                .iter()
+                .map(|c| ChunkRoutes {
+                    seq: c.seq,
+                    start_pos: c.start_pos,
+                    layers: vec![Vec::new(); nl],
+                })
+                .collect();
         }
 
         // Host-side step description, uploaded in three copies.
@@ -354,6 +528,30 @@ impl<T: DeviceElem> CudaBackend<T> {
             self.blas
                 .linear::<T, T>(&ws.h, &lw.qkv, &mut ws.qkv, n, h, qkv_w)
                 .map_err(dev)?;
+            if let Some(b) = &lw.qkv_bias {
+                kk.bias_add::<T>(s, &mut ws.qkv, b, n, qkv_w).map_err(dev)?;
+            }
+            // Per head or over the full width: groups of the weight's length.
+            if let Some((nq, nk)) = &lw.qk_norm {
+                let (wq, wk) = (nq.len(), nk.len());
+                kk.rmsnorm_groups::<T>(s, &mut ws.qkv, nq, n, qkv_w, qd / wq, wq, eps)
+                    .map_err(dev)?;
+                kk.rmsnorm_groups::<T>(
+                    s,
+                    &mut ws.qkv.slice_mut(qd..),
+                    nk,
+                    n,
+                    qkv_w,
+                    kvd / wk,
+                    wk,
+                    eps,
+                )
+                .map_err(dev)?;
+            }
+            // OLMoE clamps after the norm, before RoPE.
+            if let Some(c) = self.clip_qkv {
+                kk.clamp::<T>(s, &mut ws.qkv, n * qkv_w, c).map_err(dev)?;
+            }
             let positions = ws.ints.slice(o_pos..o_pos + n);
             kk.rope::<T>(s, &mut ws.qkv, &positions, n, qkv_w, nh, d, theta)
                 .map_err(dev)?;
@@ -401,9 +599,79 @@ impl<T: DeviceElem> CudaBackend<T> {
             kk.add::<T>(s, &mut ws.x, &ws.o, n * h).map_err(dev)?;
             kk.rmsnorm::<T>(s, &ws.x, &lw.post_norm, &mut ws.h, n, h, eps)
                 .map_err(dev)?;
-            // The layer's experts, added into the residual stream, on this backend's stream.
-            self.experts
-                .forward_layer(l, &ws.h, routes.layer(l), &mut ws.x, true, &self.stream)?;
+            match &lw.ffn {
+                LayerFfn::Dense {
+                    gate_up,
+                    down,
+                    inter,
+                } => {
+                    let plan = ExpertPlan {
+                        counts: vec![n],
+                        offsets: vec![0, n],
+                    };
+                    let weights = [Some(ExpertWeights { gate_up, down })];
+                    let dims = FfnDims {
+                        hidden: h,
+                        inter: *inter,
+                    };
+                    self.blas
+                        .expert_ffn::<T>(
+                            kk,
+                            &plan,
+                            &weights,
+                            dims,
+                            &ws.h,
+                            &mut ws.ffn_gate_up,
+                            &mut ws.ffn_act,
+                            &mut ws.o,
+                        )
+                        .map_err(dev)?;
+                    kk.add::<T>(s, &mut ws.x, &ws.o, n * h).map_err(dev)?;
+                }
+                LayerFfn::Moe { index, gate } => {
+                    let made;
+                    let layer_routes = match (gate, self.in_model, &known) {
+                        (Some(gate), Some(g), _) => {
+                            made = gate_routes(
+                                &self.blas,
+                                kk,
+                                s,
+                                &ws.h,
+                                gate,
+                                g,
+                                n,
+                                h,
+                                &mut ws.gate_logits,
+                                &mut ws.gate_ids,
+                                &mut ws.gate_weights,
+                            )?;
+                            &made[..]
+                        }
+                        (_, _, Some(known)) => known.layer(l),
+                        _ => {
+                            return Err(Error::Internal(format!("layer {l} has no routes")));
+                        }
+                    };
+                    if let Some(trace) = self.trace.as_mut() {
+                        let mut at = 0;
+                        for (entry, c) in trace.iter_mut().zip(chunks) {
+                            let len = c.tokens.len();
+                            entry.layers[l] = layer_routes[at..at + len].to_vec();
+                            at += len;
+                        }
+                    }
+                    // The layer's experts, added into the residual stream, on this backend's
+                    // stream.
+                    self.experts.forward_layer(
+                        *index,
+                        &ws.h,
+                        layer_routes,
+                        &mut ws.x,
+                        true,
+                        &self.stream,
+                    )?;
+                }
+            }
         }
         for c in chunks {
             if let Some(sb) = self.kv.seqs.get_mut(&c.seq) {
@@ -471,6 +739,10 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
 
     fn prepare(&mut self, lookahead: &Lookahead) -> Result<()> {
         self.apply_reconfigure()?;
+        if self.in_model.is_some() {
+            // No route is known ahead: the cache loads on demand.
+            return Ok(());
+        }
         let steps = step_experts(&lookahead.steps, self.cfg.num_hidden_layers);
         let before = self.experts.bytes_copied();
         let issued = self.experts.plan(&steps)?;
@@ -488,6 +760,64 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
     fn expert_stall_seconds(&self) -> f64 {
         self.stats.snapshot().stall_seconds
     }
+
+    fn trace_routes(&mut self, on: bool) -> Result<()> {
+        if on && self.in_model.is_none() {
+            return Err(Error::InvalidArgument(
+                "this model is routed before the backbone (its routes are the engine's): there \
+                 are no in-model routes to trace"
+                    .into(),
+            ));
+        }
+        self.trace = on.then(Vec::new);
+        Ok(())
+    }
+
+    fn take_route_trace(&mut self) -> Vec<ChunkRoutes> {
+        self.trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+}
+
+/// The routes of `x` (`[n, H]`, the layer's post-attention-normed hidden states) under `gate`
+/// (`[E, H]`): logits in f32 by cuBLAS, softmax top-k on the device, then the ids and weights
+/// read back (the one host synchronisation of an in-model MoE layer).
+#[allow(clippy::too_many_arguments)]
+fn gate_routes<T: DeviceElem>(
+    blas: &Blas,
+    kk: &KernelSet,
+    s: &Arc<CudaStream>,
+    x: &CudaSlice<T>,
+    gate: &CudaSlice<T>,
+    g: InModelGating,
+    n: usize,
+    h: usize,
+    logits: &mut CudaSlice<f32>,
+    ids: &mut CudaSlice<i32>,
+    weights: &mut CudaSlice<f32>,
+) -> Result<Vec<TokenRoute>> {
+    let (e, k) = (g.experts, g.top_k);
+    blas.linear::<T, f32>(x, gate, logits, n, h, e)
+        .map_err(dev)?;
+    kk.gate_softmax_topk(s, logits, n, e, k, g.renormalize, ids, weights)
+        .map_err(dev)?;
+    let host_ids = s.clone_dtoh(&ids.slice(..n * k)).map_err(dev)?;
+    let host_w = s.clone_dtoh(&weights.slice(..n * k)).map_err(dev)?;
+    host_ids
+        .chunks_exact(k)
+        .zip(host_w.chunks_exact(k))
+        .map(|(i, w)| {
+            let experts = i
+                .iter()
+                .map(|&v| {
+                    u16::try_from(v)
+                        .ok()
+                        .filter(|&v| (v as usize) < e)
+                        .ok_or_else(|| Error::Internal(format!("the gate chose expert {v}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            TokenRoute::new(&experts, w)
+        })
+        .collect()
 }
 
 impl<T: DeviceElem> Drop for CudaBackend<T> {

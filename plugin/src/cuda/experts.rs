@@ -54,6 +54,8 @@ struct Workspace<T> {
     y_perm: CudaSlice<T>,
     /// The shared expert's output, `[tokens, H]`.
     y: CudaSlice<T>,
+    /// The shared expert gate's logit per token (`[tokens]`, f32).
+    shared_gate: CudaSlice<f32>,
     perm: MoePermutation,
     ids: CudaSlice<i32>,
     weights: CudaSlice<f32>,
@@ -62,6 +64,8 @@ struct Workspace<T> {
 /// The shared (always active) experts of every layer, `gate_up [2I, H]` and `down [H, I]`.
 struct SharedExperts<T> {
     weights: Vec<Option<(CudaSlice<T>, CudaSlice<T>)>>,
+    /// Per layer, the `[H]` gate scaling the shared output by `sigmoid(gate . x)` (Qwen2-MoE).
+    gates: Vec<Option<CudaSlice<T>>>,
     inter: usize,
 }
 
@@ -82,6 +86,7 @@ pub struct CudaExperts<T: DeviceElem> {
     blas: Blas,
     units: Vec<UnitShape>,
     shared: Vec<Option<(CudaSlice<T>, CudaSlice<T>)>>,
+    shared_gates: Vec<Option<CudaSlice<T>>>,
     shared_inter: usize,
     store: ExpertStore<CudaExpertMemory>,
     source: Option<PinnedExperts>,
@@ -94,8 +99,10 @@ pub struct CudaExperts<T: DeviceElem> {
 }
 
 impl<T: DeviceElem> CudaExperts<T> {
-    /// Loads the experts of `model` onto the device of `stream` (which also carries the shared
-    /// experts' upload), serving routes of up to the model's `router_top_k` experts per token.
+    /// Loads the experts of `model`'s MoE layers onto the device of `stream` (which also carries
+    /// the shared experts' upload), serving routes of up to the model's experts per token. The
+    /// runtime's layer `m` is the model's `m`-th MoE layer: dense layers (Qwen2-MoE's
+    /// `mlp_only_layers`) are the backbone's.
     pub fn new(
         model: &ModelDir,
         kernels: Arc<KernelSet>,
@@ -104,17 +111,34 @@ impl<T: DeviceElem> CudaExperts<T> {
     ) -> Result<Self> {
         let cfg = &model.config;
         let ck = &model.checkpoint;
-        let (h, nl, ne) = (cfg.hidden_size, cfg.num_hidden_layers, cfg.n_cluster);
+        let (h, ne) = (cfg.hidden_size, cfg.num_experts());
+        let moe_layers: Vec<usize> = (0..cfg.num_hidden_layers)
+            .filter(|&l| model.plan.moe(l).is_some())
+            .collect();
+        let nl = moe_layers.len();
+        if nl == 0 {
+            return Err(Error::InvalidArgument(
+                "the model has no MoE layer for the expert runtime".into(),
+            ));
+        }
         let elem = std::mem::size_of::<T>();
         // Widths from the model's plan, tensors by their role in its inventory.
         let inventory = model.plan.inventory();
         let mut units = Vec::with_capacity(nl);
         let mut shared = Vec::with_capacity(nl);
+        let mut gates = Vec::with_capacity(nl);
         let mut shared_inter = 0;
-        for l in 0..nl {
+        for &l in &moe_layers {
             let moe = model.plan.moe(l).ok_or_else(|| {
                 Error::InvalidArgument(format!("layer {l} has no experts for the expert runtime"))
             })?;
+            gates.push(
+                match inventory.get(crate::model::family::TensorRole::SharedExpertGate { layer: l })
+                {
+                    Some(g) => Some(upload::<T>(stream, ck, &g.name, &g.shape)?),
+                    None => None,
+                },
+            );
             units.push(UnitShape {
                 hidden: h,
                 inter: moe.expert_inter,
@@ -134,14 +158,26 @@ impl<T: DeviceElem> CudaExperts<T> {
         let shape = MoeShape {
             layers: nl,
             experts: ne,
-            top_k: cfg.router_top_k.max(1),
+            top_k: cfg.experts_per_token().max(1),
             hidden: h,
         };
-        let pack = |l: usize, e: usize, out: &mut [u8]| {
-            pack_ffn::<T>(ck, inventory.expert(l, e)?, units[l], out)
+        let stacked = model.plan.expert_storage == crate::model::family::ExpertStorage::Stacked;
+        let pack = |m: usize, e: usize, out: &mut [u8]| {
+            let l = moe_layers[m];
+            if stacked {
+                let role =
+                    |proj| crate::model::family::TensorRole::StackedExperts { layer: l, proj };
+                let parts = [
+                    inventory.require(role(crate::model::family::StackedProj::GateUp))?,
+                    inventory.require(role(crate::model::family::StackedProj::Down))?,
+                ];
+                return super::weights::pack_stacked_ffn::<T>(ck, parts, e, units[m], out);
+            }
+            pack_ffn::<T>(ck, inventory.expert(l, e)?, units[m], out)
         };
         let shared = SharedExperts {
             weights: shared,
+            gates,
             inter: shared_inter,
         };
         Self::assemble(
@@ -258,6 +294,7 @@ impl<T: DeviceElem> CudaExperts<T> {
         };
         let shared = SharedExperts {
             weights: (0..nl).map(|_| None).collect(),
+            gates: (0..nl).map(|_| None).collect(),
             inter: 0,
         };
         Self::assemble(
@@ -333,6 +370,7 @@ impl<T: DeviceElem> CudaExperts<T> {
             kernels,
             units,
             shared: shared.weights,
+            shared_gates: shared.gates,
             shared_inter: shared.inter,
             store,
             source,
@@ -438,6 +476,7 @@ impl<T: DeviceElem> CudaExperts<T> {
             act: alloc(pairs * inter)?,
             y_perm: alloc(pairs * h)?,
             y: alloc(tokens * h)?,
+            shared_gate: stream.alloc_zeros::<f32>(tokens).map_err(dev)?,
             perm: MoePermutation::new(stream, pairs, self.shape.experts).map_err(dev)?,
             ids: stream.alloc_zeros::<i32>(pairs).map_err(dev)?,
             weights: stream.alloc_zeros::<f32>(pairs).map_err(dev)?,
@@ -629,7 +668,16 @@ impl<T: DeviceElem> CudaExperts<T> {
                     &mut ws.y,
                 )
                 .map_err(dev)?;
-            kk.add::<T>(stream, out, &ws.y, n * h).map_err(dev)?;
+            match &self.shared_gates[layer] {
+                Some(g) => {
+                    self.blas
+                        .linear::<T, f32>(x, g, &mut ws.shared_gate, n, h, 1)
+                        .map_err(dev)?;
+                    kk.sigmoid_scale_add::<T>(stream, out, &ws.y, &ws.shared_gate, n, h)
+                        .map_err(dev)?;
+                }
+                None => kk.add::<T>(stream, out, &ws.y, n * h).map_err(dev)?,
+            }
         }
         self.stats.layer_calls += 1;
         self.stats.waves += waves;

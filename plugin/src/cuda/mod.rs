@@ -46,7 +46,7 @@ use crate::cache::EvictionPolicy;
 use crate::engine::{Backend, Engine};
 use crate::error::{Error, Result};
 use crate::model::ModelDir;
-use crate::router::{HostReadMeRouter, ReadMeRouter, Router};
+use crate::router::{HostReadMeRouter, InModelRouter, ReadMeRouter, Router};
 
 pub(crate) fn dev(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::device("CUDA", e)
@@ -238,27 +238,33 @@ pub unsafe fn borrow_stream(ctx: &Arc<CudaContext>, raw: u64) -> Arc<cudarc::dri
 type OpenedParts = (Box<dyn Backend>, Box<dyn Router>, Arc<CudaHandle>);
 
 /// Opens the model in `model` on the GPU and returns an engine, plus a handle on the backend.
-/// The router runs where `opts.router` says: on the host, or on this device.
+/// A Read-ME model's router runs where `opts.router` says: on the host, or on this device. The
+/// Hugging Face MoE families route inside the forward pass, on the device, whatever
+/// `opts.router` says (their engine's router only keeps the shape).
 pub fn open_cuda_engine(model: &ModelDir, opts: &CudaOptions) -> Result<(Engine, Arc<CudaHandle>)> {
-    if model.plan.family.routes_in_model() {
-        return Err(Error::InvalidArgument(format!(
-            "the CUDA backend serves Read-ME models only; {} runs on the CPU backend (--device cpu)",
-            model.plan.family.name()
-        )));
-    }
-    let weights = crate::model::RouterWeights::load(&model.checkpoint, &model.config)?;
+    let weights = match model.plan.family.routes_in_model() {
+        true => None,
+        false => Some(crate::model::RouterWeights::load(
+            &model.checkpoint,
+            &model.config,
+        )?),
+    };
     fn parts<T: DeviceElem>(
         model: &ModelDir,
         opts: &CudaOptions,
-        weights: crate::model::RouterWeights,
+        weights: Option<crate::model::RouterWeights>,
     ) -> Result<OpenedParts> {
         let b = CudaBackend::<T>::new(model, opts)?;
-        let router: Box<dyn Router> = match opts.router {
-            RouterPlacement::Host => Box::new(HostReadMeRouter::new(ReadMeRouter::new(
-                weights,
-                &model.config,
-            ))),
-            RouterPlacement::Device => Box::new(CudaReadMeRouter::new(
+        let cfg = &model.config;
+        let router: Box<dyn Router> = match (weights, opts.router) {
+            (None, _) => Box::new(InModelRouter::new(
+                cfg.num_experts(),
+                cfg.experts_per_token(),
+            )),
+            (Some(weights), RouterPlacement::Host) => Box::new(HostReadMeRouter::new(
+                ReadMeRouter::new(weights, &model.config),
+            )),
+            (Some(weights), RouterPlacement::Device) => Box::new(CudaReadMeRouter::new(
                 b.stream().context(),
                 b.kernels().clone(),
                 &weights,

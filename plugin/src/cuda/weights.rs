@@ -121,6 +121,23 @@ pub(super) fn upload_stacked<T: DeviceElem>(
         .map_err(|e| Error::Capacity(format!("uploading `{}`: {e}", parts[0].0)))
 }
 
+/// Uploads several tensors (each checked to be its listed shape) one after the other as one
+/// vector: the q, k and v biases as one bias of the fused qkv projection.
+pub(super) fn upload_concat<T: DeviceElem>(
+    stream: &Arc<CudaStream>,
+    ck: &Checkpoint,
+    parts: &[&TensorSpec],
+) -> Result<CudaSlice<T>> {
+    let mut host = Vec::new();
+    for t in parts {
+        host.extend(T::decode(&ck.float_tensor(&t.name, &t.shape)?)?);
+    }
+    let first = parts.first().map_or("", |t| t.name.as_str());
+    stream
+        .clone_htod(&host)
+        .map_err(|e| Error::Capacity(format!("uploading `{first}`: {e}")))
+}
+
 /// Packs unit (`layer`, `expert`) into its bytes: `pack(layer, expert, out)`.
 pub(super) type PackUnit<'a> = dyn Fn(usize, usize, &mut [u8]) -> Result<()> + Sync + 'a;
 
@@ -184,6 +201,41 @@ pub(super) fn pack_ffn<T: DeviceElem>(
     T::encode(&ck.float_tensor(&gate.name, &[i, h])?, g)?;
     T::encode(&ck.float_tensor(&up.name, &[i, h])?, u)?;
     T::encode(&ck.float_tensor(&down.name, &[h, i])?, d)
+}
+
+/// Packs expert `expert` of a layer whose experts are stacked in two tensors (transformers v5's
+/// form, `[gate_up, down]` as the inventory lists them: `gate_up_proj [E, 2I, H]`, each expert's
+/// gate rows then its up rows, which is the unit's `gate_up` as stored, and `down_proj [E, H, I]`)
+/// into `out` (`shape.bytes()` bytes).
+pub(super) fn pack_stacked_ffn<T: DeviceElem>(
+    ck: &Checkpoint,
+    [gate_up, down]: [&TensorSpec; 2],
+    expert: usize,
+    shape: UnitShape,
+    out: &mut [u8],
+) -> Result<()> {
+    let (h, i, s) = (shape.hidden, shape.inter, shape.elem);
+    let experts = gate_up.shape.first().copied().unwrap_or(0);
+    if expert >= experts || gate_up.shape[1..] != [2 * i, h] || down.shape[1..] != [h, i] {
+        return Err(Error::Internal(format!(
+            "expert {expert} of stacked tensors {:?} and {:?} for H {h}, I {i}",
+            gate_up.shape, down.shape
+        )));
+    }
+    // One expert's block of a stacked tensor, as a tensor of its own.
+    fn block<'a>(t: &TensorRef<'a>, expert: usize, experts: usize) -> TensorRef<'a> {
+        let per = t.data.len() / experts;
+        TensorRef {
+            data: &t.data[expert * per..(expert + 1) * per],
+            shape: &t.shape[1..],
+            ..*t
+        }
+    }
+    let gu = ck.float_tensor(&gate_up.name, &gate_up.shape)?;
+    let dn = ck.float_tensor(&down.name, &down.shape)?;
+    let (g, d) = out.split_at_mut(2 * i * h * s);
+    T::encode(&block(&gu, expert, experts), g)?;
+    T::encode(&block(&dn, expert, experts), d)
 }
 
 /// Every routed expert of the model, packed, in one page-locked host buffer: the source of the

@@ -46,11 +46,17 @@ impl Case {
     }
 }
 
-/// `tests/fixtures/<name>`.
+/// `tests/fixtures/<name>`: beside the sources, or under the working directory (a prebuilt test
+/// binary run from the repository root on another machine).
 pub fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
-        .join(name)
+        .join(name);
+    if built.exists() {
+        built
+    } else {
+        Path::new("tests/fixtures").join(name)
+    }
 }
 
 /// The three cases of fixture `name`.
