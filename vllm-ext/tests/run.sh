@@ -59,5 +59,5 @@ echo "== installing pregate-vllm into $venv"
     --force-reinstall ./vllm-ext
 # Test the installed package, not the source tree: run from a folder without pregate_vllm in it.
 cd "$root/vllm-ext/tests"
-PREGATE_BIN="$root/target/release/pregate" exec "$py" -m pytest -q -p no:cacheprovider \
+PREGATE_BIN="${CARGO_TARGET_DIR:-$root/target}/release/pregate" exec "$py" -m pytest -q -p no:cacheprovider \
     --rootdir "$root/vllm-ext" "${marks[@]}" "$@" .
