@@ -153,6 +153,14 @@ impl Settings {
             }
         };
         let units = layers * experts;
+        // Fewer slots than one token's experts would leave a layer unable to run at all.
+        let (slots, quota) = (c.cache_slots, c.layer_quota as usize);
+        if (slots > 0 && slots < top_k as u64) || (quota > 0 && quota < top_k) {
+            return Err(Failure::invalid(format!(
+                "a cache of {slots} slots (layer_quota {quota}) cannot hold one token's {top_k} \
+                 experts"
+            )));
+        }
         let capacity = match (c.cache_slots, c.layer_quota as usize) {
             (0, 0) => ExpertCapacity::All,
             (s, 0) if s >= units as u64 => ExpertCapacity::All,

@@ -200,6 +200,14 @@ fn null_pointers_and_bad_configs_are_refused_with_a_message() {
             (PregateMoeConfig { shard_kind: 2, ..c }, "expert parallel"),
             (
                 PregateMoeConfig {
+                    cache_slots: 1,
+                    top_k: 2,
+                    ..c
+                },
+                "cannot hold one token's 2 experts",
+            ),
+            (
+                PregateMoeConfig {
                     cache_slots: 3,
                     layer_quota: 2,
                     ..c
