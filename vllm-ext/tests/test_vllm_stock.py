@@ -36,6 +36,10 @@ CASES = {
     "qwen3_moe_bf16": (6, 16),
     "olmoe_f32": (6, 16),
 }
+# vLLM 0.32's in-tree OlmoeForCausalLM does not tie its LM head to the embeddings (the fixture,
+# like OLMoE's own checkpoints saved with tie_word_embeddings, has no lm_head.weight: the in-tree
+# model then emits token 0 at every step) and ignores clip_qkv. It is no reference for OLMoE.
+IN_TREE_BROKEN = {"olmoe_f32": "vLLM 0.32's in-tree OLMoE ignores tie_word_embeddings and clip_qkv"}
 
 
 def _run(spec: dict) -> subprocess.CompletedProcess:
@@ -88,8 +92,6 @@ def test_stock_checkpoint_matches_vllm_in_tree_and_pregate(fixture, pregate_bin)
     model = FIXTURES / fixture / "model"
     slots, units = CASES[fixture]
     want = [_pregate_generate(pregate_bin, model, p) for p in PROMPTS]
-    in_tree = _tokens(_result(_run(_spec(model, None))))
-    assert in_tree == want, f"vLLM's in-tree model and pregate generate disagree: {in_tree}"
     # Every expert resident; speculation one layer ahead still counts its recall.
     resident = _result(
         _run(
@@ -122,33 +124,54 @@ def test_stock_checkpoint_matches_vllm_in_tree_and_pregate(fixture, pregate_bin)
     (st,) = cached["stats"]
     assert st["misses"] > 0 and st["evictions"] > 0, st
     assert st["prefetches"] > 0 and st["speculation"]["loads"] == st["prefetches"], st
+    if fixture in IN_TREE_BROKEN:
+        pytest.skip(f"in-tree comparison not run: {IN_TREE_BROKEN[fixture]}")
+    in_tree = _tokens(_result(_run(_spec(model, None))))
+    assert in_tree == want, f"vLLM's in-tree model and pregate generate disagree: {in_tree}"
+
+
+BAD_CONFIGS = """
+import pytest
+from transformers import AutoConfig
+
+from pregate_vllm.stock import StockOptions, family_of
+
+fixtures = {fixtures!r}
+cfg = AutoConfig.from_pretrained(fixtures + "/mixtral_f32_sharded/model")
+assert family_of(cfg).stock == "MixtralForCausalLM"
+cfg.sliding_window = 16
+with pytest.raises(ValueError, match="unsupported config: sliding_window=16"):
+    family_of(cfg)
+cfg = AutoConfig.from_pretrained(fixtures + "/qwen2_moe_f32/model")
+cfg.hidden_act = "gelu"
+cfg.use_sliding_window = True
+with pytest.raises(ValueError, match="hidden_act='gelu'.*use_sliding_window"):
+    family_of(cfg)
+cfg.model_type = "deepseek_v3"
+with pytest.raises(ValueError, match="model_type='deepseek_v3'"):
+    family_of(cfg)
+with pytest.raises(ValueError, match=r"unknown keys \\['cache_gb'\\]"):
+    StockOptions.from_dict({{"cache_gb": 3}})
+with pytest.raises(ValueError, match="spec_depth"):
+    StockOptions.from_dict({{"spec_depth": 7}})
+with pytest.raises(ValueError, match="holds no expert"):
+    StockOptions.from_dict({{"cache_bytes": 100}}).slots(2, 8, 2, 4096)
+assert StockOptions.from_dict({{"cache_bytes": 3 * 4096}}).slots(2, 8, 2, 4096) == (3, 0)
+print("RESULT {{}}")
+"""
 
 
 def test_bad_configs_and_options_are_refused_by_name():
-    from transformers import AutoConfig
-
-    from pregate_vllm.stock import StockOptions, family_of
-
-    cfg = AutoConfig.from_pretrained(FIXTURES / "mixtral_f32_sharded" / "model")
-    assert family_of(cfg).stock == "MixtralForCausalLM"
-    cfg.sliding_window = 16
-    with pytest.raises(ValueError, match="unsupported config: sliding_window=16"):
-        family_of(cfg)
-    cfg = AutoConfig.from_pretrained(FIXTURES / "qwen2_moe_f32" / "model")
-    cfg.hidden_act = "gelu"
-    cfg.use_sliding_window = True
-    with pytest.raises(ValueError, match="hidden_act='gelu'.*use_sliding_window"):
-        family_of(cfg)
-    cfg.model_type = "deepseek_v3"
-    with pytest.raises(ValueError, match="model_type='deepseek_v3'"):
-        family_of(cfg)
-    with pytest.raises(ValueError, match=r"unknown keys \['cache_gb'\]"):
-        StockOptions.from_dict({"cache_gb": 3})
-    with pytest.raises(ValueError, match="spec_depth"):
-        StockOptions.from_dict({"spec_depth": 7})
-    with pytest.raises(ValueError, match="holds no expert"):
-        StockOptions.from_dict({"cache_bytes": 100}).slots(2, 8, 2, 4096)
-    assert StockOptions.from_dict({"cache_bytes": 3 * 4096}).slots(2, 8, 2, 4096) == (3, 0)
+    # In a subprocess: pregate_vllm.stock imports vLLM, which the test process must not.
+    code = BAD_CONFIGS.format(fixtures=str(FIXTURES))
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    _result(p)
 
 
 def test_a_cache_too_small_for_one_token_is_refused_at_load():
