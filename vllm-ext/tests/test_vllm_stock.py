@@ -26,6 +26,11 @@ ENV = {
     "VLLM_TARGET_DEVICE": "cpu",
 }
 PROMPTS = [[1, 45, 4, 99, 7], [3, 9, 27, 81, 243, 17, 33, 5, 60, 2, 11]]
+# 40 tokens starting with the first prompt: with steps of 16 tokens its prefill spans three steps,
+# and with prefix caching on it can reuse the first prompt's cached blocks.
+LONG = PROMPTS[0] + [(37 * i + 11) % 251 + 3 for i in range(35)]
+# The cached case also runs chunked prefill and prefix caching.
+CHUNKED = {"max_num_batched_tokens": 16, "max_num_seqs": 2, "enable_prefix_caching": True}
 NEW_TOKENS = 8
 PREGATE = {"architectures": ["PregateMoeForCausalLM"]}
 
@@ -54,11 +59,11 @@ def _result(p: subprocess.CompletedProcess) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def _spec(model: Path, stats: str | None, **llm: object) -> dict:
+def _spec(model: Path, stats: str | None, prompts: list | None = None, **llm: object) -> dict:
     return {
         "model": str(model),
         "llm": {"enforce_eager": True, "dtype": "float32", "max_model_len": 128, **llm},
-        "prompts": PROMPTS,
+        "prompts": prompts or PROMPTS,
         "max_tokens": NEW_TOKENS,
         "stats": stats,
     }
@@ -88,7 +93,7 @@ def _pregate_generate(pregate_bin: Path, model: Path, prompt: list[int]) -> list
 
 
 @pytest.mark.parametrize("fixture", sorted(CASES))
-def test_stock_checkpoint_matches_vllm_in_tree_and_pregate(fixture, pregate_bin):
+def test_stock_checkpoint_gives_pregates_tokens_resident_and_cached(fixture, pregate_bin):
     model = FIXTURES / fixture / "model"
     slots, units = CASES[fixture]
     want = [_pregate_generate(pregate_bin, model, p) for p in PROMPTS]
@@ -108,24 +113,33 @@ def test_stock_checkpoint_matches_vllm_in_tree_and_pregate(fixture, pregate_bin)
     assert st["layer_calls"] > 0 and (st["hits"], st["misses"], st["prefetches"]) == (0, 0, 0)
     sp = st["speculation"]
     assert sp["depth"] == 1 and sp["hits"][0] + sp["misses"][0] > 0
-    # Fewer slots than experts: the same tokens, misses on demand, loads ahead of use.
+    # Fewer slots than experts, with chunked prefill and prefix caching: the same tokens, misses
+    # on demand, loads ahead of use.
     assert slots < units
     cached = _result(
         _run(
             _spec(
                 model,
                 "stock",
+                PROMPTS + [LONG],
                 hf_overrides=PREGATE,
                 additional_config={"pregate": {"cache_slots": slots}},
+                **CHUNKED,
             )
         )
     )
-    assert _tokens(cached) == want
+    assert _tokens(cached) == want + [_pregate_generate(pregate_bin, model, LONG)]
     (st,) = cached["stats"]
     assert st["misses"] > 0 and st["evictions"] > 0, st
     assert st["prefetches"] > 0 and st["speculation"]["loads"] == st["prefetches"], st
+
+
+@pytest.mark.parametrize("fixture", sorted(CASES))
+def test_vllm_in_tree_model_gives_the_same_tokens(fixture, pregate_bin):
     if fixture in IN_TREE_BROKEN:
         pytest.skip(f"in-tree comparison not run: {IN_TREE_BROKEN[fixture]}")
+    model = FIXTURES / fixture / "model"
+    want = [_pregate_generate(pregate_bin, model, p) for p in PROMPTS]
     in_tree = _tokens(_result(_run(_spec(model, None))))
     assert in_tree == want, f"vLLM's in-tree model and pregate generate disagree: {in_tree}"
 
