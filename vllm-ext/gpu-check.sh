@@ -9,7 +9,10 @@
 #                                       CUDA (f32, bf16; all experts resident and fewer slots)
 #                                       against a dense CPU reference, a non-default stream behind
 #                                       a long matmul, the slot pool in torch's allocator, per-call
-#                                       overhead at one token, prefetch overlap. Without a GPU the
+#                                       overhead at one token, prefetch overlap; per-layer steps
+#                                       (begin_step, moe_layer_routed) with speculative prefetch
+#                                       against the reference, and the overlap of speculative loads
+#                                       with compute against on-demand loading. Without a GPU the
 #                                       CUDA checks SKIP and the CPU ones run (the rehearsal).
 #
 # The log and a results table go to PREGATE_GPU_LOG_DIR, else $OUT, else .device/out.

@@ -179,10 +179,65 @@ pregate_status pregate_moe_step_end(PregateMoe *m, uint64_t step_id, uint64_t st
 /* Counters since create. */
 pregate_status pregate_moe_stats(const PregateMoe *m, PregateMoeStats *out);
 
-/* The counters in Prometheus' text format (pregate_moe_*), NUL-terminated. *needed receives the
+/* The counters in Prometheus' text format (pregate_moe_*, and with speculation on
+ * pregate_prediction_{hits,misses}_total and pregate_prediction_recall by distance and
+ * pregate_speculative_{loads,used_loads,wasted_loads}_total), NUL-terminated. *needed receives the
  * text's bytes plus the NUL; buf is written only when cap >= *needed (call again with a larger
  * buffer otherwise). */
 pregate_status pregate_moe_metrics_text(const PregateMoe *m, char *buf, size_t cap, size_t *needed);
+
+/* ---- models that route per layer (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): a layer's routes are
+ * known only when the layer runs. Per step: begin_step -> per MoE layer layer_forward_routed
+ * (exact routes; an expert not resident is loaded then), and optionally, after a layer, speculate
+ * (predicted gate scores of the next layers: candidates not resident are loaded ahead of use) ->
+ * step_end (or the next begin_step / plan_step). Speculation never changes outputs. */
+
+typedef struct {
+    uint32_t struct_size;  /* set to sizeof(PregateMoeSpecStats) before the call */
+    uint32_t depth;        /* configured depth; 0: speculation off (every counter 0) */
+    uint64_t hits[4];      /* by distance - 1: exact experts predicted that many layers ahead */
+    uint64_t misses[4];    /* exact experts not predicted that many layers ahead */
+    uint64_t loads;        /* speculative loads issued */
+    uint64_t used;         /* speculative loads their layer used */
+    uint64_t wasted;       /* speculative loads evicted before any use */
+} PregateMoeSpecStats;     /* 96 bytes */
+
+/* Speculation on (depth 1..4 layers ahead; extra 0..8 candidates per token beyond the gating
+ * top-k; at most max_loads loads per speculate call, 0: no cap but the cache) or off (depth 0).
+ * Resets its counters. Inside a per-layer step: STATE. */
+pregate_status pregate_moe_configure_speculation(PregateMoe *m, uint32_t depth, uint32_t extra,
+                                                 uint32_t max_loads);
+
+/* Opens a step of num_tokens tokens whose routes come per layer (a step still open is ended first;
+ * earlier plans' next uses are dropped). *step_id receives its id. */
+pregate_status pregate_moe_begin_step(PregateMoe *m, uint64_t num_tokens, uint64_t stream,
+                                      uint64_t *step_id);
+
+/* The experts of `layer` for a step opened by begin_step, with the layer's exact routes
+ * (topk_ids_host / topk_w_host: HOST memory, [num_tokens, top_k] row-major, top_k at most the
+ * service's): out[t] = sum_j w_j * FFN_{e_j}(x[t]). Experts not resident are loaded first. x, out
+ * and stream as for layer_forward (host pointers on the CPU, device pointers on CUDA). A step
+ * opened by plan_step, another step, or no step: STATE. */
+pregate_status pregate_moe_layer_forward_routed(PregateMoe *m, uint64_t step_id, uint32_t layer,
+                                                const void *x, uint64_t x_row_stride,
+                                                const int32_t *topk_ids_host,
+                                                const float *topk_w_host, uint64_t num_tokens,
+                                                uint32_t top_k, void *out, uint64_t stream);
+
+/* After `layer` ran in the step begun as step_id: predicted gate scores (f32, higher is likelier;
+ * probabilities or logits) of layers layer+1 .. layer+depth for the step's tokens, host memory
+ * [depth, num_tokens, num_experts] row-major; top_k is those layers' gating top-k. Each token's
+ * top (top_k + extra) experts become candidates, nearest layer first, then by score; those not
+ * resident, at most max_loads, are loaded ahead of use (CUDA: on the copy stream). *queued
+ * receives the loads issued. depth must be 1..configured and layer+depth < num_layers; without
+ * speculation configured: STATE. */
+pregate_status pregate_moe_speculate(PregateMoe *m, uint64_t step_id, uint32_t layer,
+                                     uint32_t depth, const float *scores_host,
+                                     uint64_t num_tokens, uint32_t top_k, uint64_t stream,
+                                     uint32_t *queued);
+
+/* Speculation counters since it was configured. */
+pregate_status pregate_moe_speculation_stats(const PregateMoe *m, PregateMoeSpecStats *out);
 
 /* Destroys a handle (NULL: nothing). */
 void pregate_moe_destroy(PregateMoe *m);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
-use pregate::cache::{CacheStats, StepExperts};
+use pregate::cache::{CacheStats, StepExperts, Unit};
 use pregate::cuda::{BorrowedPool, CudaExperts, DeviceElem, ExpertSetup};
 use pregate::model::weights::ExpertWeights;
 use pregate::moe::RuntimeStats;
@@ -83,6 +83,7 @@ pub(crate) struct CudaService {
     ctx: Arc<CudaContext>,
     runtime: Typed,
     hidden: usize,
+    layers: usize,
 }
 
 impl CudaService {
@@ -163,6 +164,7 @@ impl CudaService {
             ctx,
             runtime,
             hidden: settings.hidden,
+            layers: settings.layers,
         })
     }
 
@@ -176,6 +178,42 @@ impl CudaService {
     }
 
     /// Ends the step: pins released, completed stall timings counted.
+    /// Issues the loads of `steps` on the copy stream as prefetches; returns the units loaded
+    /// (those not resident before and resident after: the runtime reports a count only).
+    pub(crate) fn prefetch(
+        &mut self,
+        steps: &[StepExperts],
+        _stream: u64,
+    ) -> CallResult<Vec<Unit>> {
+        let mut wanted = Vec::new();
+        for s in steps {
+            for l in 0..self.layers {
+                for e in s.at(l).iter() {
+                    if !self.resident(l, e) {
+                        wanted.push(Unit::new(l, e));
+                    }
+                }
+            }
+        }
+        match &mut self.runtime {
+            Typed::F32(r) => r.plan(steps)?,
+            Typed::Bf16(r) => r.plan(steps)?,
+        };
+        Ok(wanted
+            .into_iter()
+            .filter(|&u| self.resident(u.layer as usize, u.expert))
+            .collect())
+    }
+
+    /// Whether `(layer, expert)` is in a slot.
+    pub(crate) fn resident(&self, layer: usize, expert: u16) -> bool {
+        let u = Unit::new(layer, expert);
+        match &self.runtime {
+            Typed::F32(r) => r.cache().slot_of(u).is_some(),
+            Typed::Bf16(r) => r.cache().slot_of(u).is_some(),
+        }
+    }
+
     pub(crate) fn end_step(&mut self, _stream: u64) -> CallResult {
         match &mut self.runtime {
             Typed::F32(r) => r.end_step(),

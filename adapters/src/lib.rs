@@ -11,6 +11,7 @@
 mod cuda;
 pub mod dtype;
 pub mod ffi;
+pub mod layered;
 pub mod moe;
 pub mod router;
 

@@ -4,14 +4,19 @@
 //! Life of a handle: `create` (shape and cache settings) -> `set_expert` for every (layer, expert,
 //! projection), copied into pregate's store -> `finalize` (every expert present; the runtime is
 //! built) -> per step: `plan_step` (the step's routes, shared by every layer) -> `layer_forward`
-//! per layer -> `step_end` -> `destroy`. A call out of this order fails with `STATE`.
+//! per layer -> `step_end` -> `destroy`. A call out of this order fails with `STATE`. Models that
+//! route per layer (Mixtral, Qwen-MoE, OLMoE) open their steps with `begin_step` instead and pass
+//! each layer's routes with the layer ([`crate::layered`]).
 
 use std::ffi::c_void;
 use std::sync::Mutex;
 
-use pregate::cache::{CacheCapacity, EvictionPolicy, ExpertCapacity, StepExperts};
+use pregate::cache::{
+    prefetch, CacheCapacity, CacheStats, EvictionPolicy, ExpertCache, ExpertCapacity, HostMemory,
+    MemoryBackend, PrefetchPlanner, StepExperts, Unit,
+};
 use pregate::model::weights::{ExpertWeights, Matrix};
-use pregate::moe::CpuExperts;
+use pregate::moe::{run_waves, CpuExperts, RuntimeStats};
 use pregate::route::{ExpertSet, MAX_EXPERTS, MAX_TOP_K};
 use pregate::{ErrorCode, TokenRoute};
 
@@ -148,6 +153,14 @@ impl Settings {
             }
         };
         let units = layers * experts;
+        // Fewer slots than one token's experts would leave a layer unable to run at all.
+        let (slots, quota) = (c.cache_slots, c.layer_quota as usize);
+        if (slots > 0 && slots < top_k as u64) || (quota > 0 && quota < top_k) {
+            return Err(Failure::invalid(format!(
+                "a cache of {slots} slots (layer_quota {quota}) cannot hold one token's {top_k} \
+                 experts"
+            )));
+        }
         let capacity = match (c.cache_slots, c.layer_quota as usize) {
             (0, 0) => ExpertCapacity::All,
             (s, 0) if s >= units as u64 => ExpertCapacity::All,
@@ -211,37 +224,138 @@ impl Settings {
 }
 
 /// The runtime a finalized service computes with.
-enum Runtime {
-    Cpu(Box<CpuExperts>),
+pub(crate) enum Runtime {
+    Cpu(Box<CpuRuntime>),
     Cuda(Box<crate::cuda::CudaService>),
 }
 
 /// Where a service is in its life.
-enum Phase {
+pub(crate) enum Phase {
     /// Collecting experts: `store[(layer * experts + expert) * 3 + proj]`, f32.
     Loading(Vec<Option<Vec<f32>>>),
     Ready(Runtime),
 }
 
-/// The routes of the step planned last and not yet ended.
-struct OpenStep {
-    id: u64,
-    routes: Vec<TokenRoute>,
+/// The step opened last and not yet ended.
+pub(crate) struct OpenStep {
+    pub id: u64,
+    /// The step's routes (every layer's) for a planned step; empty for a per-layer step, whose
+    /// routes come with each layer.
+    pub routes: Vec<TokenRoute>,
+    /// `Some(tokens)` for a step opened by `begin_step` (routes per layer).
+    pub per_layer: Option<usize>,
 }
 
 /// The state behind a handle.
-struct Service {
-    settings: Settings,
-    phase: Phase,
-    open: Option<OpenStep>,
-    last_step: u64,
+pub(crate) struct Service {
+    pub settings: Settings,
+    pub phase: Phase,
+    pub open: Option<OpenStep>,
+    pub last_step: u64,
+    /// Speculative prefetch, once configured.
+    pub spec: Option<crate::layered::Speculation>,
+}
+
+/// The CPU runtime: the experts, computed from host memory, and the cache's accounting. The cache
+/// is this runtime's own (not [`CpuExperts`]'), so that speculative loads can be issued into it.
+pub(crate) struct CpuRuntime {
+    experts: CpuExperts,
+    cache: Option<ExpertCache>,
+    planner: PrefetchPlanner,
+    stats: RuntimeStats,
+}
+
+impl CpuRuntime {
+    fn new(experts: CpuExperts, st: &Settings) -> CallResult<Self> {
+        let cache = if st.capacity == ExpertCapacity::All {
+            None
+        } else {
+            // A unit is counted with the bytes of the largest expert, as a device slot holds it.
+            let unit_bytes = (0..st.layers)
+                .flat_map(|l| (0..st.experts).map(move |e| (l, e)))
+                .filter_map(|(l, e)| experts.expert(l, e).map(ExpertWeights::bytes))
+                .max()
+                .unwrap_or(1)
+                .max(1) as u64;
+            Some(
+                st.capacity
+                    .build_cache(st.layers, st.experts, unit_bytes, st.policy, || {
+                        HostMemory::new().free_bytes()
+                    })?,
+            )
+        };
+        Ok(CpuRuntime {
+            experts,
+            cache,
+            planner: PrefetchPlanner::default(),
+            stats: RuntimeStats::default(),
+        })
+    }
+
+    /// Belady's next uses from the coming steps; nothing is copied on the CPU, so no load.
+    fn plan(&mut self, steps: &[StepExperts]) {
+        if let Some(cache) = self.cache.as_mut() {
+            prefetch::set_next_uses(cache, steps, 0);
+        }
+    }
+
+    /// Issues the loads of `steps` ahead of use (accounted as prefetches); returns the units
+    /// loaded.
+    fn prefetch(&mut self, steps: &[StepExperts]) -> Vec<Unit> {
+        let Some(cache) = self.cache.as_mut() else {
+            return Vec::new();
+        };
+        let loads = self.planner.plan_into(cache, steps);
+        self.stats.prefetches += loads.len() as u64;
+        loads.iter().map(|p| p.unit).collect()
+    }
+
+    /// Whether `(layer, expert)` is resident (always, without a cache).
+    fn resident(&self, layer: usize, expert: u16) -> bool {
+        self.cache
+            .as_ref()
+            .is_none_or(|c| c.slot_of(Unit::new(layer, expert)).is_some())
+    }
+
+    fn forward(
+        &mut self,
+        layer: usize,
+        x: &[f32],
+        routes: &[TokenRoute],
+        out: &mut [f32],
+    ) -> CallResult {
+        self.experts.check(layer, routes)?;
+        let mut used = ExpertSet::default();
+        for r in routes {
+            for &e in r.experts() {
+                used.insert(e);
+            }
+        }
+        self.stats.waves += match self.cache.as_mut() {
+            Some(cache) => run_waves(cache, layer, &used, |_, _| Ok(()))?,
+            None => 1,
+        };
+        self.experts.forward_layer(layer, x, routes, out, false)?;
+        self.stats.layer_calls += 1;
+        Ok(())
+    }
+
+    fn end_step(&mut self) {
+        if let Some(c) = self.cache.as_mut() {
+            c.unpin_all();
+        }
+    }
+
+    fn stats(&self) -> (RuntimeStats, Option<CacheStats>) {
+        (self.stats, self.cache.as_ref().map(ExpertCache::stats))
+    }
 }
 
 /// An opaque service handle (`PregateMoe *`). Calls on one handle are serialised by its lock.
 pub struct PregateMoe(Mutex<Service>);
 
 impl PregateMoe {
-    fn with<T>(&self, f: impl FnOnce(&mut Service) -> CallResult<T>) -> CallResult<T> {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Service) -> CallResult<T>) -> CallResult<T> {
         let mut s = self.0.lock().map_err(|_| {
             Failure::state("a previous call on this handle failed midway; destroy it")
         })?;
@@ -305,6 +419,7 @@ pub unsafe extern "C" fn pregate_moe_create(
             phase: Phase::Loading(vec![None; units]),
             open: None,
             last_step: 0,
+            spec: None,
         };
         *out = Box::into_raw(Box::new(PregateMoe(Mutex::new(service))));
         Ok(())
@@ -454,11 +569,8 @@ pub unsafe extern "C" fn pregate_moe_finalize(
             let runtime = match st.device {
                 None => {
                     let shared = vec![None; st.layers];
-                    let mut cpu = CpuExperts::new(experts, shared, st.hidden, st.top_k)?;
-                    if st.capacity != ExpertCapacity::All {
-                        cpu = cpu.with_cache(st.capacity, st.policy)?;
-                    }
-                    Runtime::Cpu(Box::new(cpu))
+                    let cpu = CpuExperts::new(experts, shared, st.hidden, st.top_k)?;
+                    Runtime::Cpu(Box::new(CpuRuntime::new(cpu, &st)?))
                 }
                 Some(_) => {
                     // SAFETY: the regions are the caller's device memory of the sizes given,
@@ -517,7 +629,7 @@ fn return_experts(experts: Vec<Vec<ExpertWeights>>) -> Vec<Option<Vec<f32>>> {
 }
 
 /// Reads `tokens x top_k` routes (expert ids and weights, row-major) into token routes.
-fn read_routes(
+pub(crate) fn read_routes(
     st: &Settings,
     ids: &[i32],
     weights: &[f32],
@@ -553,7 +665,7 @@ fn read_routes(
 }
 
 /// Checks a step's token count and top-k against the settings.
-fn check_counts(st: &Settings, tokens: u64, top_k: u32) -> CallResult<(usize, usize)> {
+pub(crate) fn check_counts(st: &Settings, tokens: u64, top_k: u32) -> CallResult<(usize, usize)> {
     let k = top_k as usize;
     if k == 0 || k > st.top_k {
         return Err(Failure::invalid(format!(
@@ -624,6 +736,7 @@ pub unsafe extern "C" fn pregate_moe_plan_step(
             s.open = Some(OpenStep {
                 id: s.last_step,
                 routes,
+                per_layer: None,
             });
             *step_out = s.last_step;
             Ok(())
@@ -632,14 +745,74 @@ pub unsafe extern "C" fn pregate_moe_plan_step(
 }
 
 impl Runtime {
-    fn plan(&mut self, steps: &[StepExperts], stream: u64) -> CallResult {
+    pub(crate) fn plan(&mut self, steps: &[StepExperts], stream: u64) -> CallResult {
         match self {
-            Runtime::Cpu(c) => Ok(c.plan(steps)?),
+            Runtime::Cpu(c) => {
+                c.plan(steps);
+                Ok(())
+            }
             Runtime::Cuda(c) => c.plan(steps, stream),
         }
     }
 
-    fn end_step(&mut self, stream: u64) -> CallResult {
+    /// Loads the units of `steps` ahead of use, on the copy stream (CUDA) or in the accounting
+    /// (CPU); returns the units loaded.
+    pub(crate) fn prefetch(&mut self, steps: &[StepExperts], stream: u64) -> CallResult<Vec<Unit>> {
+        match self {
+            Runtime::Cpu(c) => Ok(c.prefetch(steps)),
+            Runtime::Cuda(c) => c.prefetch(steps, stream),
+        }
+    }
+
+    /// Whether `(layer, expert)` is in a slot now.
+    pub(crate) fn resident(&self, layer: usize, expert: u16) -> bool {
+        match self {
+            Runtime::Cpu(c) => c.resident(layer, expert),
+            Runtime::Cuda(c) => c.resident(layer, expert),
+        }
+    }
+
+    /// One layer's experts for `routes`: host `x` and `out` on the CPU, device ones on CUDA.
+    ///
+    /// # Safety
+    /// `x` holds `routes.len()` rows `x_row_stride` elements apart, `out` `routes.len() * hidden`
+    /// writable elements, of the service's dtype.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn forward(
+        &mut self,
+        st: &Settings,
+        layer: usize,
+        x: *const c_void,
+        x_row_stride: u64,
+        routes: &[TokenRoute],
+        out: *mut c_void,
+        stream: u64,
+    ) -> CallResult {
+        match self {
+            Runtime::Cpu(cpu) => {
+                let (n, h) = (routes.len(), st.hidden);
+                let mut xs = Vec::with_capacity(n * h);
+                // SAFETY: this function's contract on `x`'s extent.
+                unsafe {
+                    read_matrix(
+                        st.dtype,
+                        x as *const u8,
+                        n,
+                        h,
+                        x_row_stride as usize,
+                        &mut xs,
+                    )?
+                };
+                let mut y = vec![0.0f32; n * h];
+                cpu.forward(layer, &xs, routes, &mut y)?;
+                // SAFETY: this function's contract on `out`'s extent.
+                unsafe { write_values(st.dtype, &y, out as *mut u8) }
+            }
+            Runtime::Cuda(c) => c.forward_layer(layer, x, x_row_stride, routes, out, stream),
+        }
+    }
+
+    pub(crate) fn end_step(&mut self, stream: u64) -> CallResult {
         match self {
             Runtime::Cpu(c) => {
                 c.end_step();
@@ -651,7 +824,7 @@ impl Runtime {
 
     fn stats(&self) -> PregateMoeStats {
         let (rt, cache) = match self {
-            Runtime::Cpu(c) => (c.stats(), c.cache().map(|c| c.stats())),
+            Runtime::Cpu(c) => c.stats(),
             Runtime::Cuda(c) => c.stats(),
         };
         let cache = cache.unwrap_or_default();
@@ -714,6 +887,12 @@ pub unsafe extern "C" fn pregate_moe_layer_forward(
                     )))
                 }
             };
+            if step.per_layer.is_some() {
+                return Err(Failure::state(format!(
+                    "step {step_id} was opened by begin_step: its layers take their routes with \
+                     pregate_moe_layer_forward_routed"
+                )));
+            }
             let (l, n, h) = (layer as usize, num_tokens as usize, st.hidden);
             if l >= st.layers {
                 return Err(Failure::invalid(format!(
@@ -732,8 +911,9 @@ pub unsafe extern "C" fn pregate_moe_layer_forward(
                     "x_row_stride {x_row_stride} is below hidden {h}"
                 )));
             }
-            match runtime {
-                Runtime::Cpu(cpu) => {
+            let cpu_routes;
+            let routes = match runtime {
+                Runtime::Cpu(_) => {
                     let k = step.routes.first().map_or(st.top_k, |r| r.experts().len());
                     // SAFETY: the caller's contract (`n * k` elements each).
                     let (ids, ws) = unsafe {
@@ -742,26 +922,13 @@ pub unsafe extern "C" fn pregate_moe_layer_forward(
                             ffi::slice(topk_w, n * k, "topk_w")?,
                         )
                     };
-                    let routes = read_routes(&st, ids, ws, k)?;
-                    let mut xs = Vec::with_capacity(n * h);
-                    // SAFETY: the caller's contract on `x`'s extent.
-                    unsafe {
-                        read_matrix(
-                            st.dtype,
-                            x as *const u8,
-                            n,
-                            h,
-                            x_row_stride as usize,
-                            &mut xs,
-                        )?
-                    };
-                    let mut y = vec![0.0f32; n * h];
-                    cpu.forward_layer(l, &xs, &routes, &mut y, false)?;
-                    // SAFETY: the caller's contract on `out`'s extent.
-                    unsafe { write_values(st.dtype, &y, out as *mut u8) }
+                    cpu_routes = read_routes(&st, ids, ws, k)?;
+                    &cpu_routes
                 }
-                Runtime::Cuda(c) => c.forward_layer(l, x, x_row_stride, &step.routes, out, stream),
-            }
+                Runtime::Cuda(_) => &step.routes,
+            };
+            // SAFETY: the caller's contract on `x` and `out` (`n` rows, checked above).
+            unsafe { runtime.forward(&st, l, x, x_row_stride, routes, out, stream) }
         })
     })
 }
@@ -835,7 +1002,19 @@ impl Service {
 
 /// The service's counters in Prometheus' text format.
 pub fn metrics_text(stats: &PregateMoeStats) -> CallResult<String> {
-    use prometheus::{Counter, Encoder, IntCounter, Opts, Registry, TextEncoder};
+    metrics_text_with(stats, None)
+}
+
+/// The service's counters and, with speculation on, its recall per distance and speculative loads,
+/// in Prometheus' text format. Names as pregate's own metrics (`pregate_prediction_*`,
+/// `pregate_speculative_*`) where they mean the same.
+pub fn metrics_text_with(
+    stats: &PregateMoeStats,
+    spec: Option<&crate::layered::PregateMoeSpecStats>,
+) -> CallResult<String> {
+    use prometheus::{
+        Counter, Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    };
     let registry = Registry::new();
     let internal = |e: prometheus::Error| Failure::new(ErrorCode::Internal, e.to_string());
     let counters: [(&str, &str, u64); 7] = [
@@ -883,6 +1062,75 @@ pub fn metrics_text(stats: &PregateMoeStats) -> CallResult<String> {
     .map_err(internal)?;
     stall.inc_by(stats.stall_s.max(0.0));
     registry.register(Box::new(stall)).map_err(internal)?;
+    let accesses = stats.hits + stats.misses;
+    let ratio = Gauge::with_opts(Opts::new(
+        "pregate_moe_cache_hit_ratio",
+        "Hits over cache accesses since the service was created (0 before any access)",
+    ))
+    .map_err(internal)?;
+    ratio.set(if accesses == 0 {
+        0.0
+    } else {
+        stats.hits as f64 / accesses as f64
+    });
+    registry.register(Box::new(ratio)).map_err(internal)?;
+    if let Some(sp) = spec.filter(|sp| sp.depth > 0) {
+        let by_distance = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["distance"]).map_err(internal)
+        };
+        let hits = by_distance(
+            "pregate_prediction_hits_total",
+            "Exact experts of a layer that speculation predicted `distance` layers ahead",
+        )?;
+        let misses = by_distance(
+            "pregate_prediction_misses_total",
+            "Exact experts of a layer that speculation did not predict `distance` layers ahead",
+        )?;
+        let recall = GaugeVec::new(
+            Opts::new(
+                "pregate_prediction_recall",
+                "Share of a layer's exact experts predicted `distance` layers ahead",
+            ),
+            &["distance"],
+        )
+        .map_err(internal)?;
+        for j in 0..sp.depth as usize {
+            let d = (j + 1).to_string();
+            hits.with_label_values(&[d.as_str()]).inc_by(sp.hits[j]);
+            misses.with_label_values(&[d.as_str()]).inc_by(sp.misses[j]);
+            let n = sp.hits[j] + sp.misses[j];
+            if n > 0 {
+                recall
+                    .with_label_values(&[d.as_str()])
+                    .set(sp.hits[j] as f64 / n as f64);
+            }
+        }
+        registry.register(Box::new(hits)).map_err(internal)?;
+        registry.register(Box::new(misses)).map_err(internal)?;
+        registry.register(Box::new(recall)).map_err(internal)?;
+        let loads: [(&str, &str, u64); 3] = [
+            (
+                "pregate_speculative_loads_total",
+                "Expert loads issued on a speculative prediction",
+                sp.loads,
+            ),
+            (
+                "pregate_speculative_used_loads_total",
+                "Speculative expert loads their layer used",
+                sp.used,
+            ),
+            (
+                "pregate_speculative_wasted_loads_total",
+                "Speculative expert loads evicted before their layer used them",
+                sp.wasted,
+            ),
+        ];
+        for (name, help, value) in loads {
+            let c = IntCounter::with_opts(Opts::new(name, help)).map_err(internal)?;
+            c.inc_by(value);
+            registry.register(Box::new(c)).map_err(internal)?;
+        }
+    }
     let mut text = Vec::new();
     TextEncoder::new()
         .encode(&registry.gather(), &mut text)
@@ -907,7 +1155,8 @@ pub unsafe extern "C" fn pregate_moe_metrics_text(
     guard("pregate_moe_metrics_text", || {
         // SAFETY: the caller's contract.
         let (m, needed) = unsafe { (ffi::non_null(m, "m")?, ffi::non_null_mut(needed, "needed")?) };
-        let text = metrics_text(&m.with(|s| Ok(s.stats()))?)?;
+        let (stats, spec) = m.with(|s| Ok((s.stats(), s.spec_stats())))?;
+        let text = metrics_text_with(&stats, Some(&spec))?;
         *needed = text.len() + 1;
         if cap >= *needed {
             // SAFETY: `cap` writable bytes (the caller's contract), `cap >= len + 1`.

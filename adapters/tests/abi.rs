@@ -9,6 +9,7 @@ use std::ptr::{null, null_mut};
 use half::bf16;
 use pregate::model::{make_model, ExpertLayout, ModelDir, Preset};
 use pregate::router::{ReadMeRouter, Router as _};
+use pregate_adapters::layered::*;
 use pregate_adapters::moe::*;
 use pregate_adapters::router::*;
 use pregate_adapters::{ffi, pregate_abi_version, pregate_last_error, ErrorCode, ABI_VERSION};
@@ -197,6 +198,14 @@ fn null_pointers_and_bad_configs_are_refused_with_a_message() {
             (PregateMoeConfig { dtype: 7, ..c }, "dtype 7"),
             (PregateMoeConfig { policy: 9, ..c }, "policy 9"),
             (PregateMoeConfig { shard_kind: 2, ..c }, "expert parallel"),
+            (
+                PregateMoeConfig {
+                    cache_slots: 1,
+                    top_k: 2,
+                    ..c
+                },
+                "cannot hold one token's 2 experts",
+            ),
             (
                 PregateMoeConfig {
                     cache_slots: 3,
@@ -608,5 +617,265 @@ fn host_router_matches_the_library_router_and_refuses_bad_input() {
         let status = pregate_router_open(missing.as_ptr(), &mut r);
         assert_eq!(status, ErrorCode::NotFound as i32, "{}", last_error());
         assert!(r.is_null());
+    }
+}
+
+/// Runs `layer` of the open per-layer step `step` on f32 `x` with routes `ids` / `w`.
+fn forward_routed(
+    m: *mut PregateMoe,
+    step: u64,
+    layer: u32,
+    x: &[f32],
+    ids: &[i32],
+    w: &[f32],
+    top_k: u32,
+) -> (i32, Vec<f32>) {
+    let tokens = ids.len() / top_k as usize;
+    let mut out = vec![0.0f32; x.len()];
+    // SAFETY: the buffers hold `tokens` rows / `tokens * top_k` routes.
+    let s = unsafe {
+        pregate_moe_layer_forward_routed(
+            m,
+            step,
+            layer,
+            x.as_ptr().cast(),
+            (x.len() / tokens) as u64,
+            ids.as_ptr(),
+            w.as_ptr(),
+            tokens as u64,
+            top_k,
+            out.as_mut_ptr().cast(),
+            0,
+        )
+    };
+    (s, out)
+}
+
+fn stats(m: *mut PregateMoe) -> (PregateMoeStats, PregateMoeSpecStats) {
+    let mut st = PregateMoeStats {
+        struct_size: size_of::<PregateMoeStats>() as u32,
+        ..Default::default()
+    };
+    let mut sp = PregateMoeSpecStats {
+        struct_size: size_of::<PregateMoeSpecStats>() as u32,
+        ..Default::default()
+    };
+    // SAFETY: a live handle and full-size structs.
+    unsafe {
+        assert_eq!(pregate_moe_stats(m, &mut st), 0);
+        assert_eq!(pregate_moe_speculation_stats(m, &mut sp), 0);
+    }
+    (st, sp)
+}
+
+fn metrics(m: *mut PregateMoe) -> String {
+    let mut needed = 0usize;
+    // SAFETY: a live handle; a NULL buffer of 0 bytes, then one of `needed`.
+    unsafe {
+        assert_eq!(pregate_moe_metrics_text(m, null_mut(), 0, &mut needed), 0);
+        let mut buf = vec![0u8; needed];
+        assert_eq!(
+            pregate_moe_metrics_text(m, buf.as_mut_ptr().cast(), needed, &mut needed),
+            0
+        );
+        String::from_utf8(buf[..needed - 1].to_vec()).unwrap()
+    }
+}
+
+#[test]
+fn spec_stats_layout_matches_the_header() {
+    assert_eq!(size_of::<PregateMoeSpecStats>(), 96);
+    assert_eq!(offset_of!(PregateMoeSpecStats, hits), 8);
+    assert_eq!(offset_of!(PregateMoeSpecStats, misses), 40);
+    assert_eq!(offset_of!(PregateMoeSpecStats, loads), 72);
+    assert_eq!(offset_of!(PregateMoeSpecStats, wasted), 88);
+}
+
+#[test]
+fn per_layer_routes_match_the_dense_reference_with_a_small_cache() {
+    // Every layer routes its own way; 3 slots for 4 layers x 6 experts, so layers miss and evict.
+    let c = PregateMoeConfig {
+        cache_slots: 3,
+        ..config(4, 6, 2, 16, 8)
+    };
+    let experts = random_experts(&c, 21);
+    let m = create(&c);
+    set_all(m, &c, &experts);
+    assert_eq!(finalize(m), 0, "{}", last_error());
+    let mut g = Lcg(9);
+    let tokens = 3;
+    for _ in 0..3 {
+        let x = g.vec(tokens * 16, 1.0);
+        let mut step = 0;
+        // SAFETY: a live handle and a writable step id.
+        assert_eq!(
+            unsafe { pregate_moe_begin_step(m, tokens as u64, 0, &mut step) },
+            0
+        );
+        for l in 0..4 {
+            let ids: Vec<i32> = (0..tokens)
+                .flat_map(|t| {
+                    let a = ((g.next() + 1.0) * 3.0) as i32 % 6;
+                    [a, (a + 1 + (t as i32 + l) % 5) % 6]
+                })
+                .collect();
+            let w: Vec<f32> = (0..tokens).flat_map(|_| [0.7, 0.3]).collect();
+            let (s, out) = forward_routed(m, step, l as u32, &x, &ids, &w, 2);
+            assert_eq!(s, 0, "{}", last_error());
+            assert_close(
+                &out,
+                &reference(&c, &experts, l as usize, &x, &ids, &w),
+                1e-5,
+            );
+        }
+        // SAFETY: a live handle.
+        assert_eq!(unsafe { pregate_moe_step_end(m, step, 0) }, 0);
+    }
+    let (st, sp) = stats(m);
+    assert_eq!(st.layer_calls, 12);
+    assert!(st.misses > 0 && st.evictions > 0, "{st:?}");
+    assert!(st.waves >= 12, "{st:?}");
+    assert_eq!(sp.depth, 0);
+    // SAFETY: a live handle, destroyed once.
+    unsafe { pregate_moe_destroy(m) };
+}
+
+#[test]
+fn speculation_loads_predicted_experts_ahead_and_counts_recall() {
+    // 3 layers x 4 experts, top-1, 4 slots, at most 2 speculative loads per call. One token.
+    let c = PregateMoeConfig {
+        cache_slots: 4,
+        ..config(3, 4, 1, 8, 4)
+    };
+    let experts = random_experts(&c, 3);
+    let m = create(&c);
+    set_all(m, &c, &experts);
+    assert_eq!(finalize(m), 0, "{}", last_error());
+    let x = Lcg(1).vec(8, 1.0);
+    let mut step = 0;
+    let mut queued = 0u32;
+    // Layer 1 predicted {2, 3} (top-1 plus 1 extra), layer 2 predicted {0, 3}.
+    let scores = [0.1f32, 0.2, 0.9, 0.5, 0.8, 0.1, 0.0, 0.3];
+    // SAFETY: live handle; `scores` holds 2 x 1 x 4 floats; writable outputs.
+    unsafe {
+        assert_eq!(pregate_moe_begin_step(m, 1, 0, &mut step), 0);
+        let s = pregate_moe_speculate(m, step, 0, 2, scores.as_ptr(), 1, 1, 0, &mut queued);
+        assert_eq!(s, STATE, "speculate before configuring: {}", last_error());
+        assert!(last_error().contains("configure_speculation"));
+        assert_eq!(pregate_moe_configure_speculation(m, 2, 1, 0), STATE);
+        assert!(last_error().contains("inside a per-layer step"));
+        assert_eq!(pregate_moe_step_end(m, step, 0), 0);
+        assert_eq!(pregate_moe_configure_speculation(m, 5, 1, 2), INVALID);
+        assert_eq!(pregate_moe_configure_speculation(m, 2, 1, 2), 0);
+        assert_eq!(pregate_moe_begin_step(m, 1, 0, &mut step), 0);
+    }
+    let (s, out) = forward_routed(m, step, 0, &x, &[0], &[1.0], 1);
+    assert_eq!(s, 0, "{}", last_error());
+    assert_close(&out, &reference(&c, &experts, 0, &x, &[0], &[1.0]), 1e-5);
+    // SAFETY: as above.
+    unsafe {
+        // Layer 1 + 2 = 3 is not a layer: refused, nothing recorded.
+        let s = pregate_moe_speculate(m, step, 1, 2, scores.as_ptr(), 1, 1, 0, &mut queued);
+        assert_eq!(s, INVALID);
+        let nan = [f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let s = pregate_moe_speculate(m, step, 0, 2, nan.as_ptr(), 1, 1, 0, &mut queued);
+        assert_eq!(s, INVALID);
+        assert!(last_error().contains("NaN"), "{}", last_error());
+        let s = pregate_moe_speculate(m, step, 0, 2, scores.as_ptr(), 1, 1, 0, &mut queued);
+        assert_eq!(s, 0, "{}", last_error());
+    }
+    // Four candidates, none resident; the budget of two goes to the nearest layer's.
+    assert_eq!(queued, 2);
+    let (st, sp) = stats(m);
+    assert_eq!((st.misses, st.hits, st.prefetches), (1, 0, 2));
+    assert_eq!(sp.loads, 2);
+    // Layer 1 runs expert 3: a hit on a speculative load; recall at distance 1 is 1 of 1.
+    let (s, out) = forward_routed(m, step, 1, &x, &[3], &[1.0], 1);
+    assert_eq!(s, 0, "{}", last_error());
+    assert_close(&out, &reference(&c, &experts, 1, &x, &[3], &[1.0]), 1e-5);
+    // Layer 2 runs expert 1, which was not predicted two layers ahead: a miss on demand.
+    let (s, out) = forward_routed(m, step, 2, &x, &[1], &[1.0], 1);
+    assert_eq!(s, 0, "{}", last_error());
+    assert_close(&out, &reference(&c, &experts, 2, &x, &[1], &[1.0]), 1e-5);
+    let (st, sp) = stats(m);
+    assert_eq!((st.hits, st.misses), (1, 2), "{st:?}");
+    assert_eq!((sp.depth, sp.loads, sp.used), (2, 2, 1), "{sp:?}");
+    assert_eq!((sp.hits[0], sp.misses[0]), (1, 0), "{sp:?}");
+    assert_eq!((sp.hits[1], sp.misses[1]), (0, 1), "{sp:?}");
+    let text = metrics(m);
+    for want in [
+        "pregate_prediction_hits_total{distance=\"1\"} 1",
+        "pregate_prediction_misses_total{distance=\"2\"} 1",
+        "pregate_prediction_recall{distance=\"1\"} 1",
+        "pregate_prediction_recall{distance=\"2\"} 0",
+        "pregate_speculative_loads_total 2",
+        "pregate_speculative_used_loads_total 1",
+        "pregate_moe_prefetches_total 2",
+    ] {
+        assert!(text.contains(want), "{want} missing from\n{text}");
+    }
+    let ratio = 1.0 / 3.0;
+    assert!(
+        text.contains(&format!("pregate_moe_cache_hit_ratio {ratio}")),
+        "{text}"
+    );
+    // SAFETY: a live handle, destroyed once.
+    unsafe { pregate_moe_destroy(m) };
+}
+
+#[test]
+fn per_layer_and_planned_steps_do_not_mix() {
+    let c = config(2, 4, 1, 8, 4);
+    let experts = random_experts(&c, 4);
+    let m = create(&c);
+    set_all(m, &c, &experts);
+    assert_eq!(finalize(m), 0, "{}", last_error());
+    let x = Lcg(2).vec(16, 1.0);
+    let (ids, w) = ([1i32, 2], [1.0f32, 1.0]);
+    let mut step = 0;
+    let mut out = vec![0.0f32; 16];
+    // SAFETY: live handle; buffers of 2 tokens.
+    unsafe {
+        assert_eq!(
+            pregate_moe_plan_step(m, ids.as_ptr(), w.as_ptr(), 2, 1, 0, &mut step),
+            0
+        );
+        assert_eq!(forward_routed(m, step, 0, &x, &ids, &w, 1).0, STATE);
+        assert!(
+            last_error().contains("use layer_forward"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(pregate_moe_begin_step(m, 2, 0, &mut step), 0);
+        let s = pregate_moe_layer_forward(
+            m,
+            step,
+            0,
+            x.as_ptr().cast(),
+            8,
+            ids.as_ptr(),
+            w.as_ptr(),
+            2,
+            out.as_mut_ptr().cast(),
+            0,
+        );
+        assert_eq!(s, STATE);
+        assert!(
+            last_error().contains("layer_forward_routed"),
+            "{}",
+            last_error()
+        );
+        // Three tokens for a step of two; an expert outside the layer.
+        let x3 = Lcg(3).vec(24, 1.0);
+        assert_eq!(
+            forward_routed(m, step, 0, &x3, &[0, 1, 2], &[1.0; 3], 1).0,
+            INVALID
+        );
+        assert!(last_error().contains("begun for 2"), "{}", last_error());
+        assert_eq!(forward_routed(m, step, 0, &x, &[0, 9], &w, 1).0, INVALID);
+        assert_eq!(forward_routed(m, step + 1, 0, &x, &ids, &w, 1).0, STATE);
+        // The step is intact after the refusals.
+        assert_eq!(forward_routed(m, step, 1, &x, &ids, &w, 1).0, 0);
+        pregate_moe_destroy(m);
     }
 }

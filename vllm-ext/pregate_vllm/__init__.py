@@ -2,8 +2,9 @@
 (`torch.ops.pregate.plan_step`, `torch.ops.pregate.moe_layer`), and a torch Read-ME router.
 
 `register()` is vLLM's `vllm.general_plugins` entry point. It is idempotent, imports vLLM lazily and
-touches no CUDA. It registers the `ReadMEForCausalLM` architecture (`pregate_vllm.model`, imported
-by vLLM only when a model asks for it).
+touches no CUDA. It registers the `ReadMEForCausalLM` architecture (`pregate_vllm.model`) and
+`PregateMoeForCausalLM` (`pregate_vllm.stock`: stock Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE
+checkpoints), imported by vLLM only when a model asks for one.
 """
 
 import importlib.util
@@ -13,13 +14,17 @@ __all__ = ["register"]
 
 ARCHITECTURE = "ReadMEForCausalLM"
 MODEL_CLASS = "pregate_vllm.model:ReadMEForCausalLM"
+#: Stock Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE checkpoints with pregate's expert cache, selected
+#: with `hf_overrides={"architectures": ["PregateMoeForCausalLM"]}`.
+STOCK_ARCHITECTURE = "PregateMoeForCausalLM"
+STOCK_CLASS = "pregate_vllm.stock:PregateMoeForCausalLM"
 
 _log = logging.getLogger(__name__)
 _registered = False
 
 
 def register() -> bool:
-    """Registers pregate's architecture with vLLM; returns whether it is registered."""
+    """Registers pregate's architectures with vLLM; returns whether they are registered."""
     global _registered
     if _registered:
         return True
@@ -30,7 +35,9 @@ def register() -> bool:
     from vllm import ModelRegistry  # lazily: vLLM calls this in every process it starts
 
     # The string form is imported lazily (no CUDA initialisation in a forked parent).
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    supported = ModelRegistry.get_supported_archs()
+    for arch, cls in ((ARCHITECTURE, MODEL_CLASS), (STOCK_ARCHITECTURE, STOCK_CLASS)):
+        if arch not in supported:
+            ModelRegistry.register_model(arch, cls)
     _registered = True
     return True

@@ -85,6 +85,20 @@ class MoeStats(ctypes.Structure):
     ]
 
 
+class SpecStats(ctypes.Structure):
+    """`PregateMoeSpecStats` (arrays by distance - 1)."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("depth", c_uint32),
+        ("hits", c_uint64 * 4),
+        ("misses", c_uint64 * 4),
+        ("loads", c_uint64),
+        ("used", c_uint64),
+        ("wasted", c_uint64),
+    ]
+
+
 _SIGNATURES = {
     "pregate_abi_version": (c_uint32, []),
     "pregate_last_error": (ctypes.c_size_t, [c_char_p, ctypes.c_size_t]),
@@ -115,6 +129,39 @@ _SIGNATURES = {
         ],
     ),
     "pregate_moe_step_end": (c_int32, [c_void_p, c_uint64, c_uint64]),
+    "pregate_moe_configure_speculation": (c_int32, [c_void_p, c_uint32, c_uint32, c_uint32]),
+    "pregate_moe_begin_step": (c_int32, [c_void_p, c_uint64, c_uint64, POINTER(c_uint64)]),
+    "pregate_moe_layer_forward_routed": (
+        c_int32,
+        [
+            c_void_p,
+            c_uint64,
+            c_uint32,
+            c_void_p,
+            c_uint64,
+            c_void_p,
+            c_void_p,
+            c_uint64,
+            c_uint32,
+            c_void_p,
+            c_uint64,
+        ],
+    ),
+    "pregate_moe_speculate": (
+        c_int32,
+        [
+            c_void_p,
+            c_uint64,
+            c_uint32,
+            c_uint32,
+            c_void_p,
+            c_uint64,
+            c_uint32,
+            c_uint64,
+            POINTER(c_uint32),
+        ],
+    ),
+    "pregate_moe_speculation_stats": (c_int32, [c_void_p, POINTER(SpecStats)]),
     "pregate_moe_stats": (c_int32, [c_void_p, POINTER(MoeStats)]),
     "pregate_moe_metrics_text": (
         c_int32,

@@ -109,7 +109,11 @@ class PregateOptions:
         return opts
 
 
-def check_cudagraph_policy(vllm_config: VllmConfig) -> None:
+def check_cudagraph_policy(
+    vllm_config: VllmConfig,
+    arch: str = "ReadMEForCausalLM",
+    splitting_ops: tuple[str, ...] = SPLITTING_OPS,
+) -> None:
     """Refuses CUDA-graph settings that would replay a captured step's expert-cache decisions.
 
     `plan_step` and `moe_layer` decide on the host, every step, which experts are resident and
@@ -123,19 +127,20 @@ def check_cudagraph_policy(vllm_config: VllmConfig) -> None:
     mode = cc.cudagraph_mode
     if mode is None or mode.name == "NONE":
         return
+    names = ", ".join(f'"{op}"' for op in splitting_ops)
     flags = (
         'enforce_eager=True, or compilation_config={"cudagraph_mode": "PIECEWISE", '
-        f'"splitting_ops": [<vLLM\'s attention ops>, "{SPLITTING_OPS[0]}", "{SPLITTING_OPS[1]}"]}}'
+        f'"splitting_ops": [<vLLM\'s attention ops>, {names}]}}'
     )
     if mode.has_full_cudagraphs():
         raise ValueError(
-            f"ReadMEForCausalLM: cudagraph_mode={mode.name} captures whole steps, which would "
+            f"{arch}: cudagraph_mode={mode.name} captures whole steps, which would "
             f"replay stale expert-cache decisions; use {flags}"
         )
-    missing = [op for op in SPLITTING_OPS if op not in (cc.splitting_ops or [])]
+    missing = [op for op in splitting_ops if op not in (cc.splitting_ops or [])]
     if missing:
         raise ValueError(
-            f"ReadMEForCausalLM: cudagraph_mode={mode.name} without {missing} in splitting_ops "
+            f"{arch}: cudagraph_mode={mode.name} without {missing} in splitting_ops "
             f"would capture pregate's ops in a graph; use {flags}"
         )
 

@@ -6,7 +6,18 @@ is what the ops take, since a custom op's arguments are tensors and scalars:
     step = torch.ops.pregate.plan_step(topk_ids, topk_w, handle)        # once per step
     y = torch.ops.pregate.moe_layer(x, topk_ids, topk_w, step, layer, handle)   # per MoE layer
 
-Both ops are functional (nothing is mutated): `plan_step` returns a one-element int64 step tensor
+Models whose every layer has its own gate (Mixtral, Qwen-MoE, OLMoE) know a layer's routes only
+when the layer runs; their steps use three other ops:
+
+    step = torch.ops.pregate.begin_step(x, handle)                       # once per step
+    y = torch.ops.pregate.moe_layer_routed(x, topk_ids, topk_w, step, layer, handle)
+    step = torch.ops.pregate.speculate(scores, step, layer, k, handle)   # optional, after a layer
+
+`moe_layer_routed` loads any exact expert that is not resident; `speculate` takes predicted gate
+scores `[D, T, E]` of the next D layers and loads the likely experts ahead of use. It returns the
+step again, so that the next layer, which takes it, is ordered after the prefetch.
+
+All ops are functional (nothing is mutated): `plan_step` returns a one-element int64 step tensor
 that every `moe_layer` of the step takes, so a compiler neither drops the plan nor moves a layer
 before it. Their fake implementations let `torch.compile` trace them without running them.
 """
@@ -209,14 +220,7 @@ class MoeService:
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, step: int, layer: int
     ) -> torch.Tensor:
         """The experts of `layer` for `x` (`[T, hidden]`) under the open step `step`."""
-        if x.dim() != 2 or x.shape[1] != self.hidden:
-            raise ValueError(f"x has shape {tuple(x.shape)}; expected [T, {self.hidden}]")
-        if x.dtype != self.dtype or x.device != self.device:
-            raise ValueError(
-                f"x is {x.dtype} on {x.device}; the service is {self.dtype} on {self.device}"
-            )
-        if x.stride(1) != 1:
-            x = x.contiguous()
+        x = self._check_x(x)
         on_host = x.device.type == "cpu"
         ids = topk_ids.detach().to(x.device if not on_host else "cpu", torch.int32).contiguous()
         w = topk_w.detach().to(ids.device, torch.float32).contiguous()
@@ -236,6 +240,99 @@ class MoeService:
             )
         )
         return out
+
+    def configure_speculation(self, depth: int, extra: int = 1, max_loads: int = 0) -> None:
+        """Speculative prefetch `depth` layers ahead (0: off) with `extra` candidates per token
+        beyond the gating top-k, at most `max_loads` loads per `speculate` (0: no cap)."""
+        self._check(self.lib.pregate_moe_configure_speculation(self.ptr, depth, extra, max_loads))
+
+    def begin_step(self, num_tokens: int, like: torch.Tensor | None = None) -> int:
+        """Opens a step of `num_tokens` tokens whose routes come per layer; returns its id."""
+        step = ctypes.c_uint64(0)
+        stream = 0 if like is None else _stream(like)
+        self._check(
+            self.lib.pregate_moe_begin_step(self.ptr, num_tokens, stream, ctypes.byref(step))
+        )
+        return step.value
+
+    def forward_routed(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor, step: int, layer: int
+    ) -> torch.Tensor:
+        """The experts of `layer` for `x` (`[T, hidden]`) with the layer's exact `[T, k]` routes,
+        under the step `step` opened by `begin_step`."""
+        x = self._check_x(x)
+        ids = topk_ids.detach().to("cpu", torch.int32).contiguous()
+        w = topk_w.detach().to("cpu", torch.float32).contiguous()
+        if ids.dim() != 2 or ids.shape != w.shape or ids.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"topk_ids {tuple(ids.shape)} and topk_w {tuple(w.shape)}: [T, k] with T = "
+                f"{x.shape[0]}"
+            )
+        out = torch.empty((x.shape[0], self.hidden), dtype=x.dtype, device=x.device)
+        self._check(
+            self.lib.pregate_moe_layer_forward_routed(
+                self.ptr,
+                step,
+                layer,
+                x.data_ptr(),
+                x.stride(0),
+                ids.data_ptr(),
+                w.data_ptr(),
+                x.shape[0],
+                ids.shape[1],
+                out.data_ptr(),
+                _stream(x),
+            )
+        )
+        return out
+
+    def speculate(self, scores: torch.Tensor, step: int, layer: int, top_k: int) -> int:
+        """Hands predicted gate scores `[D, T, E]` of layers `layer + 1 .. layer + D` to the
+        speculator; returns the loads issued ahead of use."""
+        if scores.dim() != 3:
+            raise ValueError(f"scores has shape {tuple(scores.shape)}; expected [D, T, E]")
+        s = scores.detach().to("cpu", torch.float32).contiguous()
+        queued = ctypes.c_uint32(0)
+        self._check(
+            self.lib.pregate_moe_speculate(
+                self.ptr,
+                step,
+                layer,
+                s.shape[0],
+                s.data_ptr(),
+                s.shape[1],
+                top_k,
+                _stream(scores),
+                ctypes.byref(queued),
+            )
+        )
+        return queued.value
+
+    def speculation_stats(self) -> dict[str, object]:
+        """Speculation counters: depth, per-distance `hits` and `misses` (lists by distance - 1),
+        `recall` per distance (None before any observation), `loads`, `used`, `wasted`."""
+        st = _lib.SpecStats(struct_size=ctypes.sizeof(_lib.SpecStats))
+        self._check(self.lib.pregate_moe_speculation_stats(self.ptr, ctypes.byref(st)))
+        hits, misses = list(st.hits), list(st.misses)
+        recall = [h / (h + m) if h + m else None for h, m in zip(hits, misses, strict=True)]
+        return {
+            "depth": st.depth,
+            "hits": hits[: st.depth],
+            "misses": misses[: st.depth],
+            "recall": recall[: st.depth],
+            "loads": st.loads,
+            "used": st.used,
+            "wasted": st.wasted,
+        }
+
+    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected [T, {self.hidden}]")
+        if x.dtype != self.dtype or x.device != self.device:
+            raise ValueError(
+                f"x is {x.dtype} on {x.device}; the service is {self.dtype} on {self.device}"
+            )
+        return x if x.stride(1) == 1 else x.contiguous()
 
     def end_step(self, step: int) -> None:
         """Ends the step (its experts are unpinned)."""
@@ -302,3 +399,59 @@ def _moe_layer_fake(
     handle: int,
 ) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("pregate::begin_step", mutates_args=())
+def begin_step(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """Opens a step for the `x.shape[0]` tokens of `x`, whose routes come per layer; returns the
+    step as a one-element int64 tensor that each `moe_layer_routed` of the step takes."""
+    return torch.tensor([service(handle).begin_step(x.shape[0], x)], dtype=torch.int64)
+
+
+@begin_step.register_fake
+def _begin_step_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return torch.empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("pregate::moe_layer_routed", mutates_args=())
+def moe_layer_routed(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_w: torch.Tensor,
+    step: torch.Tensor,
+    layer: int,
+    handle: int,
+) -> torch.Tensor:
+    """The routed experts of `layer` for `x` (`[T, hidden]`) with the layer's exact routes;
+    experts not resident are loaded first."""
+    return service(handle).forward_routed(x, topk_ids, topk_w, int(step[0]), layer)
+
+
+@moe_layer_routed.register_fake
+def _moe_layer_routed_fake(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_w: torch.Tensor,
+    step: torch.Tensor,
+    layer: int,
+    handle: int,
+) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("pregate::speculate", mutates_args=())
+def speculate(
+    scores: torch.Tensor, step: torch.Tensor, layer: int, top_k: int, handle: int
+) -> torch.Tensor:
+    """Predicted gate scores `[D, T, E]` of layers `layer + 1 .. layer + D`, after `layer` ran:
+    likely experts are loaded ahead of use. Returns the step again (a new tensor), which the next
+    layer takes, so the prefetch is ordered before it."""
+    service(handle).speculate(scores, int(step[0]), layer, top_k)
+    return step.clone()
+
+
+@speculate.register_fake
+def _speculate_fake(
+    scores: torch.Tensor, step: torch.Tensor, layer: int, top_k: int, handle: int
+) -> torch.Tensor:
+    return torch.empty_like(step)

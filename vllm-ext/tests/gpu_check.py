@@ -1,5 +1,7 @@
-"""The device checks of pregate_vllm's ops (no vLLM, no pytest needed): run by
-`vllm-ext/gpu-check.sh` on a GPU host, and rehearsed on the CPU (the CUDA checks then SKIP).
+"""The device checks of pregate_vllm's ops (no vLLM, no pytest needed), for Read-ME steps (one
+plan for every layer) and for per-layer steps with speculative prefetch (Mixtral, Qwen-MoE,
+OLMoE): run by `vllm-ext/gpu-check.sh` on a GPU host, and rehearsed on the CPU (the CUDA checks
+then SKIP).
 
 Each check prints one `RESULT <json>` line (name, status PASS / FAIL / SKIP, note, numbers);
 the exit status is 0 when none failed.
@@ -148,6 +150,57 @@ def compare(
     return {"note": f"max rel err {worst:.3g}", "stats": st}
 
 
+def compare_routed(dtype: torch.dtype, device: str, slots: int, depth: int) -> dict:
+    """Per-layer steps (each layer its own routes, as Mixtral or Qwen-MoE route) through
+    `begin_step` / `moe_layer_routed`, with speculation `depth` layers ahead fed noisy copies of
+    the next layers' true gate scores, against the reference; returns the worst error and the
+    counters."""
+    ws = weights(dtype)
+    svc = service(ws, dtype, device, slots)
+    if depth:
+        svc.configure_speculation(depth, extra=1)
+    g = torch.Generator().manual_seed(4)
+    worst = 0.0
+    for s in range(3):
+        x = torch.randn(17, HIDDEN, generator=g).to(dtype)
+        layer_routes = [routes(17, seed=100 * s + layer) for layer in range(LAYERS)]
+        xd = x.to(device)
+        step = torch.ops.pregate.begin_step(xd, svc.handle)
+        outs = []
+        for layer in range(LAYERS):
+            ids, w = layer_routes[layer]
+            outs.append(
+                torch.ops.pregate.moe_layer_routed(
+                    xd, ids.to(device), w.to(device), step, layer, svc.handle
+                )
+            )
+            d = min(depth, LAYERS - 1 - layer)
+            if d:
+                # The true next routes as scores, plus noise: a predictor that is mostly right.
+                scores = torch.rand(d, 17, EXPERTS, generator=g) * 0.5
+                for j in range(d):
+                    scores[j].scatter_(1, layer_routes[layer + 1 + j][0].long(), 1.0)
+                step = torch.ops.pregate.speculate(
+                    scores.to(device), step, layer, TOP_K, svc.handle
+                )
+        if device != "cpu":
+            torch.cuda.synchronize()
+        for layer, y in enumerate(outs):
+            ids, w = layer_routes[layer]
+            want = reference(ws, layer, x, ids, w)
+            err = ((y.double().cpu() - want).abs().max() / want.abs().max().clamp_min(1e-9)).item()
+            worst = max(worst, err)
+    st, sp = svc.stats(), svc.speculation_stats()
+    svc.close()
+    if worst > TOL[dtype]:
+        raise AssertionError(f"relative error {worst:.3g} above {TOL[dtype]}")
+    if depth and slots and sp["loads"] == 0:
+        raise AssertionError(f"speculation {depth} ahead with {slots} slots loaded nothing: {sp}")
+    if depth and sp["recall"] and sp["recall"][0] != 1.0:
+        raise AssertionError(f"the true routes were predicted, yet recall is {sp['recall']}")
+    return {"note": f"max rel err {worst:.3g}, {sp['loads']} speculative loads", "stats": st}
+
+
 class _null:
     def __enter__(self) -> None:
         return None
@@ -167,6 +220,18 @@ def main() -> int:
         check(f"cpu {name} 5 slots")(lambda d=dtype: compare(d, "cpu", 5))
         check(f"cuda {name} all resident", True)(lambda d=dtype: compare(d, "cuda", 0))
         check(f"cuda {name} 5 slots", True)(lambda d=dtype: compare(d, "cuda", 5))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).split(".")[-1]
+        check(f"cpu {name} per-layer routes, 12 slots, speculation 2 ahead")(
+            lambda d=dtype: compare_routed(d, "cpu", 12, 2)
+        )
+        check(f"cuda {name} per-layer routes, all resident", True)(
+            lambda d=dtype: compare_routed(d, "cuda", 0, 0)
+        )
+        check(f"cuda {name} per-layer routes, 12 slots, speculation 2 ahead", True)(
+            lambda d=dtype: compare_routed(d, "cuda", 12, 2)
+        )
 
     @check("cuda non-default stream behind a long matmul", True)
     def _() -> dict:
@@ -250,6 +315,58 @@ def main() -> int:
             "ms_no_head_start": c,
             "ms_head_start": w_,
             "stats": stats,
+        }
+
+    @check("cuda speculative prefetch overlap with compute", True)
+    def _() -> dict:
+        # 4 layers x 8 experts in 12 slots, one token of top-2 per layer: a layer's two experts
+        # are usually not resident. Between layers a matmul stands in for attention. With
+        # speculation the next layer's experts (predicted exactly) load on the copy stream
+        # during that matmul; without it they load on demand when the layer runs.
+        ws = weights(torch.bfloat16)
+        x = torch.randn(1, HIDDEN).to(torch.bfloat16).cuda()
+        filler = torch.randn(2048, 2048, device="cuda")
+
+        def run(depth: int) -> tuple[float, dict]:
+            svc = service(ws, torch.bfloat16, "cuda", slots=12)
+            if depth:
+                svc.configure_speculation(depth, extra=0)
+            times = []
+            for s in range(12):
+                rs = [routes(1, seed=1000 * s + layer) for layer in range(LAYERS)]
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step = torch.ops.pregate.begin_step(x, svc.handle)
+                for layer in range(LAYERS):
+                    ids, w = rs[layer]
+                    torch.ops.pregate.moe_layer_routed(
+                        x, ids.cuda(), w.cuda(), step, layer, svc.handle
+                    )
+                    if depth and layer + 1 < LAYERS:
+                        scores = torch.zeros(1, 1, EXPERTS)
+                        scores[0].scatter_(1, rs[layer + 1][0].long(), 1.0)
+                        step = torch.ops.pregate.speculate(
+                            scores.cuda(), step, layer, TOP_K, svc.handle
+                        )
+                    f = filler
+                    for _ in range(3):
+                        f = f @ filler
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                svc.end_step(int(step[0]))
+            st = {**svc.stats(), "speculation": svc.speculation_stats()}
+            svc.close()
+            return sorted(times[2:])[len(times[2:]) // 2] * 1e3, st
+
+        off, st_off = run(0)
+        on, st_on = run(1)
+        return {
+            "note": f"step {off:.3f} ms on demand, {on:.3f} ms with speculation 1 ahead "
+            f"({st_on['prefetches']} prefetches, misses {st_off['misses']} -> {st_on['misses']})",
+            "ms_on_demand": off,
+            "ms_speculative": on,
+            "stats_on_demand": st_off,
+            "stats_speculative": st_on,
         }
 
     failed = [r["name"] for r in results if r["status"] == "FAIL"]

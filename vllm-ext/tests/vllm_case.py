@@ -5,7 +5,9 @@ own) and prints its outcome as the last stdout line, `RESULT <json>`.
 
 spec: `model` (directory), `llm` (keyword arguments of `LLM`), `prompts` (lists of token ids),
 `max_tokens`, `logprobs` (top-n log-probabilities per step, 0 for none), `metrics_url` (scraped
-after generating, when given). A failure propagates (traceback on stderr, exit status 1).
+after generating, when given), `stats` ("readme": `expert_stats`, "stock": `stock_stats` per
+rank, none for a model without pregate's experts). A failure propagates (traceback on stderr,
+exit status 1).
 """
 
 import json
@@ -32,9 +34,17 @@ def main() -> None:
         o = out.outputs[0]
         steps = [{str(t): lp.logprob for t, lp in d.items()} for d in (o.logprobs or [])]
         outputs.append({"tokens": list(o.token_ids), "logprobs": steps})
-    from pregate_vllm.model import expert_stats
+    kind = spec.get("stats", "readme")
+    if kind == "readme":
+        from pregate_vllm.model import expert_stats
 
-    stats = llm.apply_model(expert_stats)
+        stats = llm.apply_model(expert_stats)
+    elif kind == "stock":
+        from pregate_vllm.stock import stock_stats
+
+        stats = llm.apply_model(stock_stats)
+    else:
+        stats = None
     result = {"outputs": outputs, "stats": stats}
     if spec.get("metrics_url"):
         with urllib.request.urlopen(spec["metrics_url"], timeout=10) as r:

