@@ -8,6 +8,9 @@
 //! id and weight arrays are read back to the host, because the expert runtime plans its waves
 //! and cache lookups from host routes: one host synchronisation per MoE layer per step.
 
+/// Why a DSelect-k model cannot be opened here.
+const DSELECT_ON_CPU: &str = "DSelect-k gates (pregate_gate) are served by the CPU backend only";
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -218,6 +221,8 @@ impl<T: DeviceElem> CudaBackend<T> {
                             });
                             Some(one(TensorRole::Gate { layer })?)
                         }
+                        // `engine::device` keeps these models on the CPU; a direct caller is told.
+                        GatingRule::DSelect(_) => return Err(Error::Device(DSELECT_ON_CPU.into())),
                     };
                     LayerFfn::Moe { index, gate }
                 }

@@ -220,7 +220,10 @@ impl SpecQueue {
     /// Replaces the queue by the latest capped candidates: a newer prediction of a layer (made
     /// nearer to it) supersedes an older one. Counts the replaced entries as cancelled.
     pub fn replace(&mut self, kept: &[Candidate]) {
-        let fresh = |c: &Candidate| kept.iter().any(|k| (k.layer, k.expert) == (c.layer, c.expert));
+        let fresh = |c: &Candidate| {
+            kept.iter()
+                .any(|k| (k.layer, k.expert) == (c.layer, c.expert))
+        };
         self.cancelled += self.queued.iter().filter(|c| !fresh(c)).count() as u64;
         self.queued.clear();
         self.queued.extend(kept.iter().copied());
@@ -755,7 +758,11 @@ mod tests {
         let mut q = SpecQueue::default();
         q.replace(&[c(1, 0), c(1, 2), c(2, 3)]);
         q.replace(&[c(1, 2), c(2, 3), c(2, 1)]);
-        assert_eq!(q.cancelled(), 1, "(1, 0) was dropped by the newer prediction");
+        assert_eq!(
+            q.cancelled(),
+            1,
+            "(1, 0) was dropped by the newer prediction"
+        );
         q.cancel_layer(1);
         assert_eq!(q.cancelled(), 2);
         assert_eq!(q.len(), 2);
@@ -774,7 +781,10 @@ mod tests {
         assert!(g.may_evict());
         g.evicted(1, 3);
         g.observe(1, 0, &set(&[3]), |_| true);
-        assert!(!g.may_evict(), "the victim was needed and nothing was saved");
+        assert!(
+            !g.may_evict(),
+            "the victim was needed and nothing was saved"
+        );
         g.observe(0, 3, &set(&[0]), |_| true);
         assert!(g.may_evict(), "three saved misses outweigh one added");
         g.evicted(0, 1);
