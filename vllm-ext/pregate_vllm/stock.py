@@ -447,7 +447,8 @@ class StockDecoderLayer(nn.Module):
 
     def gate_logits(self, y: torch.Tensor) -> torch.Tensor:
         """The layer's gate logits of the normed hidden state `y`."""
-        assert self.gate is not None  # only MoE layers are asked
+        if self.gate is None:
+            raise ValueError("a dense layer has no gate")
         logits, _ = self.gate(y)
         return logits
 
