@@ -23,8 +23,7 @@ pub mod speculate;
 
 pub use cpu::CpuExperts;
 pub use speculate::{
-    Budget, Candidate, EvictionGuard, LayerScores, SpecQueue, SpecRule, SpeculationStats,
-    Speculator, SpeculatorConfig,
+    Budget, Candidate, LayerScores, SpeculationStats, Speculator, SpeculatorConfig,
 };
 
 use crate::cache::{ExpertCache, StepExperts, Unit};
