@@ -484,15 +484,25 @@ class ReadMEModel(nn.Module):
         return loaded
 
 
-class ReadMEForCausalLM(nn.Module):
-    """A Read-ME model (pregate's model format) served by vLLM, its experts by pregate."""
+class PregateCausalLM(nn.Module):
+    """The causal-LM wrapper vLLM sees, shared by pregate's architectures: an inner model (whose
+    routed experts are pregate's service), vLLM's LM head and logits processor, and the optional
+    `/metrics` endpoint. A subclass names its inner model class, architecture and splitting ops."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        vllm_config: VllmConfig,
+        prefix: str,
+        model_cls: type[nn.Module],
+        arch: str,
+        splitting_ops: tuple[str, ...],
+    ) -> None:
         super().__init__()
-        check_cudagraph_policy(vllm_config)
+        check_cudagraph_policy(vllm_config, arch, splitting_ops)
         config = vllm_config.model_config.hf_config
         self.config = config
-        self.model = ReadMEModel(vllm_config=vllm_config, prefix=_join(prefix, "model"))
+        self.model = model_cls(vllm_config=vllm_config, prefix=_join(prefix, "model"))
         self.lm_head = ParallelLMHead(
             int(config.vocab_size), int(config.hidden_size), prefix=_join(prefix, "lm_head")
         )
@@ -532,21 +542,36 @@ class ReadMEForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads a pregate model directory's tensors (see `ReadMEModel.load_weights`)."""
+        """Loads the LM head here (unless tied) and every other tensor through the inner model's
+        `load_weights`."""
+        tied = getattr(self.config, "tie_word_embeddings", False)
         loaded: set[str] = set()
         rest = []
         for name, w in weights:
             if name == "lm_head.weight":
-                if not getattr(self.config, "tie_word_embeddings", False):
+                if not tied:
                     param = self.lm_head.weight
                     getattr(param, "weight_loader", default_weight_loader)(param, w)
-                loaded.add("lm_head.weight")
+                loaded.add(name)
             else:
                 rest.append((name, w))
         loaded |= {"model." + n for n in self.model.load_weights(rest)}
-        if getattr(self.config, "tie_word_embeddings", False):
+        if tied:
             loaded.add("lm_head.weight")
         return loaded
+
+
+class ReadMEForCausalLM(PregateCausalLM):
+    """A Read-ME model (pregate's model format) served by vLLM, its experts by pregate."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(
+            vllm_config=vllm_config,
+            prefix=prefix,
+            model_cls=ReadMEModel,
+            arch="ReadMEForCausalLM",
+            splitting_ops=SPLITTING_OPS,
+        )
 
 
 def _join(prefix: str, name: str) -> str:

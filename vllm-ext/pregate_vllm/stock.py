@@ -41,10 +41,8 @@ from vllm.model_executor.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (
-    ParallelLMHead,
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
@@ -53,7 +51,7 @@ from vllm.sequence import IntermediateTensors
 from . import ops  # noqa: F401  (registers torch.ops.pregate.*)
 from ._lib import POLICIES
 from .gating import route
-from .model import _join, _rope_parameters, check_cudagraph_policy
+from .model import PregateCausalLM, _rope_parameters
 from .ops import MoeService
 
 #: The architecture name a user selects with `hf_overrides`.
@@ -653,71 +651,18 @@ class StockMoeModel(nn.Module):
         return local, None
 
 
-class PregateMoeForCausalLM(nn.Module):
+class PregateMoeForCausalLM(PregateCausalLM):
     """A stock Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE checkpoint served by vLLM, its routed
     experts by pregate's expert cache."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        check_cudagraph_policy(vllm_config, ARCHITECTURE, SPLITTING_OPS)
-        config = vllm_config.model_config.hf_config
-        self.config = config
-        self.model = StockMoeModel(vllm_config=vllm_config, prefix=_join(prefix, "model"))
-        self.lm_head = ParallelLMHead(
-            int(config.vocab_size), int(config.hidden_size), prefix=_join(prefix, "lm_head")
+        super().__init__(
+            vllm_config=vllm_config,
+            prefix=prefix,
+            model_cls=StockMoeModel,
+            arch=ARCHITECTURE,
+            splitting_ops=SPLITTING_OPS,
         )
-        if getattr(config, "tie_word_embeddings", False):
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(int(config.vocab_size))
-        self._metrics = None
-        opts = self.model.options
-        if opts.metrics_port is not None:
-            from .metrics import MetricsServer
-
-            self._metrics = MetricsServer(
-                self.model.experts, opts.metrics_host, opts.metrics_port + self.model.rank
-            )
-
-    @property
-    def experts(self) -> MoeService:
-        """pregate's expert service of this rank."""
-        return self.model.experts
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The token embeddings of `input_ids`."""
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The final hidden states of the step's tokens."""
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """Next-token logits."""
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads a stock checkpoint (see `StockMoeModel.load_weights`)."""
-        tied = getattr(self.config, "tie_word_embeddings", False)
-        loaded: set[str] = set()
-        rest = []
-        for name, w in weights:
-            if name == "lm_head.weight":
-                if not tied:
-                    param = self.lm_head.weight
-                    getattr(param, "weight_loader", default_weight_loader)(param, w)
-                loaded.add(name)
-            else:
-                rest.append((name, w))
-        loaded |= {"model." + n for n in self.model.load_weights(rest)}
-        if tied:
-            loaded.add("lm_head.weight")
-        return loaded
 
 
 def stock_stats(model: nn.Module) -> dict[str, object]:
