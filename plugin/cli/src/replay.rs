@@ -149,6 +149,11 @@ pub struct ReplayArgs {
     /// Speculative candidates per token beyond the top-k.
     #[arg(long, default_value_t = 1)]
     pub spec_extra: usize,
+    /// How speculative loads share the link: `guarded` (exact loads first; a speculative copy
+    /// starts only if it lands before the next exact load can be issued) or `eager` (issued at
+    /// once, ahead of later exact loads).
+    #[arg(long, default_value = "guarded")]
+    pub spec_rule: String,
     /// The simulated predictor's recall per distance, comma-separated (default 0.79,0.69,0.59,0.49).
     #[arg(long, value_delimiter = ',')]
     pub recall: Option<Vec<f64>>,
@@ -368,6 +373,7 @@ fn per_layer_config(args: &ReplayArgs, cfg: &SimConfig) -> Result<Option<PerLaye
             .recall
             .clone()
             .unwrap_or_else(|| perlayer::DEFAULT_RECALL.to_vec()),
+        rule: args.spec_rule.parse()?,
     }))
 }
 

@@ -167,6 +167,167 @@ pub fn cap(
     out
 }
 
+/// How speculative loads share the copy link with exact (on-demand) loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpecRule {
+    /// Every kept candidate is issued at once on the in-order link, ahead of the exact loads of
+    /// later layers. Kept to measure what the guarded rule fixes: a wrong guess holds the link
+    /// while the next layer's exact loads wait behind it.
+    Eager,
+    /// Exact loads first ([`SpecQueue`]): a speculative load waits in a queue and starts only
+    /// when the link is free and the copy lands before the next exact load can be issued (a
+    /// started copy cannot be preempted, so a wrong guess then delays no exact load); a queued
+    /// load whose layer runs is cancelled (its exact routes are known); a speculative load may
+    /// evict only a unit that no exact route of the running layer needs and that the current
+    /// prediction ranks below it (the caller pins the rest).
+    #[default]
+    Guarded,
+}
+
+impl SpecRule {
+    /// The rule's name (`eager`, `guarded`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpecRule::Eager => "eager",
+            SpecRule::Guarded => "guarded",
+        }
+    }
+}
+
+impl std::str::FromStr for SpecRule {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "eager" => Ok(SpecRule::Eager),
+            "guarded" => Ok(SpecRule::Guarded),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown speculation rule {s:?} (eager, guarded)"
+            ))),
+        }
+    }
+}
+
+/// The speculative loads not started yet, under [`SpecRule::Guarded`], in the order the link
+/// issues them. Nothing is in the cache until it starts, so cancelling one costs nothing.
+#[derive(Debug, Clone, Default)]
+pub struct SpecQueue {
+    queued: std::collections::VecDeque<Candidate>,
+    cancelled: u64,
+}
+
+impl SpecQueue {
+    /// Replaces the queue by the latest capped candidates: a newer prediction of a layer (made
+    /// nearer to it) supersedes an older one. Counts the replaced entries as cancelled.
+    pub fn replace(&mut self, kept: &[Candidate]) {
+        let fresh = |c: &Candidate| {
+            kept.iter()
+                .any(|k| (k.layer, k.expert) == (c.layer, c.expert))
+        };
+        self.cancelled += self.queued.iter().filter(|c| !fresh(c)).count() as u64;
+        self.queued.clear();
+        self.queued.extend(kept.iter().copied());
+    }
+
+    /// Layer `layer` runs: its queued loads are cancelled (its exact routes are known; those it
+    /// needs become exact loads).
+    pub fn cancel_layer(&mut self, layer: usize) {
+        let before = self.queued.len();
+        self.queued.retain(|c| c.layer != layer);
+        self.cancelled += (before - self.queued.len()) as u64;
+    }
+
+    /// The next load the link would start.
+    pub fn front(&self) -> Option<&Candidate> {
+        self.queued.front()
+    }
+
+    /// Removes the front (it started, or became pointless).
+    pub fn pop(&mut self) -> Option<Candidate> {
+        self.queued.pop_front()
+    }
+
+    /// Loads queued.
+    pub fn len(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.queued.is_empty()
+    }
+
+    /// Queued loads cancelled so far (their layer ran, or a newer prediction dropped them).
+    pub fn cancelled(&self) -> u64 {
+        self.cancelled
+    }
+}
+
+/// Whether speculative loads have paid for their evictions lately, under
+/// [`SpecRule::Guarded`]. A speculative load that its layer uses saves a miss; one whose victim
+/// that layer then needs adds one, and a wrong guess left resident costs the cache more later. The
+/// guard lets speculative loads evict only while the saved misses outweigh twice the added ones,
+/// both decayed per observed layer (so an idle guard forgets and probes again).
+#[derive(Debug, Clone)]
+pub struct EvictionGuard {
+    victims: Vec<ExpertSet>,
+    saved: f64,
+    added: f64,
+}
+
+impl EvictionGuard {
+    /// Per observed layer, the weight old counts keep.
+    pub const DECAY: f64 = 0.995;
+
+    /// A guard over `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        EvictionGuard {
+            victims: vec![ExpertSet::default(); layers],
+            saved: 0.0,
+            added: 0.0,
+        }
+    }
+
+    /// Whether a speculative load may evict now.
+    pub fn may_evict(&self) -> bool {
+        self.saved >= 2.0 * self.added
+    }
+
+    /// A speculative load evicted (`layer`, `expert`).
+    pub fn evicted(&mut self, layer: usize, expert: ExpertId) {
+        if let Some(v) = self.victims.get_mut(layer) {
+            v.insert(expert);
+        }
+    }
+
+    /// Layer `layer` ran: `used` speculative loads of it were used, and of its `exact` experts
+    /// those `missing` (not resident) count against the guard if speculation evicted them.
+    pub fn observe(
+        &mut self,
+        layer: usize,
+        used: u64,
+        exact: &ExpertSet,
+        mut missing: impl FnMut(ExpertId) -> bool,
+    ) {
+        self.saved *= Self::DECAY;
+        self.added *= Self::DECAY;
+        self.saved += used as f64;
+        if let Some(v) = self.victims.get_mut(layer) {
+            self.added += exact
+                .iter()
+                .filter(|&e| v.contains(e) && missing(e))
+                .count() as f64;
+            *v = ExpertSet::default();
+        }
+    }
+}
+
+/// Whether a speculative copy starting at `begin` may start under [`SpecRule::Guarded`]: it lands
+/// (after `load_s`) no later than `next_exact`, the earliest time an exact load can be issued.
+pub fn fits_before_exact(begin: f64, load_s: f64, next_exact: f64) -> bool {
+    begin + load_s <= next_exact
+}
+
 /// Counters of a speculator, cumulative since it was built; per-distance arrays by `j - 1`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpeculationStats {
@@ -584,5 +745,50 @@ mod tests {
         )
         .unwrap();
         assert!(off.predict(&[ok]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_queue_is_superseded_and_cancelled_by_layer() {
+        let c = |layer: usize, expert: u16| Candidate {
+            layer,
+            expert,
+            distance: 1,
+            score: 1.0,
+        };
+        let mut q = SpecQueue::default();
+        q.replace(&[c(1, 0), c(1, 2), c(2, 3)]);
+        q.replace(&[c(1, 2), c(2, 3), c(2, 1)]);
+        assert_eq!(
+            q.cancelled(),
+            1,
+            "(1, 0) was dropped by the newer prediction"
+        );
+        q.cancel_layer(1);
+        assert_eq!(q.cancelled(), 2);
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.pop().map(|c| (c.layer, c.expert)), Some((2, 3)));
+        assert_eq!(q.front().map(|c| (c.layer, c.expert)), Some((2, 1)));
+        assert!(fits_before_exact(1.0, 0.5, 1.5));
+        assert!(!fits_before_exact(1.0, 0.6, 1.5));
+        assert_eq!("guarded".parse::<SpecRule>().unwrap(), SpecRule::Guarded);
+        assert_eq!("eager".parse::<SpecRule>().unwrap().as_str(), "eager");
+        assert!("later".parse::<SpecRule>().is_err());
+    }
+
+    #[test]
+    fn the_guard_stops_evictions_that_cost_more_misses_than_they_save() {
+        let mut g = EvictionGuard::new(2);
+        assert!(g.may_evict());
+        g.evicted(1, 3);
+        g.observe(1, 0, &set(&[3]), |_| true);
+        assert!(
+            !g.may_evict(),
+            "the victim was needed and nothing was saved"
+        );
+        g.observe(0, 3, &set(&[0]), |_| true);
+        assert!(g.may_evict(), "three saved misses outweigh one added");
+        g.evicted(0, 1);
+        g.observe(0, 0, &set(&[1]), |_| false);
+        assert!(g.may_evict(), "a victim back in the cache costs nothing");
     }
 }

@@ -26,6 +26,14 @@
 //! - The layer's experts then compute one after the other (`expert_layer_s` each plus its share of
 //!   `token_s`), each waiting for its load, speculative or on demand, to land: that wait is stall.
 //!
+//! That is the eager rule ([`SpecRule::Eager`]). Under the guarded rule (the default,
+//! [`SpecRule::Guarded`]) the kept candidates instead wait in a [`SpecQueue`]; after each layer's
+//! compute (and at step start) the queue's front starts while the copy lands before the next
+//! layer's exact loads are issued, so no exact load ever waits behind a guess; a queued load is
+//! cancelled when its layer runs or a newer prediction drops it; and a started one evicts only a
+//! unit of lower value (not predicted, no expected use, used less lately), while the
+//! [`EvictionGuard`] finds such evictions paying.
+//!
 //! A speculative load that the cache evicts before its layer used it is *wasted*. The hit ratio
 //! counts exact accesses only: a speculative load that lands in time is a hit.
 //!
@@ -56,7 +64,10 @@ use crate::batcher::{LookaheadBatcher, PendingView, RequestDesc};
 use crate::cache::{ExpertCache, Lookup, PrefetchPlanner, StepExperts, Unit, NEVER};
 use crate::error::{Error, Result};
 use crate::metrics::ModelMetrics;
-use crate::moe::speculate::{cap, Budget, LayerScores, Speculator, SpeculatorConfig};
+use crate::moe::speculate::{
+    cap, fits_before_exact, Budget, EvictionGuard, LayerScores, SpecQueue, SpecRule, Speculator,
+    SpeculatorConfig,
+};
 use crate::route::{ExpertId, ExpertSet, RoutePlan, RouteScope};
 
 /// The plausibility every expert has on top of its layer's decayed use count in the recall
@@ -86,6 +97,8 @@ pub struct PerLayerConfig {
     pub speculation: Option<SpeculatorConfig>,
     /// The recall model's `r_j`, by `j - 1`; at least `depth` entries in `[0, 1]`.
     pub recall: Vec<f64>,
+    /// How speculative loads share the link with on-demand loads.
+    pub rule: SpecRule,
 }
 
 impl PerLayerConfig {
@@ -193,6 +206,14 @@ struct Device {
     future: Vec<u64>,
     /// Distinct experts per layer in the last step: the width assumed for layers ahead.
     width: f64,
+    rule: SpecRule,
+    /// Guarded rule: speculative loads not started yet, and when they were queued.
+    queue: SpecQueue,
+    queued_at: f64,
+    /// Guarded rule: each layer's latest predicted experts (resident ones are kept from eviction
+    /// by a speculative load).
+    predicted: Vec<ExpertSet>,
+    guard: EvictionGuard,
 }
 
 impl Device {
@@ -301,6 +322,17 @@ impl Device {
         let kept = cap(&candidates, &budget, |l, e| {
             cache.slot_of(Unit::new(l, e)).is_some()
         });
+        if self.rule == SpecRule::Guarded {
+            for &(layer, _) in targets {
+                self.predicted[layer] = ExpertSet::default();
+            }
+            for c in &candidates {
+                self.predicted[c.layer].insert(c.expert);
+            }
+            self.queue.replace(&kept);
+            self.queued_at = now;
+            return Ok(());
+        }
         if kept.is_empty() {
             return Ok(());
         }
@@ -332,6 +364,58 @@ impl Device {
         Ok(())
     }
 
+    /// Guarded rule: starts queued speculative loads, in order, while each lands by
+    /// `next_exact` (when the next exact load can be issued); the rest wait. A load evicts, by
+    /// the policy, only a unit of lower value: one the latest prediction does not name, with no
+    /// expected use and used less lately than the guess (the others are pinned), and only while
+    /// the [`EvictionGuard`] finds such evictions paying; its own next use is its layer's
+    /// position.
+    fn drain(&mut self, next_exact: f64) -> Result<()> {
+        while let Some(&c) = self.queue.front() {
+            let unit = Unit::new(c.layer, c.expert);
+            if self.cache.slot_of(unit).is_some() {
+                self.queue.pop();
+                continue;
+            }
+            let begin = self.copy_free.max(self.queued_at);
+            if !fits_before_exact(begin, self.load_s, next_exact) {
+                break;
+            }
+            self.queue.pop();
+            // A unit the prediction names, one with an expected use (used when its layer last
+            // ran), or one used more often lately than the guess is worth more than the guess.
+            let worth = self.cache.decayed_uses(unit);
+            for e in 0..self.cache.experts() {
+                let u = Unit::new(c.layer, e as ExpertId);
+                let valued = self.predicted[c.layer].contains(e as ExpertId)
+                    || self.cache.next_use(u) != NEVER
+                    || self.cache.decayed_uses(u) >= worth;
+                if valued && self.cache.slot_of(u).is_some() {
+                    self.cache.pin(u)?;
+                }
+            }
+            self.cache.set_next_use(unit, c.layer as u64)?;
+            let full = self
+                .cache
+                .layer_quota()
+                .is_some_and(|q| self.cache.resident_experts(c.layer).len() >= q);
+            if full && !self.guard.may_evict() {
+                continue;
+            }
+            // Every slot of the layer held a predicted unit: nothing of lower value to evict.
+            let Ok(Some(Lookup::Miss { slot, evicted })) = self.cache.prefetch(unit) else {
+                continue;
+            };
+            if let Some(v) = evicted {
+                self.spec.evicted(v.layer as usize, v.expert);
+                self.guard.evicted(v.layer as usize, v.expert);
+            }
+            self.load(slot, self.queued_at);
+            self.spec.loaded(c.layer, c.expert);
+        }
+        Ok(())
+    }
+
     /// Runs one step of `tokens` tokens whose routes are `routes` (`tokens x layers x k`) from
     /// `start`. Returns (end, stall seconds, distinct experts summed over layers).
     fn step(
@@ -359,10 +443,14 @@ impl Device {
                 (0..self.depth.min(layers)).map(|l| (l, l + 1)).collect();
             let w = est_layer(self.width);
             self.speculate(routes, &targets, t, cost.dense_layer_s, w, unit_bytes)?;
+            if self.rule == SpecRule::Guarded {
+                self.drain(t + cost.dense_layer_s)?;
+            }
         }
         let mut widths = 0usize;
         for l in 0..layers {
             t += cost.dense_layer_s;
+            self.queue.cancel_layer(l);
             let mut used = ExpertSet::default();
             for tok in 0..tokens {
                 for &e in &routes[(tok * layers + l) * k..(tok * layers + l + 1) * k] {
@@ -371,7 +459,13 @@ impl Device {
             }
             widths += used.len();
             distinct += used.len();
+            let before = self.spec.stats().used;
             self.spec.observe(l, &used)?;
+            let cache = &self.cache;
+            self.guard
+                .observe(l, self.spec.stats().used - before, &used, |e| {
+                    cache.slot_of(Unit::new(l, e)).is_none()
+                });
             // The speculation window's pins end here: the exact layer may evict any guess.
             self.cache.unpin_all();
             // After its use a unit is expected at the same layer of the next step (a sequence's
@@ -450,6 +544,10 @@ impl Device {
                 t = ready + pe;
                 self.slot_free[slot] = t;
             }
+            if enabled && self.rule == SpecRule::Guarded {
+                // The next layer's exact loads are issued after its dense part.
+                self.drain(t + cost.dense_layer_s)?;
+            }
         }
         self.width = widths as f64 / layers as f64;
         self.cache.unpin_all();
@@ -501,6 +599,11 @@ pub fn simulate_per_layer(
         ready: Vec::new(),
         future: vec![NEVER; shape.experts],
         width: pl.top_k as f64,
+        rule: pl.rule,
+        queue: SpecQueue::default(),
+        queued_at: 0.0,
+        predicted: vec![ExpertSet::default(); shape.layers],
+        guard: EvictionGuard::new(shape.layers),
         cache,
     };
     let (popularity, perms) = match &pl.routes {
@@ -677,6 +780,8 @@ pub fn simulate_per_layer(
         speculative_used: stats.used,
         wasted_loads: stats.wasted,
         demand_loads: dev.demand_loads,
+        spec_rule: pl.rule.as_str().into(),
+        cancelled_loads: dev.queue.cancelled(),
     });
     Ok(report)
 }
@@ -745,6 +850,7 @@ mod tests {
                 enabled: true,
             }),
             recall: recall.to_vec(),
+            rule: SpecRule::Guarded,
         }
     }
 

@@ -169,6 +169,11 @@ pub struct PerLayerReport {
     pub wasted_loads: u64,
     /// Loads of exact experts that were not resident when their layer ran.
     pub demand_loads: u64,
+    /// How speculative loads shared the link (`eager`, `guarded`).
+    pub spec_rule: String,
+    /// Speculative loads queued but never started (guarded rule: their layer ran first, or a
+    /// newer prediction dropped them).
+    pub cancelled_loads: u64,
 }
 
 /// A replay's results. Field names are the `--json` keys.
@@ -307,8 +312,8 @@ impl Report {
                     format!("off (on-demand loads), top-{}", p.top_k)
                 } else {
                     format!(
-                        "depth {}, top-{} + {} extra",
-                        p.spec_depth, p.top_k, p.spec_extra
+                        "depth {}, top-{} + {} extra, {} rule ({} cancelled)",
+                        p.spec_depth, p.top_k, p.spec_extra, p.spec_rule, p.cancelled_loads
                     )
                 },
             ));
