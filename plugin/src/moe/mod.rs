@@ -23,8 +23,8 @@ pub mod speculate;
 
 pub use cpu::CpuExperts;
 pub use speculate::{
-    Budget, Candidate, EvictionGuard, LayerScores, SpecQueue, SpecRule, SpeculationStats, Speculator,
-    SpeculatorConfig,
+    Budget, Candidate, EvictionGuard, LayerScores, SpecQueue, SpecRule, SpeculationStats,
+    Speculator, SpeculatorConfig,
 };
 
 use crate::cache::{ExpertCache, StepExperts, Unit};
