@@ -13,7 +13,7 @@ use crate::bridge::kind;
 
 /// Every `parameters` key the backend reads; any other key fails the load (a typo must not be
 /// silently ignored).
-pub const PARAMETERS: [&str; 14] = [
+pub const PARAMETERS: [&str; 17] = [
     "model_dir",
     "device",
     "max_batch_tokens",
@@ -28,6 +28,9 @@ pub const PARAMETERS: [&str; 14] = [
     "cache_capacity",
     "cache_policy",
     "metrics",
+    "speculate",
+    "spec_depth",
+    "spec_extra",
 ];
 
 /// The backend's settings for one model.
@@ -58,6 +61,13 @@ pub struct ModelParams {
     pub cache_policy: EvictionPolicy,
     /// Whether to publish pregate's metrics on Triton's endpoint.
     pub metrics: bool,
+    /// Speculative expert prefetch for an in-model router: on, off, or `None` for the default
+    /// (`PREGATE_SPECULATE`, else on when the expert cache is smaller than the experts).
+    pub speculate: Option<bool>,
+    /// Speculation: layers predicted ahead (`None`: `PREGATE_SPEC_DEPTH` or 2).
+    pub spec_depth: Option<usize>,
+    /// Speculation: candidates per token beyond the top-k (`None`: `PREGATE_SPEC_EXTRA` or 1).
+    pub spec_extra: Option<usize>,
 }
 
 /// Reads a model configuration; `repository` is the model's folder in the model repository.
@@ -178,7 +188,21 @@ pub fn parse_model_config(json: &str, repository: &Path) -> Result<ModelParams, 
             ))
         }
     };
+    let speculate = match get("speculate").as_deref() {
+        None => None,
+        Some("true") | Some("on") | Some("1") => Some(true),
+        Some("false") | Some("off") | Some("0") => Some(false),
+        Some(other) => {
+            return Err(format!(
+                "parameter `speculate`: `{other}` is not true or false"
+            ))
+        }
+    };
+    let (spec_depth, spec_extra) = (num("spec_depth")?, num("spec_extra")?);
     Ok(ModelParams {
+        speculate,
+        spec_depth,
+        spec_extra,
         model_dir,
         device,
         batcher,
@@ -200,6 +224,9 @@ impl ModelParams {
                 capacity,
                 policy: self.cache_policy,
             }),
+            speculate: self.speculate,
+            spec_depth: self.spec_depth,
+            spec_extra: self.spec_extra,
             ..Default::default()
         }
     }
@@ -308,6 +335,27 @@ mod tests {
 
     fn p(k: &str, v: &str) -> String {
         format!(r#""{k}":{{"string_value":"{v}"}}"#)
+    }
+
+    #[test]
+    fn speculation_parameters_reach_the_engine_options() {
+        let json = cfg(&[
+            p("model_dir", "m"),
+            p("speculate", "off"),
+            p("spec_depth", "3"),
+            p("spec_extra", "0"),
+        ]
+        .join(","));
+        let o = parse_model_config(&json, Path::new("/r"))
+            .unwrap()
+            .engine_options();
+        assert_eq!(
+            (o.speculate, o.spec_depth, o.spec_extra),
+            (Some(false), Some(3), Some(0))
+        );
+        let bad = cfg(&[p("model_dir", "m"), p("speculate", "maybe")].join(","));
+        let err = parse_model_config(&bad, Path::new("/r")).unwrap_err();
+        assert!(err.contains("speculate"), "{err}");
     }
 
     #[test]

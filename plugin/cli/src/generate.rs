@@ -73,6 +73,16 @@ pub struct GenerateArgs {
     /// `PREGATE_ROUTER`). Ignored on the CPU.
     #[arg(long)]
     pub router: Option<String>,
+    /// Speculative expert prefetch (in-model gates): layers predicted ahead, 1..=4 (default 2;
+    /// on by default when the expert cache is smaller than the experts).
+    #[arg(long)]
+    pub spec_depth: Option<usize>,
+    /// Speculative candidates per token beyond the top-k, 0..=8 (default 1).
+    #[arg(long)]
+    pub spec_extra: Option<usize>,
+    /// No speculative expert prefetch.
+    #[arg(long, conflicts_with_all = ["spec_depth", "spec_extra"])]
+    pub no_spec: bool,
 }
 
 /// Runs `pregate generate`.
@@ -110,6 +120,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .map(|capacity| ExpertCacheOptions { capacity, policy }),
         cuda_dtype: args.cuda_dtype.as_deref().map(str::parse).transpose()?,
         router: args.router.as_deref().map(str::parse).transpose()?,
+        speculate: args.no_spec.then_some(false),
+        spec_depth: args.spec_depth,
+        spec_extra: args.spec_extra,
         ..EngineOptions::default()
     };
     // The environment first, then the flags.
@@ -203,6 +216,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "evictions": st.evictions,
                 "hit_ratio": st.hit_ratio(),
                 "bytes_loaded": st.bytes_loaded,
+            });
+        }
+        if let Some(sp) = engine.speculation_stats() {
+            let recall: Vec<Option<f64>> = (1..=pregate::moe::speculate::MAX_SPEC_DEPTH)
+                .map(|j| sp.recall(j))
+                .collect();
+            obj["speculation"] = json!({
+                "recall": recall,
+                "loads": sp.loads,
+                "used": sp.used,
+                "wasted": sp.wasted,
             });
         }
         println!("{obj}");

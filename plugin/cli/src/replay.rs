@@ -329,13 +329,23 @@ fn metrics_label(args: &ReplayArgs) -> String {
     }
 }
 
-fn per_layer_requested(args: &ReplayArgs) -> bool {
-    args.per_layer || args.routes_jsonl.is_some() || args.spec_depth.is_some()
+/// Per-layer routes: asked for, or implied by a model whose gates route in the model.
+fn per_layer_requested(args: &ReplayArgs) -> Result<bool> {
+    let asked = args.per_layer || args.routes_jsonl.is_some() || args.spec_depth.is_some();
+    Ok(asked || model_top_k(args)?.is_some())
+}
+
+/// `--model`'s experts per token when its gates route in the model.
+fn model_top_k(args: &ReplayArgs) -> Result<Option<usize>> {
+    match (&args.model, args.mode.as_str()) {
+        (Some(dir), "simulated") => replay::model_top_k(dir),
+        _ => Ok(None),
+    }
 }
 
 /// The per-layer replay the flags describe, or `None` for Read-ME's shared routes.
 fn per_layer_config(args: &ReplayArgs, cfg: &SimConfig) -> Result<Option<PerLayerConfig>> {
-    if !per_layer_requested(args) {
+    if !per_layer_requested(args)? {
         return Ok(None);
     }
     if args.hit_ratio_table {
@@ -343,7 +353,11 @@ fn per_layer_config(args: &ReplayArgs, cfg: &SimConfig) -> Result<Option<PerLaye
             "--hit-ratio-table evaluates Read-ME's shared routes; drop it with --per-layer".into(),
         ));
     }
-    let top_k = args.top_k.or(preset(args)?.map(|p| p.top_k)).unwrap_or(2);
+    let top_k = args
+        .top_k
+        .or(model_top_k(args)?)
+        .or(preset(args)?.map(|p| p.top_k))
+        .unwrap_or(2);
     let routes = match &args.routes_jsonl {
         Some(path) => RouteSource::Trace(std::sync::Arc::new(workload::read_route_trace(path)?)),
         None => {
@@ -482,7 +496,7 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             .model
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument("--mode executed needs --model DIR".into()))?;
-        if per_layer_requested(&args) {
+        if per_layer_requested(&args)? {
             return Err(Error::InvalidArgument(
                 "per-layer routes and speculation are simulated only (--mode simulated)".into(),
             ));

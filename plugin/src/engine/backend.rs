@@ -158,6 +158,12 @@ pub trait Backend: Send {
         Ok(())
     }
 
+    /// The speculative prefetch's counters (recall per distance, loads), when the backend
+    /// speculates (an in-model router with a cache smaller than the experts).
+    fn speculation_stats(&self) -> Option<crate::moe::SpeculationStats> {
+        None
+    }
+
     /// The backend's expert cache, when it has one: per-layer residency (what the batcher's
     /// expert-load budget reads) and the hit / miss / eviction / load counters (what the metrics
     /// report). `None` for a backend that keeps every expert resident without bookkeeping.

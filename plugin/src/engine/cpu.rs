@@ -15,6 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::family::QkNorm;
 use crate::model::weights::{LayerWeights, Matrix};
+use crate::moe::speculate::{LayerScores, SpeculationStats, SpeculatorConfig};
 use crate::moe::{step_experts, CpuExperts};
 use crate::ops::{attention, matmul_t, rms_norm, swiglu_ffn, AttentionShape, RopeTable};
 use crate::router::in_model::route_hidden;
@@ -155,6 +156,41 @@ impl CpuBackend {
         Ok(self)
     }
 
+    /// Speculative expert prefetch for an in-model router ([`crate::moe::Speculator`]) of
+    /// `cfg`'s depth and extra candidates, on or off as `on` says; `None` takes the default: on
+    /// when the model routes in-model and the expert cache holds fewer units than the model has
+    /// experts, else off (every expert resident, or a pre-gate router whose routes are exact).
+    /// Asking for it with a pre-gate router is an error. Call after
+    /// [`CpuBackend::with_expert_cache`].
+    pub fn with_speculation(mut self, on: Option<bool>, cfg: SpeculatorConfig) -> Result<Self> {
+        let cfg = SpeculatorConfig {
+            enabled: on.unwrap_or_else(|| self.speculation_pays()),
+            ..cfg
+        };
+        cfg.validate()?;
+        if cfg.enabled && self.in_model.is_none() {
+            return Err(Error::InvalidArgument(
+                "speculative prefetch predicts in-model gates; this model's routes come from its                  pre-gate router and are exact"
+                    .into(),
+            ));
+        }
+        self.experts = self.experts.with_speculation(cfg)?;
+        Ok(self)
+    }
+
+    /// Whether the default turns speculation on: an in-model router and a cache smaller than the
+    /// experts.
+    fn speculation_pays(&self) -> bool {
+        let shape = self.experts.shape();
+        let units = shape.layers * shape.experts;
+        self.in_model.is_some() && self.experts.cache().is_some_and(|c| c.capacity() < units)
+    }
+
+    /// The speculator's counters, when speculating.
+    pub fn speculation_stats(&self) -> Option<SpeculationStats> {
+        self.experts.speculation_stats()
+    }
+
     /// Bytes of KV cache one token takes.
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.cfg.num_hidden_layers * self.shape.n_kv_heads * self.shape.head_dim * 4
@@ -229,6 +265,53 @@ fn check_layer_extras(cfg: &ModelConfig, w: &BackboneWeights) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Predicted gate logits of the MoE layers after decoder layer `from` (before layer 0 when
+/// `None`), up to `depth` decoder layers ahead: each layer's own post-attention RMSNorm and gate
+/// applied to the residual stream `x` (`[T, H]`) as it is now. Dense layers are skipped (they
+/// count in the distance). Softmax is monotone, so logits rank the experts as the gate's
+/// probabilities do. Returns (runtime layer, distance, `[T, E]` logits).
+fn predicted_logits(
+    layers: &[LayerWeights],
+    moe_index: &[Option<usize>],
+    x: &[f32],
+    total: usize,
+    eps: f32,
+    from: Option<usize>,
+    depth: usize,
+) -> Vec<(usize, usize, Vec<f32>)> {
+    let first = from.map_or(0, |l| l + 1);
+    let mut out = Vec::new();
+    let mut normed = vec![0.0f32; x.len()];
+    for target in first..layers.len().min(first + depth) {
+        let (Some(m), Some(gate)) = (moe_index[target], &layers[target].extra.gate) else {
+            continue;
+        };
+        rms_norm(x, &layers[target].post_norm, eps, &mut normed);
+        let mut logits = vec![0.0f32; total * gate.rows];
+        matmul_t(&normed, total, gate, &mut logits);
+        out.push((m, target + 1 - first, logits));
+    }
+    out
+}
+
+/// Hands predicted logits to the expert runtime's speculator.
+fn speculate(
+    experts: &mut CpuExperts,
+    top_k: usize,
+    predicted: &[(usize, usize, Vec<f32>)],
+) -> Result<()> {
+    let scores: Vec<LayerScores<'_>> = predicted
+        .iter()
+        .map(|(layer, distance, s)| LayerScores {
+            layer: *layer,
+            distance: *distance,
+            scores: s,
+            top_k,
+        })
+        .collect();
+    experts.speculate(&scores)
 }
 
 /// Adds `bias` to each `bias.len()`-wide row of `x`.
@@ -317,6 +400,16 @@ impl Backend for CpuBackend {
             }
         }
         let eps = cfg.rms_norm_eps;
+        // Speculation (in-model gates only): the step's embeddings predict its first layers.
+        let spec = match (self.in_model, self.experts.speculation()) {
+            (Some(g), Some(s)) => Some((g.top_k, s.depth)),
+            _ => None,
+        };
+        if let Some((top_k, depth)) = spec {
+            let p = predicted_logits(&self.w.layers, &self.moe_index, &x, total, eps, None, depth);
+            // A prediction only saves loads: one that fails (a NaN) leaves the exact path alone.
+            let _ = speculate(&mut self.experts, top_k, &p);
+        }
         let mut h = vec![0.0f32; total * hdim];
         let mut q = vec![0.0f32; total * q_width];
         let mut k = vec![0.0f32; total * kv_width];
@@ -384,6 +477,21 @@ impl Backend for CpuBackend {
             });
             matmul_t(&att, total, &layer.o, &mut o);
             crate::ops::add_assign(&mut x, &o);
+            // After the attention, before this layer's experts: the coming layers' gates on the
+            // residual stream as it is now.
+            if let Some((top_k, depth)) = spec {
+                let p = predicted_logits(
+                    &self.w.layers,
+                    &self.moe_index,
+                    &x,
+                    total,
+                    eps,
+                    Some(l),
+                    depth,
+                );
+                // A prediction only saves loads: one that fails (a NaN) leaves the exact path alone.
+                let _ = speculate(&mut self.experts, top_k, &p);
+            }
             rms_norm(&x, &layer.post_norm, eps, &mut h);
             match (self.moe_index[l], &layer.extra.dense) {
                 (None, Some(dense)) => swiglu_ffn(&h, total, dense, &mut o),
@@ -450,6 +558,10 @@ impl Backend for CpuBackend {
 
     fn expert_cache(&self) -> Option<&ExpertCache> {
         self.experts.cache()
+    }
+
+    fn speculation_stats(&self) -> Option<SpeculationStats> {
+        self.experts.speculation_stats()
     }
 
     fn trace_routes(&mut self, on: bool) -> Result<()> {
@@ -560,5 +672,59 @@ mod tests {
         assert_eq!(a, b);
         assert!(plain.expert_cache().is_none());
         assert_eq!(cached.expert_cache().unwrap().stats().misses, 4 * 2);
+    }
+
+    /// A family fixture whose residual stream never changes after the embedding (every
+    /// attention output and every FFN output zero) and whose layers have distinct norms: layer
+    /// `l+j`'s own norm and gate applied to the stream after layer `l` then give exactly layer
+    /// `l+j`'s routes, so recall is 1 at every distance with no extra candidate.
+    #[test]
+    fn predictions_use_the_predicted_layers_own_norm_and_gate() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/olmoe_f32/model");
+        let m = ModelDir::open(&dir).unwrap();
+        let (mut backbone, _) = m.load_backbone().unwrap();
+        for (l, layer) in backbone.layers.iter_mut().enumerate() {
+            layer.o.data.fill(0.0);
+            for e in layer.experts.iter_mut().chain(layer.shared.as_mut()) {
+                e.down.data.fill(0.0);
+            }
+            for (i, w) in layer.post_norm.iter_mut().enumerate() {
+                *w = 1.0 + ((i * 7 + l * 13) % 11) as f32 / 3.0;
+            }
+        }
+        assert_ne!(backbone.layers[0].post_norm, backbone.layers[1].post_norm);
+        let cfg = SpeculatorConfig {
+            depth: 2,
+            extra: 0,
+            enabled: true,
+        };
+        let mut b = CpuBackend::new(m.config.clone(), backbone)
+            .unwrap()
+            .with_expert_cache(ExpertCapacity::PerLayer(2), EvictionPolicy::BeladyDecay)
+            .unwrap()
+            .with_speculation(None, cfg)
+            .unwrap();
+        let none = RoutePlan::new(m.config.num_experts(), crate::route::RouteScope::AllLayers);
+        b.add_sequence(1, 16).unwrap();
+        run(&mut b, 1, &[5, 6, 7, 8], &none, 0);
+        run(&mut b, 1, &[9], &none, 4);
+        let s = b.speculation_stats().unwrap();
+        assert!(s.hits[0] > 0 && s.hits[1] > 0, "{s:?}");
+        assert_eq!(s.recall(1), Some(1.0), "{s:?}");
+        assert_eq!(s.recall(2), Some(1.0), "{s:?}");
+    }
+
+    #[test]
+    fn speculation_needs_an_in_model_router() {
+        let (_d, b) = tiny_backend(2);
+        let on = SpeculatorConfig::default();
+        assert!(b.with_speculation(Some(true), on).is_err());
+        let (_d, b) = tiny_backend(2);
+        let b = b.with_speculation(None, on).unwrap();
+        assert!(
+            b.speculation_stats().is_none(),
+            "a pre-gate router's routes are exact"
+        );
     }
 }

@@ -118,6 +118,7 @@ fn open_cpu(model: &ModelDir, opts: &EngineOptions) -> Result<Engine> {
     if let Some(c) = opts.expert_cache {
         backend = backend.with_expert_cache(c.capacity, c.policy)?;
     }
+    let backend = backend.with_speculation(opts.speculate, opts.speculation())?;
     Ok(Engine::new(Box::new(backend), router))
 }
 

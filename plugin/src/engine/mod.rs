@@ -351,6 +351,11 @@ impl Engine {
         self.backend.expert_cache()
     }
 
+    /// The backend's speculative-prefetch counters, when it speculates.
+    pub fn speculation_stats(&self) -> Option<crate::moe::SpeculationStats> {
+        self.backend.speculation_stats()
+    }
+
     /// Seconds the backend's compute has waited for expert loads so far.
     pub fn expert_stall_seconds(&self) -> f64 {
         self.backend.expert_stall_seconds()

@@ -15,6 +15,9 @@
 //! | `PREGATE_ROUTER` | `host` (default), `device` | [`EngineOptions::router`] |
 //! | `PREGATE_KV_TOKENS` | KV cache size in tokens (CUDA; default: a quarter of free memory) | [`EngineOptions::kv_tokens`] |
 //! | `PREGATE_EXPERT_FFN` | `grouped` (default), `cublas` | [`EngineOptions::expert_ffn`] |
+//! | `PREGATE_SPECULATE` | `1` to predict in-model gates and prefetch, `0` not to (default: on for an in-model router with a cache smaller than the experts) | [`EngineOptions::speculate`] |
+//! | `PREGATE_SPEC_DEPTH` | layers predicted ahead, 1..=4 (default 2) | [`EngineOptions::spec_depth`] |
+//! | `PREGATE_SPEC_EXTRA` | candidates per token beyond the top-k, 0..=8 (default 1) | [`EngineOptions::spec_extra`] |
 //!
 //! Read where CUDA's libraries are located, by `pregate-kernels` (not engine options):
 //! `PREGATE_NVRTC_LIB` (the NVRTC library to load), `PREGATE_CUDA_INCLUDE` (headers for NVRTC),
@@ -76,6 +79,28 @@ pub struct EngineOptions {
     pub kv_tokens: Option<usize>,
     /// CUDA: how the expert FFN runs (default: grouped kernels where they apply).
     pub expert_ffn: Option<ExpertFfn>,
+    /// Speculative expert prefetch for an in-model router (default: on when the expert cache
+    /// holds fewer units than the model has experts; off for a pre-gate router, whose routes are
+    /// exact, and when every expert is resident).
+    pub speculate: Option<bool>,
+    /// Speculation: layers predicted ahead (default 2).
+    pub spec_depth: Option<usize>,
+    /// Speculation: candidates per token beyond the gating top-k (default 1).
+    pub spec_extra: Option<usize>,
+}
+
+impl EngineOptions {
+    /// The speculator's depth and extra candidates these options ask for (defaults where
+    /// unset), enabled as [`EngineOptions::speculate`] says or, when unset, as the backend's
+    /// default decides.
+    pub fn speculation(&self) -> crate::moe::SpeculatorConfig {
+        let d = crate::moe::SpeculatorConfig::default();
+        crate::moe::SpeculatorConfig {
+            depth: self.spec_depth.unwrap_or(d.depth),
+            extra: self.spec_extra.unwrap_or(d.extra),
+            enabled: self.speculate.unwrap_or(true),
+        }
+    }
 }
 
 /// One environment variable pregate reads, for the documentation table.
@@ -116,6 +141,18 @@ pub const ENVIRONMENT: &[EnvVar] = &[
     EnvVar {
         name: "PREGATE_EXPERT_FFN",
         meaning: "CUDA expert FFN implementation",
+    },
+    EnvVar {
+        name: "PREGATE_SPECULATE",
+        meaning: "speculative expert prefetch on or off",
+    },
+    EnvVar {
+        name: "PREGATE_SPEC_DEPTH",
+        meaning: "layers speculated ahead",
+    },
+    EnvVar {
+        name: "PREGATE_SPEC_EXTRA",
+        meaning: "speculative candidates beyond the top-k",
     },
     EnvVar {
         name: "PREGATE_NVRTC_LIB",
@@ -175,6 +212,27 @@ impl EngineOptions {
         o.cuda_dtype = parsed("PREGATE_CUDA_DTYPE", var("PREGATE_CUDA_DTYPE"))?;
         o.router = parsed("PREGATE_ROUTER", var("PREGATE_ROUTER"))?;
         o.expert_ffn = parsed("PREGATE_EXPERT_FFN", var("PREGATE_EXPERT_FFN"))?;
+        if let Some(v) = var("PREGATE_SPECULATE") {
+            o.speculate = Some(match v.trim() {
+                "1" | "true" | "on" => true,
+                "0" | "false" | "off" => false,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "PREGATE_SPECULATE `{v}`: expected 1 or 0"
+                    )))
+                }
+            });
+        }
+        for (k, field) in [
+            ("PREGATE_SPEC_DEPTH", &mut o.spec_depth),
+            ("PREGATE_SPEC_EXTRA", &mut o.spec_extra),
+        ] {
+            if let Some(v) = var(k) {
+                *field = Some(v.trim().parse().map_err(|_| {
+                    Error::InvalidArgument(format!("{k} `{v}`: expected a whole number"))
+                })?);
+            }
+        }
         if let Some(v) = var("PREGATE_KV_TOKENS") {
             let n: usize = v.trim().parse().ok().filter(|&n| n > 0).ok_or_else(|| {
                 Error::InvalidArgument(format!(
@@ -196,6 +254,9 @@ impl EngineOptions {
             router: over.router.or(self.router),
             kv_tokens: over.kv_tokens.or(self.kv_tokens),
             expert_ffn: over.expert_ffn.or(self.expert_ffn),
+            speculate: over.speculate.or(self.speculate),
+            spec_depth: over.spec_depth.or(self.spec_depth),
+            spec_extra: over.spec_extra.or(self.spec_extra),
         }
     }
 }
@@ -291,5 +352,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn speculation_comes_from_the_environment_and_hosts_override_it() {
+        let o = from(&[
+            ("PREGATE_SPECULATE", "0"),
+            ("PREGATE_SPEC_DEPTH", "3"),
+            ("PREGATE_SPEC_EXTRA", "0"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (o.speculate, o.spec_depth, o.spec_extra),
+            (Some(false), Some(3), Some(0))
+        );
+        let s = o.speculation();
+        assert_eq!((s.depth, s.extra, s.enabled), (3, 0, false));
+        let host = EngineOptions {
+            speculate: Some(true),
+            ..EngineOptions::default()
+        };
+        let both = o.overridden_by(&host);
+        assert_eq!((both.speculate, both.spec_depth), (Some(true), Some(3)));
+        let d = EngineOptions::default().speculation();
+        assert_eq!((d.depth, d.extra), (2, 1));
+        assert!(from(&[("PREGATE_SPECULATE", "maybe")]).is_err());
+        let err = from(&[("PREGATE_SPEC_DEPTH", "two")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PREGATE_SPEC_DEPTH"), "{err}");
     }
 }

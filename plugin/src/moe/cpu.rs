@@ -6,14 +6,26 @@
 //! the unit's bytes per miss) without copying anything. A CPU deployment therefore shows what a
 //! GPU with that cache would load, and the serving loop reads it like any backend's cache.
 
+use super::speculate::{
+    EvictionGuard, LayerScores, SpeculationStats, Speculator, SpeculatorConfig,
+};
 use super::{run_waves, MoeShape, RuntimeStats};
 use crate::cache::{prefetch, EvictionPolicy, ExpertCache, ExpertCapacity, HostMemory};
+use crate::cache::{Lookup, Unit};
 use crate::cache::{MemoryBackend, StepExperts};
 use crate::error::{Error, Result};
 use crate::model::weights::ExpertWeights;
 use crate::ops::matmul::dot;
 use crate::ops::{moe_layer, swiglu_ffn};
-use crate::route::TokenRoute;
+use crate::route::{ExpertSet, TokenRoute};
+
+/// Speculative prefetch into the accounting cache (see [`CpuExperts::speculate`]).
+struct CpuSpeculation {
+    spec: Speculator,
+    guard: EvictionGuard,
+    /// Each layer's latest predicted experts.
+    predicted: Vec<ExpertSet>,
+}
 
 /// The routed (and shared) experts of every MoE layer, on the host.
 pub struct CpuExperts {
@@ -23,6 +35,7 @@ pub struct CpuExperts {
     shared_gates: Vec<Option<Vec<f32>>>,
     cache: Option<ExpertCache>,
     stats: RuntimeStats,
+    speculation: Option<CpuSpeculation>,
 }
 
 impl CpuExperts {
@@ -86,6 +99,7 @@ impl CpuExperts {
             shared,
             cache: None,
             stats: RuntimeStats::default(),
+            speculation: None,
         })
     }
 
@@ -110,6 +124,94 @@ impl CpuExperts {
         )?;
         self.cache = Some(cache);
         Ok(self)
+    }
+
+    /// Speculates as `cfg` says (see [`CpuExperts::speculate`]); a disabled configuration keeps
+    /// no speculator.
+    pub fn with_speculation(mut self, cfg: SpeculatorConfig) -> Result<Self> {
+        self.speculation = if cfg.enabled {
+            Some(CpuSpeculation {
+                spec: Speculator::new(cfg, self.shape.layers, self.shape.experts)?,
+                guard: EvictionGuard::new(self.shape.layers),
+                predicted: vec![ExpertSet::default(); self.shape.layers],
+            })
+        } else {
+            None
+        };
+        Ok(self)
+    }
+
+    /// The speculator's configuration, when speculating.
+    pub fn speculation(&self) -> Option<SpeculatorConfig> {
+        self.speculation.as_ref().map(|s| s.spec.config())
+    }
+
+    /// The speculator's counters, when speculating.
+    pub fn speculation_stats(&self) -> Option<SpeculationStats> {
+        self.speculation.as_ref().map(|s| s.spec.stats())
+    }
+
+    /// Predicted gate scores of coming layers (runtime layer indices): the [`Speculator`]'s
+    /// candidates are prefetched into the cache, nearest layer first, under the guarded rule
+    /// ([`super::SpecRule::Guarded`]). Nothing is copied on the CPU, so every load is in time and
+    /// none delays an exact one; what is left of the rule is eviction: a speculative load evicts,
+    /// by the policy, only a unit that is not pinned (the layer in flight), not named by the
+    /// latest prediction, used less lately than the guess, and only while the
+    /// [`EvictionGuard`] finds such evictions paying. Without a cache the predictions only count
+    /// recall. Not speculating: nothing happens.
+    pub fn speculate(&mut self, scores: &[LayerScores<'_>]) -> Result<()> {
+        let Some(sp) = self.speculation.as_mut() else {
+            return Ok(());
+        };
+        let candidates = sp.spec.predict(scores)?;
+        for s in scores {
+            sp.predicted[s.layer] = ExpertSet::default();
+        }
+        for c in &candidates {
+            sp.predicted[c.layer].insert(c.expert);
+        }
+        let Some(cache) = self.cache.as_mut() else {
+            return Ok(());
+        };
+        let mut pinned = Vec::new();
+        for c in &candidates {
+            let unit = Unit::new(c.layer, c.expert);
+            if cache.slot_of(unit).is_some() {
+                continue;
+            }
+            let worth = cache.decayed_uses(unit);
+            pinned.clear();
+            for e in 0..self.shape.experts {
+                let u = Unit::new(c.layer, e as crate::route::ExpertId);
+                let valued = sp.predicted[c.layer].contains(e as crate::route::ExpertId)
+                    || cache.decayed_uses(u) >= worth;
+                if valued && cache.slot_of(u).is_some() && !cache.is_pinned(u) {
+                    cache.pin(u)?;
+                    pinned.push(u);
+                }
+            }
+            let full = match cache.layer_quota() {
+                Some(q) => cache.resident_experts(c.layer).len() >= q,
+                None => cache.resident() >= cache.capacity(),
+            };
+            let outcome = if full && !sp.guard.may_evict() {
+                None
+            } else {
+                // Every evictable unit is worth more than the guess: no load.
+                cache.prefetch(unit).ok().flatten()
+            };
+            for &u in &pinned {
+                cache.unpin(u);
+            }
+            if let Some(Lookup::Miss { evicted, .. }) = outcome {
+                if let Some(v) = evicted {
+                    sp.spec.evicted(v.layer as usize, v.expert);
+                    sp.guard.evicted(v.layer as usize, v.expert);
+                }
+                sp.spec.loaded(c.layer, c.expert);
+            }
+        }
+        Ok(())
     }
 
     /// Scales each layer's shared expert by `sigmoid(gate . x)` per token, where that layer's
@@ -204,8 +306,34 @@ impl CpuExperts {
         accumulate: bool,
     ) -> Result<()> {
         let used = self.shape.check_layer(layer, routes, x.len(), out.len())?;
+        if let Some(sp) = self.speculation.as_mut() {
+            // The layer's exact experts are known: recall of what was predicted for it, and
+            // whether the speculative evictions of its units cost misses.
+            let before = sp.spec.stats().used;
+            sp.spec.observe(layer, &used)?;
+            let saved = sp.spec.stats().used - before;
+            let cache = self.cache.as_ref();
+            sp.guard.observe(layer, saved, &used, |e| {
+                cache.is_some_and(|c| c.slot_of(Unit::new(layer, e)).is_none())
+            });
+        }
         if let Some(cache) = self.cache.as_mut() {
-            self.stats.waves += run_waves(cache, layer, &used, |_, _| Ok(()))?;
+            let spec = &mut self.speculation;
+            self.stats.waves += run_waves(cache, layer, &used, |_, lookups| {
+                // A speculative load that an exact miss evicts unused was wasted.
+                for l in lookups {
+                    if let (
+                        Lookup::Miss {
+                            evicted: Some(v), ..
+                        },
+                        Some(sp),
+                    ) = (l, spec.as_mut())
+                    {
+                        sp.spec.evicted(v.layer as usize, v.expert);
+                    }
+                }
+                Ok(())
+            })?;
         } else {
             self.stats.waves += 1;
         }

@@ -30,6 +30,18 @@
 //! experts of a layer, the share that were among the layer's candidates predicted `j` layers ahead
 //! (recall@k+m), so it measures the predictor, not the link.
 
+//!
+//! # Backends
+//! The CPU backend (`engine/cpu.rs`) predicts after each layer's attention, from the residual
+//! stream, with the coming layers' own post-attention norms and gates, and before layer 0 from the
+//! step's embeddings; its runtime ([`super::CpuExperts::speculate`]) prefetches into the
+//! accounting cache and observes each layer's exact experts. A device backend makes the same
+//! calls: [`Speculator::predict`] after each attention, [`cap`] by its copy stream's time, the
+//! kept candidates into a [`SpecQueue`] that its copy stream drains only while a copy lands
+//! before the next exact load ([`fits_before_exact`]), [`SpecQueue::cancel_layer`] and
+//! [`Speculator::observe`] when a layer's exact routes are known, the [`EvictionGuard`] for
+//! evictions, and the counters to `ModelMetrics::record_speculation` each step.
+
 use crate::error::{Error, Result};
 use crate::route::{ExpertId, ExpertSet, MAX_EXPERTS, MAX_TOP_K};
 
@@ -266,7 +278,8 @@ impl SpecQueue {
 /// Whether speculative loads have paid for their evictions lately, under
 /// [`SpecRule::Guarded`]. A speculative load that its layer uses saves a miss; one whose victim
 /// that layer then needs adds one, and a wrong guess left resident costs the cache more later. The
-/// guard lets speculative loads evict only while the saved misses outweigh twice the added ones,
+/// guard lets speculative loads evict only while the saved misses outweigh [`EvictionGuard::PAYBACK`]
+/// times the added ones,
 /// both decayed per observed layer (so an idle guard forgets and probes again).
 #[derive(Debug, Clone)]
 pub struct EvictionGuard {
@@ -279,6 +292,10 @@ impl EvictionGuard {
     /// Per observed layer, the weight old counts keep.
     pub const DECAY: f64 = 0.995;
 
+    /// Saved misses needed per added one: a wrong guess left resident also displaces later
+    /// choices of the policy, a cost the direct count misses.
+    pub const PAYBACK: f64 = 4.0;
+
     /// A guard over `layers` layers.
     pub fn new(layers: usize) -> Self {
         EvictionGuard {
@@ -290,7 +307,7 @@ impl EvictionGuard {
 
     /// Whether a speculative load may evict now.
     pub fn may_evict(&self) -> bool {
-        self.saved >= 2.0 * self.added
+        self.saved >= Self::PAYBACK * self.added
     }
 
     /// A speculative load evicted (`layer`, `expert`).
@@ -785,8 +802,8 @@ mod tests {
             !g.may_evict(),
             "the victim was needed and nothing was saved"
         );
-        g.observe(0, 3, &set(&[0]), |_| true);
-        assert!(g.may_evict(), "three saved misses outweigh one added");
+        g.observe(0, 5, &set(&[0]), |_| true);
+        assert!(g.may_evict(), "five saved misses outweigh one added");
         g.evicted(0, 1);
         g.observe(0, 0, &set(&[1]), |_| false);
         assert!(g.may_evict(), "a victim back in the cache costs nothing");

@@ -155,6 +155,9 @@ pub fn run(
             if let Some(c) = engine.expert_cache() {
                 m.record_cache(c.stats(), c.resident());
             }
+            if let Some(s) = engine.speculation_stats() {
+                m.record_speculation(s);
+            }
         }
         for e in events {
             let Some(l) = live.get_mut(&e.seq) else {

@@ -24,6 +24,8 @@ pub use workload::{ExpertModel, LayerExpertModel, Prompt, RouteTrace, TraceReque
 
 use crate::config::{config_path, ModelConfig};
 use crate::error::{Error, Result};
+use crate::model::family::hub;
+use crate::model::ModelFamily;
 
 fn dtype_bytes(dtype: &str) -> Option<u64> {
     match dtype {
@@ -96,8 +98,17 @@ fn tensors_bytes(dir: &Path, names: &[String]) -> Result<Option<u64>> {
 /// {gate,up,down}_proj_0.weight`). Without split-expert weights (config only, or the masked
 /// training layout) the size is estimated as `3 x hidden x intermediate/2` bf16 values, Read-ME's
 /// split of half the dense channels per expert.
+///
+/// A family that routes in the model (Mixtral, Qwen2/3-MoE, OLMoE) counts its MoE layers only (a
+/// dense layer loads no expert), its `num_experts`, and the bytes of layer `l`'s expert 0 under
+/// the family's names, or a layer's stacked expert tensors over its experts; without weights,
+/// `3 x hidden x expert width` values of the config's dtype.
 pub fn model_shape(dir: &Path) -> Result<ModelShape> {
     let cfg = ModelConfig::from_file(&config_path(dir))?;
+    let family = cfg.family().map_err(|m| Error::config("config.json", m))?;
+    if family != ModelFamily::ReadMe {
+        return family_shape(dir, &cfg, family);
+    }
     let names: Vec<String> = ["gate", "up", "down"]
         .iter()
         .map(|p| format!("model.layers.0.moe.{p}_proj_0.weight"))
@@ -132,4 +143,49 @@ pub(crate) fn idle_until(now: f64, next_arrival: Option<f64>) -> Result<f64> {
             "the batcher scheduled nothing with work pending".into(),
         )),
     }
+}
+
+/// Experts per token of a model that routes in the model (its per-layer gates), `None` for
+/// Read-ME (routes shared by every layer, from its pre-gating router).
+pub fn model_top_k(dir: &Path) -> Result<Option<usize>> {
+    let cfg = ModelConfig::from_file(&config_path(dir))?;
+    let family = cfg.family().map_err(|m| Error::config("config.json", m))?;
+    Ok((family != ModelFamily::ReadMe).then(|| cfg.experts_per_token()))
+}
+
+fn kv_bytes_per_token(cfg: &ModelConfig, dtype: u64) -> u64 {
+    2 * cfg.num_hidden_layers as u64 * (cfg.num_kv_heads() * cfg.head_dim()) as u64 * dtype
+}
+
+fn family_shape(dir: &Path, cfg: &ModelConfig, family: ModelFamily) -> Result<ModelShape> {
+    let moe: Vec<usize> = (0..cfg.num_hidden_layers)
+        .filter(|&l| cfg.is_moe_layer(l))
+        .collect();
+    let Some(&first) = moe.first() else {
+        return Err(Error::config(
+            "config.json",
+            "no layer has routed experts: nothing for an expert cache to hold",
+        ));
+    };
+    let experts = cfg.num_experts();
+    let dtype = if cfg.torch_dtype.as_deref() == Some("float32") {
+        4
+    } else {
+        2
+    };
+    let per_expert = hub::expert_names(family, first, 0).to_vec();
+    let stacked = hub::stacked_expert_names(first).to_vec();
+    let expert_bytes = match tensors_bytes(dir, &per_expert)? {
+        Some(b) => b,
+        None => match tensors_bytes(dir, &stacked)? {
+            Some(b) => b / experts.max(1) as u64,
+            None => 3 * cfg.hidden_size as u64 * cfg.expert_intermediate_size().0 as u64 * dtype,
+        },
+    };
+    Ok(ModelShape {
+        layers: moe.len(),
+        experts,
+        expert_bytes,
+        kv_bytes_per_token: kv_bytes_per_token(cfg, dtype),
+    })
 }

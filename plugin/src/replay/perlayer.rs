@@ -31,7 +31,7 @@
 //! compute (and at step start) the queue's front starts while the copy lands before the next
 //! layer's exact loads are issued, so no exact load ever waits behind a guess; a queued load is
 //! cancelled when its layer runs or a newer prediction drops it; and a started one evicts only a
-//! unit of lower value (not predicted, no expected use, used less lately), while the
+//! unit the latest prediction does not name, while the
 //! [`EvictionGuard`] finds such evictions paying.
 //!
 //! A speculative load that the cache evicts before its layer used it is *wasted*. The hit ratio
@@ -366,10 +366,9 @@ impl Device {
 
     /// Guarded rule: starts queued speculative loads, in order, while each lands by
     /// `next_exact` (when the next exact load can be issued); the rest wait. A load evicts, by
-    /// the policy, only a unit of lower value: one the latest prediction does not name, with no
-    /// expected use and used less lately than the guess (the others are pinned), and only while
-    /// the [`EvictionGuard`] finds such evictions paying; its own next use is its layer's
-    /// position.
+    /// the policy, only a unit the latest prediction does not name (those are pinned), and only
+    /// while the [`EvictionGuard`] finds such evictions paying; its own next use is its layer's
+    /// position, before any unit with no predicted use.
     fn drain(&mut self, next_exact: f64) -> Result<()> {
         while let Some(&c) = self.queue.front() {
             let unit = Unit::new(c.layer, c.expert);
@@ -382,15 +381,11 @@ impl Device {
                 break;
             }
             self.queue.pop();
-            // A unit the prediction names, one with an expected use (used when its layer last
-            // ran), or one used more often lately than the guess is worth more than the guess.
-            let worth = self.cache.decayed_uses(unit);
-            for e in 0..self.cache.experts() {
-                let u = Unit::new(c.layer, e as ExpertId);
-                let valued = self.predicted[c.layer].contains(e as ExpertId)
-                    || self.cache.next_use(u) != NEVER
-                    || self.cache.decayed_uses(u) >= worth;
-                if valued && self.cache.slot_of(u).is_some() {
+            // A unit the prediction names is worth more than the guess; the others are ranked
+            // by the policy (a unit used when its layer last ran, expected again, goes last).
+            for e in self.predicted[c.layer].iter() {
+                let u = Unit::new(c.layer, e);
+                if self.cache.slot_of(u).is_some() {
                     self.cache.pin(u)?;
                 }
             }

@@ -452,6 +452,9 @@ impl LoopState {
         if let Some(cache) = self.engine.expert_cache() {
             m.record_cache(cache.stats(), cache.resident());
         }
+        if let Some(s) = self.engine.speculation_stats() {
+            m.record_speculation(s);
+        }
         let stall = self.engine.expert_stall_seconds();
         m.add_stall(stall - self.stall_seen);
         self.stall_seen = stall;
