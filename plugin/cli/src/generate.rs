@@ -63,7 +63,9 @@ pub struct GenerateArgs {
     /// (weights stay in host memory).
     #[arg(long = "cache-capacity", visible_alias = "expert-cache", value_parser = capacity)]
     pub expert_cache: Option<ExpertCapacity>,
-    /// Expert cache eviction policy: belady, lru, lfu or random.
+    /// Expert cache eviction policy: belady, belady-decay, lru, lfu or random (with an in-model
+    /// router no next use is known ahead, so belady ranks as lru; belady-decay by decayed use
+    /// counts).
     #[arg(long, default_value = "belady")]
     pub cache_policy: String,
     /// CUDA compute dtype: bf16 or f32.
