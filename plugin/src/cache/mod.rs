@@ -588,8 +588,10 @@ impl ExpertCache {
                 slot: self.unit_slot[i] as usize,
             }
         } else {
-            self.stats.misses += 1;
+            // Counted once admitted: an access refused for want of an unpinned slot is retried
+            // by the caller, and the retry is the same miss.
             let (slot, evicted) = self.admit(i)?;
+            self.stats.misses += 1;
             Lookup::Miss { slot, evicted }
         };
         self.last_use[i] = self.tick;

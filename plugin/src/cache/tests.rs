@@ -120,6 +120,9 @@ fn pinned_units_are_never_evicted_and_overflow_is_an_error() {
     c.pin(u(0, 0)).unwrap();
     c.access(u(0, 2)).unwrap();
     assert!(c.slot_of(u(0, 0)).is_some());
+    // The refused access and its retry are one miss, and one load.
+    assert_eq!((c.stats().misses, c.stats().loads), (3, 3));
+    assert_eq!(c.stats().hits, 0);
 }
 
 #[test]
