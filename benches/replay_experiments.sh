@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the replay figures of BENCHMARKS.md (issue 3). Run from the repository root after
+# Reproduces the replay figures of BENCHMARKS.md (batching and expert cache). Run from the repository root after
 # `cargo build --release -p pregate-cli`. Prints one line per run.
 set -euo pipefail
 P=${PREGATE:-./target/release/pregate}

@@ -1,5 +1,5 @@
 //! Cost of the scheduling decisions themselves: one batcher step plus the expert-cache accesses
-//! of that step (32 layers), per scheduled token. Goal (issue 3): >= 1 million scheduled tokens/s
+//! of that step (32 layers), per scheduled token. Goal: >= 1 million scheduled tokens/s
 //! on one core, so the decisions never become the bottleneck.
 //!
 //! `cargo bench -p pregate-benches --bench scheduling`

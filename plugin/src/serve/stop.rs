@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn holds_a_stop_prefix_back_and_cuts_before_the_stop() {
-        // The example: "###" arriving one character at a time never reaches the client.
+        // A stop string such as "###" arriving one character at a time never reaches the client.
         let mut m = StopMatcher::new(vec!["###".into(), String::new()]);
         assert_eq!(m.push("ok "), released("ok ", false));
         assert_eq!(m.push("#"), released("", false));
