@@ -131,7 +131,7 @@ bstep() {
 }
 
 # Offloaded decode of a Mixtral-8x7B-shaped model (each layer routes itself on the device), each
-# step under a time bound: the device session is short.
+# step under a time bound: time on a GPU machine is short.
 run_mixtral_bench() {
     local mixdir="${PREGATE_BENCH_MIXTRAL_DIR:-/tmp/pregate-mixtral}"
     local secs="${PREGATE_BENCH_MIXTRAL_SECONDS:-240}"
