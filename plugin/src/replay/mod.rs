@@ -11,6 +11,7 @@ mod layer;
 pub mod offline;
 pub mod perlayer;
 pub mod report;
+mod requests;
 pub mod sim;
 pub mod workload;
 

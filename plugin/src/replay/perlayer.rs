@@ -50,7 +50,6 @@
 //! practitioner measurement of residual-stream prediction the design note cites; `r_3 = 0.59`,
 //! `r_4 = 0.49` extend its 10-point drop per layer and are not measured.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
@@ -58,9 +57,10 @@ use rand_chacha::ChaCha8Rng;
 
 use super::layer;
 use super::report::{PerLayerReport, Report, Summary};
+use super::requests::{Flow, Outcome, Requests};
 use super::sim::{check_capacity, SimConfig};
 use super::workload::{LayerExpertModel, LayerStream, RouteTrace, TraceRequest};
-use crate::batcher::{LookaheadBatcher, PendingView, RequestDesc};
+use crate::batcher::{LookaheadBatcher, PendingView};
 use crate::cache::{ExpertCache, Lookup, PrefetchPlanner, StepExperts, Unit, NEVER};
 use crate::error::{Error, Result};
 use crate::metrics::ModelMetrics;
@@ -159,20 +159,10 @@ impl PerLayerConfig {
     }
 }
 
+/// Where a request's per-layer routes come from, drawn token by token as steps compute them.
 enum Tokens {
     Synthetic(Box<LayerStream>),
     Trace { request: usize, next: usize },
-}
-
-struct Req {
-    arrival: f64,
-    prompt_len: usize,
-    output_len: usize,
-    computed: usize,
-    generated: usize,
-    tokens: Option<Tokens>,
-    first_token: f64,
-    finish: f64,
 }
 
 fn slot_of(l: Lookup) -> usize {
@@ -608,86 +598,44 @@ pub fn simulate_per_layer(
     // No route is known before its layer runs: the batcher sees none.
     let no_routes = RoutePlan::new(shape.experts, RouteScope::AllLayers);
 
-    let mut sims: Vec<Req> = reqs
-        .iter()
-        .map(|r| Req {
-            arrival: r.arrival,
-            prompt_len: r.prompt.len(),
-            output_len: r.output_len,
-            computed: 0,
-            generated: 0,
-            tokens: None,
-            first_token: f64::NAN,
-            finish: f64::NAN,
-        })
-        .collect();
-    let mut next_arrival = 0usize;
-    let mut waiting: VecDeque<usize> = VecDeque::new();
-    let mut running: Vec<usize> = Vec::new();
+    let mut q = Requests::new(reqs);
+    // Each request's token source, from its first scheduled step until it finishes.
+    let mut sources: Vec<Option<Tokens>> = reqs.iter().map(|_| None).collect();
     let mut summary = Summary::new(shape.experts);
     let mut now = 0.0f64;
     let mut routes: Vec<ExpertId> = Vec::new();
 
     loop {
-        while next_arrival < sims.len() && sims[next_arrival].arrival <= now {
-            let r = &sims[next_arrival];
-            let deadline = reqs[next_arrival].deadline_s.map(|d| r.arrival + d);
-            batcher.submit(RequestDesc {
-                id: next_arrival as u64 + 1,
-                arrival: r.arrival,
-                prompt_len: r.prompt_len,
-                output_len: Some(r.output_len),
-                deadline,
-                kv_bytes: (r.prompt_len + r.output_len) as u64 * shape.kv_bytes_per_token,
-            })?;
-            waiting.push_back(next_arrival);
-            next_arrival += 1;
+        match q.arrive(&mut now, &mut batcher, reqs, shape.kv_bytes_per_token)? {
+            Flow::Ready => {}
+            Flow::Idle => continue,
+            Flow::Done => break,
         }
-        if running.is_empty() && waiting.is_empty() {
-            match sims.get(next_arrival) {
-                Some(r) => {
-                    now = now.max(r.arrival);
-                    continue;
-                }
-                None => break,
-            }
-        }
-        let window = cfg.batcher.max_running.saturating_sub(running.len()) + 1;
+        let window = q.window(cfg.batcher.max_running);
         let resident = dev.cache.resident_in_every_layer();
-        let views = running.iter().chain(waiting.iter().take(window)).map(|&i| {
-            let r = &sims[i];
+        let views = q.visible(window).map(|i| {
+            let r = &q.all[i];
             PendingView {
                 seq: i as u64 + 1,
-                tokens: r.prompt_len + r.generated - r.computed,
+                tokens: r.known() - r.computed,
                 routes: &no_routes,
                 route_offset: 0,
-                prefill: r.computed < r.prompt_len,
+                prefill: r.prefill(),
                 generated: r.generated,
             }
         });
         let plan = batcher.schedule(now, views, &resident)?;
         if plan.is_empty() {
-            now = super::idle_until(now, sims.get(next_arrival).map(|r| r.arrival))?;
+            now = super::idle_until(now, q.next_arrival())?;
             continue;
         }
-        if !plan.admitted.is_empty() {
-            let admitted = plan.admitted.clone();
-            waiting.retain(|&i| !admitted.contains(&(i as u64 + 1)));
-            running.extend(admitted.iter().map(|&s| s as usize - 1));
-        }
-        for c in &plan.chunks {
-            summary.queue_wait(c.waited);
-            if let Some(m) = metrics {
-                m.observe_queue_wait(c.waited);
-            }
-        }
+        q.admit(plan, &mut summary, metrics);
 
         // The step's tokens and their routes, drawn as they are computed.
         routes.clear();
         for c in &plan.chunks {
             let i = c.seq as usize - 1;
-            let r = &mut sims[i];
-            let source = r.tokens.get_or_insert_with(|| match &pl.routes {
+            let source = sources[i].get_or_insert_with(|| match &pl.routes {
                 RouteSource::Synthetic(m) => Tokens::Synthetic(Box::new(m.stream(
                     &popularity,
                     perms.clone(),
@@ -722,35 +670,13 @@ pub fn simulate_per_layer(
             m.record_speculation(dev.spec.stats());
         }
 
-        let mut finished = false;
         for c in &chunks {
             let i = c.seq as usize - 1;
-            let r = &mut sims[i];
-            r.computed += c.tokens;
-            if r.computed < r.prompt_len + r.generated {
-                continue;
-            }
-            r.generated += 1;
-            if r.generated == 1 {
-                r.first_token = end;
-            }
-            if r.generated >= r.output_len {
-                r.finish = end;
-                r.tokens = None;
-                batcher.finish(c.seq);
-                summary.finish(
-                    r.arrival,
-                    r.first_token,
-                    r.finish,
-                    r.prompt_len,
-                    r.output_len,
-                );
-                finished = true;
+            if q.advance(i, c.tokens, end, &mut batcher, &mut summary) == Outcome::Finished {
+                sources[i] = None;
             }
         }
-        if finished {
-            running.retain(|&i| sims[i].finish.is_nan());
-        }
+        q.retire();
         batcher.step_done(start, end);
         if let Some(m) = metrics {
             m.set_requests(batcher.waiting(), batcher.running());

@@ -29,12 +29,11 @@
 //! (which no router has computed yet): an upper bound on what any lookahead can give, for
 //! comparison with offline Belady figures.
 
-use std::collections::VecDeque;
-
 use super::layer;
 use super::report::{Report, Summary};
+use super::requests::{Flow, Outcome, Requests};
 use super::workload::{ExpertModel, ExpertStream, TraceRequest};
-use crate::batcher::{BatcherConfig, LookaheadBatcher, PendingView, RequestDesc};
+use crate::batcher::{BatcherConfig, LookaheadBatcher, PendingView};
 use crate::cache::{EvictionPolicy, ExpertCache, NEVER};
 use crate::error::{Error, Result};
 use crate::metrics::ModelMetrics;
@@ -223,26 +222,13 @@ pub struct SimConfig {
 }
 
 struct SimReq {
-    arrival: f64,
-    prompt_len: usize,
-    output_len: usize,
     routes: Option<RoutePlan>,
     stream: Option<ExpertStream>,
-    computed: usize,
-    generated: usize,
     current: ExpertId,
     /// Tokens routed to each expert so far (prompt and generated).
     history: Vec<u32>,
     /// Tokens that kept the previous token's expert.
     kept: u32,
-    first_token: f64,
-    finish: f64,
-}
-
-impl SimReq {
-    fn known(&self) -> usize {
-        self.prompt_len + self.generated
-    }
 }
 
 /// Checks a cache capacity against the model: it must hold one step's experts at a layer (the
@@ -291,26 +277,17 @@ pub fn simulate(
     let popularity = cfg.experts.popularity();
     let load_s = cfg.cost.load_seconds(shape.expert_bytes);
 
+    let mut q = Requests::new(reqs);
     let mut sims: Vec<SimReq> = reqs
         .iter()
-        .map(|r| SimReq {
-            arrival: r.arrival,
-            prompt_len: r.prompt.len(),
-            output_len: r.output_len,
+        .map(|_| SimReq {
             routes: None,
             stream: None,
-            computed: 0,
-            generated: 0,
             current: 0,
             history: Vec::new(),
             kept: 0,
-            first_token: f64::NAN,
-            finish: f64::NAN,
         })
         .collect();
-    let mut next_arrival = 0usize;
-    let mut waiting: VecDeque<usize> = VecDeque::new();
-    let mut running: Vec<usize> = Vec::new();
     let mut summary = Summary::new(shape.experts);
     let mut now = 0.0f64;
     let mut demand = vec![0f64; shape.experts];
@@ -320,40 +297,22 @@ pub fn simulate(
     let mut token_experts = Vec::new();
 
     loop {
-        while next_arrival < sims.len() && sims[next_arrival].arrival <= now {
-            let r = &sims[next_arrival];
-            let deadline = reqs[next_arrival].deadline_s.map(|d| r.arrival + d);
-            batcher.submit(RequestDesc {
-                id: next_arrival as u64 + 1,
-                arrival: r.arrival,
-                prompt_len: r.prompt_len,
-                output_len: Some(r.output_len),
-                deadline,
-                kv_bytes: (r.prompt_len + r.output_len) as u64 * shape.kv_bytes_per_token,
-            })?;
-            waiting.push_back(next_arrival);
-            next_arrival += 1;
-        }
-        if running.is_empty() && waiting.is_empty() {
-            match sims.get(next_arrival) {
-                Some(r) => {
-                    now = now.max(r.arrival);
-                    continue;
-                }
-                None => break,
-            }
+        match q.arrive(&mut now, &mut batcher, reqs, shape.kv_bytes_per_token)? {
+            Flow::Ready => {}
+            Flow::Idle => continue,
+            Flow::Done => break,
         }
         // Routes exist from arrival on in a real server; materialising them only for the requests
         // the batcher can reach keeps a long overload queue cheap.
-        let window = cfg.batcher.max_running.saturating_sub(running.len()) + 1;
-        for &i in waiting.iter().take(window) {
+        let window = q.window(cfg.batcher.max_running);
+        for &i in q.waiting.iter().take(window) {
             let r = &mut sims[i];
             if r.routes.is_none() {
                 let mut stream = cfg.experts.stream(&popularity, cfg.seed ^ (i as u64 + 1));
                 let mut plan = RoutePlan::new(shape.experts, crate::route::RouteScope::AllLayers);
                 r.history = vec![0; shape.experts];
                 let mut prev = None;
-                for _ in 0..r.prompt_len {
+                for _ in 0..q.all[i].prompt_len {
                     let e = stream.next_expert();
                     r.history[e as usize] += 1;
                     r.kept += (prev == Some(e)) as u32;
@@ -366,48 +325,35 @@ pub fn simulate(
             }
         }
         let resident = cache.resident_experts(0);
-        let views = running
-            .iter()
-            .chain(waiting.iter().take(window))
-            .filter_map(|&i| {
-                let r = &sims[i];
-                r.routes.as_ref().map(|routes| PendingView {
-                    seq: i as u64 + 1,
-                    tokens: r.known() - r.computed,
-                    routes,
-                    route_offset: 0,
-                    prefill: r.computed < r.prompt_len,
-                    generated: r.generated,
-                })
-            });
+        let views = q.visible(window).filter_map(|i| {
+            let r = &q.all[i];
+            sims[i].routes.as_ref().map(|routes| PendingView {
+                seq: i as u64 + 1,
+                tokens: r.known() - r.computed,
+                routes,
+                route_offset: 0,
+                prefill: r.prefill(),
+                generated: r.generated,
+            })
+        });
         let plan = batcher.schedule(now, views, &resident)?;
         if plan.is_empty() {
             // Nothing could be admitted (KV full with nothing running cannot happen: submit
             // rejects requests larger than the KV capacity), so only a future arrival helps.
-            now = super::idle_until(now, sims.get(next_arrival).map(|r| r.arrival))?;
+            now = super::idle_until(now, q.next_arrival())?;
             continue;
         }
+        q.admit(plan, &mut summary, metrics);
         let used = plan.experts;
         let tokens = plan.tokens;
-        if !plan.admitted.is_empty() {
-            let admitted = plan.admitted.clone();
-            waiting.retain(|&i| !admitted.contains(&(i as u64 + 1)));
-            running.extend(admitted.iter().map(|&s| s as usize - 1));
-        }
-        for c in &plan.chunks {
-            summary.queue_wait(c.waited);
-            if let Some(m) = metrics {
-                m.observe_queue_wait(c.waited);
-            }
-        }
         let chunks = plan.chunks.clone();
 
         // Belady's lookahead: queued demand for the steps after this one (see the module docs).
         if cfg.policy.reads_next_use() {
             demand.iter_mut().for_each(|d| *d = 0.0);
-            for &i in running.iter().chain(waiting.iter().take(window)) {
+            for i in q.visible(window) {
                 let r = &sims[i];
-                if r.computed < r.prompt_len {
+                if q.all[i].prefill() {
                     if let Some(routes) = &r.routes {
                         for t in 0..routes.len().min(64) {
                             demand[routes.route(t, 0).primary() as usize] += 1.0;
@@ -464,52 +410,35 @@ pub fn simulate(
         }
 
         // Apply the step: tokens computed, tokens sampled, requests finished.
-        let mut finished = false;
         for c in &chunks {
             let i = c.seq as usize - 1;
+            let outcome = q.advance(i, c.tokens, end, &mut batcher, &mut summary);
             let r = &mut sims[i];
-            r.computed += c.tokens;
             let routes = r
                 .routes
                 .as_mut()
                 .ok_or_else(|| Error::Internal(format!("request {i} scheduled without routes")))?;
             routes.drain_front(c.tokens);
-            if r.computed < r.prompt_len + r.generated {
-                continue;
-            }
-            r.generated += 1;
-            if r.generated == 1 {
-                r.first_token = end;
-            }
-            if r.generated >= r.output_len {
-                r.finish = end;
-                r.routes = None;
-                r.stream = None;
-                batcher.finish(c.seq);
-                summary.finish(
-                    r.arrival,
-                    r.first_token,
-                    r.finish,
-                    r.prompt_len,
-                    r.output_len,
-                );
-                finished = true;
-            } else {
-                let e =
-                    r.stream.as_mut().map(|s| s.next_expert()).ok_or_else(|| {
+            match outcome {
+                Outcome::Partial => {}
+                Outcome::Finished => {
+                    r.routes = None;
+                    r.stream = None;
+                }
+                Outcome::Sampled => {
+                    let e = r.stream.as_mut().map(|s| s.next_expert()).ok_or_else(|| {
                         Error::Internal(format!("request {i} has no route stream"))
                     })?;
-                r.kept += (r.current == e) as u32;
-                r.current = e;
-                if let Some(h) = r.history.get_mut(e as usize) {
-                    *h += 1;
+                    r.kept += (r.current == e) as u32;
+                    r.current = e;
+                    if let Some(h) = r.history.get_mut(e as usize) {
+                        *h += 1;
+                    }
+                    routes.push(&[TokenRoute::single(e)])?;
                 }
-                routes.push(&[TokenRoute::single(e)])?;
             }
         }
-        if finished {
-            running.retain(|&i| sims[i].finish.is_nan());
-        }
+        q.retire();
         batcher.step_done(start, end);
         if let Some(m) = metrics {
             m.set_requests(batcher.waiting(), batcher.running());
