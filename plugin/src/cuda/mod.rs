@@ -37,7 +37,7 @@ use cudarc::driver::CudaContext;
 use half::bf16;
 
 pub use backend::CudaBackend;
-pub use experts::{CudaExperts, ExpertSetup};
+pub use experts::{CudaExperts, ExpertSetup, HostUnits};
 pub use memory::{BorrowedPool, CudaExpertMemory};
 pub use router::CudaReadMeRouter;
 pub use weights::DeviceElem;

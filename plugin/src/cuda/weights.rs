@@ -288,6 +288,13 @@ impl PinnedExperts {
     }
 }
 
+impl PinnedExperts {
+    /// Bytes of the page-locked buffer.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+}
+
 impl ExpertSource for PinnedExperts {
     fn unit_bytes(&self, unit: Unit) -> Result<&[u8]> {
         let i = unit.layer as usize * self.experts + unit.expert as usize;
