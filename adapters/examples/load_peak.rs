@@ -14,8 +14,8 @@
 use std::ffi::c_void;
 
 use pregate_adapters::moe::{
-    pregate_moe_create, pregate_moe_destroy, pregate_moe_finalize, pregate_moe_set_expert,
-    PregateMoe, PregateMoeConfig,
+    pregate_moe_create, pregate_moe_destroy, pregate_moe_finalize, pregate_moe_host_bytes,
+    pregate_moe_set_expert, PregateMoe, PregateMoeConfig,
 };
 
 /// `VmRSS` and `VmHWM` of this process, in MiB.
@@ -32,9 +32,21 @@ fn memory() -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn report(phase: &str) {
+/// Prints the process' memory and, for a live handle, the host bytes the service reports.
+fn report(phase: &str, m: *const PregateMoe) {
     let (rss, peak) = memory();
-    println!("{phase:<28} rss {rss:>9.0} MiB   peak {peak:>9.0} MiB");
+    let mut held = 0u64;
+    // SAFETY: `m` is NULL or a live handle; `held` is writable.
+    let reported = !m.is_null() && unsafe { pregate_moe_host_bytes(m, &mut held) } == 0;
+    let held = if reported {
+        format!(
+            "   service holds {:>7.0} MiB",
+            held as f64 / (1 << 20) as f64
+        )
+    } else {
+        String::new()
+    };
+    println!("{phase:<26} rss {rss:>7.0} MiB   peak {peak:>7.0} MiB{held}");
 }
 
 fn last_error() -> String {
@@ -93,7 +105,7 @@ fn main() -> Result<(), String> {
         (layers * experts) as f64 * elements as f64 * 2.0 / (1 << 20) as f64,
         (layers * experts) as f64 * elements as f64 * 4.0 / (1 << 20) as f64,
     );
-    report("start");
+    report("start", std::ptr::null());
     let mut m: *mut PregateMoe = std::ptr::null_mut();
     // SAFETY: a full-size config and a writable handle pointer.
     if unsafe { pregate_moe_create(&cfg, &mut m) } != 0 {
@@ -138,15 +150,15 @@ fn main() -> Result<(), String> {
             }
         }
     }
-    report("after set_expert of all");
+    report("after set_expert of all", m);
     // SAFETY: a live handle; NULL pools let the library allocate its own.
     let s = unsafe { pregate_moe_finalize(m, std::ptr::null_mut(), 0, std::ptr::null_mut(), 0) };
     if s != 0 {
         return Err(last_error());
     }
-    report("after finalize");
+    report("after finalize", m);
     // SAFETY: a live handle, destroyed once.
     unsafe { pregate_moe_destroy(m) };
-    report("after destroy");
+    report("after destroy", std::ptr::null());
     Ok(())
 }
