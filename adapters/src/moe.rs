@@ -120,7 +120,7 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    fn new(c: &PregateMoeConfig) -> CallResult<Self> {
+    pub(crate) fn new(c: &PregateMoeConfig) -> CallResult<Self> {
         let positive = |v: u32, name: &str| {
             if v == 0 {
                 Err(Failure::invalid(format!("{name} must be at least 1")))

@@ -183,3 +183,211 @@ impl Units {
             .sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use half::{bf16, f16};
+
+    use super::*;
+    use crate::dtype::read_matrix_as;
+    use crate::moe::PregateMoeConfig;
+
+    /// 2 layers x 3 experts, hidden 8, inter 4, of `dtype`.
+    fn settings(dtype: Dtype) -> Settings {
+        let code = match dtype {
+            Dtype::F32 => 0,
+            Dtype::Bf16 => 1,
+            Dtype::F16 => 2,
+        };
+        Settings::new(&PregateMoeConfig {
+            struct_size: std::mem::size_of::<PregateMoeConfig>() as u32,
+            num_layers: 2,
+            num_experts: 3,
+            top_k: 1,
+            hidden: 8,
+            inter: 4,
+            dtype: code,
+            device: -1,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// Finite bf16 bit patterns of every kind: signs, zeros, subnormals, large exponents.
+    fn bf16_bits(n: usize, seed: u64) -> Vec<u16> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let b = (s >> 40) as u16;
+                // An all-ones exponent is infinity or NaN: clear its lowest bit.
+                if b & 0x7f80 == 0x7f80 {
+                    b & !0x0080
+                } else {
+                    b
+                }
+            })
+            .collect()
+    }
+
+    /// Reads `values` (contiguous `rows x cols` of `src`, given as their bytes) into `dst`.
+    fn read<T: Copy>(src: Dtype, dst: Dtype, values: &[T], rows: usize, cols: usize) -> Vec<u8> {
+        // SAFETY: `values` holds `rows * cols` elements of `src`, contiguous and aligned.
+        let r = unsafe { read_matrix_as(src, dst, values.as_ptr().cast(), rows, cols, cols) };
+        let r = r.unwrap();
+        assert_eq!(r.non_finite, None);
+        r.bytes
+    }
+
+    /// A store of `st` with every projection set from pseudo-random bf16 bits (returned).
+    fn filled(st: &Settings, seed: u64) -> (HostStore, Vec<Vec<u16>>) {
+        let mut store = HostStore::new(st.dtype, st.layers * st.experts * 3);
+        let mut sources = Vec::new();
+        for i in 0..store.len() {
+            let (r, c) = st.proj_shape(i % 3);
+            let bits = bf16_bits(r * c, seed + i as u64);
+            store.set(i, read(Dtype::Bf16, st.dtype, &bits, r, c));
+            sources.push(bits);
+        }
+        (store, sources)
+    }
+
+    #[test]
+    fn a_bf16_store_holds_two_bytes_per_element() {
+        let st = settings(Dtype::Bf16);
+        let mut store = HostStore::new(st.dtype, st.layers * st.experts * 3);
+        // An f32 source is stored as bf16, not as the f32 it came in.
+        let values = vec![0.25f32; 4 * 8];
+        store.set(0, read(Dtype::F32, Dtype::Bf16, &values, 4, 8));
+        assert_eq!(store.bytes(), 4 * 8 * 2);
+        // Setting a projection again replaces it.
+        store.set(0, read(Dtype::F32, Dtype::Bf16, &values, 4, 8));
+        assert_eq!(store.bytes(), 4 * 8 * 2);
+        let (full, _) = filled(&st, 1);
+        let elements = (st.layers * st.experts * 3 * st.hidden * st.inter) as u64;
+        assert_eq!(full.bytes(), elements * 2);
+        assert!(full.missing().is_empty());
+        let (f32_store, _) = filled(&settings(Dtype::F32), 1);
+        assert_eq!(f32_store.bytes(), elements * 4);
+    }
+
+    #[test]
+    fn bf16_experts_pack_bit_exactly_and_are_freed_once_packed() {
+        let st = settings(Dtype::Bf16);
+        let (mut store, sources) = filled(&st, 7);
+        let all = store.bytes();
+        let units = store.take_units();
+        assert_eq!(store.bytes(), 0);
+        let unit_bytes = 3 * st.hidden * st.inter * 2;
+        for i in 0..st.layers * st.experts {
+            let mut out = vec![0xaau8; unit_bytes];
+            units.pack(i, Dtype::Bf16, &mut out).unwrap();
+            let want: Vec<u8> = sources[i * 3..i * 3 + 3]
+                .iter()
+                .flatten()
+                .flat_map(|b| b.to_le_bytes())
+                .collect();
+            assert!(out == want, "unit {i} is not the bits it was given");
+            assert_eq!(units.packed(), i + 1);
+            assert_eq!(units.bytes(), all - (i as u64 + 1) * unit_bytes as u64);
+        }
+        let mut out = vec![0u8; unit_bytes];
+        let e = units.pack(0, Dtype::Bf16, &mut out).unwrap_err();
+        assert!(e.to_string().contains("asked for twice"), "{e}");
+    }
+
+    #[test]
+    fn packing_into_another_dtype_converts_and_a_wrong_size_is_refused() {
+        let st = settings(Dtype::Bf16);
+        let (mut store, sources) = filled(&st, 3);
+        let units = store.take_units();
+        let mut out = vec![0u8; 3 * st.hidden * st.inter * 4];
+        units.pack(1, Dtype::F32, &mut out).unwrap();
+        let want: Vec<u8> = sources[3..6]
+            .iter()
+            .flatten()
+            .flat_map(|&b| bf16::from_bits(b).to_f32().to_le_bytes())
+            .collect();
+        assert!(out == want);
+        let mut short = vec![0u8; 3 * st.hidden * st.inter * 2 - 2];
+        let e = units.pack(2, Dtype::Bf16, &mut short).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+    }
+
+    #[test]
+    fn f16_and_f32_sources_are_converted_once_into_a_bf16_service() {
+        let st = settings(Dtype::Bf16);
+        let (r, c) = st.proj_shape(0);
+        let f32s: Vec<f32> = (0..r * c).map(|i| 1.0 + i as f32 / 3.0e3).collect();
+        let got = read(Dtype::F32, Dtype::Bf16, &f32s, r, c);
+        let want: Vec<u8> = f32s
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
+        assert!(got == want, "f32 rounds to the nearest bf16");
+        let f16s: Vec<u16> = f32s.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+        let got = read(Dtype::F16, Dtype::Bf16, &f16s, r, c);
+        let want: Vec<u8> = f16s
+            .iter()
+            .flat_map(|&b| {
+                bf16::from_f32(f16::from_bits(b).to_f32())
+                    .to_bits()
+                    .to_le_bytes()
+            })
+            .collect();
+        assert!(got == want, "f16 rounds to the nearest bf16 once");
+        // A value bf16 cannot hold is named with its index and value.
+        let mut big = f32s.clone();
+        big[5] = f32::MAX;
+        // SAFETY: `big` holds `r * c` contiguous f32s.
+        let read = unsafe { read_matrix_as(Dtype::F32, Dtype::Bf16, big.as_ptr().cast(), r, c, c) };
+        assert_eq!(read.unwrap().non_finite, Some((5, f32::MAX)));
+    }
+
+    #[test]
+    fn the_cpu_runtime_gets_the_stored_values_and_the_store_is_emptied() {
+        let st = settings(Dtype::Bf16);
+        let (mut store, sources) = filled(&st, 5);
+        let experts = store.take_f32(&st);
+        assert_eq!(store.bytes(), 0);
+        assert_eq!(experts.len(), st.layers);
+        for (l, layer) in experts.iter().enumerate() {
+            assert_eq!(layer.len(), st.experts);
+            for (e, w) in layer.iter().enumerate() {
+                let i = (l * st.experts + e) * 3;
+                for (m, src) in [&w.gate, &w.up, &w.down]
+                    .into_iter()
+                    .zip(&sources[i..i + 3])
+                {
+                    assert_eq!((m.rows * m.cols), src.len());
+                    let want: Vec<f32> = src.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+                    assert!(
+                        m.data
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "(layer {l}, expert {e})"
+                    );
+                }
+                assert_eq!((w.gate.rows, w.gate.cols), (4, 8));
+                assert_eq!((w.down.rows, w.down.cols), (8, 4));
+            }
+        }
+    }
+
+    #[test]
+    fn units_not_packed_go_back_to_the_store() {
+        let st = settings(Dtype::Bf16);
+        let (mut store, _) = filled(&st, 9);
+        let all = store.bytes();
+        let units = store.take_units();
+        let unit_bytes = 3 * st.hidden * st.inter * 2;
+        let mut out = vec![0u8; unit_bytes];
+        units.pack(4, Dtype::Bf16, &mut out).unwrap();
+        store.restore_units(units);
+        assert_eq!(store.missing(), vec![12, 13, 14]);
+        assert_eq!(store.bytes(), all - unit_bytes as u64);
+    }
+}

@@ -58,7 +58,7 @@ pub struct HostUnits<'a> {
     /// `gate` `[I, H]`, `up` `[I, H]`, then `down` `[H, I]`, exactly `out.len()` bytes. Asked once
     /// per unit, from several threads at once, so the host may release its copy of a unit as
     /// soon as it is packed.
-    pub pack: &'a (dyn Fn(usize, usize, &mut [u8]) -> Result<()> + Sync),
+    pub pack: &'a super::weights::PackUnit<'a>,
 }
 
 /// Per-call buffers, grown to the largest call seen.

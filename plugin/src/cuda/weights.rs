@@ -139,7 +139,7 @@ pub(super) fn upload_concat<T: DeviceElem>(
 }
 
 /// Packs unit (`layer`, `expert`) into its bytes: `pack(layer, expert, out)`.
-pub(super) type PackUnit<'a> = dyn Fn(usize, usize, &mut [u8]) -> Result<()> + Sync + 'a;
+pub type PackUnit<'a> = dyn Fn(usize, usize, &mut [u8]) -> Result<()> + Sync + 'a;
 
 /// The shape of one routed expert unit.
 #[derive(Debug, Clone, Copy)]
