@@ -133,10 +133,11 @@ typedef struct {
  * CPU service keeps no cache and its hit / miss counters stay 0. */
 pregate_status pregate_moe_create(const PregateMoeConfig *cfg, PregateMoe **out);
 
-/* Copies one projection of one expert (converted from src_dtype) into the library's store before
- * returning. host_src holds `rows` rows `row_stride` elements apart; (rows, cols) must be
- * [inter, hidden] for gate and up, [hidden, inter] for down. Setting one twice replaces it.
- * After finalize: STATE. */
+/* Copies one projection of one expert into the library's store before returning, in the service's
+ * dtype: bits copied when src_dtype is that dtype, else converted once (rounding to nearest; a
+ * value the service's dtype cannot hold is INVALID_ARGUMENT, as a NaN or infinity is). host_src
+ * holds `rows` rows `row_stride` elements apart; (rows, cols) must be [inter, hidden] for gate and
+ * up, [hidden, inter] for down. Setting one twice replaces it. After finalize: STATE. */
 pregate_status pregate_moe_set_expert(PregateMoe *m, uint32_t layer, uint32_t expert, int32_t proj,
                                       int32_t src_dtype, const void *host_src, uint64_t rows,
                                       uint64_t cols, uint64_t row_stride);

@@ -8,6 +8,9 @@
 //! (a torch tensor inside vLLM, so torch's allocator counts it) and never frees; with NULL the
 //! library allocates the pool itself. The per-call workspace (sized by `max_tokens`) stays the
 //! library's, allocated in `finalize`, so `device_bytes` reports a workspace of 0.
+//! Host memory: `finalize` packs each expert from the service's store (in the service's dtype)
+//! into the runtime and frees it there, so the host holds the experts once; an offloaded cache
+//! keeps the page-locked copy (`pregate_moe_host_bytes`).
 
 use std::ffi::c_void;
 use std::sync::Arc;
