@@ -144,7 +144,13 @@ impl CudaService {
                     .map(Typed::F32),
                 _ => build(settings, &units, Dtype::Bf16, kernels, &stream, setup, pool)
                     .map(Typed::Bf16),
-            };
+            }
+            .and_then(|rt| {
+                stream
+                    .synchronize()
+                    .map_err(|e| device_failure("finishing the expert upload", e))?;
+                Ok(rt)
+            });
         let runtime = match built {
             Ok(r) => r,
             Err(mut f) => {
@@ -160,9 +166,6 @@ impl CudaService {
                 return Err(f);
             }
         };
-        stream
-            .synchronize()
-            .map_err(|e| device_failure("finishing the expert upload", e))?;
         Ok(CudaService {
             ctx,
             runtime,

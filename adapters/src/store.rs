@@ -57,13 +57,20 @@ impl HostStore {
             .collect()
     }
 
+    /// Takes every projection out, leaving each one unset (so that a finalize that fails after
+    /// this names them missing instead of building from nothing).
+    fn take_all(&mut self) -> Vec<Option<Box<[u8]>>> {
+        self.bytes = 0;
+        let empty = (0..self.projs.len()).map(|_| None).collect();
+        std::mem::replace(&mut self.projs, empty)
+    }
+
     /// The (complete) store as f32 experts `[layer][expert]` for the CPU runtime, converted one
     /// projection at a time, each stored projection freed once converted: the peak is the f32
     /// experts and one projection more.
     pub fn take_f32(&mut self, st: &Settings) -> Vec<Vec<ExpertWeights>> {
         let dtype = self.dtype;
-        let mut projs = std::mem::take(&mut self.projs).into_iter();
-        self.bytes = 0;
+        let mut projs = self.take_all().into_iter();
         let mut matrix = |p: usize| {
             let (r, c) = st.proj_shape(p);
             // Taken by value: the stored bytes are dropped as soon as they are converted.
@@ -88,8 +95,7 @@ impl HostStore {
 
     /// Moves the (complete) store into units a runtime packs from, one expert per unit.
     pub fn take_units(&mut self) -> Units {
-        self.bytes = 0;
-        let mut projs = std::mem::take(&mut self.projs).into_iter();
+        let mut projs = self.take_all().into_iter();
         let mut units = Vec::with_capacity(projs.len() / 3);
         while let (Some(g), Some(u), Some(d)) = (projs.next(), projs.next(), projs.next()) {
             units.push(Mutex::new(match (g, u, d) {
@@ -280,6 +286,11 @@ mod tests {
         let all = store.bytes();
         let units = store.take_units();
         assert_eq!(store.bytes(), 0);
+        assert_eq!(
+            store.missing().len(),
+            store.len(),
+            "taken experts are missing"
+        );
         let unit_bytes = 3 * st.hidden * st.inter * 2;
         for i in 0..st.layers * st.experts {
             let mut out = vec![0xaau8; unit_bytes];
