@@ -133,10 +133,11 @@ typedef struct {
  * CPU service keeps no cache and its hit / miss counters stay 0. */
 pregate_status pregate_moe_create(const PregateMoeConfig *cfg, PregateMoe **out);
 
-/* Copies one projection of one expert (converted from src_dtype) into the library's store before
- * returning. host_src holds `rows` rows `row_stride` elements apart; (rows, cols) must be
- * [inter, hidden] for gate and up, [hidden, inter] for down. Setting one twice replaces it.
- * After finalize: STATE. */
+/* Copies one projection of one expert into the library's store before returning, in the service's
+ * dtype: bits copied when src_dtype is that dtype, else converted once (rounding to nearest; a
+ * value the service's dtype cannot hold is INVALID_ARGUMENT, as a NaN or infinity is). host_src
+ * holds `rows` rows `row_stride` elements apart; (rows, cols) must be [inter, hidden] for gate and
+ * up, [hidden, inter] for down. Setting one twice replaces it. After finalize: STATE. */
 pregate_status pregate_moe_set_expert(PregateMoe *m, uint32_t layer, uint32_t expert, int32_t proj,
                                       int32_t src_dtype, const void *host_src, uint64_t rows,
                                       uint64_t cols, uint64_t row_stride);
@@ -179,7 +180,15 @@ pregate_status pregate_moe_step_end(PregateMoe *m, uint64_t step_id, uint64_t st
 /* Counters since create. */
 pregate_status pregate_moe_stats(const PregateMoe *m, PregateMoeStats *out);
 
-/* The counters in Prometheus' text format (pregate_moe_*, and with speculation on
+/* Host bytes the service holds for its experts: while loading, the projections set so far in the
+ * service's dtype (2 bytes per bf16 / f16 element, 4 per f32); once finalized on the CPU, the f32
+ * experts it computes with; on CUDA, the page-locked copy that feeds a cache smaller than the
+ * experts (0 when every expert lives in a device slot). Each expert is packed from the store into
+ * that copy and freed, so the host never holds the experts twice. */
+pregate_status pregate_moe_host_bytes(const PregateMoe *m, uint64_t *out);
+
+/* The counters in Prometheus' text format (pregate_moe_*, pregate_moe_host_expert_bytes as
+ * pregate_moe_host_bytes gives it, and with speculation on
  * pregate_prediction_{hits,misses}_total and pregate_prediction_recall by distance and
  * pregate_speculative_{loads,used_loads,wasted_loads}_total), NUL-terminated. *needed receives the
  * text's bytes plus the NUL; buf is written only when cap >= *needed (call again with a larger

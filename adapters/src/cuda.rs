@@ -8,6 +8,9 @@
 //! (a torch tensor inside vLLM, so torch's allocator counts it) and never frees; with NULL the
 //! library allocates the pool itself. The per-call workspace (sized by `max_tokens`) stays the
 //! library's, allocated in `finalize`, so `device_bytes` reports a workspace of 0.
+//! Host memory: `finalize` packs each expert from the service's store (in the service's dtype)
+//! into the runtime and frees it there, so the host holds the experts once; an offloaded cache
+//! keeps the page-locked copy (`pregate_moe_host_bytes`).
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -15,8 +18,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 use pregate::cache::{CacheStats, StepExperts, Unit};
-use pregate::cuda::{BorrowedPool, CudaExperts, DeviceElem, ExpertSetup};
-use pregate::model::weights::ExpertWeights;
+use pregate::cuda::{BorrowedPool, CudaExperts, DeviceElem, ExpertSetup, HostUnits};
 use pregate::moe::RuntimeStats;
 use pregate::{ErrorCode, TokenRoute};
 use pregate_kernels::KernelSet;
@@ -24,6 +26,7 @@ use pregate_kernels::KernelSet;
 use crate::dtype::Dtype;
 use crate::ffi::{CallResult, Failure};
 use crate::moe::Settings;
+use crate::store::{HostStore, Units};
 
 fn device_failure(what: &str, e: impl std::fmt::Display) -> Failure {
     Failure::new(ErrorCode::Device, format!("{what}: {e}"))
@@ -87,15 +90,18 @@ pub(crate) struct CudaService {
 }
 
 impl CudaService {
-    /// Builds the runtime on `settings.device` from host experts, its slots in the caller's
-    /// `slot_pool` (or its own memory when NULL).
+    /// Builds the runtime on `settings.device` from the experts in `store`, its slots in the
+    /// caller's `slot_pool` (or its own memory when NULL). Each expert is packed straight from
+    /// the store into the runtime (its page-locked copy, or its slot when every expert fits) and
+    /// freed there, so the host holds the experts once. On failure the experts not yet packed go
+    /// back to the store.
     ///
     /// # Safety
     /// A non-NULL `slot_pool` is device memory of `settings.device` of the size given, alive and
     /// otherwise unused until the service is destroyed (the ABI's contract).
     pub(crate) unsafe fn new(
         settings: &Settings,
-        experts: &[Vec<ExpertWeights>],
+        store: &mut HostStore,
         slot_pool: (*mut c_void, u64),
         workspace: (*mut c_void, u64),
     ) -> CallResult<Self> {
@@ -131,41 +137,49 @@ impl CudaService {
             .new_stream()
             .map_err(|e| device_failure("creating a stream", e))?;
         let setup = setup(settings);
-        fn build<T: DeviceElem>(
-            s: &Settings,
-            experts: &[Vec<ExpertWeights>],
-            kernels: Arc<KernelSet>,
-            stream: &Arc<CudaStream>,
-            setup: ExpertSetup,
-            pool: Option<BorrowedPool>,
-        ) -> CallResult<CudaExperts<T>> {
-            let (h, k) = (s.hidden, s.top_k);
-            let mut rt = match pool {
-                // SAFETY: the pool is the caller's live device memory of at least the size the
-                // runtime needs (checked above; `new`'s contract).
-                Some(p) => unsafe {
-                    CudaExperts::<T>::from_host_borrowing(experts, h, k, kernels, stream, setup, p)?
-                },
-                None => CudaExperts::<T>::from_host(experts, h, k, kernels, stream, setup)?,
-            };
-            if s.max_tokens > 0 {
-                rt.reserve(s.max_tokens, stream)?;
+        let units = store.take_units();
+        let built =
+            match settings.dtype {
+                Dtype::F32 => build(settings, &units, Dtype::F32, kernels, &stream, setup, pool)
+                    .map(Typed::F32),
+                _ => build(settings, &units, Dtype::Bf16, kernels, &stream, setup, pool)
+                    .map(Typed::Bf16),
             }
-            Ok(rt)
-        }
-        let runtime = match settings.dtype {
-            Dtype::F32 => Typed::F32(build(settings, experts, kernels, &stream, setup, pool)?),
-            _ => Typed::Bf16(build(settings, experts, kernels, &stream, setup, pool)?),
+            .and_then(|rt| {
+                stream
+                    .synchronize()
+                    .map_err(|e| device_failure("finishing the expert upload", e))?;
+                Ok(rt)
+            });
+        let runtime = match built {
+            Ok(r) => r,
+            Err(mut f) => {
+                let packed = units.packed();
+                store.restore_units(units);
+                if packed > 0 {
+                    f.message = format!(
+                        "{}; {packed} experts were already packed for the device and freed: set \
+                         them again before finalize",
+                        f.message
+                    );
+                }
+                return Err(f);
+            }
         };
-        stream
-            .synchronize()
-            .map_err(|e| device_failure("finishing the expert upload", e))?;
         Ok(CudaService {
             ctx,
             runtime,
             hidden: settings.hidden,
             layers: settings.layers,
         })
+    }
+
+    /// Host bytes the runtime holds for its experts (the page-locked copy when offloaded).
+    pub(crate) fn host_bytes(&self) -> u64 {
+        match &self.runtime {
+            Typed::F32(r) => r.host_bytes(),
+            Typed::Bf16(r) => r.host_bytes(),
+        }
     }
 
     /// Plans the step: Belady's next uses and the loads of its misses, on the copy stream.
@@ -259,6 +273,36 @@ impl CudaService {
             Typed::Bf16(r) => run(r, layer, x, out, len, routes, &s),
         }
     }
+}
+
+/// The runtime in `T` (whose ABI dtype is `target`) over the store's `units`, each packed and
+/// freed as the runtime asks for it.
+#[allow(clippy::too_many_arguments)]
+fn build<T: DeviceElem>(
+    s: &Settings,
+    units: &Units,
+    target: Dtype,
+    kernels: Arc<KernelSet>,
+    stream: &Arc<CudaStream>,
+    setup: ExpertSetup,
+    pool: Option<BorrowedPool>,
+) -> CallResult<CudaExperts<T>> {
+    let experts = s.experts;
+    let pack = |l: usize, e: usize, out: &mut [u8]| units.pack(l * experts + e, target, out);
+    let host = HostUnits {
+        experts,
+        hidden: s.hidden,
+        inter: vec![s.inter; s.layers],
+        pack: &pack,
+    };
+    // SAFETY: a `Some` pool is the caller's live device memory of at least the size the runtime
+    // needs (checked by `CudaService::new`; its contract).
+    let mut rt =
+        unsafe { CudaExperts::<T>::from_host_units(&host, s.top_k, kernels, stream, setup, pool)? };
+    if s.max_tokens > 0 {
+        rt.reserve(s.max_tokens, stream)?;
+    }
+    Ok(rt)
 }
 
 /// Caller memory seen as a `CudaSlice` for one call; given back (never freed) on drop.

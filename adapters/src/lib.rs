@@ -14,6 +14,7 @@ pub mod ffi;
 pub mod layered;
 pub mod moe;
 pub mod router;
+mod store;
 
 pub use pregate::ErrorCode;
 

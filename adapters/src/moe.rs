@@ -15,13 +15,14 @@ use pregate::cache::{
     prefetch, CacheCapacity, CacheStats, EvictionPolicy, ExpertCache, ExpertCapacity, HostMemory,
     MemoryBackend, PrefetchPlanner, StepExperts, Unit,
 };
-use pregate::model::weights::{ExpertWeights, Matrix};
+use pregate::model::weights::ExpertWeights;
 use pregate::moe::{run_waves, CpuExperts, RuntimeStats};
 use pregate::route::{ExpertSet, MAX_EXPERTS, MAX_TOP_K};
 use pregate::{ErrorCode, TokenRoute};
 
-use crate::dtype::{read_matrix, write_values, Dtype};
+use crate::dtype::{read_matrix, read_matrix_as, write_values, Dtype};
 use crate::ffi::{self, guard, product, CallResult, Failure, Status};
+use crate::store::HostStore;
 
 /// The settings of a service, as C passes them (`PregateMoeConfig` in `pregate.h`).
 #[repr(C)]
@@ -119,7 +120,7 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    fn new(c: &PregateMoeConfig) -> CallResult<Self> {
+    pub(crate) fn new(c: &PregateMoeConfig) -> CallResult<Self> {
         let positive = |v: u32, name: &str| {
             if v == 0 {
                 Err(Failure::invalid(format!("{name} must be at least 1")))
@@ -214,7 +215,7 @@ impl Settings {
     }
 
     /// The shape of projection `proj`: gate and up are `[inter, hidden]`, down `[hidden, inter]`.
-    fn proj_shape(&self, proj: usize) -> (usize, usize) {
+    pub(crate) fn proj_shape(&self, proj: usize) -> (usize, usize) {
         if proj == 2 {
             (self.hidden, self.inter)
         } else {
@@ -231,8 +232,8 @@ pub(crate) enum Runtime {
 
 /// Where a service is in its life.
 pub(crate) enum Phase {
-    /// Collecting experts: `store[(layer * experts + expert) * 3 + proj]`, f32.
-    Loading(Vec<Option<Vec<f32>>>),
+    /// Collecting experts, each projection in the service's dtype.
+    Loading(HostStore),
     Ready(Runtime),
 }
 
@@ -263,6 +264,8 @@ pub(crate) struct CpuRuntime {
     cache: Option<ExpertCache>,
     planner: PrefetchPlanner,
     stats: RuntimeStats,
+    /// Bytes of the f32 experts.
+    host_bytes: u64,
 }
 
 impl CpuRuntime {
@@ -284,11 +287,16 @@ impl CpuRuntime {
                     })?,
             )
         };
+        let host_bytes = (0..st.layers)
+            .flat_map(|l| (0..st.experts).map(move |e| (l, e)))
+            .filter_map(|(l, e)| experts.expert(l, e).map(|w| w.bytes() as u64))
+            .sum();
         Ok(CpuRuntime {
             experts,
             cache,
             planner: PrefetchPlanner::default(),
             stats: RuntimeStats::default(),
+            host_bytes,
         })
     }
 
@@ -416,7 +424,7 @@ pub unsafe extern "C" fn pregate_moe_create(
         )?;
         let service = Service {
             settings,
-            phase: Phase::Loading(vec![None; units]),
+            phase: Phase::Loading(HostStore::new(settings.dtype, units)),
             open: None,
             last_step: 0,
             spec: None,
@@ -426,7 +434,8 @@ pub unsafe extern "C" fn pregate_moe_create(
     })
 }
 
-/// Copies one projection of one expert into the service's store (converted from `src_dtype`).
+/// Copies one projection of one expert into the service's store, in the service's dtype (bits
+/// copied when `src_dtype` is that dtype, else converted once, rounding to nearest).
 ///
 /// # Safety
 /// `m` must be a live handle; `host_src` must point to `(rows - 1) * row_stride + cols` readable
@@ -474,25 +483,29 @@ pub unsafe extern "C" fn pregate_moe_set_expert(
                     "set_expert after finalize: experts are fixed once finalized",
                 ));
             };
-            let mut values = Vec::new();
             // SAFETY: the extent is the caller's contract; null and alignment are checked.
-            unsafe {
-                read_matrix(
+            let read = unsafe {
+                read_matrix_as(
                     dtype,
+                    st.dtype,
                     host_src as *const u8,
                     want.0,
                     want.1,
                     row_stride as usize,
-                    &mut values,
                 )?
             };
-            if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+            if let Some((bad, v)) = read.non_finite {
+                let beyond = if v.is_finite() {
+                    format!(", beyond the range of the service's {}", st.dtype.name())
+                } else {
+                    String::new()
+                };
                 return Err(Failure::invalid(format!(
-                    "(layer {l}, expert {e}, {}): element {bad} is {}",
-                    PROJ_NAMES[p], values[bad]
+                    "(layer {l}, expert {e}, {}): element {bad} is {v}{beyond}",
+                    PROJ_NAMES[p]
                 )));
             }
-            store[(l * st.experts + e) * 3 + p] = Some(values);
+            store.set((l * st.experts + e) * 3 + p, read.bytes);
             Ok(())
         })
     })
@@ -549,7 +562,7 @@ pub unsafe extern "C" fn pregate_moe_finalize(
             let Phase::Loading(store) = &mut s.phase else {
                 return Err(Failure::state("finalize called twice"));
             };
-            let missing: Vec<usize> = (0..store.len()).filter(|&i| store[i].is_none()).collect();
+            let missing = store.missing();
             if let Some(&first) = missing.first() {
                 let (l, e, p) = (first / 3 / st.experts, first / 3 % st.experts, first % 3);
                 return Err(Failure::invalid(format!(
@@ -565,9 +578,9 @@ pub unsafe extern "C" fn pregate_moe_finalize(
                     "slot_pool and workspace must be NULL on the CPU",
                 ));
             }
-            let experts = take_experts(&st, store);
             let runtime = match st.device {
                 None => {
+                    let experts = store.take_f32(&st);
                     let shared = vec![None; st.layers];
                     let cpu = CpuExperts::new(experts, shared, st.hidden, st.top_k)?;
                     Runtime::Cpu(Box::new(CpuRuntime::new(cpu, &st)?))
@@ -575,57 +588,22 @@ pub unsafe extern "C" fn pregate_moe_finalize(
                 Some(_) => {
                     // SAFETY: the regions are the caller's device memory of the sizes given,
                     // alive until `destroy` (this function's contract).
+                    // On failure the experts not yet packed stay in the store for a retry.
                     let built = unsafe {
                         crate::cuda::CudaService::new(
                             &st,
-                            &experts,
+                            store,
                             (slot_pool, slot_pool_bytes),
                             (workspace, workspace_bytes),
                         )
                     };
-                    match built {
-                        Ok(c) => Runtime::Cuda(Box::new(c)),
-                        Err(f) => {
-                            // Nothing is lost: the experts go back to the store for a retry.
-                            *store = return_experts(experts);
-                            return Err(f);
-                        }
-                    }
+                    Runtime::Cuda(Box::new(built?))
                 }
             };
             s.phase = Phase::Ready(runtime);
             Ok(())
         })
     })
-}
-
-/// Moves the (complete) store into per-layer expert weights.
-fn take_experts(st: &Settings, store: &mut Vec<Option<Vec<f32>>>) -> Vec<Vec<ExpertWeights>> {
-    let mut values = store.drain(..).flatten();
-    let mut matrix = |p: usize| {
-        let (r, c) = st.proj_shape(p);
-        Matrix::new(r, c, values.next().unwrap_or_default())
-    };
-    (0..st.layers)
-        .map(|_| {
-            (0..st.experts)
-                .map(|_| ExpertWeights {
-                    gate: matrix(0),
-                    up: matrix(1),
-                    down: matrix(2),
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// The inverse of [`take_experts`].
-fn return_experts(experts: Vec<Vec<ExpertWeights>>) -> Vec<Option<Vec<f32>>> {
-    experts
-        .into_iter()
-        .flatten()
-        .flat_map(|w| [Some(w.gate.data), Some(w.up.data), Some(w.down.data)])
-        .collect()
 }
 
 /// Reads `tokens x top_k` routes (expert ids and weights, row-major) into token routes.
@@ -988,7 +966,33 @@ pub unsafe extern "C" fn pregate_moe_stats(
     })
 }
 
+/// Writes to `*out` the host bytes the service holds for its experts: while loading, the
+/// projections set so far in the service's dtype (2 bytes per bf16 or f16 element, 4 per f32);
+/// once finalized on the CPU, the f32 experts it computes with; on CUDA, the page-locked copy that
+/// feeds an expert cache smaller than the experts (0 when every expert lives in a device slot).
+///
+/// # Safety
+/// `m` must be a live handle; `out` a writable `uint64_t`.
+#[no_mangle]
+pub unsafe extern "C" fn pregate_moe_host_bytes(m: *const PregateMoe, out: *mut u64) -> Status {
+    guard("pregate_moe_host_bytes", || {
+        // SAFETY: the caller's contract.
+        let (m, out) = unsafe { (ffi::non_null(m, "m")?, ffi::non_null_mut(out, "out")?) };
+        *out = m.with(|s| Ok(s.host_bytes()))?;
+        Ok(())
+    })
+}
+
 impl Service {
+    /// Host bytes held for the experts (see [`pregate_moe_host_bytes`]).
+    fn host_bytes(&self) -> u64 {
+        match &self.phase {
+            Phase::Loading(store) => store.bytes(),
+            Phase::Ready(Runtime::Cpu(c)) => c.host_bytes,
+            Phase::Ready(Runtime::Cuda(c)) => c.host_bytes(),
+        }
+    }
+
     fn stats(&self) -> PregateMoeStats {
         match &self.phase {
             Phase::Ready(r) => r.stats(),
@@ -1002,18 +1006,21 @@ impl Service {
 
 /// The service's counters in Prometheus' text format.
 pub fn metrics_text(stats: &PregateMoeStats) -> CallResult<String> {
-    metrics_text_with(stats, None)
+    metrics_text_with(stats, None, None)
 }
 
-/// The service's counters and, with speculation on, its recall per distance and speculative loads,
-/// in Prometheus' text format. Names as pregate's own metrics (`pregate_prediction_*`,
+/// The service's counters, the host bytes it holds for its experts when given (see
+/// [`pregate_moe_host_bytes`]) and, with speculation on, its recall per distance and speculative
+/// loads, in Prometheus' text format. Names as pregate's own metrics (`pregate_prediction_*`,
 /// `pregate_speculative_*`) where they mean the same.
 pub fn metrics_text_with(
     stats: &PregateMoeStats,
     spec: Option<&crate::layered::PregateMoeSpecStats>,
+    host_bytes: Option<u64>,
 ) -> CallResult<String> {
     use prometheus::{
-        Counter, Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+        Counter, Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+        TextEncoder,
     };
     let registry = Registry::new();
     let internal = |e: prometheus::Error| Failure::new(ErrorCode::Internal, e.to_string());
@@ -1074,6 +1081,16 @@ pub fn metrics_text_with(
         stats.hits as f64 / accesses as f64
     });
     registry.register(Box::new(ratio)).map_err(internal)?;
+    if let Some(bytes) = host_bytes {
+        let held = IntGauge::with_opts(Opts::new(
+            "pregate_moe_host_expert_bytes",
+            "Host bytes held for the experts (the store while loading; the f32 experts on the \
+             CPU; the page-locked copy on CUDA)",
+        ))
+        .map_err(internal)?;
+        held.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        registry.register(Box::new(held)).map_err(internal)?;
+    }
     if let Some(sp) = spec.filter(|sp| sp.depth > 0) {
         let by_distance = |name: &str, help: &str| {
             IntCounterVec::new(Opts::new(name, help), &["distance"]).map_err(internal)
@@ -1155,8 +1172,8 @@ pub unsafe extern "C" fn pregate_moe_metrics_text(
     guard("pregate_moe_metrics_text", || {
         // SAFETY: the caller's contract.
         let (m, needed) = unsafe { (ffi::non_null(m, "m")?, ffi::non_null_mut(needed, "needed")?) };
-        let (stats, spec) = m.with(|s| Ok((s.stats(), s.spec_stats())))?;
-        let text = metrics_text_with(&stats, Some(&spec))?;
+        let (stats, spec, held) = m.with(|s| Ok((s.stats(), s.spec_stats(), s.host_bytes())))?;
+        let text = metrics_text_with(&stats, Some(&spec), Some(held))?;
         *needed = text.len() + 1;
         if cap >= *needed {
             // SAFETY: `cap` writable bytes (the caller's contract), `cap >= len + 1`.

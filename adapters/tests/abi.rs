@@ -879,3 +879,213 @@ fn per_layer_and_planned_steps_do_not_mix() {
         pregate_moe_destroy(m);
     }
 }
+
+fn host_bytes(m: *const PregateMoe) -> u64 {
+    let mut n = 0;
+    // SAFETY: a live handle and a writable u64.
+    let s = unsafe { pregate_moe_host_bytes(m, &mut n) };
+    assert_eq!(s, 0, "{}", last_error());
+    n
+}
+
+#[test]
+fn the_store_holds_the_services_dtype_and_reports_its_host_bytes() {
+    let bf = PregateMoeConfig {
+        dtype: 1,
+        ..config(2, 3, 1, 16, 8)
+    };
+    let elements = 2 * 3 * 3 * 16 * 8;
+    let experts = random_experts(&bf, 2);
+    let m = create(&bf);
+    assert_eq!(host_bytes(m), 0);
+    // f32 sources into a bf16 service: stored as bf16, 2 bytes an element.
+    set_all(m, &bf, &experts);
+    assert_eq!(host_bytes(m), elements * 2);
+    let text = metrics(m);
+    assert!(
+        text.contains(&format!("pregate_moe_host_expert_bytes {}", elements * 2)),
+        "{text}"
+    );
+    // The CPU runtime computes in f32.
+    assert_eq!(finalize(m), 0, "{}", last_error());
+    assert_eq!(host_bytes(m), elements * 4);
+    let mut n = 0;
+    // SAFETY: NULL arguments are refused before any access.
+    unsafe {
+        assert_eq!(pregate_moe_host_bytes(m, null_mut()), INVALID);
+        assert_eq!(pregate_moe_host_bytes(null(), &mut n), INVALID);
+        pregate_moe_destroy(m);
+    }
+    let f = config(2, 3, 1, 16, 8);
+    let m = create(&f);
+    set_all(m, &f, &experts);
+    assert_eq!(host_bytes(m), elements * 4);
+    // SAFETY: a live handle, destroyed once.
+    unsafe { pregate_moe_destroy(m) };
+}
+
+#[test]
+fn a_value_the_services_dtype_cannot_hold_is_refused_by_name() {
+    let c = PregateMoeConfig {
+        dtype: 2,
+        ..config(1, 2, 1, 8, 4)
+    };
+    let m = create(&c);
+    let mut w = [0.5f32; 32];
+    w[6] = 70000.0;
+    // SAFETY: `w` holds 4 x 8 f32 values.
+    let s = unsafe { pregate_moe_set_expert(m, 0, 1, 1, 0, w.as_ptr().cast(), 4, 8, 8) };
+    assert_eq!(s, INVALID);
+    let e = last_error();
+    assert!(
+        e.contains("(layer 0, expert 1, up): element 6 is 70000")
+            && e.contains("beyond the range of the service's f16"),
+        "{e}"
+    );
+    assert_eq!(host_bytes(m), 0, "nothing is stored");
+    // SAFETY: a live handle, destroyed once.
+    unsafe { pregate_moe_destroy(m) };
+}
+
+/// One planned step of every layer through a CPU service: `x` holds `tokens x hidden` elements of
+/// the service's dtype (as bytes); the outputs, as bytes of that dtype, layer by layer.
+fn one_step(m: *mut PregateMoe, c: &PregateMoeConfig, x: &[u8], ids: &[i32], w: &[f32]) -> Vec<u8> {
+    let (h, k) = (c.hidden as usize, c.top_k as usize);
+    let tokens = ids.len() / k;
+    let size = if c.dtype == 0 { 4 } else { 2 };
+    let mut outs = Vec::new();
+    let mut step = 0;
+    // SAFETY: buffers match the extents given; `x` and `out` are u64-aligned below.
+    unsafe {
+        let s = pregate_moe_plan_step(
+            m,
+            ids.as_ptr(),
+            w.as_ptr(),
+            tokens as u64,
+            k as u32,
+            0,
+            &mut step,
+        );
+        assert_eq!(s, 0, "{}", last_error());
+        let xs: Vec<u64> = x
+            .chunks(8)
+            .map(|b| {
+                let mut a = [0u8; 8];
+                a[..b.len()].copy_from_slice(b);
+                u64::from_le_bytes(a)
+            })
+            .collect();
+        for l in 0..c.num_layers {
+            let mut out = vec![0u64; (tokens * h * size).div_ceil(8)];
+            let s = pregate_moe_layer_forward(
+                m,
+                step,
+                l,
+                xs.as_ptr().cast(),
+                h as u64,
+                ids.as_ptr(),
+                w.as_ptr(),
+                tokens as u64,
+                out.as_mut_ptr().cast(),
+                0,
+            );
+            assert_eq!(s, 0, "{}", last_error());
+            outs.extend(
+                out.iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .take(tokens * h * size),
+            );
+        }
+        assert_eq!(pregate_moe_step_end(m, step, 0), 0);
+    }
+    outs
+}
+
+#[test]
+fn a_bf16_service_computes_from_exactly_the_bf16_it_was_given() {
+    let bf = PregateMoeConfig {
+        dtype: 1,
+        ..config(2, 4, 2, 16, 8)
+    };
+    let f = PregateMoeConfig { dtype: 0, ..bf };
+    // Experts as bf16 (what vLLM hands over), and the same values widened to f32.
+    let experts: Vec<Vec<[Vec<u16>; 3]>> = random_experts(&bf, 4)
+        .into_iter()
+        .map(|l| {
+            l.into_iter()
+                .map(|p| p.map(|v| v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()))
+                .collect()
+        })
+        .collect();
+    let widened: Experts = experts
+        .iter()
+        .map(|l| {
+            l.iter()
+                .map(|p| {
+                    p.clone()
+                        .map(|v| v.iter().map(|&b| bf16::from_bits(b).to_f32()).collect())
+                })
+                .collect()
+        })
+        .collect();
+    let mb = create(&bf);
+    let (h, i) = (16u64, 8u64);
+    for (l, layer) in experts.iter().enumerate() {
+        for (e, projs) in layer.iter().enumerate() {
+            for (p, w) in projs.iter().enumerate() {
+                let (rows, cols) = if p == 2 { (h, i) } else { (i, h) };
+                // SAFETY: `w` holds rows x cols bf16 values.
+                let s = unsafe {
+                    pregate_moe_set_expert(
+                        mb,
+                        l as u32,
+                        e as u32,
+                        p as i32,
+                        1,
+                        w.as_ptr().cast(),
+                        rows,
+                        cols,
+                        cols,
+                    )
+                };
+                assert_eq!(s, 0, "{}", last_error());
+            }
+        }
+    }
+    let mf = create(&f);
+    set_all(mf, &f, &widened);
+    assert_eq!(finalize(mb), 0, "{}", last_error());
+    assert_eq!(finalize(mf), 0, "{}", last_error());
+    let tokens = 5;
+    let ids: Vec<i32> = (0..tokens).flat_map(|t| [t % 4, (t + 1) % 4]).collect();
+    let w: Vec<f32> = (0..tokens).flat_map(|_| [0.7, 0.3]).collect();
+    let x: Vec<u16> = Lcg(8)
+        .vec(tokens as usize * 16, 1.0)
+        .iter()
+        .map(|&v| bf16::from_f32(v).to_bits())
+        .collect();
+    let xb: Vec<u8> = x.iter().flat_map(|b| b.to_le_bytes()).collect();
+    let xf: Vec<u8> = x
+        .iter()
+        .flat_map(|&b| bf16::from_bits(b).to_f32().to_le_bytes())
+        .collect();
+    let got = one_step(mb, &bf, &xb, &ids, &w);
+    let want: Vec<u8> = one_step(mf, &f, &xf, &ids, &w)
+        .chunks_exact(4)
+        .flat_map(|b| {
+            let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            bf16::from_f32(v).to_bits().to_le_bytes()
+        })
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert!(
+        got == want,
+        "the bf16 service's outputs differ from f32 over the same values"
+    );
+    assert!(got.iter().any(|&b| b != 0));
+    // SAFETY: live handles, destroyed once.
+    unsafe {
+        pregate_moe_destroy(mb);
+        pregate_moe_destroy(mf);
+    }
+}

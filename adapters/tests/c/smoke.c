@@ -49,7 +49,21 @@ int main(void) {
         if ((s = pregate_moe_set_expert(m, 0, e, PREGATE_UP, PREGATE_F32, gate[e], I, H, H))) return fail("up", s);
         if ((s = pregate_moe_set_expert(m, 0, e, PREGATE_DOWN, PREGATE_F32, down, H, I, I))) return fail("down", s);
     }
+    /* f32 experts in an f32 service: 4 bytes an element, before and after finalize on the CPU. */
+    uint64_t held = 0, held_want = (uint64_t)E * 3 * H * I * 4;
+    if ((s = pregate_moe_host_bytes(m, &held))) return fail("host_bytes", s);
+    if (held != held_want) {
+        fprintf(stderr, "host_bytes %llu, expected %llu\n", (unsigned long long)held,
+                (unsigned long long)held_want);
+        return 1;
+    }
     if ((s = pregate_moe_finalize(m, NULL, 0, NULL, 0))) return fail("finalize", s);
+    if ((s = pregate_moe_host_bytes(m, &held))) return fail("host_bytes", s);
+    if (held != held_want) {
+        fprintf(stderr, "host_bytes %llu after finalize, expected %llu\n",
+                (unsigned long long)held, (unsigned long long)held_want);
+        return 1;
+    }
 
     float x[H] = {1.0f, 2.0f, 3.0f, 4.0f}, out[H];
     int32_t ids[1] = {1};

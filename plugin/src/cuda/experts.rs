@@ -45,6 +45,22 @@ pub struct ExpertSetup {
     pub grouped_ffn: bool,
 }
 
+/// Routed experts a host keeps itself, packed into the runtime's units on request (see
+/// [`CudaExperts::from_host_units`]).
+pub struct HostUnits<'a> {
+    /// Experts per layer.
+    pub experts: usize,
+    /// Model width `H`.
+    pub hidden: usize,
+    /// Expert width `I` of each layer (one entry per MoE layer).
+    pub inter: Vec<usize>,
+    /// Writes unit `(layer, expert)` into `out` as little-endian elements of the runtime's type:
+    /// `gate` `[I, H]`, `up` `[I, H]`, then `down` `[H, I]`, exactly `out.len()` bytes. Asked once
+    /// per unit, from several threads at once, so the host may release its copy of a unit as
+    /// soon as it is packed.
+    pub pack: &'a super::weights::PackUnit<'a>,
+}
+
 /// Per-call buffers, grown to the largest call seen.
 struct Workspace<T> {
     pairs: usize,
@@ -194,8 +210,9 @@ impl<T: DeviceElem> CudaExperts<T> {
 
     /// A runtime over host experts `experts[layer][expert]` (f32; `gate`, `up` `[I, H]`, `down`
     /// `[H, I]`, one width per layer) without shared experts, serving routes of up to `top_k`
-    /// experts: what a host framework that loads the weights itself (vLLM, through the C ABI)
-    /// hands over. Converted to `T` on the device of `stream`, as [`CudaExperts::new`] does.
+    /// experts. Converted to `T` on the device of `stream`, as [`CudaExperts::new`] does. A host
+    /// that keeps its experts in another form packs them itself through
+    /// [`CudaExperts::from_host_units`].
     pub fn from_host(
         experts: &[Vec<crate::model::weights::ExpertWeights>],
         hidden: usize,
@@ -204,7 +221,7 @@ impl<T: DeviceElem> CudaExperts<T> {
         stream: &Arc<CudaStream>,
         setup: ExpertSetup,
     ) -> Result<Self> {
-        Self::from_host_in(experts, hidden, top_k, kernels, stream, setup, None)
+        Self::from_weights(experts, hidden, top_k, kernels, stream, setup, None)
     }
 
     /// [`CudaExperts::from_host`] with the expert slots carved from `pool`, device memory the
@@ -223,7 +240,59 @@ impl<T: DeviceElem> CudaExperts<T> {
         setup: ExpertSetup,
         pool: BorrowedPool,
     ) -> Result<Self> {
-        Self::from_host_in(experts, hidden, top_k, kernels, stream, setup, Some(pool))
+        Self::from_weights(experts, hidden, top_k, kernels, stream, setup, Some(pool))
+    }
+
+    /// A runtime over routed experts a host framework keeps itself (vLLM, through the C ABI),
+    /// without shared experts, serving routes of up to `top_k` experts: each unit is asked of
+    /// `units.pack` once, straight into the page-locked copy (or, when every expert fits, into
+    /// the device slots), so a host that frees its copy of a unit once packed never holds the
+    /// experts twice. The slots come from `pool` when given.
+    ///
+    /// # Safety
+    /// A `Some(pool)` must be device memory of `stream`'s device, valid for `pool.bytes` bytes,
+    /// and stay allocated and otherwise unused until the runtime is dropped (the contract of
+    /// [`CudaExperts::from_host_borrowing`]). With `None` nothing is required.
+    pub unsafe fn from_host_units(
+        units: &HostUnits<'_>,
+        top_k: usize,
+        kernels: Arc<KernelSet>,
+        stream: &Arc<CudaStream>,
+        setup: ExpertSetup,
+        pool: Option<BorrowedPool>,
+    ) -> Result<Self> {
+        let (nl, ne) = (units.inter.len(), units.experts);
+        if nl == 0 || ne == 0 || top_k == 0 || units.hidden == 0 || units.inter.contains(&0) {
+            return Err(Error::InvalidArgument(format!(
+                "an expert runtime needs at least one layer of experts of non-zero widths and \
+                 top_k >= 1 ({nl} layers of {ne} experts, hidden {}, widths {:?}, top_k {top_k})",
+                units.hidden, units.inter
+            )));
+        }
+        let elem = std::mem::size_of::<T>();
+        let shapes: Vec<UnitShape> = units
+            .inter
+            .iter()
+            .map(|&inter| UnitShape {
+                hidden: units.hidden,
+                inter,
+                elem,
+            })
+            .collect();
+        let shape = MoeShape {
+            layers: nl,
+            experts: ne,
+            top_k,
+            hidden: units.hidden,
+        };
+        let shared = SharedExperts {
+            weights: (0..nl).map(|_| None).collect(),
+            gates: (0..nl).map(|_| None).collect(),
+            inter: 0,
+        };
+        Self::assemble(
+            shape, shapes, shared, kernels, stream, setup, units.pack, pool,
+        )
     }
 
     /// Bytes of the slot pool a runtime of `setup` over `layers` x `experts` experts of width
@@ -257,8 +326,9 @@ impl<T: DeviceElem> CudaExperts<T> {
         Ok(BorrowedPool::bytes_for(cache.capacity(), unit))
     }
 
+    /// [`CudaExperts::from_host_units`] over f32 [`crate::model::weights::ExpertWeights`].
     #[allow(clippy::too_many_arguments)]
-    fn from_host_in(
+    fn from_weights(
         experts: &[Vec<crate::model::weights::ExpertWeights>],
         hidden: usize,
         top_k: usize,
@@ -275,38 +345,23 @@ impl<T: DeviceElem> CudaExperts<T> {
             )));
         }
         let elem = std::mem::size_of::<T>();
-        let units: Vec<UnitShape> = experts
-            .iter()
-            .map(|l| UnitShape {
-                hidden,
-                inter: l[0].inter(),
-                elem,
-            })
-            .collect();
-        let shape = MoeShape {
-            layers: nl,
-            experts: ne,
-            top_k,
-            hidden,
-        };
+        let inter: Vec<usize> = experts.iter().map(|l| l[0].inter()).collect();
         let pack = |l: usize, e: usize, out: &mut [u8]| {
-            super::weights::pack_host_ffn::<T>(&experts[l][e], units[l], out)
+            let unit = UnitShape {
+                hidden,
+                inter: inter[l],
+                elem,
+            };
+            super::weights::pack_host_ffn::<T>(&experts[l][e], unit, out)
         };
-        let shared = SharedExperts {
-            weights: (0..nl).map(|_| None).collect(),
-            gates: (0..nl).map(|_| None).collect(),
-            inter: 0,
+        let units = HostUnits {
+            experts: ne,
+            hidden,
+            inter: inter.clone(),
+            pack: &pack,
         };
-        Self::assemble(
-            shape,
-            units.clone(),
-            shared,
-            kernels,
-            stream,
-            setup,
-            &pack,
-            pool,
-        )
+        // SAFETY: a `Some` pool carries the contract of `from_host_borrowing`, its only source.
+        unsafe { Self::from_host_units(&units, top_k, kernels, stream, setup, pool) }
     }
 
     /// The common tail of the constructors: the cache and its slots, filled once when every
@@ -337,6 +392,10 @@ impl<T: DeviceElem> CudaExperts<T> {
             .build_cache(nl, ne, unit_bytes, setup.policy, || memory.free_bytes())?;
         let all_resident = cache.capacity() >= nl * ne;
         let mut store = ExpertStore::new(cache, memory)?;
+        // Before any unit is packed: a host that releases its copy of each unit as it is packed
+        // (`from_host_units`) should find few ways to fail after that.
+        let mut blas = Blas::new(stream).map_err(dev)?;
+        blas.set_grouped_ffn(setup.grouped_ffn);
         let source = if all_resident {
             // Fill every slot once from pageable memory; nothing is ever evicted.
             let mut one = OneUnit(Vec::new());
@@ -361,11 +420,7 @@ impl<T: DeviceElem> CudaExperts<T> {
         stream.synchronize().map_err(dev)?;
         Ok(CudaExperts {
             shape,
-            blas: {
-                let mut b = Blas::new(stream).map_err(dev)?;
-                b.set_grouped_ffn(setup.grouped_ffn);
-                b
-            },
+            blas,
             ctx,
             kernels,
             units,
@@ -418,6 +473,12 @@ impl<T: DeviceElem> CudaExperts<T> {
     /// Whether the experts are offloaded (a page-locked host copy feeds the slots).
     pub fn offloaded(&self) -> bool {
         self.source.is_some()
+    }
+
+    /// Host bytes the runtime holds for its routed experts: the page-locked copy of every unit
+    /// when offloaded, 0 when every expert lives in a device slot.
+    pub fn host_bytes(&self) -> u64 {
+        self.source.as_ref().map_or(0, |s| s.bytes() as u64)
     }
 
     /// Checks one layer call of `routes.len()` tokens without running it.

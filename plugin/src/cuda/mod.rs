@@ -37,10 +37,10 @@ use cudarc::driver::CudaContext;
 use half::bf16;
 
 pub use backend::CudaBackend;
-pub use experts::{CudaExperts, ExpertSetup};
+pub use experts::{CudaExperts, ExpertSetup, HostUnits};
 pub use memory::{BorrowedPool, CudaExpertMemory};
 pub use router::CudaReadMeRouter;
-pub use weights::DeviceElem;
+pub use weights::{DeviceElem, PackUnit};
 
 use crate::cache::EvictionPolicy;
 use crate::engine::{Backend, Engine};

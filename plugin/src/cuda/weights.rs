@@ -139,7 +139,7 @@ pub(super) fn upload_concat<T: DeviceElem>(
 }
 
 /// Packs unit (`layer`, `expert`) into its bytes: `pack(layer, expert, out)`.
-pub(super) type PackUnit<'a> = dyn Fn(usize, usize, &mut [u8]) -> Result<()> + Sync + 'a;
+pub type PackUnit<'a> = dyn Fn(usize, usize, &mut [u8]) -> Result<()> + Sync + 'a;
 
 /// The shape of one routed expert unit.
 #[derive(Debug, Clone, Copy)]
@@ -238,67 +238,69 @@ pub(super) fn pack_stacked_ffn<T: DeviceElem>(
     T::encode(&block(&dn, expert, experts), d)
 }
 
-/// Every routed expert of the model, packed, in one page-locked host buffer: the source of the
-/// expert cache's copies (pinned memory copies at the link's full speed).
+/// Every routed expert of the model, packed, in page-locked host memory: the source of the expert
+/// cache's copies (pinned memory copies at the link's full speed). One buffer per layer, each
+/// allocated only when its layer is packed: a host that frees each unit once packed
+/// ([`super::CudaExperts::from_host_units`]) then holds about one copy of the experts (its store
+/// shrinking as the pinned layers grow) plus one layer, never two copies.
 pub(super) struct PinnedExperts {
-    buf: PinnedHostSlice<u8>,
-    experts: usize,
-    /// Bytes between two units (the largest layer's unit).
-    stride: usize,
+    /// `layers[l]`: layer `l`'s units, `layer_bytes[l]` apart.
+    layers: Vec<PinnedHostSlice<u8>>,
     /// Bytes of each layer's units.
     layer_bytes: Vec<usize>,
 }
 
 impl PinnedExperts {
-    /// Packs all `layers x experts` units (in parallel) with `pack(layer, expert, out)`;
-    /// `shapes[l]` is layer `l`'s unit shape.
+    /// Packs all `layers x experts` units with `pack(layer, expert, out)`, layer by layer (the
+    /// units of a layer in parallel); `shapes[l]` is layer `l`'s unit shape.
     pub fn new(
         ctx: &Arc<CudaContext>,
         experts: usize,
         shapes: &[UnitShape],
         pack: &PackUnit<'_>,
     ) -> Result<Self> {
-        let layers = shapes.len();
-        let unit_bytes = shapes
-            .iter()
-            .map(UnitShape::bytes)
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let total = layers * experts * unit_bytes;
-        // SAFETY: every byte is written by the packing below before any copy reads it.
-        let mut buf = unsafe { ctx.alloc_pinned::<u8>(total) }.map_err(|e| {
-            Error::Capacity(format!(
-                "cannot pin {total} bytes of host memory for the experts: {e}"
-            ))
-        })?;
-        let host = buf.as_mut_slice().map_err(dev)?;
-        host.par_chunks_mut(unit_bytes)
-            .enumerate()
-            .try_for_each(|(i, out)| {
-                let shape = shapes[i / experts];
-                pack(i / experts, i % experts, &mut out[..shape.bytes()])
+        let mut layers = Vec::with_capacity(shapes.len());
+        for (l, shape) in shapes.iter().enumerate() {
+            let unit = shape.bytes().max(1);
+            let total = experts * unit;
+            // SAFETY: every byte is written by the packing below before any copy reads it.
+            let mut buf = unsafe { ctx.alloc_pinned::<u8>(total) }.map_err(|e| {
+                Error::Capacity(format!(
+                    "cannot pin {total} bytes of host memory for the experts of layer {l}: {e}"
+                ))
             })?;
+            let host = buf.as_mut_slice().map_err(dev)?;
+            host.par_chunks_mut(unit)
+                .enumerate()
+                .try_for_each(|(e, out)| pack(l, e, &mut out[..shape.bytes()]))?;
+            layers.push(buf);
+        }
         Ok(PinnedExperts {
-            buf,
-            experts,
-            stride: unit_bytes,
+            layers,
             layer_bytes: shapes.iter().map(UnitShape::bytes).collect(),
         })
+    }
+
+    /// Bytes of the page-locked buffers.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(PinnedHostSlice::len).sum()
     }
 }
 
 impl ExpertSource for PinnedExperts {
     fn unit_bytes(&self, unit: Unit) -> Result<&[u8]> {
-        let i = unit.layer as usize * self.experts + unit.expert as usize;
-        let len = self
-            .layer_bytes
-            .get(unit.layer as usize)
-            .copied()
-            .unwrap_or(0);
-        let all = self.buf.as_slice().map_err(dev)?;
-        all.get(i * self.stride..i * self.stride + len)
-            .ok_or_else(|| Error::InvalidArgument(format!("expert unit {unit:?} is out of range")))
+        let (l, e) = (unit.layer as usize, unit.expert as usize);
+        let out_of_range =
+            || Error::InvalidArgument(format!("expert unit {unit:?} is out of range"));
+        let (buf, len) = self
+            .layers
+            .get(l)
+            .zip(self.layer_bytes.get(l))
+            .ok_or_else(out_of_range)?;
+        let stride = (*len).max(1);
+        let all = buf.as_slice().map_err(dev)?;
+        all.get(e * stride..e * stride + len)
+            .ok_or_else(out_of_range)
     }
 }
 
