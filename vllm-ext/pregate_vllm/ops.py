@@ -427,16 +427,8 @@ def moe_layer_routed(
     return service(handle).forward_routed(x, topk_ids, topk_w, int(step[0]), layer)
 
 
-@moe_layer_routed.register_fake
-def _moe_layer_routed_fake(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_w: torch.Tensor,
-    step: torch.Tensor,
-    layer: int,
-    handle: int,
-) -> torch.Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+# Same arguments as `moe_layer`, and the same output: a tensor shaped like `x`.
+moe_layer_routed.register_fake(_moe_layer_fake)
 
 
 @torch.library.custom_op("pregate::speculate", mutates_args=())
