@@ -327,20 +327,21 @@ fn steps_must_be_planned_and_current() {
         assert_eq!(plan(&mut step), STATE, "before finalize");
         set_all(m, &c, &random_experts(&c, 1));
         assert_eq!(finalize(m), 0);
-        let fwd = |step: u64, out: &mut [f32]| {
+        let fwd_at = |step: u64, layer: u32, tokens: u64, out: &mut [f32]| {
             pregate_moe_layer_forward(
                 m,
                 step,
-                0,
+                layer,
                 x.as_ptr().cast(),
                 4,
                 ids.as_ptr(),
                 w.as_ptr(),
-                2,
+                tokens,
                 out.as_mut_ptr().cast(),
                 0,
             )
         };
+        let fwd = |step: u64, out: &mut [f32]| fwd_at(step, 0, 2, out);
         assert_eq!(fwd(1, &mut out), STATE);
         assert!(last_error().contains("without a plan"), "{}", last_error());
         assert_eq!(plan(&mut step), 0);
@@ -348,32 +349,8 @@ fn steps_must_be_planned_and_current() {
         assert_eq!(fwd(step, &mut out), 0, "{}", last_error());
         assert!(out.iter().any(|&v| v != 0.0));
         // Wrong token count, layer, route.
-        let f = pregate_moe_layer_forward(
-            m,
-            step,
-            0,
-            x.as_ptr().cast(),
-            4,
-            ids.as_ptr(),
-            w.as_ptr(),
-            1,
-            out.as_mut_ptr().cast(),
-            0,
-        );
-        assert_eq!(f, INVALID);
-        let f = pregate_moe_layer_forward(
-            m,
-            step,
-            1,
-            x.as_ptr().cast(),
-            4,
-            ids.as_ptr(),
-            w.as_ptr(),
-            2,
-            out.as_mut_ptr().cast(),
-            0,
-        );
-        assert_eq!(f, INVALID);
+        assert_eq!(fwd_at(step, 0, 1, &mut out), INVALID);
+        assert_eq!(fwd_at(step, 1, 2, &mut out), INVALID);
         let bad = [0i32, 2];
         let f = pregate_moe_plan_step(m, bad.as_ptr(), w.as_ptr(), 2, 1, 0, &mut step);
         assert_eq!(f, INVALID);
