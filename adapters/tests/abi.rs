@@ -422,36 +422,29 @@ fn run_against_reference(
             for l in 0..c.num_layers as usize {
                 let mut out = vec![0.0f32; tokens * h];
                 let want = reference(&c, &experts, l, &x, &ids, &w);
+                // Input and output in the service's dtype.
+                let forward = |x: *const std::ffi::c_void, out: *mut std::ffi::c_void| {
+                    pregate_moe_layer_forward(
+                        m,
+                        step,
+                        l as u32,
+                        x,
+                        h as u64,
+                        ids.as_ptr(),
+                        w.as_ptr(),
+                        tokens as u64,
+                        out,
+                        0,
+                    )
+                };
                 if c.dtype == 1 {
                     let xb: Vec<u16> = x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
                     let mut ob = vec![0u16; tokens * h];
-                    let s = pregate_moe_layer_forward(
-                        m,
-                        step,
-                        l as u32,
-                        xb.as_ptr().cast(),
-                        h as u64,
-                        ids.as_ptr(),
-                        w.as_ptr(),
-                        tokens as u64,
-                        ob.as_mut_ptr().cast(),
-                        0,
-                    );
+                    let s = forward(xb.as_ptr().cast(), ob.as_mut_ptr().cast());
                     assert_eq!(s, 0, "{}", last_error());
                     out = ob.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
                 } else {
-                    let s = pregate_moe_layer_forward(
-                        m,
-                        step,
-                        l as u32,
-                        x.as_ptr().cast(),
-                        h as u64,
-                        ids.as_ptr(),
-                        w.as_ptr(),
-                        tokens as u64,
-                        out.as_mut_ptr().cast(),
-                        0,
-                    );
+                    let s = forward(x.as_ptr().cast(), out.as_mut_ptr().cast());
                     assert_eq!(s, 0, "{}", last_error());
                 }
                 assert_close(&out, &want, tol);
