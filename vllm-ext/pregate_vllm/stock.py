@@ -555,7 +555,10 @@ class StockMoeModel(nn.Module):
 
     def _predict(self, moe_index: int, hidden: torch.Tensor) -> torch.Tensor:
         layer = self.layers[self.moe_layers[moe_index]]
-        return torch.softmax(layer.gate_logits(layer.post_attention_layernorm(hidden)).float(), -1)
+        p = torch.softmax(layer.gate_logits(layer.post_attention_layernorm(hidden)).float(), -1)
+        # A non-finite hidden state (vLLM's warm-up, see `gating`) predicts nothing; the library
+        # refuses NaN scores.
+        return torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0)
 
     def forward(
         self,
