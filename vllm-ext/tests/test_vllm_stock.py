@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -216,7 +217,7 @@ DECISIONS = ("hits", "misses", "evictions", "prefetches", "layer_calls", "waves"
 
 
 @pytest.fixture(scope="module")
-def references(pregate_bin):
+def references(pregate_bin: Path) -> Callable[[str], list[list[int]]]:
     """`pregate generate`'s tokens for PROMPTS + [LONG] per fixture, computed once."""
     got: dict[str, list[list[int]]] = {}
 
