@@ -259,9 +259,14 @@ def test_tensor_parallel_2_with_a_small_cache_gives_the_tokens_of_one_rank(
     r = _result(_run(spec, {**TP_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}))
     assert _tokens(r) == references(fixture)
     assert len(r["stats"]) == 2
+    for st in r["stats"]:
+        assert st["misses"] > 0 and st["evictions"] > 0 and st["prefetches"] > 0, st
+        assert st["speculation"]["loads"] == st["prefetches"], st
+    if TP_CASES[fixture]:
+        # The warm-up before compiling routes each rank on its own unwritten attention output:
+        # the caches may start the real steps apart, which changes loads, not tokens.
+        return
     first, second = r["stats"]
-    assert first["misses"] > 0 and first["evictions"] > 0 and first["prefetches"] > 0, first
-    assert first["speculation"]["loads"] == first["prefetches"], first
     assert {k: first[k] for k in DECISIONS} == {k: second[k] for k in DECISIONS}
     assert first["bytes_loaded"] == second["bytes_loaded"] > 0
 
