@@ -4,6 +4,12 @@ Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE route each token, in each MoE layer, fro
 gate: softmax over the experts in f32, the top k, and (Mixtral always, the others iff
 `norm_topk_prob`) the k weights renormalised to sum to 1. Ties go to the lowest expert index,
 which is what a stable descending sort gives (`torch.topk` leaves the order of ties unspecified).
+
+A token whose gate logits are not finite gets weight 0 on every expert it routes to. vLLM's
+warm-up run before compiling leaves attention's output unwritten (`torch.empty`), so its MoE
+layers can see NaN; the library refuses non-finite weights, which would stop the engine from
+starting. The token's hidden state stays non-finite through the residual, as in vLLM's own MoE
+layers, so a real divergence still shows in the logits.
 """
 
 from __future__ import annotations
@@ -26,4 +32,4 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     w = torch.gather(probs, -1, ids)
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
-    return ids.to(torch.int32), w
+    return ids.to(torch.int32), torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)

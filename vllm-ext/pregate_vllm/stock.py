@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from functools import partial
 
 import torch
 from torch import nn
@@ -320,6 +319,8 @@ class StockAttention(nn.Module):
             )
         self.q_size = n_heads // tp * self.head_dim
         self.kv_size = max(1, n_kv // tp) * self.head_dim
+        # With fewer KV heads than ranks, vLLM gives rank r KV head r // kv_replicas.
+        self.kv_replicas = max(1, tp // n_kv)
         bias = fam.qkv_bias if isinstance(fam.qkv_bias, bool) else None
         if bias is None:
             # Qwen2-MoE configs before transformers 5 have no qkv_bias field: always biased.
@@ -358,13 +359,17 @@ class StockAttention(nn.Module):
 
     def _norm_full(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The norm is over every head's width: gather the ranks' heads, norm, take ours back.
-        if self.tp > 1:
-            q = tensor_model_parallel_all_gather(q.contiguous())
-            k = tensor_model_parallel_all_gather(k.contiguous())
+        # Replicated KV heads appear once per replica in the gather: the norm takes each once.
+        if self.tp == 1:
+            return self.q_norm(q), self.k_norm(k)
+        rep = self.kv_replicas
+        q = tensor_model_parallel_all_gather(q.contiguous())
+        k = tensor_model_parallel_all_gather(k.contiguous())
+        if rep > 1:
+            k = torch.cat(split_tensor_along_last_dim(k, self.tp)[::rep], dim=-1)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.tp > 1:
-            split = partial(split_tensor_along_last_dim, num_partitions=self.tp)
-            q, k = split(q)[self.rank], split(k)[self.rank]
+        q = split_tensor_along_last_dim(q, self.tp)[self.rank]
+        k = split_tensor_along_last_dim(k, self.tp // rep)[self.rank // rep]
         return q, k
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -550,7 +555,10 @@ class StockMoeModel(nn.Module):
 
     def _predict(self, moe_index: int, hidden: torch.Tensor) -> torch.Tensor:
         layer = self.layers[self.moe_layers[moe_index]]
-        return torch.softmax(layer.gate_logits(layer.post_attention_layernorm(hidden)).float(), -1)
+        p = torch.softmax(layer.gate_logits(layer.post_attention_layernorm(hidden)).float(), -1)
+        # A non-finite hidden state (vLLM's warm-up, see `gating`) predicts nothing; the library
+        # refuses NaN scores.
+        return torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0)
 
     def forward(
         self,

