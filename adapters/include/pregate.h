@@ -81,7 +81,14 @@ enum { PREGATE_F32 = 0, PREGATE_BF16 = 1, PREGATE_F16 = 2 };
 /* The projections of an expert: gate and up are [inter, hidden], down is [hidden, inter]. */
 enum { PREGATE_GATE = 0, PREGATE_UP = 1, PREGATE_DOWN = 2 };
 /* Eviction policies of the expert cache. */
-enum { PREGATE_LRU = 0, PREGATE_LFU = 1, PREGATE_RANDOM = 2, PREGATE_BELADY = 3 };
+enum {
+    PREGATE_LRU = 0,
+    PREGATE_LFU = 1,
+    PREGATE_RANDOM = 2,
+    PREGATE_BELADY = 3,
+    /* Belady on known next uses, then decayed use counts (rather than recency) for the rest. */
+    PREGATE_BELADY_DECAY = 4
+};
 /* How this rank's experts are sharded: none, or tensor parallel (each rank holds a slice of
  * every expert's intermediate channels: `inter` is the slice; layer_forward returns a partial
  * sum the caller all-reduces). Expert parallel (2) is not supported yet. */
@@ -108,7 +115,7 @@ typedef struct {
     int32_t device;        /* -1: CPU; else the CUDA ordinal (torch's current device) */
     uint64_t cache_slots;  /* expert slots in all; 0: every expert resident */
     uint32_t layer_quota;  /* slots per layer (cache_slots 0 or num_layers * quota); 0: shared pool */
-    int32_t policy;        /* PREGATE_LRU / _LFU / _RANDOM / _BELADY */
+    int32_t policy;        /* PREGATE_LRU / _LFU / _RANDOM / _BELADY / _BELADY_DECAY */
     uint32_t max_tokens;   /* most tokens of a step (vLLM's max_num_batched_tokens); 0: no limit */
     uint32_t shard_kind;   /* PREGATE_SHARD_NONE / _TP */
     uint32_t shard_rank;

@@ -48,7 +48,8 @@ pub struct PregateMoeConfig {
     pub cache_slots: u64,
     /// Slots per layer; 0: one pool shared by the layers.
     pub layer_quota: u32,
-    /// Eviction policy (`PREGATE_LRU`, `PREGATE_LFU`, `PREGATE_RANDOM`, `PREGATE_BELADY`).
+    /// Eviction policy (`PREGATE_LRU`, `PREGATE_LFU`, `PREGATE_RANDOM`, `PREGATE_BELADY`,
+    /// `PREGATE_BELADY_DECAY`).
     pub policy: i32,
     /// Most tokens of one step (0: no limit).
     pub max_tokens: u32,
@@ -95,8 +96,10 @@ fn policy(code: i32) -> CallResult<EvictionPolicy> {
         1 => Ok(EvictionPolicy::Lfu),
         2 => Ok(EvictionPolicy::Random),
         3 => Ok(EvictionPolicy::Belady),
+        4 => Ok(EvictionPolicy::BeladyDecay),
         _ => Err(Failure::invalid(format!(
-            "policy {code} is not an eviction policy (0 lru, 1 lfu, 2 random, 3 belady)"
+            "policy {code} is not an eviction policy (0 lru, 1 lfu, 2 random, 3 belady, 4 \
+             belady-decay)"
         ))),
     }
 }

@@ -493,6 +493,17 @@ fn cpu_service_matches_the_dense_reference_with_every_expert_resident() {
 }
 
 #[test]
+fn belady_decay_is_a_policy_of_the_abi() {
+    let c = PregateMoeConfig {
+        cache_slots: 3,
+        policy: 4,
+        ..config(2, 6, 2, 16, 8)
+    };
+    let st = run_against_reference(c, 3, 9, 1e-5);
+    assert!(st.misses > 0 && st.evictions > 0, "{st:?}");
+}
+
+#[test]
 fn cpu_service_with_fewer_slots_than_a_layer_runs_waves_and_counts_misses() {
     let c = PregateMoeConfig {
         cache_slots: 2,

@@ -27,7 +27,7 @@ STATUS_NAMES = {
 }
 
 F32, BF16, F16 = 0, 1, 2
-POLICIES = {"lru": 0, "lfu": 1, "random": 2, "belady": 3}
+POLICIES = {"lru": 0, "lfu": 1, "random": 2, "belady": 3, "belady-decay": 4}
 
 
 class PregateError(RuntimeError):

@@ -65,9 +65,9 @@ class PregateOptions:
     """pregate's options, from `additional_config={"pregate": {...}}`.
 
     `cache_slots`: expert slots over all layers (0: every expert resident); `layer_quota`: slots
-    per layer instead of one shared pool; `policy`: lru, lfu, random or belady; `metrics_port`: a
-    port for a Prometheus `/metrics` endpoint of the expert cache (rank r serves port + r; None:
-    no endpoint); `metrics_host`: the address it binds.
+    per layer instead of one shared pool; `policy`: lru, lfu, random, belady or belady-decay;
+    `metrics_port`: a port for a Prometheus `/metrics` endpoint of the expert cache (rank r serves
+    port + r; None: no endpoint); `metrics_host`: the address it binds.
     """
 
     cache_slots: int = 0

@@ -202,11 +202,11 @@ class StockOptions:
     `cache_slots`: expert slots over all MoE layers (0 and no `cache_bytes`: every expert
     resident); `cache_bytes`: the slot pool in bytes instead (slots = bytes // one expert's bytes
     on this rank); `layer_quota`: slots per layer instead of one shared pool; `policy`: lru, lfu,
-    random or belady; `spec_depth`: MoE layers ahead to predict (0: no speculation; default 2
-    with a cache smaller than the experts, else 0); `spec_extra`: candidates per token beyond the
-    gating top-k (default 1); `spec_max_loads`: speculative loads per layer (0: no cap but the
-    cache); `metrics_port` / `metrics_host`: a Prometheus `/metrics` endpoint (rank r serves
-    port + r).
+    random, belady or belady-decay; `spec_depth`: MoE layers ahead to predict (0: no speculation;
+    default 2 with a cache smaller than the experts, else 0); `spec_extra`: candidates per token
+    beyond the gating top-k (default 1); `spec_max_loads`: speculative loads per layer (0: no cap
+    but the cache); `metrics_port` / `metrics_host`: a Prometheus `/metrics` endpoint (rank r
+    serves port + r).
     """
 
     cache_slots: int = 0
