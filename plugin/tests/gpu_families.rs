@@ -339,9 +339,18 @@ fn families_speculation_changes_no_token_and_predicts_like_the_cpu(
         let mut on = open(true);
         let with = run_batched(&mut on, &cases, 5);
         for (i, ((a, b), w)) in with.iter().zip(&without).zip(&want).enumerate() {
-            assert_eq!(a.output, b.output, "{name}, case {i}: tokens with and without");
-            assert_eq!(a.logits, b.logits, "{name}, case {i}: logits with and without");
-            assert_eq!(a.output, w.output, "{name}, case {i}: tokens against the CPU engine");
+            assert_eq!(
+                a.output, b.output,
+                "{name}, case {i}: tokens with and without"
+            );
+            assert_eq!(
+                a.logits, b.logits,
+                "{name}, case {i}: logits with and without"
+            );
+            assert_eq!(
+                a.output, w.output,
+                "{name}, case {i}: tokens against the CPU engine"
+            );
         }
         let st = on.speculation_stats().expect("the CUDA engine speculates");
         let (gpu1, cpu1) = (st.recall(1), cpu_stats.recall(1));
@@ -353,7 +362,10 @@ fn families_speculation_changes_no_token_and_predicts_like_the_cpu(
             st.used,
             st.wasted
         );
-        assert!(st.hits[0] + st.misses[0] > 0, "{name}: no prediction observed");
+        assert!(
+            st.hits[0] + st.misses[0] > 0,
+            "{name}: no prediction observed"
+        );
         assert!(st.loads > 0, "{name}: no speculative load");
         let (Some(g), Some(c)) = (gpu1, cpu1) else {
             return Err(format!("{name}: no recall at distance 1").into());

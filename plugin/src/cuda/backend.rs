@@ -16,7 +16,8 @@
 //! predictions go to [`CudaExperts::speculate`], whose copies queue behind them on the copy
 //! stream while the layer's experts compute. Before layer 0 the step's embeddings predict its
 //! first layers the same way, at the cost of one more synchronisation per step (the copies then
-//! overlap layer 0's attention). A dense layer has no synchronisation, so it predicts nothing.
+//! overlap layer 0's attention), and a dense layer (Qwen2-MoE's `mlp_only_layers`) predicts
+//! with one synchronisation of its own (the copies overlap its MLP).
 
 /// Why a DSelect-k model cannot be opened here.
 const DSELECT_ON_CPU: &str = "DSelect-k gates (pregate_gate) are served by the CPU backend only";
@@ -742,6 +743,36 @@ impl<T: DeviceElem> CudaBackend<T> {
                     down,
                     inter,
                 } => {
+                    // No routes to read back here: predicting costs a synchronisation of its
+                    // own, and the copies overlap the dense MLP.
+                    if let (Some((g, depth)), Some(sp)) = (spec, self.speculation.as_mut()) {
+                        let targets = spec_targets(&self.layers, Some(l), depth);
+                        if !targets.is_empty() {
+                            let at = 2 * n * g.top_k;
+                            let len = targets.len() * n * g.experts;
+                            let bufs = (&ws.x, &mut ws.o, &mut ws.readback);
+                            enqueue_predictions(
+                                &self.blas,
+                                kk,
+                                s,
+                                &self.layers,
+                                &targets,
+                                bufs,
+                                at,
+                                n,
+                                h,
+                                g,
+                                eps,
+                            )?;
+                            let preds = read_back(s, &ws.readback, at, len)?;
+                            let now = Instant::now();
+                            if let Some((then, from)) = last_sync {
+                                sp.layer_time(now.duration_since(then).as_secs_f64(), l - from);
+                            }
+                            last_sync = Some((now, l));
+                            speculate(&mut self.experts, sp, &targets, &preds, n, g, 0)?;
+                        }
+                    }
                     let plan = ExpertPlan {
                         counts: vec![n],
                         offsets: vec![0, n],
