@@ -104,7 +104,11 @@ for d in "$cuda_root/lib64" "$cuda_root/targets/x86_64-linux/lib"; do
     [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
 export PREGATE_KERNEL_CACHE="${PREGATE_KERNEL_CACHE:-$log_dir/kernel-cache}"
-export PREGATE_REQUIRE_NVRTC=1
+# On a GPU host a missing NVRTC is a failure; a rehearsal on a machine without a GPU (no
+# nvidia-smi) reports the NVRTC tests as skipped instead.
+if command -v nvidia-smi >/dev/null; then
+    export PREGATE_REQUIRE_NVRTC="${PREGATE_REQUIRE_NVRTC:-1}"
+fi
 export RUST_BACKTRACE=1
 
 {
