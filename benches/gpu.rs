@@ -13,9 +13,11 @@
 //!                                        synthetic Read-ME routes (REQS requests x TOKENS, batch 1)
 //! gpu make-mixtral DIR LAYERS            mixtral-8x7b shape with LAYERS layers (timed)
 //! gpu mixtral-offload DIR CAPS STEPS     offloaded decode of that model (its own gates route) at
-//!                                        CAPS experts per layer (e.g. 2,4,6) and all resident,
-//!                                        beside the link-bound floor: the bytes each step moved
-//!                                        over the measured pinned copy bandwidth
+//!                                        CAPS experts per layer (e.g. 2,3,4,5,6), each with
+//!                                        speculative prefetch (depth 2, one extra) and LRU on
+//!                                        demand, and all resident, beside the link-bound floor:
+//!                                        the bytes the exact routes make LRU move per step over
+//!                                        the measured pinned copy bandwidth
 //! ```
 //! Device work is timed with CUDA events (medians); engine steps end with the logits read, so
 //! their host clock is device time. Result lines start with `RESULT`.
@@ -750,10 +752,12 @@ fn pinned_bandwidth(ctx: &Arc<CudaContext>) -> Res<f64> {
 }
 
 /// Offloaded decode of a Mixtral-8x7B-shaped model at batch 1: each MoE layer routes itself on
-/// the device, so no route is known ahead and the cache loads on demand (LRU). For each capacity
-/// of `caps` experts per layer, and all 8 resident, `steps` timed decode steps after 4 warm-up
-/// steps: step time, the bytes loaded into expert slots per step, and the link-bound floor of
-/// those bytes over the measured pinned copy bandwidth.
+/// the device, so no route is known ahead. For each capacity of `caps` experts per layer, LRU on
+/// demand, then speculative prefetch (the coming two layers' gates predicted after each attention,
+/// one extra candidate per token, copies capped by the link), and all 8 resident: `steps` timed
+/// decode steps after 4 warm-up steps: step time, the bytes loaded into expert slots per step,
+/// the speculation's loads, recall at one layer ahead and wasted loads, and the link-bound floor:
+/// the bytes LRU on demand moves at that capacity over the measured pinned copy bandwidth.
 fn mixtral_offload(dir: &str, caps: &str, steps: usize) -> Res<()> {
     let model = ModelDir::open(std::path::Path::new(dir))?;
     let ne = model.config.num_experts();
@@ -769,6 +773,12 @@ fn mixtral_offload(dir: &str, caps: &str, steps: usize) -> Res<()> {
         prefetch: false,
         kv_tokens: Some(16 * 1024),
         measure_stalls: true,
+        speculate: Some(false),
+        speculation: pregate::moe::SpeculatorConfig {
+            depth: 2,
+            extra: 1,
+            enabled: true,
+        },
         ..CudaOptions::default()
     };
     let (mut e, h) = open_cuda_engine(&model, &opts)?;
@@ -778,12 +788,19 @@ fn mixtral_offload(dir: &str, caps: &str, steps: usize) -> Res<()> {
         t0.elapsed().as_secs_f64()
     );
     println!(
-        "RESULT mixtral_offload capacity step_ms tokens_per_s stall_ms GB_loaded_per_step \
-         link_floor_ms step_over_floor"
+        "RESULT mixtral_offload capacity mode step_ms tokens_per_s stall_ms GB_loaded_per_step \
+         link_floor_ms step_over_floor spec_loads_per_step spec_recall1 spec_used spec_wasted"
     );
-    let mut setups = vec![ne];
-    setups.extend(caps.split(',').filter_map(|c| c.parse::<usize>().ok()));
-    for cap in setups {
+    let mut setups = vec![(ne, "resident")];
+    for cap in caps.split(',').filter_map(|c| c.parse::<usize>().ok()) {
+        if cap < ne {
+            setups.push((cap, "lru"));
+            setups.push((cap, "speculative"));
+        }
+    }
+    // The link-bound floor of a capacity: what LRU on demand moves there (measured first).
+    let mut floor_s = 0.0;
+    for (cap, mode) in setups {
         if let Ok(mut r) = h.reconfigure.lock() {
             *r = Some(CacheSetup {
                 experts: ExpertCapacity::PerLayer(cap),
@@ -791,8 +808,11 @@ fn mixtral_offload(dir: &str, caps: &str, steps: usize) -> Res<()> {
                 prefetch: false,
             });
         }
+        if let Ok(mut s) = h.speculate.lock() {
+            *s = Some(Some(mode == "speculative"));
+        }
         let warm = 4;
-        // The same prompt for every capacity: the same routes.
+        // The same prompt for every setup: the same routes.
         for r in requests(&e, 1, 16, 1 + warm + steps, 11) {
             e.add_request(r)?;
         }
@@ -800,19 +820,38 @@ fn mixtral_offload(dir: &str, caps: &str, steps: usize) -> Res<()> {
             step(&mut e)?;
         }
         let before = h.snapshot();
+        let spec_before = e.speculation_stats().unwrap_or_default();
         for _ in 0..steps {
             step(&mut e)?;
         }
         let after = h.snapshot();
+        let spec_after = e.speculation_stats().unwrap_or_default();
         while !e.is_empty() {
             step(&mut e)?;
         }
         let n = (after.steps - before.steps).max(1) as f64;
         let step_s = (after.step_seconds - before.step_seconds) / n;
         let bytes = (after.bytes_loaded - before.bytes_loaded) as f64 / n;
-        let floor_s = bytes / bw;
+        if mode != "speculative" {
+            floor_s = bytes / bw;
+        }
+        let hits = spec_after.hits[0] - spec_before.hits[0];
+        let seen = hits + spec_after.misses[0] - spec_before.misses[0];
+        let spec = match mode {
+            "speculative" => format!(
+                "{:.2} {} {} {}",
+                (spec_after.loads - spec_before.loads) as f64 / n,
+                match seen {
+                    0 => "-".to_string(),
+                    _ => format!("{:.3}", hits as f64 / seen as f64),
+                },
+                spec_after.used - spec_before.used,
+                spec_after.wasted - spec_before.wasted
+            ),
+            _ => "- - - -".into(),
+        };
         println!(
-            "RESULT mixtral_offload {cap} {:.2} {:.2} {:.2} {:.3} {:.2} {}",
+            "RESULT mixtral_offload {cap} {mode} {:.2} {:.2} {:.2} {:.3} {:.2} {} {spec}",
             step_s * 1e3,
             1.0 / step_s,
             (after.stall_seconds - before.stall_seconds) / n * 1e3,

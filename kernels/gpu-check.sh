@@ -24,7 +24,8 @@
 #                                          (also the last step of `bench`): PREGATE_BENCH_MIXTRAL_LAYERS
 #                                          (default 8; 2.8 GB of experts each) layers generated under
 #                                          PREGATE_BENCH_MIXTRAL_DIR (default /tmp/pregate-mixtral),
-#                                          capacities PREGATE_BENCH_MIXTRAL_CAPS (default 2,4,6) and
+#                                          capacities PREGATE_BENCH_MIXTRAL_CAPS (default 2,3,4,5,6),
+#                                          each LRU on demand and with speculative prefetch, and
 #                                          all resident, PREGATE_BENCH_MIXTRAL_STEPS (16) steps each;
 #                                          each of its two steps is killed after
 #                                          PREGATE_BENCH_MIXTRAL_SECONDS (default 240).
@@ -103,7 +104,11 @@ for d in "$cuda_root/lib64" "$cuda_root/targets/x86_64-linux/lib"; do
     [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
 export PREGATE_KERNEL_CACHE="${PREGATE_KERNEL_CACHE:-$log_dir/kernel-cache}"
-export PREGATE_REQUIRE_NVRTC=1
+# On a GPU host a missing NVRTC is a failure; a rehearsal on a machine without a GPU (no
+# nvidia-smi) reports the NVRTC tests as skipped instead.
+if command -v nvidia-smi >/dev/null; then
+    export PREGATE_REQUIRE_NVRTC="${PREGATE_REQUIRE_NVRTC:-1}"
+fi
 export RUST_BACKTRACE=1
 
 {
@@ -131,7 +136,9 @@ bstep() {
 }
 
 # Offloaded decode of a Mixtral-8x7B-shaped model (each layer routes itself on the device), each
-# step under a time bound: time on a GPU machine is short.
+# step under a time bound: time on a GPU machine is short. Eleven setups of about 22 steps (LRU
+# and speculative at five capacities, all resident), well under a second per step at 2 slots on
+# a PCIe 5 link, after packing the pinned copy: inside the 240 s bound.
 run_mixtral_bench() {
     local mixdir="${PREGATE_BENCH_MIXTRAL_DIR:-/tmp/pregate-mixtral}"
     local secs="${PREGATE_BENCH_MIXTRAL_SECONDS:-240}"
@@ -144,7 +151,7 @@ run_mixtral_bench() {
         if grep -q "^RESULT make_mixtral" "$blog"; then mv "$mixdir.tmp" "$mixdir"; fi
     fi
     bstep timeout "$secs" "$bench_bin" mixtral-offload "$mixdir" \
-        "${PREGATE_BENCH_MIXTRAL_CAPS:-2,4,6}" "${PREGATE_BENCH_MIXTRAL_STEPS:-16}"
+        "${PREGATE_BENCH_MIXTRAL_CAPS:-2,3,4,5,6}" "${PREGATE_BENCH_MIXTRAL_STEPS:-16}"
 }
 
 if [ "$mode" = mixtral ]; then

@@ -2,7 +2,8 @@
 //! four transformers fixtures: against the fixtures' own greedy tokens and the CPU engine's logits
 //! and per-layer experts, each case alone, the three batched, and with chunked prefill; in bf16
 //! against the CPU engine's logits; with an expert cache smaller than the experts against all
-//! resident. The fixture comparison also runs on the CPU backend (`NAME::cpu`), which checks the
+//! resident; with speculative expert prefetch on a cache of two experts per layer against it off
+//! and the CPU engine's speculation. The fixture comparison also runs on the CPU backend (`NAME::cpu`), which checks the
 //! harness itself where there is no GPU; without a CUDA device the CUDA trials are reported as
 //! ignored.
 //!
@@ -23,7 +24,10 @@ use common::fixtures::{check_tokens_and_logits, read_cases, request, Case};
 use devices::{register, Device as TestDevice, DeviceTests, Failed};
 use pregate::cache::EvictionPolicy;
 use pregate::cuda::{open_cuda_engine, CudaDtype, CudaOptions};
-use pregate::engine::{open_engine, Device, Engine, ExpertCapacity};
+use pregate::engine::{
+    open_engine, open_engine_with, Device, Engine, EngineOptions, ExpertCacheOptions,
+    ExpertCapacity,
+};
 use pregate::model::{ModelDir, ModelFamily};
 use pregate::route::TokenRoute;
 
@@ -45,6 +49,7 @@ fn main() -> std::process::ExitCode {
         tests,
         cuda: families_bf16_logits_close_to_cpu,
         families_small_expert_cache_matches_all_resident,
+        families_speculation_changes_no_token_and_predicts_like_the_cpu,
     );
     tests.run()
 }
@@ -292,6 +297,83 @@ fn families_small_expert_cache_matches_all_resident(device: &TestDevice) -> Resu
             );
             assert!(c.misses > 0, "{name}: a cache of {cap} never missed");
         }
+    }
+    Ok(())
+}
+
+/// Options of an engine with `slots` experts per layer cached (LRU), speculation on or off
+/// (depth 2, one extra candidate), f32 on CUDA.
+fn spec_options(slots: usize, speculate: bool) -> EngineOptions {
+    EngineOptions {
+        expert_cache: Some(ExpertCacheOptions {
+            capacity: ExpertCapacity::PerLayer(slots),
+            policy: EvictionPolicy::Lru,
+        }),
+        cuda_dtype: Some(CudaDtype::F32),
+        kv_tokens: Some(4096),
+        speculate: Some(speculate),
+        spec_depth: Some(2),
+        spec_extra: Some(1),
+        ..EngineOptions::default()
+    }
+}
+
+fn families_speculation_changes_no_token_and_predicts_like_the_cpu(
+    device: &TestDevice,
+) -> Result<(), Failed> {
+    let ordinal = ordinal(device)?;
+    let slots = 2;
+    for (name, _) in FIXTURES {
+        let model = ModelDir::open(&fixture(name)).unwrap();
+        let cases = read_cases(name);
+        let mut cpu = open_engine_with(&model, Device::Cpu, &spec_options(slots, true)).unwrap();
+        let want = run_batched(&mut cpu, &cases, 5);
+        let cpu_stats = cpu.speculation_stats().expect("the CPU engine speculates");
+        let open = |on| {
+            open_engine_with(&model, Device::Cuda(ordinal), &spec_options(slots, on))
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let mut off = open(false);
+        let without = run_batched(&mut off, &cases, 5);
+        assert!(off.speculation_stats().is_none(), "{name}: speculation off");
+        let mut on = open(true);
+        let with = run_batched(&mut on, &cases, 5);
+        for (i, ((a, b), w)) in with.iter().zip(&without).zip(&want).enumerate() {
+            assert_eq!(
+                a.output, b.output,
+                "{name}, case {i}: tokens with and without"
+            );
+            assert_eq!(
+                a.logits, b.logits,
+                "{name}, case {i}: logits with and without"
+            );
+            assert_eq!(
+                a.output, w.output,
+                "{name}, case {i}: tokens against the CPU engine"
+            );
+        }
+        let st = on.speculation_stats().expect("the CUDA engine speculates");
+        let (gpu1, cpu1) = (st.recall(1), cpu_stats.recall(1));
+        println!(
+            "{name}: {slots} slots per layer, tokens equal with and without speculation and to the              CPU engine's; recall@1 {gpu1:?} (CPU {cpu1:?}), @2 {:?} (CPU {:?}); {} speculative              loads, {} used, {} wasted",
+            st.recall(2),
+            cpu_stats.recall(2),
+            st.loads,
+            st.used,
+            st.wasted
+        );
+        assert!(
+            st.hits[0] + st.misses[0] > 0,
+            "{name}: no prediction observed"
+        );
+        assert!(st.loads > 0, "{name}: no speculative load");
+        let (Some(g), Some(c)) = (gpu1, cpu1) else {
+            return Err(format!("{name}: no recall at distance 1").into());
+        };
+        assert!(
+            (g - c).abs() <= 0.05,
+            "{name}: recall@1 {g:.3} on CUDA against {c:.3} on the CPU"
+        );
     }
     Ok(())
 }

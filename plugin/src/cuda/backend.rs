@@ -7,6 +7,17 @@
 //! the device (GEMM on the post-attention-normed hidden state, softmax top-k kernel); its small
 //! id and weight arrays are read back to the host, because the expert runtime plans its waves
 //! and cache lookups from host routes: one host synchronisation per MoE layer per step.
+//!
+//! Speculative prefetch ([`CudaBackend::with_speculation`]): at an MoE layer, after its
+//! attention, the next `D` decoder layers' own post-attention norms and gates are applied to the
+//! residual stream on the device, and their logits `[D, tokens, E]` land in the same buffer as
+//! the layer's exact ids and weights, so that one copy and the layer's one synchronisation bring
+//! back both. The exact experts are looked up and their misses issued first, then the
+//! predictions go to [`CudaExperts::speculate`], whose copies queue behind them on the copy
+//! stream while the layer's experts compute. Before layer 0 the step's embeddings predict its
+//! first layers the same way, at the cost of one more synchronisation per step (the copies then
+//! overlap layer 0's attention), and a dense layer (Qwen2-MoE's `mlp_only_layers`) predicts
+//! with one synchronisation of its own (the copies overlap its MLP).
 
 /// Why a DSelect-k model cannot be opened here.
 const DSELECT_ON_CPU: &str = "DSelect-k gates (pregate_gate) are served by the CPU backend only";
@@ -19,7 +30,7 @@ use pregate_kernels::{
     AttentionShape, Blas, ExpertPlan, ExpertWeights, FfnDims, KernelSet, PagedKvLayout,
 };
 
-use super::experts::{CudaExperts, ExpertSetup};
+use super::experts::{CudaExperts, CudaSpeculation, ExpertSetup, LinkModel};
 use super::kv::PagedKv;
 use super::weights::{upload, upload_concat, upload_stacked, DeviceElem};
 use super::{dev, CacheSetup, CudaHandle, CudaOptions};
@@ -29,8 +40,9 @@ use crate::engine::{Backend, ChunkRoutes, ForwardChunk, Lookahead, SeqId, StepRo
 use crate::error::{Error, Result};
 use crate::model::family::{AttnProj, FfnPlan, FfnProj, GatingRule, TensorRole};
 use crate::model::{ExpertLayout, ModelDir};
+use crate::moe::speculate::{LayerScores, SpeculationStats, SpeculatorConfig};
 use crate::moe::step_experts;
-use crate::route::TokenRoute;
+use crate::route::{ExpertSet, TokenRoute};
 
 /// Per-layer dense weights.
 struct LayerWeights<T> {
@@ -85,10 +97,11 @@ struct Workspace<T> {
     last: CudaSlice<T>,
     normed: CudaSlice<T>,
     logits: CudaSlice<f32>,
-    /// In-model gate logits `[tokens, E]`, chosen experts and weights `[tokens, k]`.
+    /// In-model gate logits `[tokens, E]`.
     gate_logits: CudaSlice<f32>,
-    gate_ids: CudaSlice<i32>,
-    gate_weights: CudaSlice<f32>,
+    /// What an in-model MoE layer reads back in one copy, for its `n` tokens: the chosen weights
+    /// `[n, k]`, the chosen ids `[n, k]` (i32 bits), then the predicted logits `[D, n, E]`.
+    readback: CudaSlice<f32>,
     /// A dense layer's `[tokens, 2I]` and `[tokens, I]` intermediates.
     ffn_gate_up: CudaSlice<T>,
     ffn_act: CudaSlice<T>,
@@ -116,6 +129,12 @@ pub struct CudaBackend<T: DeviceElem> {
     dense_inter: usize,
     /// The routes of the last forward pass, when tracing.
     trace: Option<Vec<ChunkRoutes>>,
+    /// Speculative prefetch, when on.
+    speculation: Option<CudaSpeculation>,
+    /// What was asked for: on, off or the default, and the depth and extra candidates.
+    spec_request: (Option<bool>, SpeculatorConfig),
+    /// The copy link's measured bandwidth (bytes per second), once measured.
+    link_bytes_per_s: Option<f64>,
 }
 
 impl<T: DeviceElem> CudaBackend<T> {
@@ -294,7 +313,83 @@ impl<T: DeviceElem> CudaBackend<T> {
             clip_qkv: model.config.clip_qkv(),
             dense_inter,
             trace: None,
+            speculation: None,
+            spec_request: (Some(false), SpeculatorConfig::default()),
+            link_bytes_per_s: None,
         })
+    }
+
+    /// Speculative expert prefetch for in-model gates ([`crate::moe::Speculator`]) of `cfg`'s
+    /// depth and extra candidates, on or off as `on` says; `None` takes the default: on when the
+    /// model routes in-model and the expert cache holds fewer units than the model has experts,
+    /// else off (every expert resident, or a pre-gate router whose routes are exact). Asking for
+    /// it with a pre-gate router is an error. See the module documentation for where the
+    /// predictions are computed.
+    pub fn with_speculation(mut self, on: Option<bool>, cfg: SpeculatorConfig) -> Result<Self> {
+        self.set_speculation(on, cfg)?;
+        Ok(self)
+    }
+
+    fn set_speculation(&mut self, on: Option<bool>, cfg: SpeculatorConfig) -> Result<()> {
+        let cfg = SpeculatorConfig {
+            enabled: on.unwrap_or_else(|| self.speculation_pays()),
+            ..cfg
+        };
+        cfg.validate()?;
+        let gating =
+            match (cfg.enabled, self.in_model) {
+                (false, _) => None,
+                (true, Some(g)) => Some(g),
+                (true, None) => return Err(Error::InvalidArgument(
+                    "speculative prefetch predicts in-model gates; this model's routes come from \
+                     its pre-gate router and are exact"
+                        .into(),
+                )),
+            };
+        self.speculation = match gating {
+            None => None,
+            Some(g) => {
+                let bytes_per_s = match self.link_bytes_per_s {
+                    Some(b) => Some(b),
+                    None => self.experts.measure_link()?,
+                };
+                self.link_bytes_per_s = bytes_per_s;
+                let shape = self.experts.shape();
+                let link = LinkModel {
+                    // All resident: nothing is copied, the predictions only count recall.
+                    bytes_per_s: bytes_per_s.unwrap_or(1e12),
+                    unit_bytes: self.experts.unit_bytes(),
+                    layer_seconds: None,
+                    top_k: g.top_k,
+                };
+                Some(CudaSpeculation::new(
+                    cfg,
+                    shape.layers,
+                    shape.experts,
+                    link,
+                )?)
+            }
+        };
+        self.spec_request = (on, cfg);
+        Ok(())
+    }
+
+    /// Whether the default turns speculation on: an in-model router and a cache smaller than the
+    /// experts.
+    fn speculation_pays(&self) -> bool {
+        let shape = self.experts.shape();
+        self.in_model.is_some() && self.experts.cache().capacity() < shape.layers * shape.experts
+    }
+
+    /// The speculator's counters, when speculating.
+    pub fn speculation_stats(&self) -> Option<SpeculationStats> {
+        self.speculation.as_ref().map(CudaSpeculation::stats)
+    }
+
+    /// Values per token of the step's readback buffer: ids and weights, and the predictions.
+    fn readback_width(&self) -> usize {
+        let depth = self.speculation.as_ref().map_or(0, |s| s.config().depth);
+        self.in_model.map_or(0, |g| 2 * g.top_k + depth * g.experts)
     }
 
     /// The backend's handle (counters, cache reconfiguration).
@@ -314,15 +409,25 @@ impl<T: DeviceElem> CudaBackend<T> {
 
     /// Applies a pending [`CudaHandle::reconfigure`]: a new, empty expert cache.
     fn apply_reconfigure(&mut self) -> Result<()> {
-        let Some(setup) = self
+        let switch = self.stats.speculate.lock().ok().and_then(|mut s| s.take());
+        let setup = self
             .stats
             .reconfigure
             .lock()
             .ok()
-            .and_then(|mut r| r.take())
-        else {
-            return Ok(());
-        };
+            .and_then(|mut r| r.take());
+        if let Some(setup) = setup {
+            self.reconfigure_cache(setup)?;
+        }
+        if setup.is_some() || switch.is_some() {
+            // Fresh counters; the default follows the new cache.
+            let on = switch.unwrap_or(self.spec_request.0);
+            self.set_speculation(on, self.spec_request.1)?;
+        }
+        Ok(())
+    }
+
+    fn reconfigure_cache(&mut self, setup: CacheSetup) -> Result<()> {
         let CacheSetup {
             experts: capacity,
             policy,
@@ -348,8 +453,10 @@ impl<T: DeviceElem> CudaBackend<T> {
     }
 
     fn ensure_workspace(&mut self, tokens: usize, logit_rows: usize) -> Result<()> {
+        let width = self.readback_width();
         if let Some(ws) = &self.ws {
-            if ws.tokens >= tokens && ws.logit_rows >= logit_rows {
+            let fits = ws.readback.len() >= ws.tokens * width;
+            if ws.tokens >= tokens && ws.logit_rows >= logit_rows && fits {
                 return Ok(());
             }
         }
@@ -370,7 +477,7 @@ impl<T: DeviceElem> CudaBackend<T> {
                 .map_err(|e| Error::Capacity(format!("step workspace of {n} elements: {e}")))
         };
         let max_blocks_total = self.kv.layout.num_blocks + tokens;
-        let (gate_experts, gate_k) = self.in_model.map_or((0, 0), |g| (g.experts, g.top_k));
+        let gate_experts = self.in_model.map_or(0, |g| g.experts);
         self.ws = Some(Workspace {
             tokens,
             logit_rows,
@@ -389,12 +496,7 @@ impl<T: DeviceElem> CudaBackend<T> {
             gate_logits: s
                 .alloc_zeros::<f32>((tokens * gate_experts).max(1))
                 .map_err(dev)?,
-            gate_ids: s
-                .alloc_zeros::<i32>((tokens * gate_k).max(1))
-                .map_err(dev)?,
-            gate_weights: s
-                .alloc_zeros::<f32>((tokens * gate_k).max(1))
-                .map_err(dev)?,
+            readback: s.alloc_zeros::<f32>((tokens * width).max(1)).map_err(dev)?,
             ffn_gate_up: alloc(tokens * 2 * self.dense_inter)?,
             ffn_act: alloc(tokens * self.dense_inter)?,
         });
@@ -495,6 +597,11 @@ impl<T: DeviceElem> CudaBackend<T> {
         ints.extend_from_slice(&slots);
         ints.extend_from_slice(&table);
 
+        // Speculation (in-model gates only): the gating and the depth.
+        let spec = match (self.in_model, self.speculation.as_ref()) {
+            (Some(g), Some(sp)) => Some((g, sp.config().depth)),
+            _ => None,
+        };
         let ws = self
             .ws
             .as_mut()
@@ -526,6 +633,32 @@ impl<T: DeviceElem> CudaBackend<T> {
         let (o_pos, o_rows, o_slots, o_table) = (0, n, 2 * n, 3 * n);
         kk.embedding::<T>(s, &ws.ids.slice(..n), &self.embed, &mut ws.x, n, h, vocab)
             .map_err(dev)?;
+        // The step's embeddings predict its first layers; their copies overlap layer 0's attention.
+        if let (Some((g, depth)), Some(sp)) = (spec, self.speculation.as_mut()) {
+            let targets = spec_targets(&self.layers, None, depth);
+            if !targets.is_empty() {
+                let at = 2 * n * g.top_k;
+                let len = targets.len() * n * g.experts;
+                let bufs = (&ws.x, &mut ws.o, &mut ws.readback);
+                enqueue_predictions(
+                    &self.blas,
+                    kk,
+                    s,
+                    &self.layers,
+                    &targets,
+                    bufs,
+                    at,
+                    n,
+                    h,
+                    g,
+                    eps,
+                )?;
+                let preds = read_back(s, &ws.readback, at, len)?;
+                speculate(&mut self.experts, sp, &targets, &preds, n, g, 0)?;
+            }
+        }
+        // The previous MoE layer's synchronisation (time, decoder layer): the layer time.
+        let mut last_sync: Option<(Instant, usize)> = None;
         for l in 0..nl {
             let lw = &self.layers[l];
             kk.rmsnorm::<T>(s, &ws.x, &lw.input_norm, &mut ws.h, n, h, eps)
@@ -610,6 +743,36 @@ impl<T: DeviceElem> CudaBackend<T> {
                     down,
                     inter,
                 } => {
+                    // No routes to read back here: predicting costs a synchronisation of its
+                    // own, and the copies overlap the dense MLP.
+                    if let (Some((g, depth)), Some(sp)) = (spec, self.speculation.as_mut()) {
+                        let targets = spec_targets(&self.layers, Some(l), depth);
+                        if !targets.is_empty() {
+                            let at = 2 * n * g.top_k;
+                            let len = targets.len() * n * g.experts;
+                            let bufs = (&ws.x, &mut ws.o, &mut ws.readback);
+                            enqueue_predictions(
+                                &self.blas,
+                                kk,
+                                s,
+                                &self.layers,
+                                &targets,
+                                bufs,
+                                at,
+                                n,
+                                h,
+                                g,
+                                eps,
+                            )?;
+                            let preds = read_back(s, &ws.readback, at, len)?;
+                            let now = Instant::now();
+                            if let Some((then, from)) = last_sync {
+                                sp.layer_time(now.duration_since(then).as_secs_f64(), l - from);
+                            }
+                            last_sync = Some((now, l));
+                            speculate(&mut self.experts, sp, &targets, &preds, n, g, 0)?;
+                        }
+                    }
                     let plan = ExpertPlan {
                         counts: vec![n],
                         offsets: vec![0, n],
@@ -635,21 +798,43 @@ impl<T: DeviceElem> CudaBackend<T> {
                 }
                 LayerFfn::Moe { index, gate } => {
                     let made;
+                    let mut predicted = None;
                     let layer_routes = match (gate, self.in_model, &known) {
                         (Some(gate), Some(g), _) => {
-                            made = gate_routes(
+                            // The coming layers' predictions share the exact routes' readback.
+                            let targets = spec.map_or_else(Vec::new, |(_, depth)| {
+                                spec_targets(&self.layers, Some(l), depth)
+                            });
+                            let at = 2 * n * g.top_k;
+                            let bufs = (&ws.x, &mut ws.o, &mut ws.readback);
+                            enqueue_predictions(
+                                &self.blas,
+                                kk,
+                                s,
+                                &self.layers,
+                                &targets,
+                                bufs,
+                                at,
+                                n,
+                                h,
+                                g,
+                                eps,
+                            )?;
+                            let extra = targets.len() * n * g.experts;
+                            let (routes, preds) = gate_routes(
                                 &self.blas,
                                 kk,
                                 s,
                                 &ws.h,
                                 gate,
                                 g,
-                                n,
-                                h,
+                                (n, h),
                                 &mut ws.gate_logits,
-                                &mut ws.gate_ids,
-                                &mut ws.gate_weights,
+                                &mut ws.readback,
+                                extra,
                             )?;
+                            made = routes;
+                            predicted = spec.map(|(g, _)| (g, targets, preds));
                             &made[..]
                         }
                         (_, _, Some(known)) => known.layer(l),
@@ -665,8 +850,23 @@ impl<T: DeviceElem> CudaBackend<T> {
                             at += len;
                         }
                     }
+                    if let (Some(sp), Some(_)) = (self.speculation.as_mut(), &predicted) {
+                        let now = Instant::now();
+                        if let Some((then, from)) = last_sync {
+                            sp.layer_time(now.duration_since(then).as_secs_f64(), l - from);
+                        }
+                        last_sync = Some((now, l));
+                        let mut exact = ExpertSet::default();
+                        for r in layer_routes {
+                            for &e in r.experts() {
+                                exact.insert(e);
+                            }
+                        }
+                        sp.observe(*index, &exact, self.experts.cache())?;
+                    }
+                    let copied = self.experts.bytes_copied();
                     // The layer's experts, added into the residual stream, on this backend's
-                    // stream.
+                    // stream; their misses go on the copy stream ahead of any speculative copy.
                     self.experts.forward_layer(
                         *index,
                         &ws.h,
@@ -675,6 +875,12 @@ impl<T: DeviceElem> CudaBackend<T> {
                         true,
                         &self.stream,
                     )?;
+                    if let (Some(sp), Some((g, targets, preds))) =
+                        (self.speculation.as_mut(), &predicted)
+                    {
+                        let queued = self.experts.bytes_copied() - copied;
+                        speculate(&mut self.experts, sp, targets, preds, n, *g, queued)?;
+                    }
                 }
             }
         }
@@ -723,6 +929,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         let before = self.experts.cache().stats();
         let copied = self.experts.bytes_copied();
         let stalled = self.experts.stats().stall_seconds;
+        let prefetched = self.experts.stats().prefetches;
         let out = self.run(chunks);
         // Whatever happened, the step's pins end with it.
         self.experts.end_step();
@@ -738,8 +945,14 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             st.hits += after.hits - before.hits;
             st.misses += after.misses - before.misses;
             st.bytes_loaded += self.experts.bytes_copied() - copied;
+            // The step's speculative loads (the lookahead's are counted in `prepare`).
+            st.prefetches += self.experts.stats().prefetches - prefetched;
         }
         out
+    }
+
+    fn speculation_stats(&self) -> Option<SpeculationStats> {
+        CudaBackend::speculation_stats(self)
     }
 
     fn prepare(&mut self, lookahead: &Lookahead) -> Result<()> {
@@ -783,9 +996,130 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
     }
 }
 
+/// A layer predicted ahead: its decoder layer, its index in the expert runtime, and how many
+/// decoder layers ahead of the predicting point it is.
+#[derive(Debug, Clone, Copy)]
+struct SpecTarget {
+    layer: usize,
+    index: usize,
+    distance: usize,
+}
+
+/// The MoE layers with their own gate among the `depth` decoder layers after `from` (the first
+/// `depth` layers when `None`, predicted from the embeddings): dense layers count in the distance.
+fn spec_targets<T>(
+    layers: &[LayerWeights<T>],
+    from: Option<usize>,
+    depth: usize,
+) -> Vec<SpecTarget> {
+    let first = from.map_or(0, |l| l + 1);
+    (first..layers.len().min(first + depth))
+        .filter_map(|t| match &layers[t].ffn {
+            LayerFfn::Moe {
+                index,
+                gate: Some(_),
+            } => Some(SpecTarget {
+                layer: t,
+                index: *index,
+                distance: t + 1 - first,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Enqueues the predicted gate logits of `targets`: each layer's own post-attention RMSNorm of the
+/// residual stream `x` (into `scratch`, `[n, H]`) and its gate GEMM into `out`, `[n, E]` per
+/// target from offset `at`, in f32. Softmax is monotone, so logits rank experts as the gate's
+/// probabilities do.
+#[allow(clippy::too_many_arguments)]
+fn enqueue_predictions<T: DeviceElem>(
+    blas: &Blas,
+    kk: &KernelSet,
+    s: &Arc<CudaStream>,
+    layers: &[LayerWeights<T>],
+    targets: &[SpecTarget],
+    (x, scratch, out): (&CudaSlice<T>, &mut CudaSlice<T>, &mut CudaSlice<f32>),
+    at: usize,
+    n: usize,
+    h: usize,
+    g: InModelGating,
+    eps: f32,
+) -> Result<()> {
+    let e = g.experts;
+    for (i, t) in targets.iter().enumerate() {
+        let lw = &layers[t.layer];
+        let LayerFfn::Moe {
+            gate: Some(gate), ..
+        } = &lw.ffn
+        else {
+            return Err(Error::Internal(format!("layer {} has no gate", t.layer)));
+        };
+        kk.rmsnorm::<T>(s, x, &lw.post_norm, scratch, n, h, eps)
+            .map_err(dev)?;
+        let from = at + i * n * e;
+        let mut y = out
+            .try_slice_mut(from..from + n * e)
+            .ok_or_else(|| Error::Internal("predictions exceed the readback buffer".into()))?;
+        blas.linear::<T, f32>(scratch, gate, &mut y, n, h, e)
+            .map_err(dev)?;
+    }
+    Ok(())
+}
+
+/// Copies `len` values of `readback` from `at` to the host: one copy, one synchronisation.
+fn read_back(
+    s: &Arc<CudaStream>,
+    readback: &CudaSlice<f32>,
+    at: usize,
+    len: usize,
+) -> Result<Vec<f32>> {
+    let mut host = vec![0.0f32; len];
+    if len == 0 {
+        return Ok(host);
+    }
+    let src = readback
+        .try_slice(at..at + len)
+        .ok_or_else(|| Error::Internal("a readback beyond its buffer".into()))?;
+    s.memcpy_dtoh(&src, &mut host).map_err(dev)?;
+    s.synchronize().map_err(dev)?;
+    Ok(host)
+}
+
+/// Hands the predicted logits `preds` (`[n, E]` per target) to the expert runtime, after
+/// `queued` bytes of exact loads. A prediction only saves loads: a bad one (a NaN) leaves the
+/// exact path alone; a device error is the step's.
+fn speculate<T: DeviceElem>(
+    experts: &mut CudaExperts<T>,
+    sp: &mut CudaSpeculation,
+    targets: &[SpecTarget],
+    preds: &[f32],
+    n: usize,
+    g: InModelGating,
+    queued: u64,
+) -> Result<()> {
+    let per = n * g.experts;
+    let scores: Vec<LayerScores<'_>> = targets
+        .iter()
+        .zip(preds.chunks_exact(per.max(1)))
+        .map(|(t, scores)| LayerScores {
+            layer: t.index,
+            distance: t.distance,
+            scores,
+            top_k: g.top_k,
+        })
+        .collect();
+    match experts.speculate(sp, &scores, queued) {
+        Ok(_) | Err(Error::InvalidArgument(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The routes of `x` (`[n, H]`, the layer's post-attention-normed hidden states) under `gate`
-/// (`[E, H]`): logits in f32 by cuBLAS, softmax top-k on the device, then the ids and weights
-/// read back (the one host synchronisation of an in-model MoE layer).
+/// (`[E, H]`): logits in f32 by cuBLAS, softmax top-k on the device into the head of `readback`
+/// (weights, then ids), then one copy of that head and the `extra` values after it (the
+/// predictions) to the host: the one host synchronisation of an in-model MoE layer. Returns the
+/// routes and the extra values.
 #[allow(clippy::too_many_arguments)]
 fn gate_routes<T: DeviceElem>(
     blas: &Blas,
@@ -794,26 +1128,38 @@ fn gate_routes<T: DeviceElem>(
     x: &CudaSlice<T>,
     gate: &CudaSlice<T>,
     g: InModelGating,
-    n: usize,
-    h: usize,
+    (n, h): (usize, usize),
     logits: &mut CudaSlice<f32>,
-    ids: &mut CudaSlice<i32>,
-    weights: &mut CudaSlice<f32>,
-) -> Result<Vec<TokenRoute>> {
+    readback: &mut CudaSlice<f32>,
+    extra: usize,
+) -> Result<(Vec<TokenRoute>, Vec<f32>)> {
     let (e, k) = (g.experts, g.top_k);
+    let nk = n * k;
     blas.linear::<T, f32>(x, gate, logits, n, h, e)
         .map_err(dev)?;
-    kk.gate_softmax_topk(s, logits, n, e, k, g.renormalize, ids, weights)
-        .map_err(dev)?;
-    let host_ids = s.clone_dtoh(&ids.slice(..n * k)).map_err(dev)?;
-    let host_w = s.clone_dtoh(&weights.slice(..n * k)).map_err(dev)?;
-    host_ids
+    {
+        let mut head = readback
+            .try_slice_mut(..2 * nk)
+            .ok_or_else(|| Error::Internal("routes exceed the readback buffer".into()))?;
+        let (mut weights, mut ids) = head.split_at_mut(nk);
+        // SAFETY: i32 and f32 have the same size and every bit pattern is valid for both; the
+        // kernel writes i32 ids here and the host reads them back by their bits.
+        let mut ids = unsafe { ids.transmute_mut::<i32>(nk) }
+            .ok_or_else(|| Error::Internal("no room for the gate's ids".into()))?;
+        kk.gate_softmax_topk(s, logits, n, e, k, g.renormalize, &mut ids, &mut weights)
+            .map_err(dev)?;
+    }
+    let host = read_back(s, readback, 0, 2 * nk + extra)?;
+    let (head, preds) = host.split_at(2 * nk);
+    let (weights, ids) = head.split_at(nk);
+    let routes = ids
         .chunks_exact(k)
-        .zip(host_w.chunks_exact(k))
+        .zip(weights.chunks_exact(k))
         .map(|(i, w)| {
             let experts = i
                 .iter()
-                .map(|&v| {
+                .map(|&bits| {
+                    let v = bits.to_bits() as i32;
                     u16::try_from(v)
                         .ok()
                         .filter(|&v| (v as usize) < e)
@@ -822,7 +1168,8 @@ fn gate_routes<T: DeviceElem>(
                 .collect::<Result<Vec<_>>>()?;
             TokenRoute::new(&experts, w)
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((routes, preds.to_vec()))
 }
 
 impl<T: DeviceElem> Drop for CudaBackend<T> {

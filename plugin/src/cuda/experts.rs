@@ -27,8 +27,12 @@ use crate::cache::{
 };
 use crate::error::{Error, Result};
 use crate::model::ModelDir;
+use crate::moe::speculate::{
+    cap, Budget, Candidate, EvictionGuard, LayerScores, SpeculationStats, Speculator,
+    SpeculatorConfig,
+};
 use crate::moe::{run_waves, MoeShape, RuntimeStats};
-use crate::route::TokenRoute;
+use crate::route::{ExpertId, ExpertSet, TokenRoute};
 
 /// How a [`CudaExperts`] keeps its experts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -806,6 +810,299 @@ impl<T: DeviceElem> Drop for CudaExperts<T> {
     }
 }
 
+/// Speculative expert prefetch for a [`CudaExperts`] whose layers route themselves: the
+/// [`Speculator`], the [`EvictionGuard`], and the link model that caps speculative copies
+/// ([`Budget::Link`]). The backend owns it and hands it to [`CudaExperts::speculate`] with each
+/// layer's predicted gate scores, and to [`CudaSpeculation::observe`] with each layer's exact
+/// experts.
+pub struct CudaSpeculation {
+    spec: Speculator,
+    guard: EvictionGuard,
+    /// Each layer's latest predicted experts (what a speculative load may not evict).
+    predicted: Vec<ExpertSet>,
+    /// Speculative loads not used yet, per layer: one that leaves the cache first was wasted.
+    outstanding: Vec<ExpertSet>,
+    experts: usize,
+    link: LinkModel,
+}
+
+/// How long speculative copies may hold the copy link: its bandwidth and the time one decoder
+/// layer takes, so that a candidate `j` layers ahead is copied only if its copy starts before
+/// that layer reads its experts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkModel {
+    /// Copy bandwidth, bytes per second, fixed costs folded in (measured on the unit size).
+    pub bytes_per_s: f64,
+    /// Bytes of one unit.
+    pub unit_bytes: u64,
+    /// Smoothed seconds of one decoder layer; `None` before the first measurement.
+    pub layer_seconds: Option<f64>,
+    /// The gating top-k: before any measurement a layer is assumed to take the time its `top_k`
+    /// units take to copy (an offloaded layer is link-bound).
+    pub top_k: usize,
+}
+
+impl LinkModel {
+    /// Weight of a new layer-time sample in the smoothed value.
+    const SMOOTHING: f64 = 0.2;
+
+    /// Records that `layers` decoder layers took `seconds`.
+    pub fn layer_time(&mut self, seconds: f64, layers: usize) {
+        if layers == 0 || !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        let t = seconds / layers as f64;
+        self.layer_seconds = Some(match self.layer_seconds {
+            Some(old) => old + Self::SMOOTHING * (t - old),
+            None => t,
+        });
+    }
+
+    /// The budget of candidates up to `depth` layers ahead, when `queued_bytes` of exact loads are
+    /// ahead of them on the in-order copy stream: the layer at distance `j` reads its experts
+    /// after `j` layer times, less the time the queued exact loads hold the link.
+    pub fn budget(&self, depth: usize, queued_bytes: u64) -> Budget {
+        let bw = self.bytes_per_s.max(1.0);
+        let layer = self
+            .layer_seconds
+            .unwrap_or(self.top_k as f64 * self.unit_bytes as f64 / bw);
+        let queued = queued_bytes as f64 / bw;
+        Budget::Link {
+            bytes_per_s: bw,
+            unit_bytes: self.unit_bytes,
+            seconds_until: (1..=depth)
+                .map(|j| (j as f64 * layer - queued).max(0.0))
+                .collect(),
+        }
+    }
+}
+
+/// One speculative load the cache admitted: the unit, its slot, the unit it evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecLoad {
+    /// The unit loaded.
+    pub unit: Unit,
+    /// The slot it goes to.
+    pub slot: usize,
+    /// The slot's previous tenant.
+    pub evicted: Option<Unit>,
+}
+
+impl CudaSpeculation {
+    /// Speculation of `cfg` over `layers` MoE layers of `experts` experts, over `link`.
+    pub fn new(
+        cfg: SpeculatorConfig,
+        layers: usize,
+        experts: usize,
+        link: LinkModel,
+    ) -> Result<Self> {
+        Ok(CudaSpeculation {
+            spec: Speculator::new(cfg, layers, experts)?,
+            guard: EvictionGuard::new(layers),
+            predicted: vec![ExpertSet::default(); layers],
+            outstanding: vec![ExpertSet::default(); layers],
+            experts,
+            link,
+        })
+    }
+
+    /// The speculator's configuration.
+    pub fn config(&self) -> SpeculatorConfig {
+        self.spec.config()
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> SpeculationStats {
+        self.spec.stats()
+    }
+
+    /// The link model (bandwidth, layer time).
+    pub fn link(&self) -> &LinkModel {
+        &self.link
+    }
+
+    /// Records that `layers` decoder layers took `seconds` (see [`LinkModel::layer_time`]).
+    pub fn layer_time(&mut self, seconds: f64, layers: usize) {
+        self.link.layer_time(seconds, layers);
+    }
+
+    /// Layer `layer` runs with `exact` experts, before its lookups: recall of its predictions,
+    /// its speculative loads used, and whether speculative evictions of its units cost misses
+    /// (`cache` as it is before the layer's exact loads).
+    pub fn observe(&mut self, layer: usize, exact: &ExpertSet, cache: &ExpertCache) -> Result<()> {
+        self.sweep(cache);
+        let before = self.spec.stats().used;
+        self.spec.observe(layer, exact)?;
+        let used = self.spec.stats().used - before;
+        if let Some(out) = self.outstanding.get_mut(layer) {
+            for e in exact.iter() {
+                out.remove(e);
+            }
+        }
+        self.guard.observe(layer, used, exact, |e| {
+            cache.slot_of(Unit::new(layer, e)).is_none()
+        });
+        Ok(())
+    }
+
+    /// Counts as wasted every speculative load that left `cache` before its layer used it (an
+    /// exact miss, or a later speculative load, took its slot).
+    fn sweep(&mut self, cache: &ExpertCache) {
+        for (layer, out) in self.outstanding.iter_mut().enumerate() {
+            let gone: Vec<ExpertId> = out
+                .iter()
+                .filter(|&e| cache.slot_of(Unit::new(layer, e)).is_none())
+                .collect();
+            for e in gone {
+                out.remove(e);
+                self.spec.evicted(layer, e);
+            }
+        }
+    }
+
+    /// The candidates of `scores` (recorded as predictions), nearest layer first.
+    fn predict(&mut self, scores: &[LayerScores<'_>]) -> Result<Vec<Candidate>> {
+        let candidates = self.spec.predict(scores)?;
+        for s in scores {
+            if let Some(p) = self.predicted.get_mut(s.layer) {
+                *p = ExpertSet::default();
+            }
+        }
+        for c in &candidates {
+            self.predicted[c.layer].insert(c.expert);
+        }
+        Ok(candidates)
+    }
+
+    /// Admits `kept` (capped candidates, nearest first) into `cache` as prefetches and returns the
+    /// loads to issue, in order. A speculative load evicts, by the cache's policy, only a unit that
+    /// is not pinned (the running layer's exact units are), not named by the layer's latest
+    /// prediction and used less lately than the guess, and only while the [`EvictionGuard`]
+    /// finds such evictions paying; when every evictable unit is worth more, nothing is loaded.
+    /// Host bookkeeping only: the caller copies the bytes.
+    pub fn admit(&mut self, cache: &mut ExpertCache, kept: &[Candidate]) -> Result<Vec<SpecLoad>> {
+        let mut loads = Vec::new();
+        let mut pinned = Vec::new();
+        for c in kept {
+            let unit = Unit::new(c.layer, c.expert);
+            if cache.slot_of(unit).is_some() {
+                continue;
+            }
+            let worth = cache.decayed_uses(unit);
+            pinned.clear();
+            for e in 0..self.experts {
+                let u = Unit::new(c.layer, e as ExpertId);
+                let valued = self.predicted[c.layer].contains(e as ExpertId)
+                    || cache.decayed_uses(u) >= worth;
+                if valued && cache.slot_of(u).is_some() && !cache.is_pinned(u) {
+                    cache.pin(u)?;
+                    pinned.push(u);
+                }
+            }
+            let full = match cache.layer_quota() {
+                Some(q) => cache.resident_experts(c.layer).len() >= q,
+                None => cache.resident() >= cache.capacity(),
+            };
+            let outcome = if full && !self.guard.may_evict() {
+                None
+            } else {
+                // A capacity error: every evictable unit is worth more than the guess.
+                cache.prefetch(unit).ok().flatten()
+            };
+            for &u in &pinned {
+                cache.unpin(u);
+            }
+            if let Some(Lookup::Miss { slot, evicted }) = outcome {
+                if let Some(v) = evicted {
+                    self.evicted(v);
+                    self.guard.evicted(v.layer as usize, v.expert);
+                }
+                self.spec.loaded(c.layer, c.expert);
+                if let Some(out) = self.outstanding.get_mut(c.layer) {
+                    out.insert(c.expert);
+                }
+                loads.push(SpecLoad {
+                    unit,
+                    slot,
+                    evicted,
+                });
+            }
+        }
+        Ok(loads)
+    }
+
+    /// `v` left the cache.
+    fn evicted(&mut self, v: Unit) {
+        let layer = v.layer as usize;
+        if let Some(out) = self.outstanding.get_mut(layer) {
+            if out.contains(v.expert) {
+                out.remove(v.expert);
+                self.spec.evicted(layer, v.expert);
+            }
+        }
+    }
+}
+
+impl<T: DeviceElem> CudaExperts<T> {
+    /// Speculative prefetch from predicted gate scores of coming layers (runtime layer indices),
+    /// after the running layer's exact loads were issued (`queued_bytes` of them, ahead on the
+    /// copy stream): the [`Speculator`]'s candidates, capped by what the link can start before
+    /// each predicted layer runs ([`LinkModel::budget`], [`cap`]), admitted by
+    /// [`CudaSpeculation::admit`], copied on the copy stream as prefetches (each slot's events
+    /// order them against the kernels that read it, so no host synchronisation). Returns the
+    /// loads issued. An all-resident runtime only counts recall.
+    pub fn speculate(
+        &mut self,
+        sp: &mut CudaSpeculation,
+        scores: &[LayerScores<'_>],
+        queued_bytes: u64,
+    ) -> Result<usize> {
+        let candidates = sp.predict(scores)?;
+        let Some(src) = self.source.as_ref() else {
+            return Ok(0);
+        };
+        let budget = sp.link.budget(sp.config().depth, queued_bytes);
+        let (cache, memory) = self.store.parts_mut();
+        sp.sweep(cache);
+        let kept = cap(&candidates, &budget, |l, e| {
+            cache.slot_of(Unit::new(l, e)).is_some()
+        });
+        let loads = sp.admit(cache, &kept)?;
+        for l in &loads {
+            memory.load(l.slot, crate::cache::ExpertSource::unit_bytes(src, l.unit)?)?;
+        }
+        self.stats.prefetches += loads.len() as u64;
+        Ok(loads.len())
+    }
+
+    /// Bytes per second one unit's copy from the page-locked host copy achieves on the copy
+    /// stream (fixed costs folded in: the rate speculative copies of this size get), the median
+    /// of five copies timed on the host. `None` for an all-resident runtime (nothing is copied).
+    pub fn measure_link(&self) -> Result<Option<f64>> {
+        let Some(src) = self.source.as_ref() else {
+            return Ok(None);
+        };
+        let bytes = crate::cache::ExpertSource::unit_bytes(src, Unit::new(0, 0))?;
+        let copy = self.store.memory().copy_stream();
+        copy.synchronize().map_err(dev)?;
+        let mut dst = copy.alloc_zeros::<u8>(bytes.len().max(1)).map_err(dev)?;
+        let mut times = Vec::with_capacity(5);
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            copy.memcpy_htod(bytes, &mut dst).map_err(dev)?;
+            copy.synchronize().map_err(dev)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(Some(bytes.len() as f64 / times[2].max(1e-9)))
+    }
+
+    /// Bytes of one unit (the largest layer's).
+    pub fn unit_bytes(&self) -> u64 {
+        self.units.iter().map(UnitShape::bytes).max().unwrap_or(1) as u64
+    }
+}
+
 /// Orders `stream` after the load of `slot`, timing the wait when asked.
 fn acquire(
     memory: &mut CudaExpertMemory,
@@ -857,6 +1154,157 @@ mod tests {
         // bf16 halves the unit.
         let bf16 = CudaExperts::<half::bf16>::slot_pool_bytes(&setup(three), 2, 4, 16, 8).unwrap();
         assert_eq!(bf16, 3 * BorrowedPool::stride(unit_f32 / 2));
+    }
+
+    fn link(layer_seconds: Option<f64>) -> LinkModel {
+        LinkModel {
+            bytes_per_s: 100.0,
+            unit_bytes: 10,
+            layer_seconds,
+            top_k: 2,
+        }
+    }
+
+    fn seconds(b: &Budget) -> Vec<f64> {
+        match b {
+            Budget::Link { seconds_until, .. } => seconds_until.clone(),
+            Budget::Count(_) => panic!("a link budget was expected, got {b:?}"),
+        }
+    }
+
+    #[test]
+    fn the_link_budget_is_layer_time_less_the_exact_loads_ahead() {
+        // Unmeasured: a layer takes its top-k units' copies, 2 x 10 B at 100 B/s.
+        let mut l = link(None);
+        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-9);
+        assert!(close(&seconds(&l.budget(2, 0)), &[0.2, 0.4]));
+        // 10 queued bytes hold the link 0.1 s.
+        assert!(close(&seconds(&l.budget(2, 10)), &[0.1, 0.3]));
+        assert!(close(&seconds(&l.budget(1, 1000)), &[0.0]));
+        // Two layers in 0.6 s, then one in 0.5 s: 0.3, then smoothed towards 0.5.
+        l.layer_time(0.6, 2);
+        assert_eq!(l.layer_seconds, Some(0.3));
+        l.layer_time(0.5, 1);
+        assert!((l.layer_seconds.unwrap() - 0.34).abs() < 1e-9);
+        l.layer_time(f64::NAN, 1);
+        l.layer_time(1.0, 0);
+        assert!(
+            (l.layer_seconds.unwrap() - 0.34).abs() < 1e-9,
+            "bad samples are ignored"
+        );
+        // The budget caps the candidates: with 15 bytes queued, 0.05 s starts one unit before
+        // distance 1, 0.25 s three in all before distance 2.
+        let c = |layer, expert, distance| Candidate {
+            layer,
+            expert,
+            distance,
+            score: 1.0,
+        };
+        let cands = [c(1, 0, 1), c(1, 1, 1), c(2, 0, 2), c(2, 1, 2), c(2, 2, 2)];
+        let kept = cap(&cands, &link(None).budget(2, 15), |_, _| false);
+        let ids: Vec<_> = kept.iter().map(|c| (c.layer, c.expert)).collect();
+        assert_eq!(ids, vec![(1, 0), (2, 0), (2, 1)]);
+    }
+
+    fn speculation() -> CudaSpeculation {
+        let cfg = SpeculatorConfig {
+            depth: 2,
+            extra: 0,
+            enabled: true,
+        };
+        CudaSpeculation::new(cfg, 3, 4, link(None)).unwrap()
+    }
+
+    #[test]
+    fn admission_loads_predictions_around_pinned_units_and_counts_waste() {
+        let mut cache = ExpertCache::with_layer_quota(3, 4, 2, 10, EvictionPolicy::Lru, 0).unwrap();
+        let mut sp = speculation();
+        // Layer 1 runs on experts 0 and 1: resident and pinned for the step.
+        for e in [0, 1] {
+            cache.access(Unit::new(1, e)).unwrap();
+        }
+        let scores = [0.0, 0.1, 0.9, 0.8];
+        let predict = |sp: &mut CudaSpeculation, layer, distance| {
+            sp.predict(&[LayerScores {
+                layer,
+                distance,
+                scores: &scores,
+                top_k: 2,
+            }])
+            .unwrap()
+        };
+        // Layer 1 is full of pinned units: its predictions (2, 3) cannot be admitted.
+        let c = predict(&mut sp, 1, 1);
+        assert!(sp.admit(&mut cache, &c).unwrap().is_empty());
+        assert_eq!(cache.resident_experts(1).len(), 2);
+        // Layer 2 is empty: both predictions load, nearest first, into free slots.
+        let c = predict(&mut sp, 2, 1);
+        let loads = sp.admit(&mut cache, &c).unwrap();
+        let units: Vec<_> = loads.iter().map(|l| (l.unit.expert, l.evicted)).collect();
+        assert_eq!(units, vec![(2, None), (3, None)]);
+        for l in &loads {
+            assert_eq!(cache.slot_of(l.unit), Some(l.slot));
+        }
+        // Resident units are not loaded twice.
+        assert!(sp.admit(&mut cache, &c).unwrap().is_empty());
+        assert_eq!(sp.stats().loads, 2);
+        // Layer 2 runs on experts 2 and 0: one speculative load used, recall 1/2 at distance 1.
+        cache.unpin_all();
+        let mut exact = ExpertSet::default();
+        exact.insert(2);
+        exact.insert(0);
+        sp.observe(2, &exact, &cache).unwrap();
+        assert_eq!(sp.stats().used, 1);
+        assert_eq!(sp.stats().recall(1), Some(0.5));
+        // Its exact miss (expert 0) evicts the unused speculative load of expert 3: wasted.
+        cache.access(Unit::new(2, 2)).unwrap();
+        match cache.access(Unit::new(2, 0)).unwrap() {
+            Lookup::Miss { evicted, .. } => assert_eq!(evicted, Some(Unit::new(2, 3))),
+            other => panic!("expected a miss, got {other:?}"),
+        }
+        sp.sweep(&cache);
+        assert_eq!(sp.stats().wasted, 1);
+        sp.sweep(&cache);
+        assert_eq!(sp.stats().wasted, 1, "a wasted load is counted once");
+    }
+
+    #[test]
+    fn a_speculative_load_evicts_only_what_the_prediction_does_not_name() {
+        let mut cache = ExpertCache::with_layer_quota(3, 4, 2, 10, EvictionPolicy::Lru, 0).unwrap();
+        let mut sp = speculation();
+        // Layer 0 holds experts 0 and 1, used once each; expert 3, used three times, was evicted.
+        for e in [3, 3, 3, 0, 1] {
+            cache.access(Unit::new(0, e)).unwrap();
+            cache.unpin_all();
+        }
+        assert!(cache.slot_of(Unit::new(0, 3)).is_none());
+        let predict = |sp: &mut CudaSpeculation, scores: &[f32]| {
+            sp.predict(&[LayerScores {
+                layer: 0,
+                distance: 1,
+                scores,
+                top_k: 2,
+            }])
+            .unwrap()
+        };
+        // A guess never used (expert 2) is worth less than every resident unit: no load.
+        let c = predict(&mut sp, &[0.0, 0.9, 0.8, 0.1]);
+        assert!(sp.admit(&mut cache, &c).unwrap().is_empty());
+        // Predicted: expert 1 (resident) and 3. Expert 0, unnamed and used less than 3, is the
+        // only unit the guess may take.
+        let c = predict(&mut sp, &[0.0, 0.9, 0.1, 0.8]);
+        let loads = sp.admit(&mut cache, &c).unwrap();
+        assert_eq!(loads.len(), 1);
+        assert_eq!(loads[0].unit, Unit::new(0, 3));
+        assert_eq!(loads[0].evicted, Some(Unit::new(0, 0)));
+        assert!(
+            cache.slot_of(Unit::new(0, 1)).is_some(),
+            "a predicted unit stays"
+        );
+        assert!(
+            !cache.is_pinned(Unit::new(0, 1)),
+            "the admission's pins are released"
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ use cudarc::driver::CudaContext;
 use half::bf16;
 
 pub use backend::CudaBackend;
-pub use experts::{CudaExperts, ExpertSetup, HostUnits};
+pub use experts::{CudaExperts, CudaSpeculation, ExpertSetup, HostUnits, LinkModel, SpecLoad};
 pub use memory::{BorrowedPool, CudaExpertMemory};
 pub use router::CudaReadMeRouter;
 pub use weights::{DeviceElem, PackUnit};
@@ -135,6 +135,12 @@ pub struct CudaOptions {
     pub router: RouterPlacement,
     /// The expert FFN's grouped kernels for small batches (off: cuBLAS for every batch).
     pub grouped_ffn: bool,
+    /// Speculative expert prefetch for in-model gates: on, off, or `None` for the default (on
+    /// when the model routes in-model and the cache holds fewer units than the model has
+    /// experts; see [`CudaBackend::with_speculation`]).
+    pub speculate: Option<bool>,
+    /// Depth and extra candidates of the speculation.
+    pub speculation: crate::moe::SpeculatorConfig,
 }
 
 impl Default for CudaOptions {
@@ -150,6 +156,8 @@ impl Default for CudaOptions {
             measure_stalls: false,
             router: RouterPlacement::Host,
             grouped_ffn: true,
+            speculate: None,
+            speculation: crate::moe::SpeculatorConfig::default(),
         }
     }
 }
@@ -167,6 +175,8 @@ impl CudaOptions {
             kv_tokens: opts.kv_tokens.or(d.kv_tokens),
             router: opts.router.unwrap_or(d.router),
             grouped_ffn: opts.expert_ffn.unwrap_or_default() == crate::engine::ExpertFfn::Grouped,
+            speculate: opts.speculate,
+            speculation: opts.speculation(),
             ..d
         }
     }
@@ -212,6 +222,9 @@ pub struct CudaHandle {
     pub stats: Mutex<CudaStats>,
     /// A new cache setup, applied (emptying the cache) before the next step.
     pub reconfigure: Mutex<Option<CacheSetup>>,
+    /// Speculative prefetch on or off from the next step (fresh counters; `None` inside: the
+    /// backend's default for its cache). Applied with a pending reconfiguration, or alone.
+    pub speculate: Mutex<Option<Option<bool>>>,
 }
 
 impl CudaHandle {
@@ -254,7 +267,8 @@ pub fn open_cuda_engine(model: &ModelDir, opts: &CudaOptions) -> Result<(Engine,
         opts: &CudaOptions,
         weights: Option<crate::model::RouterWeights>,
     ) -> Result<OpenedParts> {
-        let b = CudaBackend::<T>::new(model, opts)?;
+        let b = CudaBackend::<T>::new(model, opts)?
+            .with_speculation(opts.speculate, opts.speculation)?;
         let cfg = &model.config;
         let router: Box<dyn Router> = match (weights, opts.router) {
             (None, _) => Box::new(InModelRouter::new(
