@@ -35,12 +35,16 @@
 //! The CPU backend (`engine/cpu.rs`) predicts after each layer's attention, from the residual
 //! stream, with the coming layers' own post-attention norms and gates, and before layer 0 from the
 //! step's embeddings; its runtime ([`super::CpuExperts::speculate`]) prefetches into the
-//! accounting cache and observes each layer's exact experts. A device backend makes the same
-//! calls: [`Speculator::predict`] after each attention, [`cap`] by its copy stream's time, the
-//! kept candidates into a [`SpecQueue`] that its copy stream drains only while a copy lands
-//! before the next exact load ([`fits_before_exact`]), [`SpecQueue::cancel_layer`] and
-//! [`Speculator::observe`] when a layer's exact routes are known, the [`EvictionGuard`] for
-//! evictions, and the counters to `ModelMetrics::record_speculation` each step.
+//! accounting cache and observes each layer's exact experts. The CUDA backend
+//! (`cuda/backend.rs`) computes the same predictions on the device and reads them back with each
+//! MoE layer's exact routes (one synchronisation); it observes the layer's exact experts, loads
+//! its misses first, then queues the candidates [`cap`] lets through a link budget (bytes the
+//! measured copy bandwidth moves in about one layer's time, less the exact bytes already queued)
+//! behind them on the copy stream, with the same eviction rules and [`EvictionGuard`]. The
+//! per-layer replay (`replay/perlayer.rs`) models a stricter rule on an in-order link: candidates
+//! wait in a [`SpecQueue`] drained only while a copy lands before the next exact load
+//! ([`fits_before_exact`]), and [`SpecQueue::cancel_layer`] drops those whose layer ran. Every
+//! backend sends the counters to `ModelMetrics::record_speculation` each step.
 
 use crate::error::{Error, Result};
 use crate::route::{ExpertId, ExpertSet, MAX_EXPERTS, MAX_TOP_K};
