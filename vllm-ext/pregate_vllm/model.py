@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +172,48 @@ def _rope_parameters(config: object) -> dict:
     params.setdefault("rope_theta", float(getattr(config, "rope_theta", 10000.0)))
     params.setdefault("rope_type", "default")
     return params
+
+
+class ExpertCollector:
+    """Collects each routed expert's three projections from the checkpoint's stream of tensors
+    (in any order) and hands this rank's slice to pregate's store once all three are there: gate
+    and up rows, down columns (tensor parallel splits the intermediate width)."""
+
+    def __init__(self, experts: MoeService, inter: int, tp: int, rank: int) -> None:
+        self.experts = experts
+        self.width = inter // tp
+        self.lo = rank * self.width
+        self._pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def take(self, layer: int, slot: int, expert: int, proj: str, w: torch.Tensor) -> None:
+        """Projection `proj` (gate, up or down) of `expert` in checkpoint layer `layer`, the
+        service's layer `slot`."""
+        part = self._pending.setdefault((layer, expert), {})
+        part[proj] = w
+        if len(part) < 3:
+            return
+        del self._pending[(layer, expert)]
+        lo, n = self.lo, self.width
+        self.experts.set_expert(
+            slot,
+            expert,
+            part["gate"][lo : lo + n],
+            part["up"][lo : lo + n],
+            part["down"][:, lo : lo + n],
+        )
+
+    def finish(self, name_of: Callable[[int, int, str], str] | None = None) -> None:
+        """Finalizes the service, or names an expert whose projections the checkpoint lacks
+        (`name_of(layer, expert, proj)`: the checkpoint name of the first one missing)."""
+        if self._pending:
+            (layer, e), part = next(iter(self._pending.items()))
+            lacking = sorted({"gate", "up", "down"} - set(part))
+            where = f" ({name_of(layer, e, lacking[0])})" if name_of else ""
+            raise ValueError(
+                f"the checkpoint lacks expert projections: (layer {layer}, expert {e}) has no "
+                f"{lacking}{where}"
+            )
+        self.experts.finalize()
 
 
 class ReadMERouterModule(nn.Module):
@@ -400,7 +442,7 @@ class ReadMEModel(nn.Module):
         )
         # A plain int: the ops take it as a constant, and compiled graphs keep it.
         self.handle = self.experts.handle
-        self._pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._collector = ExpertCollector(self.experts, self.expert_inter, self.tp, self.rank)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token embeddings of `input_ids`."""
@@ -424,24 +466,6 @@ class ReadMEModel(nn.Module):
             hidden = layer(positions, hidden, topk_ids, topk_w, step, self.handle)
         return self.norm(hidden)
 
-    def _take_expert(self, layer: int, expert: int, proj: str, w: torch.Tensor) -> None:
-        """Holds an expert's projections until all three are there, then hands this rank's slice
-        to pregate's store (gate and up rows, down columns)."""
-        part = self._pending.setdefault((layer, expert), {})
-        part[proj] = w
-        if len(part) < 3:
-            return
-        del self._pending[(layer, expert)]
-        n = self.expert_inter // self.tp
-        lo = self.rank * n
-        self.experts.set_expert(
-            layer,
-            expert,
-            part["gate"][lo : lo + n],
-            part["up"][lo : lo + n],
-            part["down"][:, lo : lo + n],
-        )
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads the backbone and router into vLLM parameters and the experts into pregate's
         store, then finalizes the store (which names any expert the checkpoint lacks)."""
@@ -452,7 +476,8 @@ class ReadMEModel(nn.Module):
                 loaded.add("router." + self.router.load(name[len("cluster_predictor.") :], w))
                 continue
             if m := _EXPERT.match(name):
-                self._take_expert(int(m[1]), int(m[3]), m[2], w)
+                layer = int(m[1])
+                self._collector.take(layer, layer, int(m[3]), m[2], w)
                 continue
             if not name.startswith("model."):
                 continue
@@ -473,14 +498,7 @@ class ReadMEModel(nn.Module):
             loader = getattr(param, "weight_loader", default_weight_loader)
             loader(param, w) if shard is None else loader(param, w, shard)
             loaded.add(local)
-        if self._pending:
-            (layer, e), part = next(iter(self._pending.items()))
-            lacking = sorted({"gate", "up", "down"} - set(part))
-            raise ValueError(
-                f"the checkpoint lacks expert projections: (layer {layer}, expert {e}) has no "
-                f"{lacking} (model.layers.{layer}.moe.{lacking[0]}_proj_{e}.weight)"
-            )
-        self.experts.finalize()
+        self._collector.finish(lambda layer, e, p: f"model.layers.{layer}.moe.{p}_proj_{e}.weight")
         return loaded
 
 

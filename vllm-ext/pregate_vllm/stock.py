@@ -50,7 +50,7 @@ from vllm.sequence import IntermediateTensors
 from . import ops  # noqa: F401  (registers torch.ops.pregate.*)
 from ._lib import POLICIES
 from .gating import route
-from .model import PregateCausalLM, _rope_parameters
+from .model import ExpertCollector, PregateCausalLM, _rope_parameters
 from .ops import MoeService
 
 #: The architecture name a user selects with `hf_overrides`.
@@ -547,7 +547,7 @@ class StockMoeModel(nn.Module):
             )
         # A plain int: the ops take it as a constant, and compiled graphs keep it.
         self.handle = self.experts.handle
-        self._pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._collector = ExpertCollector(self.experts, inter, self.tp, self.rank)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token embeddings of `input_ids`."""
@@ -582,24 +582,6 @@ class StockMoeModel(nn.Module):
                 step = torch.ops.pregate.speculate(scores, step, m, self.top_k, self.handle)
         return self.norm(hidden)
 
-    def _take_expert(self, layer: int, expert: int, proj: str, w: torch.Tensor) -> None:
-        """Holds an expert's projections until all three are there, then hands this rank's slice
-        to pregate's store (gate and up rows, down columns)."""
-        part = self._pending.setdefault((layer, expert), {})
-        part[proj] = w
-        if len(part) < 3:
-            return
-        del self._pending[(layer, expert)]
-        n = self.expert_inter // self.tp
-        lo = self.rank * n
-        self.experts.set_expert(
-            self.moe_layers.index(layer),
-            expert,
-            part["gate"][lo : lo + n],
-            part["up"][lo : lo + n],
-            part["down"][:, lo : lo + n],
-        )
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads attention, norms, gates and dense MLPs into vLLM parameters and the routed
         experts into pregate's store, then finalizes it (naming any expert the checkpoint
@@ -619,7 +601,8 @@ class StockMoeModel(nn.Module):
                 layer = int(m[1])
                 if layer not in moe:
                     raise ValueError(f"checkpoint tensor {name}: layer {layer} has no experts")
-                self._take_expert(layer, int(m[2]), fam.proj[m[3]], w)
+                slot = self.moe_layers.index(layer)
+                self._collector.take(layer, slot, int(m[2]), fam.proj[m[3]], w)
                 continue
             target, shard = self._place(local)
             if target not in params:
@@ -628,14 +611,9 @@ class StockMoeModel(nn.Module):
             loader = getattr(param, "weight_loader", default_weight_loader)
             loader(param, w) if shard is None else loader(param, w, shard)
             loaded.add(target)
-        if self._pending:
-            (layer, e), part = next(iter(self._pending.items()))
-            lacking = sorted({"gate", "up", "down"} - set(part))
-            raise ValueError(
-                f"the checkpoint lacks expert projections: (layer {layer}, expert {e}) has no "
-                f"{lacking}"
-            )
-        self.experts.finalize()
+        ckpt = {p: name for name, p in fam.proj.items()}
+        pattern = f"model.layers.{{}}.{fam.moe_module}.experts.{{}}.{{}}.weight"
+        self._collector.finish(lambda layer, e, p: pattern.format(layer, e, ckpt[p]))
         return loaded
 
     def _place(self, local: str) -> tuple[str, str | int | None]:
