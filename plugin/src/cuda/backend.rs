@@ -331,21 +331,10 @@ impl<T: DeviceElem> CudaBackend<T> {
     }
 
     fn set_speculation(&mut self, on: Option<bool>, cfg: SpeculatorConfig) -> Result<()> {
-        let cfg = SpeculatorConfig {
-            enabled: on.unwrap_or_else(|| self.speculation_pays()),
-            ..cfg
-        };
-        cfg.validate()?;
-        let gating =
-            match (cfg.enabled, self.in_model) {
-                (false, _) => None,
-                (true, Some(g)) => Some(g),
-                (true, None) => return Err(Error::InvalidArgument(
-                    "speculative prefetch predicts in-model gates; this model's routes come from \
-                     its pre-gate router and are exact"
-                        .into(),
-                )),
-            };
+        let in_model = self.in_model.is_some();
+        let cfg = crate::engine::speculation_config(on, cfg, in_model, || self.speculation_pays())?;
+        // Enabled only with an in-model gate (checked above).
+        let gating = self.in_model.filter(|_| cfg.enabled);
         self.speculation = match gating {
             None => None,
             Some(g) => {
@@ -980,14 +969,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
     }
 
     fn trace_routes(&mut self, on: bool) -> Result<()> {
-        if on && self.in_model.is_none() {
-            return Err(Error::InvalidArgument(
-                "this model is routed before the backbone (its routes are the engine's): there \
-                 are no in-model routes to trace"
-                    .into(),
-            ));
-        }
-        self.trace = on.then(Vec::new);
+        self.trace = crate::engine::route_trace(on, self.in_model.is_some())?;
         Ok(())
     }
 

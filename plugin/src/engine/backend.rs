@@ -114,6 +114,44 @@ pub struct ChunkRoutes {
     pub layers: Vec<Vec<TokenRoute>>,
 }
 
+/// A backend's route trace after [`Backend::trace_routes`]`(on)`: an empty trace when on, none
+/// when off. Tracing is refused for a model routed before the backbone (`in_model` false): the
+/// engine's routes are its routes, and nothing inside the model makes any.
+pub fn route_trace(on: bool, in_model: bool) -> Result<Option<Vec<ChunkRoutes>>> {
+    if on && !in_model {
+        return Err(Error::InvalidArgument(
+            "this model is routed before the backbone (its routes are the engine's): there are \
+             no in-model routes to trace"
+                .into(),
+        ));
+    }
+    Ok(on.then(Vec::new))
+}
+
+/// The speculation a backend runs: `cfg` switched on or off as `on` says, or, with `on` unset,
+/// on when `pays` (the backend's default: an in-model router and a cache smaller than the
+/// experts). Asking for it with a pre-gate router (`in_model` false) is an error.
+pub fn speculation_config(
+    on: Option<bool>,
+    cfg: crate::moe::SpeculatorConfig,
+    in_model: bool,
+    pays: impl FnOnce() -> bool,
+) -> Result<crate::moe::SpeculatorConfig> {
+    let cfg = crate::moe::SpeculatorConfig {
+        enabled: on.unwrap_or_else(pays),
+        ..cfg
+    };
+    cfg.validate()?;
+    if cfg.enabled && !in_model {
+        return Err(Error::InvalidArgument(
+            "speculative prefetch predicts in-model gates; this model's routes come from its \
+             pre-gate router and are exact"
+                .into(),
+        ));
+    }
+    Ok(cfg)
+}
+
 /// Refuses a sequence longer than the model's positions: every backend checks a reservation
 /// against it before allocating anything.
 pub fn check_max_len(cfg: &ModelConfig, max_len: usize) -> Result<()> {

@@ -163,17 +163,9 @@ impl CpuBackend {
     /// Asking for it with a pre-gate router is an error. Call after
     /// [`CpuBackend::with_expert_cache`].
     pub fn with_speculation(mut self, on: Option<bool>, cfg: SpeculatorConfig) -> Result<Self> {
-        let cfg = SpeculatorConfig {
-            enabled: on.unwrap_or_else(|| self.speculation_pays()),
-            ..cfg
-        };
-        cfg.validate()?;
-        if cfg.enabled && self.in_model.is_none() {
-            return Err(Error::InvalidArgument(
-                "speculative prefetch predicts in-model gates; this model's routes come from its                  pre-gate router and are exact"
-                    .into(),
-            ));
-        }
+        let in_model = self.in_model.is_some();
+        let cfg =
+            super::backend::speculation_config(on, cfg, in_model, || self.speculation_pays())?;
         self.experts = self.experts.with_speculation(cfg)?;
         Ok(self)
     }
@@ -565,14 +557,7 @@ impl Backend for CpuBackend {
     }
 
     fn trace_routes(&mut self, on: bool) -> Result<()> {
-        if on && self.in_model.is_none() {
-            return Err(Error::InvalidArgument(
-                "this model is routed before the backbone (its routes are the engine's): there \
-                 are no in-model routes to trace"
-                    .into(),
-            ));
-        }
-        self.trace = on.then(Vec::new);
+        self.trace = super::backend::route_trace(on, self.in_model.is_some())?;
         Ok(())
     }
 

@@ -20,7 +20,8 @@ use rayon::prelude::*;
 pub use crate::cache::ExpertCapacity;
 pub use crate::cuda::{CudaDtype, RouterPlacement};
 pub use backend::{
-    check_max_len, Backend, ChunkRoutes, ForwardChunk, Lookahead, SeqId, StepRoutes,
+    check_max_len, route_trace, speculation_config, Backend, ChunkRoutes, ForwardChunk, Lookahead,
+    SeqId, StepRoutes,
 };
 pub use device::{open_engine, open_engine_with, Device};
 pub use driver::{StepDriver, ViewOrder};
