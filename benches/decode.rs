@@ -109,31 +109,36 @@ fn median_step_seconds(engine: &mut Engine, steps: usize) -> f64 {
     times[times.len() / 2]
 }
 
-fn bench_decode(c: &mut Criterion) {
-    let dir = model_dir();
-    let mut group = c.benchmark_group("decode_small_cpu");
-    group
-        .sample_size(20)
-        .measurement_time(Duration::from_secs(8));
+/// Criterion's timings of one decode step at each batch size of the model in `dir`, then the
+/// side-by-side summary in the same run: decode speed against the bandwidth floor (`bytes` the
+/// weights a step reads, over the measured memcpy bandwidth). `title` heads the summary.
+fn decode_against_floor(
+    c: &mut Criterion,
+    group: &str,
+    dir: &Path,
+    title: &str,
+    bytes: impl Fn(&mut Engine, &ModelDir) -> usize,
+) {
+    let mut g = c.benchmark_group(group);
+    g.sample_size(20).measurement_time(Duration::from_secs(8));
     for batch in BATCHES {
-        let mut engine = decoding_engine(&dir, batch);
-        group.bench_function(format!("batch{batch}"), |b| b.iter(|| step(&mut engine)));
+        let mut engine = decoding_engine(dir, batch);
+        g.bench_function(format!("batch{batch}"), |b| b.iter(|| step(&mut engine)));
     }
-    group.finish();
+    g.finish();
 
-    // The side-by-side summary: decode speed against the bandwidth floor, in this same run.
-    let model = ModelDir::open(&dir).expect("open model");
+    let model = ModelDir::open(dir).expect("open model");
     let bw = memcpy_bandwidth();
     println!(
-        "\nmemcpy bandwidth (bytes copied per second): {:.2} GB/s",
+        "\n{title}memcpy bandwidth (bytes copied per second): {:.2} GB/s",
         bw / 1e9
     );
     println!("| batch | step ms | tokens/s | weight MB/step | floor tokens/s | ratio to floor |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for batch in BATCHES {
-        let mut engine = decoding_engine(&dir, batch);
+        let mut engine = decoding_engine(dir, batch);
         step(&mut engine);
-        let bytes = step_bytes(&engine, &model);
+        let bytes = bytes(&mut engine, &model);
         let secs = median_step_seconds(&mut engine, 30);
         let floor_secs = bytes as f64 / bw;
         println!(
@@ -145,6 +150,12 @@ fn bench_decode(c: &mut Criterion) {
             floor_secs / secs
         );
     }
+}
+
+fn bench_decode(c: &mut Criterion) {
+    decode_against_floor(c, "decode_small_cpu", &model_dir(), "", |e, m| {
+        step_bytes(e, m)
+    });
 }
 
 /// Mixtral's shape scaled down to run on a small host: 4 layers of 8 experts, top-2, hidden 512,
@@ -206,42 +217,15 @@ fn traced_step_bytes(engine: &mut Engine, model: &ModelDir) -> usize {
 }
 
 fn bench_decode_mixtral(c: &mut Criterion) {
-    let dir = mixtral_dir();
-    let mut group = c.benchmark_group("decode_mixtral_small_cpu");
-    group
-        .sample_size(20)
-        .measurement_time(Duration::from_secs(8));
-    for batch in BATCHES {
-        let mut engine = decoding_engine(&dir, batch);
-        group.bench_function(format!("batch{batch}"), |b| b.iter(|| step(&mut engine)));
-    }
-    group.finish();
-
-    let model = ModelDir::open(&dir).expect("open model");
-    let bw = memcpy_bandwidth();
-    println!(
-        "\nMixtral-shaped (4 layers, 8 experts of 512x1792, top-2, vocab 32000), f32, CPU\n\
-         memcpy bandwidth (bytes copied per second): {:.2} GB/s",
-        bw / 1e9
-    );
-    println!("| batch | step ms | tokens/s | weight MB/step | floor tokens/s | ratio to floor |");
-    println!("| --- | --- | --- | --- | --- | --- |");
-    for batch in BATCHES {
-        let mut engine = decoding_engine(&dir, batch);
+    // Routes come from in-model gates: the experts a step reads are known from its trace.
+    let bytes = |engine: &mut Engine, model: &ModelDir| {
         engine.trace_routes(true).expect("trace routes");
-        let bytes = traced_step_bytes(&mut engine, &model);
+        let bytes = traced_step_bytes(engine, model);
         engine.trace_routes(false).expect("stop tracing");
-        let secs = median_step_seconds(&mut engine, 30);
-        let floor_secs = bytes as f64 / bw;
-        println!(
-            "| {batch} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} |",
-            secs * 1e3,
-            batch as f64 / secs,
-            bytes as f64 / 1e6,
-            batch as f64 / floor_secs,
-            floor_secs / secs
-        );
-    }
+        bytes
+    };
+    let title = "Mixtral-shaped (4 layers, 8 experts of 512x1792, top-2, vocab 32000), f32, CPU\n";
+    decode_against_floor(c, "decode_mixtral_small_cpu", &mixtral_dir(), title, bytes);
 }
 
 criterion_group!(benches, bench_decode, bench_decode_mixtral);
