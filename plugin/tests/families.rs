@@ -138,7 +138,9 @@ fn mixtral_sharded_f32_matches_transformers() {
 #[test]
 fn mixtral_sliding_window_f32_matches_transformers() {
     let name = "mixtral_swa_f32";
-    let plan = ModelDir::open(&fixture_dir(name).join("model")).unwrap().plan;
+    let plan = ModelDir::open(&fixture_dir(name).join("model"))
+        .unwrap()
+        .plan;
     for layer in &plan.layers {
         assert_eq!(layer.attention.sliding_window.map(|w| w.get()), Some(6));
     }
