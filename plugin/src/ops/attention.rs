@@ -168,7 +168,7 @@ mod tests {
             for (start, t) in [(3usize, 5usize), (8, 1), (0, 9)] {
                 let q = rand_vec(t * 32, 3 + start as u64);
                 let kv = ..(start + t) * 16;
-                let out = run(&q, &k[kv.clone()], &v[kv], start, &shape);
+                let out = run(&q, &k[kv], &v[kv], start, &shape);
                 assert_close(&out, &reference(&q, &k, &v, start, &shape), 1e-5);
             }
         }
