@@ -6,6 +6,9 @@
 // One block of ATTN_WARPS warps per (query token, query head). Each warp walks a strided subset of
 // the keys with an online softmax (f32); lane l holds dimensions l, l + 32, ... of the head; the
 // warps' partial states are merged at the end (lanes past head_dim idle). head_dim: 1 .. 32 * ATTN_MAX_PER_LANE.
+//
+// window > 0 is a sliding window (Mixtral's sliding_window): the query at key position p sees keys
+// p - window < j <= p, itself and the window - 1 before it; 0 means every key up to its own.
 
 #define ATTN_WARPS 4
 #define ATTN_MAX_PER_LANE 8
@@ -43,10 +46,11 @@ struct PagedKv {
     __device__ __forceinline__ const T* value(int j) const { return v_cache + offset(j); }
 };
 
-// out[0 .. head_dim) = softmax(scale * q . k_j) v_j over keys j in [0, n_keys); keys the source
-// reports invalid are skipped. No keys: zeros.
+// out[0 .. head_dim) = softmax(scale * q . k_j) v_j over keys j in [first, n_keys), first =
+// max(0, n_keys - window) with a window (> 0), else 0; keys the source reports invalid are skipped.
+// No keys: zeros.
 template <typename T, typename Kv>
-__device__ void attend(const T* q, const Kv& kv, int n_keys, int head_dim, float scale, T* out) {
+__device__ void attend(const T* q, const Kv& kv, int n_keys, int window, int head_dim, float scale, T* out) {
     __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
     __shared__ float s_acc[ATTN_WARPS][32 * ATTN_MAX_PER_LANE];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -57,7 +61,8 @@ __device__ void attend(const T* q, const Kv& kv, int n_keys, int head_dim, float
         acc[i] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
-    for (int j = warp; j < n_keys; j += ATTN_WARPS) {
+    const int first = window > 0 ? max(0, n_keys - window) : 0;
+    for (int j = first + warp; j < n_keys; j += ATTN_WARPS) {
         if (!kv.valid(j)) continue;
         const T* kp = kv.key(j);
         float s = 0.0f;
@@ -102,14 +107,15 @@ __device__ void attend(const T* q, const Kv& kv, int n_keys, int head_dim, float
 }
 
 // Causal attention within each sequence of a packed batch (no cache): sequence b owns tokens
-// cu_seqlens[b] .. cu_seqlens[b + 1]; token t attends to the tokens of its sequence up to itself.
+// cu_seqlens[b] .. cu_seqlens[b + 1]; token t attends to the tokens of its sequence up to itself
+// (the last `window` of them when window > 0; positions count from the sequence's first token).
 // q: [n_tokens, q_stride] with head h at column h * head_dim; k, v: [n_tokens, kv_stride] with kv
 // head g at column g * head_dim; out: [n_tokens, n_heads * head_dim]. Query head h reads kv head
 // h / (n_heads / n_kv). grid: (n_tokens, n_heads), block: 32 * ATTN_WARPS.
 template <typename T>
 __device__ void attention_prefill_impl(const T* q, int q_stride, const T* k, const T* v, int kv_stride, T* out,
                                        const int* cu_seqlens, int n_seqs, int n_tokens, int n_heads, int n_kv,
-                                       int head_dim, float scale) {
+                                       int head_dim, float scale, int window) {
     const int t = blockIdx.x, h = blockIdx.y;
     if (t >= n_tokens || h >= n_heads) return;
     int lo = 0, hi = n_seqs;  // last b with cu_seqlens[b] <= t
@@ -121,18 +127,19 @@ __device__ void attention_prefill_impl(const T* q, int q_stride, const T* k, con
     if (start < 0 || start > t) start = t;  // a malformed cu_seqlens degrades, never reads out of bounds
     const int kvh = h / (n_heads / n_kv);
     ContiguousKv<T> kv{k + (long long)start * kv_stride, v + (long long)start * kv_stride, kv_stride, kvh * head_dim};
-    attend<T>(q + (long long)t * q_stride + h * head_dim, kv, t - start + 1, head_dim, scale,
+    attend<T>(q + (long long)t * q_stride + h * head_dim, kv, t - start + 1, window, head_dim, scale,
               out + ((long long)t * n_heads + h) * head_dim);
 }
 #define ATTN_PREFILL(S, T) \
     extern "C" __global__ void attention_prefill_##S(const T* q, int q_stride, const T* k, const T* v, int kv_stride, T* out, \
-        const int* cu_seqlens, int n_seqs, int n_tokens, int n_heads, int n_kv, int head_dim, float scale) { \
-        attention_prefill_impl<T>(q, q_stride, k, v, kv_stride, out, cu_seqlens, n_seqs, n_tokens, n_heads, n_kv, head_dim, scale); }
+        const int* cu_seqlens, int n_seqs, int n_tokens, int n_heads, int n_kv, int head_dim, float scale, int window) { \
+        attention_prefill_impl<T>(q, q_stride, k, v, kv_stride, out, cu_seqlens, n_seqs, n_tokens, n_heads, n_kv, head_dim, scale, \
+                                  window); }
 PG_DTYPES(ATTN_PREFILL)
 
 // Attention of each query token over its sequence's paged KV cache (decode, chunked prefill, or
 // both mixed): token t uses block table row seq_rows[t] and attends to cache positions
-// 0 ..= positions[t] (its own K/V must already be written). Blocks outside 0..num_blocks are
+// 0 ..= positions[t] (positions[t] - window < j with window > 0; its own K/V must already be written). Blocks outside 0..num_blocks are
 // skipped; a row outside 0..n_rows or a negative position gives a zero output.
 // q: [n_tokens, q_stride]; block_tables: [rows, max_blocks]; out: [n_tokens, n_heads * head_dim].
 // grid: (n_tokens, n_heads), block: 32 * ATTN_WARPS.
@@ -140,7 +147,7 @@ template <typename T>
 __device__ void attention_paged_impl(const T* q, int q_stride, const T* k_cache, const T* v_cache,
                                      const int* block_tables, int n_rows, int max_blocks, const int* seq_rows,
                                      const int* positions, T* out, int n_tokens, int n_heads, int n_kv, int head_dim, int block_size,
-                                     int num_blocks, float scale) {
+                                     int num_blocks, float scale, int window) {
     const int t = blockIdx.x, h = blockIdx.y;
     if (t >= n_tokens || h >= n_heads) return;
     const int row = seq_rows[t];
@@ -148,15 +155,15 @@ __device__ void attention_paged_impl(const T* q, int q_stride, const T* k_cache,
     const int n_keys = row_ok ? max(0, min(positions[t] + 1, max_blocks * block_size)) : 0;
     PagedKv<T> kv{k_cache, v_cache, block_tables + (long long)(row_ok ? row : 0) * max_blocks, block_size, num_blocks,
                   n_kv, head_dim, h / (n_heads / n_kv)};
-    attend<T>(q + (long long)t * q_stride + h * head_dim, kv, n_keys, head_dim, scale,
+    attend<T>(q + (long long)t * q_stride + h * head_dim, kv, n_keys, window, head_dim, scale,
               out + ((long long)t * n_heads + h) * head_dim);
 }
 #define ATTN_PAGED(S, T) \
     extern "C" __global__ void attention_paged_##S(const T* q, int q_stride, const T* k_cache, const T* v_cache, \
         const int* block_tables, int n_rows, int max_blocks, const int* seq_rows, const int* positions, T* out, \
-        int n_tokens, int n_heads, int n_kv, int head_dim, int block_size, int num_blocks, float scale) { \
+        int n_tokens, int n_heads, int n_kv, int head_dim, int block_size, int num_blocks, float scale, int window) { \
         attention_paged_impl<T>(q, q_stride, k_cache, v_cache, block_tables, n_rows, max_blocks, seq_rows, positions, out, \
-                                n_tokens, n_heads, n_kv, head_dim, block_size, num_blocks, scale); }
+                                n_tokens, n_heads, n_kv, head_dim, block_size, num_blocks, scale, window); }
 PG_DTYPES(ATTN_PAGED)
 
 // Writes token t's keys and values (k, v: [n_tokens, kv_stride], n_kv * head_dim used) into cache

@@ -10,6 +10,7 @@ use pregate_kernels::{
     AttentionShape, ExpertPlan, ExpertWeights, FfnDims, KernelDtype, MoePermutation, PagedKvLayout,
 };
 use rand::Rng;
+use std::num::NonZeroUsize;
 
 fn main() -> std::process::ExitCode {
     let mut tests = DeviceTests::new();
@@ -266,15 +267,22 @@ fn attend_ref(q: &[f32], keys: &[(&[f32], &[f32])], scale: f64) -> Vec<f64> {
 both_dtypes!(check_attention_prefill: attention_prefill_f32, attention_prefill_bf16);
 fn check_attention_prefill<T: KernelDtype>(g: &Gpu, name: &str) {
     let mut rng = rng(name);
-    // (heads, kv heads, head dim, scale): the backbone with GQA, and the router (scale 1/normalizer).
-    for (nh, nkv, d, scale) in [
-        (8, 2, 128, 1.0 / (128f32).sqrt()),
-        (4, 4, 128, 1.0),
-        (6, 3, 64, 0.125),
+    // (heads, kv heads, head dim, scale, sliding window): the backbone with GQA, and the router
+    // (scale 1/normalizer); windows shorter than the 17-token sequence, one of a single key, and
+    // one longer than every sequence (full attention).
+    for (nh, nkv, d, scale, window) in [
+        (8, 2, 128, 1.0 / (128f32).sqrt(), 0),
+        (4, 4, 128, 1.0, 0),
+        (6, 3, 64, 0.125, 0),
         // Head sizes that are not a multiple of 32 (the test fixtures use 16).
-        (4, 2, 16, 0.25),
-        (2, 1, 48, 0.2),
+        (4, 2, 16, 0.25, 0),
+        (2, 1, 48, 0.2, 0),
+        (8, 2, 128, 1.0 / (128f32).sqrt(), 4),
+        (2, 1, 48, 0.2, 6),
+        (4, 2, 16, 0.25, 1),
+        (6, 3, 64, 0.125, 4096),
     ] {
+        let window = NonZeroUsize::new(window);
         let lens = [5usize, 1, 17];
         let n: usize = lens.iter().sum();
         let mut cu = vec![0i32];
@@ -295,6 +303,7 @@ fn check_attention_prefill<T: KernelDtype>(g: &Gpu, name: &str) {
             q_stride,
             kv_stride,
             scale,
+            window,
         };
         let mut out = g.poisoned::<T>(n * nh * d);
         g.ks.attention_prefill(
@@ -313,7 +322,10 @@ fn check_attention_prefill<T: KernelDtype>(g: &Gpu, name: &str) {
             for t in cu[s] as usize..cu[s + 1] as usize {
                 for h in 0..nh {
                     let kvh = h / (nh / nkv);
-                    let keys: Vec<(&[f32], &[f32])> = (cu[s] as usize..=t)
+                    let first = window.map_or(cu[s] as usize, |w| {
+                        (cu[s] as usize).max((t + 1).saturating_sub(w.get()))
+                    });
+                    let keys: Vec<(&[f32], &[f32])> = (first..=t)
                         .map(|j| {
                             let o = j * kv_stride + kvh * d;
                             (&kf[o..o + d], &vf[o..o + d])
@@ -325,7 +337,7 @@ fn check_attention_prefill<T: KernelDtype>(g: &Gpu, name: &str) {
             }
         }
         assert_close::<T>(
-            &format!("attention_prefill h{nh}/{nkv} d{d}"),
+            &format!("attention_prefill h{nh}/{nkv} d{d} window {window:?}"),
             &g.download_f32(&out),
             &want,
         );
@@ -334,8 +346,16 @@ fn check_attention_prefill<T: KernelDtype>(g: &Gpu, name: &str) {
 
 both_dtypes!(check_attention_paged: attention_paged_f32, attention_paged_bf16);
 fn check_attention_paged<T: KernelDtype>(g: &Gpu, name: &str) {
-    for (nh, nkv, d) in [(8, 2, 128), (4, 2, 16)] {
-        check_attention_paged_shape::<T>(g, &format!("{name}-{d}"), nh, nkv, d);
+    // Sliding windows (0: none): shorter than a block (16), across blocks, a single key.
+    for (nh, nkv, d, window) in [
+        (8, 2, 128, 0),
+        (4, 2, 16, 0),
+        (8, 2, 128, 5),
+        (4, 2, 16, 20),
+        (2, 1, 32, 1),
+    ] {
+        let window = NonZeroUsize::new(window);
+        check_attention_paged_shape::<T>(g, &format!("{name}-{d}-{window:?}"), nh, nkv, d, window);
     }
 }
 
@@ -345,6 +365,7 @@ fn check_attention_paged_shape<T: KernelDtype>(
     nh: usize,
     nkv: usize,
     d: usize,
+    window: Option<NonZeroUsize>,
 ) {
     let mut rng = rng(name);
     let layout = PagedKvLayout {
@@ -439,6 +460,7 @@ fn check_attention_paged_shape<T: KernelDtype>(
         q_stride,
         kv_stride: width,
         scale,
+        window,
     };
     let mut out = g.poisoned::<T>(n * nh * d);
     g.ks.attention_paged(
@@ -460,7 +482,8 @@ fn check_attention_paged_shape<T: KernelDtype>(
         let (s, pos) = (rows[t] as usize, positions[t] as usize);
         for h in 0..nh {
             let kvh = h / (nh / nkv);
-            let keys: Vec<(&[f32], &[f32])> = (0..=pos)
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w.get()));
+            let keys: Vec<(&[f32], &[f32])> = (first..=pos)
                 .map(|p| {
                     let o = kv_of(s, p) * width + kvh * d;
                     (&kf[o..o + d], &vf[o..o + d])
@@ -473,7 +496,11 @@ fn check_attention_paged_shape<T: KernelDtype>(
             ));
         }
     }
-    assert_close::<T>("attention_paged", &g.download_f32(&out), &want);
+    assert_close::<T>(
+        &format!("attention_paged window {window:?}"),
+        &g.download_f32(&out),
+        &want,
+    );
 }
 
 fn topk_softmax_matches_reference(device: &Device) -> Result<(), Failed> {
@@ -1015,6 +1042,7 @@ fn launchers_reject_bad_shapes_without_launching(device: &Device) -> Result<(), 
         q_stride: 96,
         kv_stride: 64,
         scale: 1.0,
+        window: None,
     };
     let q = g.poisoned::<f32>(96);
     let kv = g.poisoned::<f32>(64);

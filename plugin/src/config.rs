@@ -4,6 +4,7 @@
 //! The format is documented in `plugin/docs/model-format.md`. Parsing is lenient about fields pregate
 //! does not use and strict about the ones it does: every inconsistency is reported with the file's path.
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -505,6 +506,16 @@ impl ModelConfig {
         }
     }
 
+    /// Mixtral's sliding window (`sliding_window`): a query sees itself and the `w - 1` positions
+    /// before it. `None` without one, and for the other families, whose `use_sliding_window` is
+    /// refused by validation.
+    pub fn sliding_window(&self) -> Option<NonZeroUsize> {
+        match self.family_or_readme() {
+            ModelFamily::Mixtral => self.moe.sliding_window.and_then(NonZeroUsize::new),
+            _ => None,
+        }
+    }
+
     /// Checks the Hugging Face MoE families' fields: every feature a config asks for that pregate
     /// does not compute is refused, naming the field.
     fn validate_family(&self, family: ModelFamily) -> std::result::Result<(), String> {
@@ -618,17 +629,12 @@ impl ModelConfig {
                 ));
             }
         }
+        // Mixtral's one window serves every layer; Qwen's applies to some layers only
+        // (`max_window_layers`) and is off in every released checkpoint, so it stays refused.
         let window_in_use = match family {
-            ModelFamily::Mixtral => m
-                .sliding_window
-                .filter(|&w| w < self.max_position_embeddings)
-                .map(|w| {
-                    format!(
-                        "sliding_window {w} (< max_position_embeddings {}) asks for \
-                         sliding-window attention, which pregate does not implement",
-                        self.max_position_embeddings
-                    )
-                }),
+            ModelFamily::Mixtral if m.sliding_window == Some(0) => {
+                Some("sliding_window 0 leaves a query no key to attend to (at least 1)".into())
+            }
             ModelFamily::Qwen2Moe | ModelFamily::Qwen3Moe if m.use_sliding_window == Some(true) => {
                 Some(
                     "use_sliding_window true asks for sliding-window attention, which pregate \
@@ -1313,20 +1319,24 @@ mod tests {
                 "{msg}"
             );
         }
-        // Mixtral's sliding window is in use when shorter than the context.
+        // Mixtral's sliding window is served; one of 0 would leave a query nothing to see.
         let mixtral = serde_json::json!({
             "architectures": ["MixtralForCausalLM"], "vocab_size": 100, "hidden_size": 64,
             "num_hidden_layers": 2, "num_attention_heads": 8, "max_position_embeddings": 128,
             "intermediate_size": 32, "sliding_window": 64
         });
-        let err = parse(&mixtral).unwrap_err().to_string();
-        assert!(err.contains("sliding_window 64"), "{err}");
-        let mut long = mixtral.clone();
-        long["sliding_window"] = serde_json::json!(4096);
-        assert!(
-            parse(&long).is_ok(),
-            "a window longer than the context is never used"
+        assert_eq!(
+            parse(&mixtral).unwrap().sliding_window(),
+            NonZeroUsize::new(64)
         );
+        let mut none = mixtral.clone();
+        none["sliding_window"] = serde_json::Value::Null;
+        assert_eq!(parse(&none).unwrap().sliding_window(), None);
+        let mut zero = mixtral.clone();
+        zero["sliding_window"] = serde_json::json!(0);
+        let err = parse(&zero).unwrap_err();
+        assert!(err.to_string().contains("sliding_window 0"), "{err}");
+        assert_eq!(err.code(), crate::error::ErrorCode::InvalidArgument);
         // Sizes that are input: a huge layer count is validated without walking its layers.
         let mut v = qwen3();
         v["num_hidden_layers"] = serde_json::json!(1u64 << 50);

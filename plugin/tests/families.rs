@@ -1,7 +1,8 @@
-//! The Hugging Face MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) on the CPU engine against
-//! transformers' own modeling code (fixtures made by `tests/reference/make_family_fixtures.py`):
-//! logits, the 32 greedy tokens and every token's experts and weights at every layer, for each
-//! case alone, the three cases batched, and with chunked prefill. Then the families' presets and
+//! The Hugging Face MoE families (Mixtral, with and without a sliding window, Qwen2-MoE,
+//! Qwen3-MoE, OLMoE) on the CPU engine against transformers' own modeling code (fixtures made by
+//! `tests/reference/make_family_fixtures.py`): logits, the 32 greedy tokens and every token's
+//! experts and weights at every layer, for each case alone, the three cases batched, and with
+//! chunked prefill. Then the families' presets and
 //! the errors of bad checkpoints and configs.
 
 mod common;
@@ -130,6 +131,20 @@ fn check_fixture(name: &str, family: ModelFamily) {
 #[test]
 fn mixtral_sharded_f32_matches_transformers() {
     check_fixture("mixtral_f32_sharded", ModelFamily::Mixtral);
+}
+
+/// A window of 6 tokens, shorter than every case's context: prefill chunks of 5 cross it, and
+/// decoding runs 25 to 44 tokens past it.
+#[test]
+fn mixtral_sliding_window_f32_matches_transformers() {
+    let name = "mixtral_swa_f32";
+    let plan = ModelDir::open(&fixture_dir(name).join("model"))
+        .unwrap()
+        .plan;
+    for layer in &plan.layers {
+        assert_eq!(layer.attention.sliding_window.map(|w| w.get()), Some(6));
+    }
+    check_fixture(name, ModelFamily::Mixtral);
 }
 
 #[test]

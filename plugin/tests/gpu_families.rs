@@ -1,5 +1,5 @@
 //! The Hugging Face MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) on the CUDA engine, on the
-//! four transformers fixtures: against the fixtures' own greedy tokens and the CPU engine's logits
+//! five transformers fixtures (Mixtral with and without a sliding window): against the fixtures' own greedy tokens and the CPU engine's logits
 //! and per-layer experts, each case alone, the three batched, and with chunked prefill; in bf16
 //! against the CPU engine's logits; with an expert cache smaller than the experts against all
 //! resident; with speculative expert prefetch on a cache of two experts per layer against it off
@@ -31,8 +31,9 @@ use pregate::engine::{
 use pregate::model::{ModelDir, ModelFamily};
 use pregate::route::TokenRoute;
 
-const FIXTURES: [(&str, ModelFamily); 4] = [
+const FIXTURES: [(&str, ModelFamily); 5] = [
     ("mixtral_f32_sharded", ModelFamily::Mixtral),
+    ("mixtral_swa_f32", ModelFamily::Mixtral),
     ("qwen2_moe_f32", ModelFamily::Qwen2Moe),
     ("qwen3_moe_bf16", ModelFamily::Qwen3Moe),
     ("olmoe_f32", ModelFamily::Olmoe),

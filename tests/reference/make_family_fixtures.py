@@ -68,6 +68,12 @@ FIXTURES: dict[str, Spec] = {
              rope_parameters={"rope_type": "default", "rope_theta": 1e6}, sliding_window=None,
              rms_norm_eps=1e-5),
         max_shard_size="400KB"),
+    # a window shorter than every case's context: prompts of 7 and 19 tokens and 31 fed outputs
+    "mixtral_swa_f32": Spec(
+        "mixtral", 4105,
+        dict(COMMON, num_hidden_layers=2, intermediate_size=32, num_local_experts=8,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e6}, sliding_window=6,
+             rms_norm_eps=1e-5)),
     "qwen2_moe_f32": Spec(
         "qwen2_moe", 4202,
         dict(COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,

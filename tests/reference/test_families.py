@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 FIXTURES_DIR = os.path.join(os.path.dirname(HERE), "fixtures")
-FAMILY_OF = {"mixtral_f32_sharded": "mixtral", "qwen2_moe_f32": "qwen2_moe",
+FAMILY_OF = {"mixtral_f32_sharded": "mixtral", "mixtral_swa_f32": "mixtral", "qwen2_moe_f32": "qwen2_moe",
              "qwen3_moe_bf16": "qwen3_moe", "olmoe_f32": "olmoe"}
 NAMES = list(FAMILY_OF)
 STEPS = 32
@@ -211,7 +211,7 @@ def test_fixture_files():
         size = sum(os.path.getsize(os.path.join(dp, f))
                    for dp, _, fs in os.walk(os.path.join(FIXTURES_DIR, name)) for f in fs)
         assert size < 1024 * 1024, name
-    assert dtypes == {"mixtral_f32_sharded": {"F32"}, "qwen2_moe_f32": {"F32"},
+    assert dtypes == {"mixtral_f32_sharded": {"F32"}, "mixtral_swa_f32": {"F32"}, "qwen2_moe_f32": {"F32"},
                       "qwen3_moe_bf16": {"BF16"}, "olmoe_f32": {"F32"}}
     assert raw_config("qwen3_moe_bf16")["dtype"] == "bfloat16"
     for v in load("qwen3_moe_bf16").t.values():   # values are exactly bf16
@@ -222,7 +222,10 @@ def test_fixture_files():
     q3 = cfgs["qwen3_moe_bf16"]
     assert q3.head_dim == 32 and q3.hidden_size // q3.num_heads != q3.head_dim
     assert cfgs["qwen2_moe_f32"].moe_layers == (True, False, True)
-    assert all(c.sliding_window == (None,) * c.num_layers for c in cfgs.values())
+    assert [n for n in NAMES if cfgs[n].sliding_window != (None,) * cfgs[n].num_layers] == ["mixtral_swa_f32"]
+    # the window is shorter than every context but the 1-token prompt's first steps
+    assert cfgs["mixtral_swa_f32"].sliding_window == (6, 6)
+    assert os.path.exists(os.path.join(model_dir("mixtral_swa_f32"), "model.safetensors"))
 
 
 # --------------------------------------------------------------------------
@@ -253,6 +256,10 @@ FEATURE_OFF = {
     ],
     "mixtral_f32_sharded": [
         ("rope_theta 1e4", lambda m: variant(m, dict(m.raw, rope_parameters={"rope_theta": 1e4}))),
+    ],
+    "mixtral_swa_f32": [
+        ("no sliding window", lambda m: variant(m, dict(m.raw, sliding_window=None))),
+        ("a window one token wider", lambda m: variant(m, dict(m.raw, sliding_window=7))),
     ],
 }
 

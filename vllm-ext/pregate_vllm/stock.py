@@ -86,6 +86,9 @@ class Family:
     sparse_step: bool
     #: `clip_qkv` honoured.
     clip_qkv: bool
+    #: The config's `sliding_window` bounds every layer's attention (Mixtral); the others' window
+    #: (`use_sliding_window`, some layers only) is refused.
+    sliding_window: bool = False
 
 
 _QWEN_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -103,6 +106,7 @@ FAMILIES: dict[str, Family] = {
         True,
         False,
         False,
+        sliding_window=True,
     ),
     "qwen2_moe": Family(
         "Qwen2MoeForCausalLM",
@@ -170,8 +174,11 @@ def family_of(config: object) -> Family:
         refused.append(f"hidden_act={act!r} (only silu)")
     if getattr(config, "quantization_config", None):
         refused.append("quantization_config (quantized checkpoints are not served)")
-    if mt == "mixtral" and getattr(config, "sliding_window", None) is not None:
-        refused.append(f"sliding_window={config.sliding_window} (only full attention)")
+    window = getattr(config, "sliding_window", None)
+    if fam.sliding_window and window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        refused.append(f"sliding_window={window!r} (a positive number of tokens)")
     if getattr(config, "use_sliding_window", False):
         refused.append("use_sliding_window=true (only full attention)")
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
@@ -183,6 +190,12 @@ def family_of(config: object) -> Family:
         raise ValueError(f"{ARCHITECTURE} ({mt}): unsupported config: {'; '.join(refused)}")
     _num_experts(config, fam)
     return fam
+
+
+def sliding_window(config: object, fam: Family) -> int | None:
+    """The window of every layer's attention: a query sees itself and the `window - 1` tokens
+    before it (transformers' `sliding_window_overlay`, vLLM's `per_layer_sliding_window`)."""
+    return getattr(config, "sliding_window", None) if fam.sliding_window else None
 
 
 def moe_layer_indices(config: object, fam: Family) -> list[int]:
@@ -354,6 +367,7 @@ class StockAttention(nn.Module):
             self.head_dim**-0.5,
             num_kv_heads=max(1, n_kv // tp),
             cache_config=vllm_config.cache_config,
+            per_layer_sliding_window=sliding_window(config, fam),
             prefix=f"{prefix}.attn",
         )
 

@@ -6,11 +6,13 @@ vLLM's own in-tree model on the same checkpoint and of `pregate generate`, with 
 resident and with a cache smaller than the experts (misses and speculative prefetches counted).
 Two prompts run batched in each case. The cached case also runs with `tensor_parallel_size=2`
 (OLMoE, Qwen2-MoE, Qwen3-MoE) and under vLLM's default compilation (Mixtral, Qwen2-MoE; Qwen2-MoE
-also with two ranks).
+also with two ranks). Mixtral with a sliding window shorter than the prompts gives `pregate
+generate`'s tokens too, and vLLM's in-tree Mixtral's.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -48,6 +50,8 @@ CASES = {
 # like OLMoE's own checkpoints saved with tie_word_embeddings, has no lm_head.weight: the in-tree
 # model then emits token 0 at every step) and ignores clip_qkv. It is no reference for OLMoE.
 IN_TREE_BROKEN = {"olmoe_f32": "vLLM 0.32's in-tree OLMoE ignores tie_word_embeddings and clip_qkv"}
+# Mixtral with sliding_window 6: PROMPTS[1] and LONG are longer, and every sequence decodes past it.
+SWA = "mixtral_swa_f32"
 
 
 def _run(spec: dict, extra_env: dict | None = None) -> subprocess.CompletedProcess:
@@ -137,7 +141,7 @@ def test_stock_checkpoint_gives_pregates_tokens_resident_and_cached(fixture, pre
     assert st["prefetches"] > 0 and st["speculation"]["loads"] == st["prefetches"], st
 
 
-@pytest.mark.parametrize("fixture", sorted(CASES))
+@pytest.mark.parametrize("fixture", sorted(CASES) + [SWA])
 def test_vllm_in_tree_model_gives_the_same_tokens(fixture, pregate_bin):
     if fixture in IN_TREE_BROKEN:
         pytest.skip(f"in-tree comparison not run: {IN_TREE_BROKEN[fixture]}")
@@ -151,15 +155,20 @@ BAD_CONFIGS = """
 import pytest
 from transformers import AutoConfig
 
-from pregate_vllm.stock import StockOptions, family_of
+from pregate_vllm.stock import StockOptions, family_of, sliding_window
 
 fixtures = {fixtures!r}
 cfg = AutoConfig.from_pretrained(fixtures + "/mixtral_f32_sharded/model")
 assert family_of(cfg).stock == "MixtralForCausalLM"
+assert sliding_window(cfg, family_of(cfg)) is None
 cfg.sliding_window = 16
-with pytest.raises(ValueError, match="unsupported config: sliding_window=16"):
+assert sliding_window(cfg, family_of(cfg)) == 16
+cfg.sliding_window = -3
+with pytest.raises(ValueError, match="unsupported config: sliding_window=-3"):
     family_of(cfg)
 cfg = AutoConfig.from_pretrained(fixtures + "/qwen2_moe_f32/model")
+cfg.sliding_window = 16
+assert sliding_window(cfg, family_of(cfg)) is None
 cfg.hidden_act = "gelu"
 cfg.use_sliding_window = True
 with pytest.raises(ValueError, match="hidden_act='gelu'.*use_sliding_window"):
@@ -286,3 +295,32 @@ def test_a_small_cache_under_default_compilation_gives_pregates_tokens(
     (st,) = r["stats"]
     assert st["misses"] > 0 and st["evictions"] > 0, st
     assert st["prefetches"] > 0 and st["speculation"]["loads"] == st["prefetches"], st
+
+
+def test_a_sliding_window_gives_pregates_tokens_with_a_small_cache(
+    references, pregate_bin, tmp_path
+):
+    # One process: prompts of 5, 11 and 40 tokens (the last prefilled over three steps, the window
+    # reaching back across them), 8 new tokens each, a cache smaller than the experts.
+    model = FIXTURES / SWA / "model"
+    want = references(SWA)
+    # The window matters here: with full attention, pregate gives other tokens.
+    full = tmp_path / "full"
+    shutil.copytree(model, full)
+    cfg = json.loads((full / "config.json").read_text())
+    assert cfg["sliding_window"] < len(PROMPTS[1]) < len(LONG)
+    cfg["sliding_window"] = None
+    (full / "config.json").write_text(json.dumps(cfg))
+    assert [_pregate_generate(pregate_bin, full, p) for p in PROMPTS + [LONG]] != want
+    spec = _spec(
+        model,
+        "stock",
+        PROMPTS + [LONG],
+        hf_overrides=PREGATE,
+        additional_config={"pregate": {"cache_slots": 6}},
+        **CHUNKED,
+    )
+    r = _result(_run(spec))
+    assert _tokens(r) == want
+    (st,) = r["stats"]
+    assert st["misses"] > 0 and st["evictions"] > 0, st

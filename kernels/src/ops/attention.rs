@@ -1,5 +1,7 @@
 //! Launchers of `cuda/attention.cu`.
 
+use std::num::NonZeroUsize;
+
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::{check_len, mul, per_row, shape_err, strided_len, to_i32, to_i64, KernelDtype, BLOCK};
@@ -29,6 +31,9 @@ pub struct AttentionShape {
     pub kv_stride: usize,
     /// The logit scale: `1 / sqrt(head_dim)` for the backbone, `1 / normalizer` for the router.
     pub scale: f32,
+    /// Sliding window: the query at position `p` sees the keys `p - window < j <= p`, itself and
+    /// the `window - 1` before it (Mixtral's `sliding_window`); `None`: every key up to its own.
+    pub window: Option<NonZeroUsize>,
 }
 
 impl AttentionShape {
@@ -76,6 +81,13 @@ impl AttentionShape {
 
     fn out_len(&self, k: &'static str) -> Result<usize> {
         mul(k, mul(k, self.n_tokens, self.n_heads)?, self.head_dim)
+    }
+
+    /// The kernels' `window` argument: 0 for none; a window past `i32::MAX` covers every key a
+    /// kernel can address, so it is passed as `i32::MAX`.
+    fn window_arg(&self) -> i32 {
+        self.window
+            .map_or(0, |w| i32::try_from(w.get()).unwrap_or(i32::MAX))
     }
 
     fn grid(&self) -> LaunchConfig {
@@ -138,7 +150,8 @@ impl KernelSet {
     /// Causal attention within each sequence of a packed batch, without a cache (the router's
     /// prefill, or a backbone prefill from position 0): sequence `b` owns tokens
     /// `cu_seqlens[b] .. cu_seqlens[b + 1]` (`n_seqs + 1` device entries, ascending from 0 to
-    /// `n_tokens`) and each token attends to its sequence's tokens up to itself.
+    /// `n_tokens`) and each token attends to its sequence's tokens up to itself (the last
+    /// `shape.window` of them, counted from the sequence's first token).
     /// `q` `[n_tokens, q_stride]`, `k`/`v` `[n_tokens, kv_stride]`, `out`
     /// `[n_tokens, n_heads * head_dim]`; softmax in f32.
     #[allow(clippy::too_many_arguments)]
@@ -175,6 +188,7 @@ impl KernelSet {
         }
         let f = self.function(&format!("attention_prefill_{}", T::SUFFIX))?;
         let (qs, kvs) = (shape.q_stride as i32, shape.kv_stride as i32);
+        let win = shape.window_arg();
         let (ns, nt, nh, nkv, d) = (
             to_i32(K, "n_seqs", n_seqs)?,
             shape.n_tokens as i32,
@@ -200,7 +214,8 @@ impl KernelSet {
             .arg(&nh)
             .arg(&nkv)
             .arg(&d)
-            .arg(&shape.scale);
+            .arg(&shape.scale)
+            .arg(&win);
         // SAFETY: matches `attention_prefill_*`'s signature; q, k, v and out span the strided rows
         // (checked); the kernel clamps each sequence start into 0..=t, so keys stay in bounds.
         unsafe { b.launch(shape.grid()) }?;
@@ -209,8 +224,8 @@ impl KernelSet {
 
     /// Attention of each query token over its sequence's paged KV cache (decode, chunked prefill,
     /// or both in one batch): token `t` reads block table row `seq_rows[t]` of `block_tables`
-    /// (`[n_rows, max_blocks]`, i32 block ids) and attends to cache positions `0 ..= positions[t]`,
-    /// which must already be written (see [`KernelSet::kv_cache_write`]). Blocks outside
+    /// (`[n_rows, max_blocks]`, i32 block ids) and attends to cache positions `0 ..= positions[t]`
+    /// (those past `positions[t] - window` with a window), which must already be written (see [`KernelSet::kv_cache_write`]). Blocks outside
     /// `0..num_blocks` are skipped; a row outside `0..n_rows` or a negative position gives zeros.
     /// `q` `[n_tokens, q_stride]`, `out` `[n_tokens, n_heads * head_dim]`.
     #[allow(clippy::too_many_arguments)]
@@ -271,6 +286,7 @@ impl KernelSet {
             shape.head_dim as i32,
         );
         let (bs, nb) = (layout.block_size as i32, layout.num_blocks as i32);
+        let win = shape.window_arg();
         let (qp, _gq) = q.device_ptr(stream);
         let (kp, _gk) = k_cache.device_ptr(stream);
         let (vp, _gv) = v_cache.device_ptr(stream);
@@ -295,7 +311,8 @@ impl KernelSet {
             .arg(&d)
             .arg(&bs)
             .arg(&nb)
-            .arg(&shape.scale);
+            .arg(&shape.scale)
+            .arg(&win);
         // SAFETY: matches `attention_paged_*`'s signature; buffers checked above; the kernel skips
         // rows, positions and blocks out of range, so every cache access is inside the caches.
         unsafe { b.launch(shape.grid()) }?;

@@ -618,6 +618,7 @@ impl<T: DeviceElem> CudaBackend<T> {
             q_stride: qkv_w,
             kv_stride: qkv_w,
             scale: 1.0 / (d as f32).sqrt(),
+            window: cfg.sliding_window(),
         };
         let (o_pos, o_rows, o_slots, o_table) = (0, n, 2 * n, 3 * n);
         kk.embedding::<T>(s, &ws.ids.slice(..n), &self.embed, &mut ws.x, n, h, vocab)

@@ -328,6 +328,7 @@ impl DeviceRouter {
             kv_stride: qkv_w,
             // Read-ME divides by `normalizer`, not by sqrt(head_dim).
             scale: self.scale,
+            window: None,
         };
         kk.attention_paged::<f32>(
             s,

@@ -95,6 +95,7 @@ impl CpuBackend {
             n_kv_heads: cfg.num_kv_heads(),
             head_dim: d,
             scale: 1.0 / (d as f32).sqrt(),
+            window: cfg.sliding_window(),
         };
         check_layer_extras(&cfg, &weights)?;
         let rope = RopeTable::new(d, cfg.rope_theta, cfg.max_position_embeddings);

@@ -350,6 +350,9 @@ fn report(dir: &Path, model: &ModelDir, tensors_checked: Option<usize>) -> Resul
         if let Some(c) = cfg.clip_qkv() {
             attention_extras.push(format!("clip_qkv {c}"));
         }
+        if let Some(w) = a.sliding_window {
+            attention_extras.push(format!("sliding window {w}"));
+        }
     }
     Ok(ModelReport {
         family: plan.family.name().into(),

@@ -57,6 +57,7 @@ impl ReadMeRouter {
                 head_dim,
                 // Read-ME divides by `normalizer`, not by sqrt(head_dim).
                 scale: 1.0 / r.normalizer,
+                window: None,
             },
             top_k: cfg.router_top_k,
             n_experts: cfg.n_cluster,

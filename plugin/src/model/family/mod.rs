@@ -10,6 +10,8 @@
 pub mod hub;
 pub mod inventory;
 
+use std::num::NonZeroUsize;
+
 use super::checkpoint::Checkpoint;
 use super::names;
 use super::weights::ExpertLayout;
@@ -157,8 +159,8 @@ pub struct AttentionPlan {
     pub qk_norm: QkNorm,
     /// RoPE base.
     pub rope_theta: f32,
-    /// Tokens a query sees (sliding window); `None` = the whole context.
-    pub sliding_window: Option<usize>,
+    /// Tokens a query sees, itself included (sliding window); `None` = the whole context.
+    pub sliding_window: Option<NonZeroUsize>,
 }
 
 /// How a layer's tokens are assigned to experts.
@@ -475,7 +477,7 @@ fn hf_plan(cfg: &ModelConfig, family: ModelFamily, storage: ExpertStorage) -> Re
         qkv_bias: cfg.qkv_bias(),
         qk_norm: cfg.qk_norm(),
         rope_theta: cfg.rope_theta,
-        sliding_window: None,
+        sliding_window: cfg.sliding_window(),
     };
     let moe = MoePlan {
         experts: cfg.num_experts(),
