@@ -381,15 +381,22 @@ fn shapes_that_disagree_with_the_config_are_named() {
 }
 
 #[test]
-fn the_cuda_backend_refuses_these_families_clearly() {
+fn cuda_serves_these_families_or_is_refused_clearly_without_a_device() {
     let model = ModelDir::open(&fixture_dir("olmoe_f32").join("model")).unwrap();
-    // Without a GPU the device itself is refused first; with one, the family is.
+    if pregate::cuda::cuda_available() {
+        // A GPU host: the CUDA backend opens the family, and `auto` chooses it.
+        let engine = open_engine(&model, Device::Cuda(0)).unwrap();
+        assert_eq!(engine.device_name(), "cuda:0");
+        let engine = open_engine(&model, Device::Auto).unwrap();
+        assert_eq!(engine.device_name(), "cuda:0");
+        return;
+    }
+    // No device: an explicit CUDA device is refused, naming it; `auto` falls back to the CPU.
     let err = open_engine(&model, Device::Cuda(0))
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("cuda") || err.contains("CUDA"), "{err}");
-    // `auto` falls back to the CPU either way.
     let engine = open_engine(&model, Device::Auto).unwrap();
     assert_eq!(engine.device_name(), "cpu");
 }
