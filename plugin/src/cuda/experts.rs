@@ -28,7 +28,7 @@ use crate::cache::{
 use crate::error::{Error, Result};
 use crate::model::ModelDir;
 use crate::moe::speculate::{
-    cap, Budget, Candidate, EvictionGuard, LayerScores, SpeculationStats, Speculator,
+    admit_guess, cap, Budget, Candidate, EvictionGuard, LayerScores, SpeculationStats, Speculator,
     SpeculatorConfig,
 };
 use crate::moe::{run_waves, MoeShape, RuntimeStats};
@@ -822,7 +822,6 @@ pub struct CudaSpeculation {
     predicted: Vec<ExpertSet>,
     /// Speculative loads not used yet, per layer: one that leaves the cache first was wasted.
     outstanding: Vec<ExpertSet>,
-    experts: usize,
     link: LinkModel,
 }
 
@@ -901,7 +900,6 @@ impl CudaSpeculation {
             guard: EvictionGuard::new(layers),
             predicted: vec![ExpertSet::default(); layers],
             outstanding: vec![ExpertSet::default(); layers],
-            experts,
             link,
         })
     }
@@ -982,36 +980,9 @@ impl CudaSpeculation {
     /// Host bookkeeping only: the caller copies the bytes.
     pub fn admit(&mut self, cache: &mut ExpertCache, kept: &[Candidate]) -> Result<Vec<SpecLoad>> {
         let mut loads = Vec::new();
-        let mut pinned = Vec::new();
         for c in kept {
             let unit = Unit::new(c.layer, c.expert);
-            if cache.slot_of(unit).is_some() {
-                continue;
-            }
-            let worth = cache.decayed_uses(unit);
-            pinned.clear();
-            for e in 0..self.experts {
-                let u = Unit::new(c.layer, e as ExpertId);
-                let valued = self.predicted[c.layer].contains(e as ExpertId)
-                    || cache.decayed_uses(u) >= worth;
-                if valued && cache.slot_of(u).is_some() && !cache.is_pinned(u) {
-                    cache.pin(u)?;
-                    pinned.push(u);
-                }
-            }
-            let full = match cache.layer_quota() {
-                Some(q) => cache.resident_experts(c.layer).len() >= q,
-                None => cache.resident() >= cache.capacity(),
-            };
-            let outcome = if full && !self.guard.may_evict() {
-                None
-            } else {
-                // A capacity error: every evictable unit is worth more than the guess.
-                cache.prefetch(unit).ok().flatten()
-            };
-            for &u in &pinned {
-                cache.unpin(u);
-            }
+            let outcome = admit_guess(cache, unit, &self.predicted[c.layer], &self.guard)?;
             if let Some(Lookup::Miss { slot, evicted }) = outcome {
                 if let Some(v) = evicted {
                     self.evicted(v);

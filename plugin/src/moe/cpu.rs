@@ -7,7 +7,7 @@
 //! GPU with that cache would load, and the serving loop reads it like any backend's cache.
 
 use super::speculate::{
-    EvictionGuard, LayerScores, SpeculationStats, Speculator, SpeculatorConfig,
+    admit_guess, EvictionGuard, LayerScores, SpeculationStats, Speculator, SpeculatorConfig,
 };
 use super::{run_waves, MoeShape, RuntimeStats};
 use crate::cache::{prefetch, EvictionPolicy, ExpertCache, ExpertCapacity, HostMemory};
@@ -173,37 +173,12 @@ impl CpuExperts {
         let Some(cache) = self.cache.as_mut() else {
             return Ok(());
         };
-        let mut pinned = Vec::new();
         for c in &candidates {
             let unit = Unit::new(c.layer, c.expert);
-            if cache.slot_of(unit).is_some() {
-                continue;
-            }
-            let worth = cache.decayed_uses(unit);
-            pinned.clear();
-            for e in 0..self.shape.experts {
-                let u = Unit::new(c.layer, e as crate::route::ExpertId);
-                let valued = sp.predicted[c.layer].contains(e as crate::route::ExpertId)
-                    || cache.decayed_uses(u) >= worth;
-                if valued && cache.slot_of(u).is_some() && !cache.is_pinned(u) {
-                    cache.pin(u)?;
-                    pinned.push(u);
-                }
-            }
-            let full = match cache.layer_quota() {
-                Some(q) => cache.resident_experts(c.layer).len() >= q,
-                None => cache.resident() >= cache.capacity(),
-            };
-            let outcome = if full && !sp.guard.may_evict() {
-                None
-            } else {
-                // Every evictable unit is worth more than the guess: no load.
-                cache.prefetch(unit).ok().flatten()
-            };
-            for &u in &pinned {
-                cache.unpin(u);
-            }
-            if let Some(Lookup::Miss { evicted, .. }) = outcome {
+            let predicted = &sp.predicted[c.layer];
+            if let Some(Lookup::Miss { evicted, .. }) =
+                admit_guess(cache, unit, predicted, &sp.guard)?
+            {
                 if let Some(v) = evicted {
                     sp.spec.evicted(v.layer as usize, v.expert);
                     sp.guard.evicted(v.layer as usize, v.expert);

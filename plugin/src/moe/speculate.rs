@@ -46,6 +46,7 @@
 //! ([`fits_before_exact`]), and [`SpecQueue::cancel_layer`] drops those whose layer ran. Every
 //! backend sends the counters to `ModelMetrics::record_speculation` each step.
 
+use crate::cache::{ExpertCache, Lookup, Unit};
 use crate::error::{Error, Result};
 use crate::route::{ExpertId, ExpertSet, MAX_EXPERTS, MAX_TOP_K};
 
@@ -341,6 +342,50 @@ impl EvictionGuard {
             *v = ExpertSet::default();
         }
     }
+}
+
+/// Admits the speculative guess `unit` into `cache` as a prefetch, by the eviction part of the
+/// guarded rule every backend shares: it evicts, by the cache's policy, only a unit that is not
+/// pinned (the running layer's exact units are), not named by its layer's latest prediction
+/// (`predicted`) and used less lately than the guess, and only while `guard` finds such evictions
+/// paying; when every evictable unit is worth more, nothing is loaded. Returns the cache's
+/// [`Lookup::Miss`] (slot, victim) when the guess was admitted, `None` when it was resident or
+/// refused. Host bookkeeping only: the caller copies the bytes and tells the [`Speculator`] and
+/// the guard about the load and its victim.
+pub fn admit_guess(
+    cache: &mut ExpertCache,
+    unit: Unit,
+    predicted: &ExpertSet,
+    guard: &EvictionGuard,
+) -> Result<Option<Lookup>> {
+    if cache.slot_of(unit).is_some() {
+        return Ok(None);
+    }
+    let layer = unit.layer as usize;
+    let worth = cache.decayed_uses(unit);
+    let mut pinned = Vec::new();
+    for e in 0..cache.experts() {
+        let u = Unit::new(layer, e as ExpertId);
+        let valued = predicted.contains(e as ExpertId) || cache.decayed_uses(u) >= worth;
+        if valued && cache.slot_of(u).is_some() && !cache.is_pinned(u) {
+            cache.pin(u)?;
+            pinned.push(u);
+        }
+    }
+    let full = match cache.layer_quota() {
+        Some(q) => cache.resident_experts(layer).len() >= q,
+        None => cache.resident() >= cache.capacity(),
+    };
+    let outcome = if full && !guard.may_evict() {
+        None
+    } else {
+        // A capacity error: every evictable unit is worth more than the guess.
+        cache.prefetch(unit).ok().flatten()
+    };
+    for &u in &pinned {
+        cache.unpin(u);
+    }
+    Ok(outcome)
 }
 
 /// Whether a speculative copy starting at `begin` may start under [`SpecRule::Guarded`]: it lands
