@@ -625,25 +625,12 @@ impl<T: DeviceElem> CudaBackend<T> {
             .map_err(dev)?;
         // The step's embeddings predict its first layers; their copies overlap layer 0's attention.
         if let (Some((g, depth)), Some(sp)) = (spec, self.speculation.as_mut()) {
-            let targets = spec_targets(&self.layers, None, depth);
-            if !targets.is_empty() {
-                let at = 2 * n * g.top_k;
-                let len = targets.len() * n * g.experts;
-                let bufs = (&ws.x, &mut ws.o, &mut ws.readback);
-                enqueue_predictions(
-                    &self.blas,
-                    kk,
-                    s,
-                    &self.layers,
-                    &targets,
-                    bufs,
-                    at,
-                    n,
-                    h,
-                    g,
-                    eps,
-                )?;
-                let preds = read_back(s, &ws.readback, at, len)?;
+            let bufs = (&ws.x, &mut ws.o, &mut ws.readback);
+            let ahead = (None, depth);
+            let dims = (n, h, eps);
+            if let Some((targets, preds)) =
+                predict_alone(&self.blas, kk, s, &self.layers, ahead, bufs, dims, g)?
+            {
                 speculate(&mut self.experts, sp, &targets, &preds, n, g, 0)?;
             }
         }
@@ -736,25 +723,12 @@ impl<T: DeviceElem> CudaBackend<T> {
                     // No routes to read back here: predicting costs a synchronisation of its
                     // own, and the copies overlap the dense MLP.
                     if let (Some((g, depth)), Some(sp)) = (spec, self.speculation.as_mut()) {
-                        let targets = spec_targets(&self.layers, Some(l), depth);
-                        if !targets.is_empty() {
-                            let at = 2 * n * g.top_k;
-                            let len = targets.len() * n * g.experts;
-                            let bufs = (&ws.x, &mut ws.o, &mut ws.readback);
-                            enqueue_predictions(
-                                &self.blas,
-                                kk,
-                                s,
-                                &self.layers,
-                                &targets,
-                                bufs,
-                                at,
-                                n,
-                                h,
-                                g,
-                                eps,
-                            )?;
-                            let preds = read_back(s, &ws.readback, at, len)?;
+                        let bufs = (&ws.x, &mut ws.o, &mut ws.readback);
+                        let ahead = (Some(l), depth);
+                        let dims = (n, h, eps);
+                        if let Some((targets, preds)) =
+                            predict_alone(&self.blas, kk, s, &self.layers, ahead, bufs, dims, g)?
+                        {
                             let now = Instant::now();
                             if let Some((then, from)) = last_sync {
                                 sp.layer_time(now.duration_since(then).as_secs_f64(), l - from);
@@ -1067,6 +1041,33 @@ fn read_back(
     s.memcpy_dtoh(&src, &mut host).map_err(dev)?;
     s.synchronize().map_err(dev)?;
     Ok(host)
+}
+
+/// Predicts the MoE layers up to `depth` decoder layers after `from` (`None`: from the start)
+/// with a synchronisation of its own (where no exact routes are read back to share it with):
+/// their logits, `[n, E]` per target, read back after the exact routes' place in `readback`.
+/// `None` when no MoE layer is in reach.
+#[allow(clippy::too_many_arguments)]
+fn predict_alone<T: DeviceElem>(
+    blas: &Blas,
+    kk: &KernelSet,
+    s: &Arc<CudaStream>,
+    layers: &[LayerWeights<T>],
+    (from, depth): (Option<usize>, usize),
+    (x, scratch, readback): (&CudaSlice<T>, &mut CudaSlice<T>, &mut CudaSlice<f32>),
+    (n, h, eps): (usize, usize, f32),
+    g: InModelGating,
+) -> Result<Option<(Vec<SpecTarget>, Vec<f32>)>> {
+    let targets = spec_targets(layers, from, depth);
+    if targets.is_empty() {
+        return Ok(None);
+    }
+    let at = 2 * n * g.top_k;
+    let len = targets.len() * n * g.experts;
+    let bufs = (x, &mut *scratch, &mut *readback);
+    enqueue_predictions(blas, kk, s, layers, &targets, bufs, at, n, h, g, eps)?;
+    let preds = read_back(s, readback, at, len)?;
+    Ok(Some((targets, preds)))
 }
 
 /// Hands the predicted logits `preds` (`[n, E]` per target) to the expert runtime, after
