@@ -78,19 +78,29 @@ fn create(c: &PregateMoeConfig) -> *mut PregateMoe {
 }
 
 fn set_all(m: *mut PregateMoe, c: &PregateMoeConfig, experts: &Experts) {
+    set_all_as(m, c, experts, 0);
+}
+
+/// Sets every expert from values of ABI dtype `dtype` (`E` its element: f32, or u16 bits).
+fn set_all_as<E>(
+    m: *mut PregateMoe,
+    c: &PregateMoeConfig,
+    experts: &[Vec<[Vec<E>; 3]>],
+    dtype: i32,
+) {
     let (h, i) = (c.hidden as u64, c.inter as u64);
     for (l, layer) in experts.iter().enumerate() {
         for (e, projs) in layer.iter().enumerate() {
             for (p, w) in projs.iter().enumerate() {
                 let (rows, cols) = if p == 2 { (h, i) } else { (i, h) };
-                // SAFETY: `w` holds rows x cols f32 values.
+                // SAFETY: `w` holds rows x cols values of `dtype`.
                 let s = unsafe {
                     pregate_moe_set_expert(
                         m,
                         l as u32,
                         e as u32,
                         p as i32,
-                        0,
+                        dtype,
                         w.as_ptr().cast(),
                         rows,
                         cols,
@@ -1010,29 +1020,7 @@ fn a_bf16_service_computes_from_exactly_the_bf16_it_was_given() {
         })
         .collect();
     let mb = create(&bf);
-    let (h, i) = (16u64, 8u64);
-    for (l, layer) in experts.iter().enumerate() {
-        for (e, projs) in layer.iter().enumerate() {
-            for (p, w) in projs.iter().enumerate() {
-                let (rows, cols) = if p == 2 { (h, i) } else { (i, h) };
-                // SAFETY: `w` holds rows x cols bf16 values.
-                let s = unsafe {
-                    pregate_moe_set_expert(
-                        mb,
-                        l as u32,
-                        e as u32,
-                        p as i32,
-                        1,
-                        w.as_ptr().cast(),
-                        rows,
-                        cols,
-                        cols,
-                    )
-                };
-                assert_eq!(s, 0, "{}", last_error());
-            }
-        }
-    }
+    set_all_as(mb, &bf, &experts, 1);
     let mf = create(&f);
     set_all(mf, &f, &widened);
     assert_eq!(finalize(mb), 0, "{}", last_error());
