@@ -15,8 +15,10 @@
 #                                       with compute against on-demand loading. Without a GPU the
 #                                       CUDA checks SKIP and the CPU ones run (the rehearsal).
 #
-# The log and a results table go to PREGATE_GPU_LOG_DIR, else $OUT, else .device/out.
-# Exit status: 0 when no check failed.
+# The log and a results table go to PREGATE_GPU_LOG_DIR, else $OUT, else .device/out. The checks
+# run under PREGATE_PYTHON (default python3), which must have torch; a rehearsal on a machine
+# whose python3 has none can point it at another environment (the tier-1 one, for instance).
+# Exit status: 0 when no check failed; 3 when nothing ran because that Python has no torch.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -62,7 +64,12 @@ for d in "$cuda_root/lib64" "$cuda_root/targets/x86_64-linux/lib"; do
 done
 export PREGATE_KERNEL_CACHE="${PREGATE_KERNEL_CACHE:-$log_dir/kernel-cache}"
 export PREGATE_LIB="$dir/pregate_vllm/libpregate.so"
-PYTHONPATH="$dir${PYTHONPATH:+:$PYTHONPATH}" python3 "$dir/gpu_check.py" >"$log" 2>&1
+py="${PREGATE_PYTHON:-python3}"
+if ! "$py" -c "import torch" >/dev/null 2>&1; then
+    echo "SKIP: $py has no torch; the pregate_vllm checks did not run (set PREGATE_PYTHON)" | tee "$log"
+    exit 3
+fi
+PYTHONPATH="$dir${PYTHONPATH:+:$PYTHONPATH}" "$py" "$dir/gpu_check.py" >"$log" 2>&1
 rc=$?
 {
     echo "pregate_vllm GPU check ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
