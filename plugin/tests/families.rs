@@ -466,3 +466,24 @@ fn the_step_driver_serves_an_in_model_router_with_an_expert_cache() {
     let stats = engine.expert_cache().unwrap().stats();
     assert!(stats.misses > 0 && stats.evictions > 0, "{stats:?}");
 }
+
+#[test]
+fn inspect_counts_the_families_experts_by_their_role() {
+    // Qwen2-MoE fixture: MoE layers 0 and 2 (layer 1 dense), 4 experts of width 32 and a shared
+    // expert of width 48 each, hidden 64; the dense MLP and the gates are not experts.
+    let r = pregate::model::inspect::inspect(&fixture_dir("qwen2_moe_f32").join("model")).unwrap();
+    let (h, routed, shared) = (64, 2 * 4 * 3 * 64 * 32, 2 * 3 * 64 * 48);
+    assert_eq!(r.params.experts, routed + shared);
+    // A token reads everything but the routed experts it is not sent to: of the routed ones, its
+    // top-2 per MoE layer.
+    let chosen = 2 * 2 * 3 * 64 * 32;
+    assert_eq!(
+        r.params.active_per_token,
+        Some(r.params.total - routed + chosen)
+    );
+    assert_eq!(r.params.router, 0);
+    // Mixtral names its experts `block_sparse_moe.experts.*`: counted too.
+    let r = pregate::model::inspect::inspect(&fixture_dir("mixtral_f32_sharded").join("model"))
+        .unwrap();
+    assert_eq!(r.params.experts, 2 * 8 * 3 * h * 32);
+}

@@ -221,7 +221,7 @@ fn report(dir: &Path, model: &ModelDir, tensors_checked: Option<usize>) -> Resul
         .map(|n| numel(ck, n))
         .sum();
     let is_ffn = |n: &str| n.contains(".moe.") || n.contains(".mlp.");
-    let experts: usize = all.iter().filter(|n| is_ffn(n)).map(|n| numel(ck, n)).sum();
+    let mut experts: usize = all.iter().filter(|n| is_ffn(n)).map(|n| numel(ck, n)).sum();
     let h = cfg.hidden_size;
     let k = cfg.experts_per_token();
     let mut layers = Vec::new();
@@ -229,18 +229,23 @@ fn report(dir: &Path, model: &ModelDir, tensors_checked: Option<usize>) -> Resul
     let plan = &model.plan;
     let in_model = plan.family.routes_in_model();
     if in_model {
-        // Everything but the routed experts is read by every token of its layer.
+        // The families name their tensors their own way: count by role. Everything but the
+        // routed experts is read by every token of its layer.
         let inventory = plan.inventory();
-        let routed: usize = inventory
-            .weights()
-            .filter(|t| {
-                matches!(
-                    t.role,
-                    TensorRole::Expert { .. } | TensorRole::StackedExperts { .. }
-                )
-            })
-            .map(|t| t.numel())
-            .sum();
+        let numel = |keep: fn(&TensorRole) -> bool| -> usize {
+            inventory
+                .weights()
+                .filter(|t| keep(&t.role))
+                .map(|t| t.numel())
+                .sum()
+        };
+        let routed = numel(|r| {
+            matches!(
+                r,
+                TensorRole::Expert { .. } | TensorRole::StackedExperts { .. }
+            )
+        });
+        experts = routed + numel(|r| matches!(r, TensorRole::SharedExpert { .. }));
         active = Some(total - routed);
     }
     for l in (0..cfg.num_hidden_layers).filter(|_| in_model) {
