@@ -175,8 +175,10 @@ def family_of(config: object) -> Family:
     if getattr(config, "quantization_config", None):
         refused.append("quantization_config (quantized checkpoints are not served)")
     window = getattr(config, "sliding_window", None)
-    if fam.sliding_window and window is not None and (
-        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    if (
+        fam.sliding_window
+        and window is not None
+        and (isinstance(window, bool) or not isinstance(window, int) or window < 1)
     ):
         refused.append(f"sliding_window={window!r} (a positive number of tokens)")
     if getattr(config, "use_sliding_window", False):
