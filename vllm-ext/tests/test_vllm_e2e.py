@@ -9,21 +9,15 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from vllm_runs import case_result, pregate_generate, run_case
 
 pytestmark = pytest.mark.vllm_e2e
 
 HERE = Path(__file__).resolve().parent
-ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_TARGET_DEVICE": "cpu",
-}
 SHORT = [1, 450, 4, 99, 7]
 # 40 tokens: more than two chunks of 16, so the router's and the backbone's KV span chunks.
 LONG = [(37 * i + 11) % 509 + 3 for i in range(40)]
@@ -33,45 +27,18 @@ LOGPROB_TOL = 2e-3
 
 
 def _run(code_or_spec: str | dict, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **ENV, **(extra_env or {})}
-    if isinstance(code_or_spec, dict):
-        cmd = [sys.executable, str(HERE / "vllm_case.py"), json.dumps(code_or_spec)]
-    else:
-        cmd = [sys.executable, "-c", code_or_spec]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _result(p: subprocess.CompletedProcess) -> dict:
-    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, f"the vLLM case failed:\n{p.stderr[-6000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_case(code_or_spec, extra_env, timeout=600)
 
 
 def _reference(pregate_bin: Path, model: Path, prompt: list[int], tmp: Path) -> dict:
     """`pregate generate` greedy tokens and log-softmax of its logits per generated token."""
     dump = tmp / f"logits-{len(prompt)}.safetensors"
-    cmd = [
-        str(pregate_bin),
-        "generate",
-        "--model",
-        str(model),
-        "--prompt-ids",
-        ",".join(map(str, prompt)),
-        "--max-new-tokens",
-        str(NEW_TOKENS),
-        "--ignore-eos",
-        "--device",
-        "cpu",
-        "--json",
-        "--dump-logits",
-        str(dump),
-    ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = pregate_generate(pregate_bin, model, prompt, NEW_TOKENS, dump)
     from safetensors.torch import load_file
 
     logits = load_file(str(dump))["logits"]
     return {
-        "tokens": json.loads(out)["output_ids"],
+        "tokens": out["output_ids"],
         "logprobs": torch.log_softmax(logits.double(), dim=-1),
     }
 
@@ -142,7 +109,7 @@ print("RESULT " + json.dumps({
     "good_options": option_error({"cache_slots": 3, "policy": "lru", "metrics_port": 9400}),
 }))
 """
-    r = _result(_run(code))
+    r = case_result(_run(code))
     assert "pregate_vllm:register" in r["entry_points"]
     assert r["registered"]
     assert "cudagraph_mode=FULL_AND_PIECEWISE" in r["full"] and "enforce_eager=True" in r["full"]
@@ -171,7 +138,7 @@ def test_greedy_tokens_and_logprobs_match_pregate_with_chunked_prefill(tiny_h64,
         "logprobs": 5,
         "metrics_url": f"http://127.0.0.1:{port}/metrics",
     }
-    r = _result(_run(spec))
+    r = case_result(_run(spec))
     for prompt, got in zip((SHORT, LONG), r["outputs"], strict=True):
         _check_against(references[len(prompt)], got)
     (stats,) = r["stats"]
@@ -200,7 +167,7 @@ def test_a_cache_smaller_than_the_experts_under_default_compilation(tiny_h64, re
         "max_tokens": NEW_TOKENS,
         "logprobs": 0,
     }
-    r = _result(_run(spec))
+    r = case_result(_run(spec))
     assert r["outputs"][0]["tokens"] == references[len(SHORT)]["tokens"]
     (stats,) = r["stats"]
     assert stats["misses"] > 0 and stats["evictions"] > 0 and stats["hits"] > 0
@@ -225,7 +192,7 @@ def test_tensor_parallel_2_gives_the_tokens_of_one_rank(tiny_h64, references):
         "max_tokens": NEW_TOKENS,
         "logprobs": 0,
     }
-    r = _result(_run(spec, {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}))
+    r = case_result(_run(spec, {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}))
     assert r["outputs"][0]["tokens"] == references[len(SHORT)]["tokens"]
     assert len(r["stats"]) == 2 and all(s["layer_calls"] > 0 for s in r["stats"])
 

@@ -13,23 +13,16 @@ generate`'s tokens too, and vLLM's in-tree Mixtral's.
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from vllm_runs import case_result, pregate_generate, run_case
 
 pytestmark = pytest.mark.vllm_e2e
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE.parents[1] / "tests" / "fixtures"
-ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_TARGET_DEVICE": "cpu",
-}
 PROMPTS = [[1, 45, 4, 99, 7], [3, 9, 27, 81, 243, 17, 33, 5, 60, 2, 11]]
 # 40 tokens starting with the first prompt: with steps of 16 tokens its prefill spans three steps,
 # and with prefix caching on it can reuse the first prompt's cached blocks.
@@ -54,18 +47,6 @@ IN_TREE_BROKEN = {"olmoe_f32": "vLLM 0.32's in-tree OLMoE ignores tie_word_embed
 SWA = "mixtral_swa_f32"
 
 
-def _run(spec: dict, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(HERE / "vllm_case.py"), json.dumps(spec)]
-    env = {**os.environ, **ENV, **(extra_env or {})}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-
-
-def _result(p: subprocess.CompletedProcess) -> dict:
-    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, f"the vLLM case failed:\n{p.stderr[-6000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
 def _spec(model: Path, stats: str | None, prompts: list | None = None, **llm: object) -> dict:
     return {
         "model": str(model),
@@ -81,22 +62,7 @@ def _tokens(r: dict) -> list[list[int]]:
 
 
 def _pregate_generate(pregate_bin: Path, model: Path, prompt: list[int]) -> list[int]:
-    cmd = [
-        str(pregate_bin),
-        "generate",
-        "--model",
-        str(model),
-        "--prompt-ids",
-        ",".join(map(str, prompt)),
-        "--max-new-tokens",
-        str(NEW_TOKENS),
-        "--ignore-eos",
-        "--device",
-        "cpu",
-        "--json",
-    ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out)["output_ids"]
+    return pregate_generate(pregate_bin, model, prompt, NEW_TOKENS)["output_ids"]
 
 
 @pytest.mark.parametrize("fixture", sorted(CASES))
@@ -105,8 +71,8 @@ def test_stock_checkpoint_gives_pregates_tokens_resident_and_cached(fixture, pre
     slots, units = CASES[fixture]
     want = [_pregate_generate(pregate_bin, model, p) for p in PROMPTS]
     # Every expert resident; speculation one layer ahead still counts its recall.
-    resident = _result(
-        _run(
+    resident = case_result(
+        run_case(
             _spec(
                 model,
                 "stock",
@@ -123,8 +89,8 @@ def test_stock_checkpoint_gives_pregates_tokens_resident_and_cached(fixture, pre
     # Fewer slots than experts, with chunked prefill and prefix caching: the same tokens, misses
     # on demand, loads ahead of use.
     assert slots < units
-    cached = _result(
-        _run(
+    cached = case_result(
+        run_case(
             _spec(
                 model,
                 "stock",
@@ -147,7 +113,7 @@ def test_vllm_in_tree_model_gives_the_same_tokens(fixture, pregate_bin):
         pytest.skip(f"in-tree comparison not run: {IN_TREE_BROKEN[fixture]}")
     model = FIXTURES / fixture / "model"
     want = [_pregate_generate(pregate_bin, model, p) for p in PROMPTS]
-    in_tree = _tokens(_result(_run(_spec(model, None))))
+    in_tree = _tokens(case_result(run_case(_spec(model, None))))
     assert in_tree == want, f"vLLM's in-tree model and pregate generate disagree: {in_tree}"
 
 
@@ -190,14 +156,7 @@ print("RESULT {{}}")
 def test_bad_configs_and_options_are_refused_by_name():
     # In a subprocess: pregate_vllm.stock imports vLLM, which the test process must not.
     code = BAD_CONFIGS.format(fixtures=str(FIXTURES))
-    p = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    _result(p)
+    case_result(run_case(code, timeout=300))
 
 
 def test_a_cache_too_small_for_one_token_is_refused_at_load():
@@ -208,7 +167,7 @@ def test_a_cache_too_small_for_one_token_is_refused_at_load():
         hf_overrides=PREGATE,
         additional_config={"pregate": {"cache_slots": 1}},
     )
-    p = _run(spec)
+    p = run_case(spec)
     assert p.returncode != 0
     assert "cannot hold one token's 2 experts" in p.stdout + p.stderr
 
@@ -265,7 +224,7 @@ def test_tensor_parallel_2_with_a_small_cache_gives_the_tokens_of_one_rank(
     spec = _cached_spec(fixture, tensor_parallel_size=2, distributed_executor_backend="mp")
     if TP_CASES[fixture]:
         del spec["llm"]["enforce_eager"]
-    r = _result(_run(spec, {**TP_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}))
+    r = case_result(run_case(spec, {**TP_ENV, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}))
     assert _tokens(r) == references(fixture)
     assert len(r["stats"]) == 2
     for st in r["stats"]:
@@ -288,7 +247,7 @@ def test_a_small_cache_under_default_compilation_gives_pregates_tokens(
     # fakes; a cache folder of its own, so the model is compiled here and not loaded compiled.
     spec = _cached_spec(fixture)
     del spec["llm"]["enforce_eager"]
-    r = _result(_run(spec, {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}))
+    r = case_result(run_case(spec, {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}))
     compiled = r["compilation"]
     assert compiled["num_aot_compiles"] >= 1 and compiled["num_aot_artifacts_loaded"] == 0, compiled
     assert _tokens(r) == references(fixture)
@@ -320,7 +279,7 @@ def test_a_sliding_window_gives_pregates_tokens_with_a_small_cache(
         additional_config={"pregate": {"cache_slots": 6}},
         **CHUNKED,
     )
-    r = _result(_run(spec))
+    r = case_result(run_case(spec))
     assert _tokens(r) == want
     (st,) = r["stats"]
     assert st["misses"] > 0 and st["evictions"] > 0, st
