@@ -174,6 +174,56 @@ def _rope_parameters(config: object) -> dict:
     return params
 
 
+def decoder_attention(
+    vllm_config: VllmConfig,
+    head_dim: int,
+    n_heads: int,
+    n_kv: int,
+    prefix: str,
+    sliding_window: int | None = None,
+) -> tuple[nn.Module, Attention]:
+    """A decoder layer's rotary embedding and vLLM attention (GQA, scale 1/sqrt(head size),
+    neox-style RoPE from the model's config), this rank's share of the heads; an optional sliding
+    window of that many tokens."""
+    config = vllm_config.model_config.hf_config
+    tp = get_tensor_model_parallel_world_size()
+    rope = get_rope(
+        head_dim,
+        max_position=int(getattr(config, "max_position_embeddings", 4096)),
+        rope_parameters=_rope_parameters(config),
+        is_neox_style=True,
+    )
+    attn = Attention(
+        n_heads // tp,
+        head_dim,
+        head_dim**-0.5,
+        num_kv_heads=max(1, n_kv // tp),
+        cache_config=vllm_config.cache_config,
+        per_layer_sliding_window=sliding_window,
+        prefix=f"{prefix}.attn",
+    )
+    return rope, attn
+
+
+def expert_service(vllm_config: VllmConfig, tp: int, rank: int, **service: object) -> MoeService:
+    """pregate's expert service on this worker's device for tensor-parallel rank `rank` of `tp`
+    (each expert sliced over its width); `service`: the model's own `MoeService` arguments (layers,
+    experts, top-k, widths, cache)."""
+    device = torch.device(vllm_config.device_config.device or "cpu")
+    if device.type == "cuda" and device.index is None:
+        # Each worker has made its own GPU current; "cuda" alone would mean GPU 0 on every rank.
+        device = torch.device("cuda", torch.cuda.current_device())
+    return MoeService(
+        dtype=vllm_config.model_config.dtype,
+        device=device,
+        max_tokens=int(vllm_config.scheduler_config.max_num_batched_tokens or 0),
+        shard_kind=1 if tp > 1 else 0,
+        shard_rank=rank,
+        shard_size=tp,
+        **service,  # type: ignore[arg-type]
+    )
+
+
 class ExpertCollector:
     """Collects each routed expert's three projections from the checkpoint's stream of tensors
     (in any order) and hands this rank's slice to pregate's store once all three are there: gate
@@ -313,19 +363,8 @@ class ReadMEDecoderLayer(nn.Module):
         self.o_proj = RowParallelLinear(
             n_heads * self.head_dim, h, bias=False, prefix=f"{prefix}.o_proj"
         )
-        self.rotary_emb = get_rope(
-            self.head_dim,
-            max_position=int(getattr(config, "max_position_embeddings", 4096)),
-            rope_parameters=_rope_parameters(config),
-            is_neox_style=True,
-        )
-        self.attn = Attention(
-            n_heads // tp,
-            self.head_dim,
-            self.head_dim**-0.5,
-            num_kv_heads=max(1, n_kv // tp),
-            cache_config=vllm_config.cache_config,
-            prefix=f"{prefix}.attn",
+        self.rotary_emb, self.attn = decoder_attention(
+            vllm_config, self.head_dim, n_heads, n_kv, prefix
         )
         eps = float(config.rms_norm_eps)
         self.input_layernorm = RMSNorm(h, eps=eps)
@@ -420,25 +459,18 @@ class ReadMEModel(nn.Module):
             for i in range(n_layers)
         )
         self.norm = RMSNorm(int(config.hidden_size), eps=float(config.rms_norm_eps))
-        device = torch.device(vllm_config.device_config.device or "cpu")
-        if device.type == "cuda" and device.index is None:
-            # Each worker has made its own GPU current; "cuda" alone would mean GPU 0 on every rank.
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.experts = MoeService(
+        self.experts = expert_service(
+            vllm_config,
+            self.tp,
+            self.rank,
             num_layers=n_layers,
             num_experts=n_experts,
             top_k=self.router.top_k,
             hidden=int(config.hidden_size),
             inter=self.expert_inter // self.tp,
-            dtype=vllm_config.model_config.dtype,
-            device=device,
             cache_slots=self.options.cache_slots,
             layer_quota=self.options.layer_quota,
             policy=self.options.policy,
-            max_tokens=int(vllm_config.scheduler_config.max_num_batched_tokens or 0),
-            shard_kind=1 if self.tp > 1 else 0,
-            shard_rank=self.rank,
-            shard_size=self.tp,
         )
         # A plain int: the ops take it as a constant, and compiled graphs keep it.
         self.handle = self.experts.handle

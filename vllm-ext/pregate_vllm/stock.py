@@ -32,7 +32,6 @@ from vllm.distributed import (
 )
 from vllm.distributed.utils import split_tensor_along_last_dim
 from vllm.model_executor.layers.activation import SiluAndMul
-from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
@@ -40,7 +39,6 @@ from vllm.model_executor.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
@@ -50,7 +48,7 @@ from vllm.sequence import IntermediateTensors
 from . import ops  # noqa: F401  (registers torch.ops.pregate.*)
 from ._lib import POLICIES
 from .gating import route
-from .model import ExpertCollector, PregateCausalLM, _rope_parameters
+from .model import ExpertCollector, PregateCausalLM, decoder_attention, expert_service
 from .ops import MoeService
 
 #: The architecture name a user selects with `hf_overrides`.
@@ -357,20 +355,8 @@ class StockAttention(nn.Module):
             self.k_norm = RMSNorm(n_kv * self.head_dim, eps=eps)
         clip = getattr(config, "clip_qkv", None) if fam.clip_qkv else None
         self.clip = None if clip is None else float(clip)
-        self.rotary_emb = get_rope(
-            self.head_dim,
-            max_position=int(getattr(config, "max_position_embeddings", 4096)),
-            rope_parameters=_rope_parameters(config),
-            is_neox_style=True,
-        )
-        self.attn = Attention(
-            n_heads // tp,
-            self.head_dim,
-            self.head_dim**-0.5,
-            num_kv_heads=max(1, n_kv // tp),
-            cache_config=vllm_config.cache_config,
-            per_layer_sliding_window=sliding_window(config, fam),
-            prefix=f"{prefix}.attn",
+        self.rotary_emb, self.attn = decoder_attention(
+            vllm_config, self.head_dim, n_heads, n_kv, prefix, sliding_window(config, fam)
         )
 
     def _norm_full(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -522,7 +508,6 @@ class StockMoeModel(nn.Module):
                 f"expert width {fam.inter_key}={inter} does not split over "
                 f"tensor_parallel_size={self.tp}"
             )
-        self.expert_inter = inter
         h = int(config.hidden_size)
         moe_index = {layer: i for i, layer in enumerate(self.moe_layers)}
         self.embed_tokens = VocabParallelEmbedding(int(config.vocab_size), h)
@@ -537,25 +522,18 @@ class StockMoeModel(nn.Module):
         units = len(self.moe_layers) * n_experts
         cached = 0 < slots < units or 0 < quota < n_experts
         self.spec_depth = opts.depth(cached)
-        device = torch.device(vllm_config.device_config.device or "cpu")
-        if device.type == "cuda" and device.index is None:
-            # Each worker has made its own GPU current; "cuda" alone would mean GPU 0 on every rank.
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.experts = MoeService(
+        self.experts = expert_service(
+            vllm_config,
+            self.tp,
+            self.rank,
             num_layers=len(self.moe_layers),
             num_experts=n_experts,
             top_k=self.top_k,
             hidden=h,
             inter=inter // self.tp,
-            dtype=dtype,
-            device=device,
             cache_slots=slots,
             layer_quota=quota,
             policy=opts.policy,
-            max_tokens=int(vllm_config.scheduler_config.max_num_batched_tokens or 0),
-            shard_kind=1 if self.tp > 1 else 0,
-            shard_rank=self.rank,
-            shard_size=self.tp,
         )
         if self.spec_depth:
             self.experts.configure_speculation(
