@@ -9,71 +9,17 @@ mod common;
 
 use std::path::Path;
 
-use common::fixtures::{check_tokens_and_logits, fixture_dir, read_cases, request, Case};
+use common::fixtures::{
+    check_tokens_and_logits, fixture_dir, read_cases, request, run_batched, Case, Run,
+};
 use pregate::engine::{open_engine, Device, Engine};
 use pregate::model::{make_model, ExpertLayout, ModelDir, ModelFamily, Preset};
-use pregate::route::TokenRoute;
-
-/// What the engine produced for one case: tokens, logits, and per layer the route of every fed
-/// token (in position order; empty for a dense layer).
-struct Run {
-    output: Vec<u32>,
-    logits: Vec<f32>,
-    routes: Vec<Vec<Option<TokenRoute>>>,
-}
 
 fn engine_for(dir: &Path) -> Engine {
     let model = ModelDir::open(dir).unwrap();
     let mut engine = open_engine(&model, Device::Cpu).unwrap();
     engine.trace_routes(true).unwrap();
     engine
-}
-
-/// Runs `cases` together in one engine, `chunk` prompt tokens per step at most.
-fn run_batched(engine: &mut Engine, cases: &[Case], chunk: usize) -> Vec<Run> {
-    let layers = engine.config().num_hidden_layers;
-    let ids: Vec<u64> = cases
-        .iter()
-        .map(|c| engine.add_request(request(c)).unwrap())
-        .collect();
-    let mut runs: Vec<Run> = cases
-        .iter()
-        .map(|_| Run {
-            output: vec![],
-            logits: vec![],
-            routes: vec![Vec::new(); layers],
-        })
-        .collect();
-    while !engine.is_empty() {
-        let schedule: Vec<(u64, usize)> = engine
-            .pending()
-            .map(|p| (p.seq, p.tokens.len().min(chunk)))
-            .collect();
-        let out = engine.step(&schedule).unwrap();
-        for chunk in &out.routes {
-            let run = &mut runs[ids.iter().position(|&i| i == chunk.seq).unwrap()];
-            for (l, routes) in chunk.layers.iter().enumerate() {
-                let row = &mut run.routes[l];
-                for (i, r) in routes.iter().enumerate() {
-                    let pos = chunk.start_pos + i;
-                    if row.len() <= pos {
-                        row.resize(pos + 1, None);
-                    }
-                    row[pos] = Some(*r);
-                }
-            }
-        }
-        for ev in out.into_events().unwrap() {
-            assert!(
-                ev.route.is_none(),
-                "an in-model router routes nothing ahead"
-            );
-            let run = &mut runs[ids.iter().position(|&i| i == ev.seq).unwrap()];
-            run.output.push(ev.token);
-            run.logits.extend(ev.logits.unwrap());
-        }
-    }
-    runs
 }
 
 fn check(name: &str, case: &Case, run: &Run, tol: f32, weight_tol: f32) {

@@ -17,10 +17,9 @@ mod common;
 #[path = "../../kernels/tests/common_gpu/devices.rs"]
 mod devices;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::fixtures::{check_tokens_and_logits, read_cases, request, Case};
+use common::fixtures::{check_tokens_and_logits, fixture_dir, read_cases, run_batched, Run};
 use devices::{register, Device as TestDevice, DeviceTests, Failed};
 use pregate::cache::EvictionPolicy;
 use pregate::cuda::{open_cuda_engine, CudaDtype, CudaOptions};
@@ -29,7 +28,6 @@ use pregate::engine::{
     ExpertCapacity,
 };
 use pregate::model::{ModelDir, ModelFamily};
-use pregate::route::TokenRoute;
 
 const FIXTURES: [(&str, ModelFamily); 5] = [
     ("mixtral_f32_sharded", ModelFamily::Mixtral),
@@ -57,14 +55,9 @@ fn main() -> std::process::ExitCode {
 
 /// A fixture's model folder: beside the sources, or under `tests/fixtures` of the working
 /// directory (a prebuilt test binary run from the repository root on another machine).
+/// Fixture `name`'s model directory.
 fn fixture(name: &str) -> PathBuf {
-    let built =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../tests/fixtures/{name}/model"));
-    if built.exists() {
-        built
-    } else {
-        PathBuf::from(format!("tests/fixtures/{name}/model"))
-    }
+    fixture_dir(name).join("model")
 }
 
 /// A CUDA engine on `ordinal` with the given compute type and expert capacity.
@@ -90,59 +83,6 @@ fn engine_on(device: &TestDevice, model: &ModelDir) -> Engine {
     };
     e.trace_routes(true).unwrap();
     e
-}
-
-/// What an engine produced for one case: tokens, every step's logits, and per layer the route of
-/// every fed token in position order (empty for a dense layer).
-#[derive(Debug)]
-struct Run {
-    output: Vec<u32>,
-    logits: Vec<f32>,
-    routes: Vec<Vec<Option<TokenRoute>>>,
-}
-
-/// Runs `cases` together in `engine`, `chunk` prompt tokens per step at most.
-fn run_batched(engine: &mut Engine, cases: &[Case], chunk: usize) -> Vec<Run> {
-    let layers = engine.config().num_hidden_layers;
-    let ids: Vec<u64> = cases
-        .iter()
-        .map(|c| engine.add_request(request(c)).unwrap())
-        .collect();
-    let mut runs: Vec<Run> = cases
-        .iter()
-        .map(|_| Run {
-            output: vec![],
-            logits: vec![],
-            routes: vec![Vec::new(); layers],
-        })
-        .collect();
-    let index: HashMap<u64, usize> = ids.iter().enumerate().map(|(i, &s)| (s, i)).collect();
-    while !engine.is_empty() {
-        let schedule: Vec<(u64, usize)> = engine
-            .pending()
-            .map(|p| (p.seq, p.tokens.len().min(chunk)))
-            .collect();
-        let out = engine.step(&schedule).unwrap();
-        for c in &out.routes {
-            let run = &mut runs[index[&c.seq]];
-            for (l, routes) in c.layers.iter().enumerate() {
-                let row = &mut run.routes[l];
-                for (i, r) in routes.iter().enumerate() {
-                    let pos = c.start_pos + i;
-                    if row.len() <= pos {
-                        row.resize(pos + 1, None);
-                    }
-                    row[pos] = Some(*r);
-                }
-            }
-        }
-        for ev in out.into_events().unwrap() {
-            let run = &mut runs[index[&ev.seq]];
-            run.output.push(ev.token);
-            run.logits.extend(ev.logits.unwrap());
-        }
-    }
-    runs
 }
 
 /// `got`'s experts equal `want`'s at every layer and token, weights within `tol`.

@@ -1,9 +1,11 @@
 //! The reference fixtures under `tests/fixtures/<name>/`: a model directory and
 //! `expected.safetensors` with three cases of prompt, greedy output, logits and experts.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use pregate::engine::GenerationRequest;
+use pregate::engine::{Engine, GenerationRequest};
+use pregate::route::TokenRoute;
 use safetensors::SafeTensors;
 
 /// One case of a fixture.
@@ -123,4 +125,65 @@ pub fn check_tokens_and_logits(name: &str, case: &Case, output: &[u32], logits: 
         max_diff <= tol * scale,
         "{name}: max |logit diff| {max_diff} vs scale {scale}"
     );
+}
+
+/// What an engine produced for one case: tokens, every step's logits, and per layer the route of
+/// every fed token in position order (empty for a dense layer).
+#[derive(Debug)]
+pub struct Run {
+    /// The generated tokens.
+    pub output: Vec<u32>,
+    /// Every step's logits, concatenated.
+    pub logits: Vec<f32>,
+    /// `routes[layer][position]`: the traced route of each fed token.
+    pub routes: Vec<Vec<Option<TokenRoute>>>,
+}
+
+/// Runs `cases` together in `engine` (tracing its in-model routes), `chunk` prompt tokens per
+/// step at most.
+pub fn run_batched(engine: &mut Engine, cases: &[Case], chunk: usize) -> Vec<Run> {
+    let layers = engine.config().num_hidden_layers;
+    let ids: Vec<u64> = cases
+        .iter()
+        .map(|c| engine.add_request(request(c)).unwrap())
+        .collect();
+    let mut runs: Vec<Run> = cases
+        .iter()
+        .map(|_| Run {
+            output: vec![],
+            logits: vec![],
+            routes: vec![Vec::new(); layers],
+        })
+        .collect();
+    let index: HashMap<u64, usize> = ids.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+    while !engine.is_empty() {
+        let schedule: Vec<(u64, usize)> = engine
+            .pending()
+            .map(|p| (p.seq, p.tokens.len().min(chunk)))
+            .collect();
+        let out = engine.step(&schedule).unwrap();
+        for c in &out.routes {
+            let run = &mut runs[index[&c.seq]];
+            for (l, routes) in c.layers.iter().enumerate() {
+                let row = &mut run.routes[l];
+                for (i, r) in routes.iter().enumerate() {
+                    let pos = c.start_pos + i;
+                    if row.len() <= pos {
+                        row.resize(pos + 1, None);
+                    }
+                    row[pos] = Some(*r);
+                }
+            }
+        }
+        for ev in out.into_events().unwrap() {
+            assert!(
+                ev.route.is_none(),
+                "an in-model router routes nothing ahead"
+            );
+            let run = &mut runs[index[&ev.seq]];
+            run.output.push(ev.token);
+            run.logits.extend(ev.logits.unwrap());
+        }
+    }
+    runs
 }
