@@ -60,7 +60,7 @@ use super::report::{PerLayerReport, Report, Summary};
 use super::requests::{Flow, Outcome, Requests};
 use super::sim::{check_capacity, SimConfig};
 use super::workload::{LayerExpertModel, LayerStream, RouteTrace, TraceRequest};
-use crate::batcher::{LookaheadBatcher, PendingView};
+use crate::batcher::LookaheadBatcher;
 use crate::cache::{ExpertCache, Lookup, PrefetchPlanner, StepExperts, Unit, NEVER};
 use crate::error::{Error, Result};
 use crate::metrics::ModelMetrics;
@@ -613,17 +613,7 @@ pub fn simulate_per_layer(
         }
         let window = q.window(cfg.batcher.max_running);
         let resident = dev.cache.resident_in_every_layer();
-        let views = q.visible(window).map(|i| {
-            let r = &q.all[i];
-            PendingView {
-                seq: i as u64 + 1,
-                tokens: r.known() - r.computed,
-                routes: &no_routes,
-                route_offset: 0,
-                prefill: r.prefill(),
-                generated: r.generated,
-            }
-        });
+        let views = q.visible(window).map(|i| q.all[i].view(i, &no_routes));
         let plan = batcher.schedule(now, views, &resident)?;
         if plan.is_empty() {
             now = super::idle_until(now, q.next_arrival())?;

@@ -7,9 +7,10 @@ use std::collections::VecDeque;
 
 use super::report::Summary;
 use super::workload::TraceRequest;
-use crate::batcher::{LookaheadBatcher, RequestDesc, StepPlan};
+use crate::batcher::{LookaheadBatcher, PendingView, RequestDesc, StepPlan};
 use crate::error::Result;
 use crate::metrics::ModelMetrics;
+use crate::route::RoutePlan;
 
 /// One request's progress.
 pub(super) struct Progress {
@@ -32,6 +33,19 @@ impl Progress {
     /// Whether its prompt is still being computed.
     pub fn prefill(&self) -> bool {
         self.computed < self.prompt_len
+    }
+
+    /// What the batcher sees of request `i` (sequence `i + 1`): its uncomputed tokens, whose
+    /// routes start at the front of `routes`.
+    pub fn view<'a>(&self, i: usize, routes: &'a RoutePlan) -> PendingView<'a> {
+        PendingView {
+            seq: i as u64 + 1,
+            tokens: self.known() - self.computed,
+            routes,
+            route_offset: 0,
+            prefill: self.prefill(),
+            generated: self.generated,
+        }
     }
 }
 

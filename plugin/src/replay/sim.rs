@@ -33,7 +33,7 @@ use super::layer;
 use super::report::{Report, Summary};
 use super::requests::{Flow, Outcome, Requests};
 use super::workload::{ExpertModel, ExpertStream, TraceRequest};
-use crate::batcher::{BatcherConfig, LookaheadBatcher, PendingView};
+use crate::batcher::{BatcherConfig, LookaheadBatcher};
 use crate::cache::{EvictionPolicy, ExpertCache, NEVER};
 use crate::error::{Error, Result};
 use crate::metrics::ModelMetrics;
@@ -326,15 +326,10 @@ pub fn simulate(
         }
         let resident = cache.resident_experts(0);
         let views = q.visible(window).filter_map(|i| {
-            let r = &q.all[i];
-            sims[i].routes.as_ref().map(|routes| PendingView {
-                seq: i as u64 + 1,
-                tokens: r.known() - r.computed,
-                routes,
-                route_offset: 0,
-                prefill: r.prefill(),
-                generated: r.generated,
-            })
+            sims[i]
+                .routes
+                .as_ref()
+                .map(|routes| q.all[i].view(i, routes))
         });
         let plan = batcher.schedule(now, views, &resident)?;
         if plan.is_empty() {
