@@ -4,12 +4,14 @@
 //! device present (`NAME::cpu`, `NAME::cuda:N`); without a CUDA device the CUDA trials are
 //! reported as ignored.
 
+mod common;
 #[path = "../../kernels/tests/common_gpu/devices.rs"]
 mod devices;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::rel_err;
 use devices::{register, Device as TestDevice, DeviceTests, Failed};
 use pregate::cache::EvictionPolicy;
 use pregate::cuda::{cuda_available, open_cuda_engine, CudaDtype, CudaOptions};
@@ -134,16 +136,6 @@ fn run(e: &mut Engine, reqs: &[GenerationRequest], chunk: usize) -> Vec<(Vec<u32
         }
     }
     ids.iter().map(|id| out.remove(id).unwrap()).collect()
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 fn compare_f32(ordinal: usize, dir: &Path) {

@@ -20,6 +20,7 @@ mod devices;
 use std::path::PathBuf;
 
 use common::fixtures::{check_tokens_and_logits, fixture_dir, read_cases, run_batched, Run};
+use common::rel_err;
 use devices::{register, Device as TestDevice, DeviceTests, Failed};
 use pregate::cache::EvictionPolicy;
 use pregate::cuda::{open_cuda_engine, CudaDtype, CudaOptions};
@@ -112,17 +113,6 @@ fn scaled_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     diff / scale
-}
-
-/// The relative L2 error of `a` against `b`.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 fn families_match_transformers_and_the_cpu_engine(device: &TestDevice) -> Result<(), Failed> {

@@ -32,4 +32,15 @@ pub fn rewrite(dir: &Path, edit: impl Fn(&TensorSpec, Vec<u8>) -> Option<(Tensor
     write_model(dir, &specs, usize::MAX, &produce, None).unwrap();
 }
 
+/// The relative L2 error of `a` against `b`.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
 pub mod fixtures;
