@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -57,7 +58,36 @@ from .router import select_top_k
 SPLITTING_OPS = ("pregate::plan_step", "pregate::moe_layer")
 
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.moe\.(gate|up|down)_proj_(\d+)\.weight$")
+_Options = TypeVar("_Options")
 _RESIDUAL = re.compile(r"model\.layers\.(\d+)\.moe\.(gate|up|down)_proj_residual\.weight$")
+
+
+def read_options(cls: type[_Options], raw: object, ints: tuple[str, ...]) -> _Options:
+    """`additional_config["pregate"]` as the options dataclass `cls`, checked for what every
+    pregate architecture shares: a dict of known keys, the integers `ints` >= 0 (not booleans), an
+    eviction policy pregate has, a metrics port."""
+    if not isinstance(raw, dict):
+        raise ValueError(f'additional_config["pregate"] must be a dict, not {type(raw).__name__}')
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(
+            f'additional_config["pregate"] has unknown keys {unknown}; known: {sorted(known)}'
+        )
+    opts = cls(**raw)
+    for name in ints:
+        v = getattr(opts, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f'additional_config["pregate"]["{name}"] = {v!r}: an integer >= 0')
+    policy = opts.policy
+    if policy not in POLICIES:
+        raise ValueError(
+            f'additional_config["pregate"]["policy"] = {policy!r}: one of {list(POLICIES)}'
+        )
+    port = opts.metrics_port
+    if port is not None and not (isinstance(port, int) and 0 <= port < 65536):
+        raise ValueError(f'additional_config["pregate"]["metrics_port"] = {port!r}: a port')
+    return opts
 
 
 @dataclass(frozen=True)
@@ -81,32 +111,7 @@ class PregateOptions:
         """Reads and checks `additional_config["pregate"]`."""
         extra = vllm_config.additional_config
         raw = extra.get("pregate", {}) if isinstance(extra, dict) else {}
-        if not isinstance(raw, dict):
-            raise ValueError(
-                f'additional_config["pregate"] must be a dict, not {type(raw).__name__}'
-            )
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(
-                f'additional_config["pregate"] has unknown keys {unknown}; known: {sorted(known)}'
-            )
-        opts = cls(**raw)
-        for name in ("cache_slots", "layer_quota"):
-            v = getattr(opts, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f'additional_config["pregate"]["{name}"] = {v!r}: an integer >= 0')
-        if opts.policy not in POLICIES:
-            raise ValueError(
-                f'additional_config["pregate"]["policy"] = {opts.policy!r}: one of {list(POLICIES)}'
-            )
-        if opts.metrics_port is not None and not (
-            isinstance(opts.metrics_port, int) and 0 <= opts.metrics_port < 65536
-        ):
-            raise ValueError(
-                f'additional_config["pregate"]["metrics_port"] = {opts.metrics_port!r}: a port'
-            )
-        return opts
+        return read_options(cls, raw, ("cache_slots", "layer_quota"))
 
 
 def check_cudagraph_policy(

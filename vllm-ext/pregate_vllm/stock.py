@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,9 +46,14 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
 from . import ops  # noqa: F401  (registers torch.ops.pregate.*)
-from ._lib import POLICIES
 from .gating import route
-from .model import ExpertCollector, PregateCausalLM, decoder_attention, expert_service
+from .model import (
+    ExpertCollector,
+    PregateCausalLM,
+    decoder_attention,
+    expert_service,
+    read_options,
+)
 from .ops import MoeService
 
 #: The architecture name a user selects with `hf_overrides`.
@@ -235,22 +240,8 @@ class StockOptions:
     @classmethod
     def from_dict(cls, raw: object) -> StockOptions:
         """Reads and checks the options."""
-        if not isinstance(raw, dict):
-            raise ValueError(
-                f'additional_config["pregate"] must be a dict, not {type(raw).__name__}'
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(
-                f'additional_config["pregate"] has unknown keys {unknown}; known: {sorted(known)}'
-            )
-        opts = cls(**raw)
         ints = ("cache_slots", "cache_bytes", "layer_quota", "spec_extra", "spec_max_loads")
-        for name in ints:
-            v = getattr(opts, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f'additional_config["pregate"]["{name}"] = {v!r}: an integer >= 0')
+        opts = read_options(cls, raw, ints)
         if opts.spec_depth is not None and not (
             isinstance(opts.spec_depth, int) and 0 <= opts.spec_depth <= 4
         ):
@@ -264,16 +255,6 @@ class StockOptions:
         if opts.cache_slots and opts.cache_bytes:
             raise ValueError(
                 'additional_config["pregate"]: give cache_slots or cache_bytes, not both'
-            )
-        if opts.policy not in POLICIES:
-            raise ValueError(
-                f'additional_config["pregate"]["policy"] = {opts.policy!r}: one of {list(POLICIES)}'
-            )
-        if opts.metrics_port is not None and not (
-            isinstance(opts.metrics_port, int) and 0 <= opts.metrics_port < 65536
-        ):
-            raise ValueError(
-                f'additional_config["pregate"]["metrics_port"] = {opts.metrics_port!r}: a port'
             )
         return opts
 
