@@ -286,7 +286,9 @@ fn families_speculation_changes_no_token_and_predicts_like_the_cpu(
         let st = on.speculation_stats().expect("the CUDA engine speculates");
         let (gpu1, cpu1) = (st.recall(1), cpu_stats.recall(1));
         println!(
-            "{name}: {slots} slots per layer, tokens equal with and without speculation and to the              CPU engine's; recall@1 {gpu1:?} (CPU {cpu1:?}), @2 {:?} (CPU {:?}); {} speculative              loads, {} used, {} wasted",
+            "{name}: {slots} slots per layer, tokens equal with and without speculation and to the \
+             CPU engine's; recall@1 {gpu1:?} (CPU {cpu1:?}), @2 {:?} (CPU {:?}); {} speculative \
+             loads, {} used, {} wasted",
             st.recall(2),
             cpu_stats.recall(2),
             st.loads,

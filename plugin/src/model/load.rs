@@ -130,20 +130,7 @@ impl ModelDir {
     /// routed in the model has no such router, see [`ModelDir::load_backbone`]).
     pub fn load_weights(&self) -> Result<ModelWeights> {
         let (backbone, router) = self.load_backbone()?;
-        let router = router.ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "{} routes inside the model: it has no pre-gating router to load                  (ModelDir::load_backbone loads its weights)",
-                self.plan.family.name()
-            ))
-        })?;
-        Ok(ModelWeights {
-            embed: backbone.embed,
-            layers: backbone.layers,
-            norm: backbone.norm,
-            lm_head: backbone.lm_head,
-            router,
-            layout: self.plan.layout,
-        })
+        ModelWeights::with_router(backbone, router, &self.plan)
     }
 
     /// Converts every weight to f32: the backbone, and the pre-gating router when the family has
@@ -180,9 +167,20 @@ impl ModelWeights {
         }
         let plan = ModelPlan::from_checkpoint(config, ck, layout)?;
         let (backbone, router) = load_checked(ck, config, &plan, &NoProgress)?;
+        Self::with_router(backbone, router, &plan)
+    }
+
+    /// A loaded backbone and its pre-gating router as Read-ME weights; a family routed in the
+    /// model has no such router (its weights: [`ModelDir::load_backbone`]).
+    fn with_router(
+        backbone: BackboneWeights,
+        router: Option<RouterWeights>,
+        plan: &ModelPlan,
+    ) -> Result<Self> {
         let router = router.ok_or_else(|| {
             Error::InvalidArgument(format!(
-                "{} routes inside the model: it has no pre-gating router to load",
+                "{} routes inside the model: it has no pre-gating router to load \
+                 (ModelDir::load_backbone loads its weights)",
                 plan.family.name()
             ))
         })?;
@@ -192,7 +190,7 @@ impl ModelWeights {
             norm: backbone.norm,
             lm_head: backbone.lm_head,
             router,
-            layout,
+            layout: plan.layout,
         })
     }
 }

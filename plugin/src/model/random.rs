@@ -218,7 +218,8 @@ pub fn make_model_with_progress(
     let plan = spec.plan(layout)?;
     if plan.family.routes_in_model() && layout != ExpertLayout::Fused {
         return Err(Error::InvalidArgument(format!(
-            "the {} layout is Read-ME's; {} models are written with their Hub tensor names              (layout fused)",
+            "the {} layout is Read-ME's; {} models are written with their Hub tensor names \
+             (layout fused)",
             layout.as_str(),
             plan.family.name()
         )));
